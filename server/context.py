@@ -1,0 +1,97 @@
+"""What each model call sends: the context window and the prompt-cache breakpoints.
+
+Stored history is never shortened; only the window sent shrinks when the estimate exceeds
+`CONTEXT_TOKEN_BUDGET`. A window always starts at a user message that opens a turn (plain
+user content, never a `tool_result`), so a tool_use is never separated from its result and
+the window never starts with an assistant message.
+
+Token estimates are character counts divided by a ratio calibrated from the last call's
+reported prompt tokens for this session: cheap, and self-correcting for the language and
+content mix of the conversation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+CACHE = {"type": "ephemeral"}
+DEFAULT_CHARS_PER_TOKEN = 3.5
+
+
+def message_chars(message: dict[str, Any]) -> int:
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content) + 8
+    total = 8
+    for block in content or ():
+        kind = block.get("type")
+        if kind == "text":
+            total += len(block.get("text", ""))
+        elif kind == "image":
+            total += 6000  # ~1.5k tokens: the typical cost of an image
+        else:
+            total += len(json.dumps(block, separators=(",", ":")))
+    return total
+
+
+def chars_per_token(last_input_tokens: int, last_input_chars: int) -> float:
+    if last_input_tokens > 0 and last_input_chars > 0:
+        return max(1.0, min(8.0, last_input_chars / last_input_tokens))
+    return DEFAULT_CHARS_PER_TOKEN
+
+
+def opens_turn(message: dict[str, Any]) -> bool:
+    """A user message that is not a tool_result carrier: a safe first message."""
+    if message.get("role") != "user":
+        return False
+    content = message.get("content")
+    if isinstance(content, str):
+        return True
+    return not any(block.get("type") == "tool_result" for block in content or ())
+
+
+def window(messages: list[dict[str, Any]], fixed_chars: int, budget_tokens: int,
+           ratio: float) -> tuple[int, int]:
+    """Index of the first message to send, and the estimated prompt characters.
+
+    Drops whole turns from the front until the estimate fits; always keeps the latest turn.
+    """
+    sizes = [message_chars(m) for m in messages]
+    total = fixed_chars + sum(sizes)
+    budget_chars = int(budget_tokens * ratio)
+    if total <= budget_chars:
+        return 0, total
+    starts = [i for i, m in enumerate(messages) if opens_turn(m)]
+    if not starts:
+        return 0, total
+    start = 0
+    for candidate in starts:
+        start = candidate
+        total = fixed_chars + sum(sizes[candidate:])
+        if total <= budget_chars:
+            break
+    return start, total
+
+
+def with_breakpoints(system: str, tools: list[dict[str, Any]], messages: list[dict[str, Any]],
+                     caching: bool) -> tuple[list[dict[str, Any]] | str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Mark the cacheable prefix: last tool, system prompt, and the latest message (a rolling
+    breakpoint the next call reads from). At most 3 of the API's 4 breakpoints; stored
+    messages are copied, never modified."""
+    if not caching:
+        return system, tools, messages
+    if tools:
+        tools = [*tools[:-1], {**tools[-1], "cache_control": CACHE}]
+    system_blocks: list[dict[str, Any]] | str = system
+    if system:
+        system_blocks = [{"type": "text", "text": system, "cache_control": CACHE}]
+    if messages:
+        last = messages[-1]
+        content = last["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if content:
+            content = [*content[:-1], {**content[-1], "cache_control": CACHE}]
+            messages = [*messages[:-1], {**last, "content": content}]
+    return system_blocks, tools, messages

@@ -1,0 +1,424 @@
+"""The turn engine: one agent turn, whatever transport asked for it.
+
+A turn runs as its own task, independent of the connection that started it: a dropped
+client does not abort it (unless it asked to), any worker can follow it through the event
+log, and it commits once, fenced by the session lock. Transports call `start`, `follow`
+and `cancel`; they never talk to the store or the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import anthropic
+
+from . import context
+from .config import Settings
+from .errors import ApiError, from_upstream
+from .events import Event
+from .requests import TurnRequest
+from .store.base import (Busy, Duplicate, NotFound, SessionView, Started, Store, TurnCommit, new_id,
+                         valid_id)
+from .tools import ToolSet
+from .turns import Turn
+from .upstream import open_stream
+from .usage import PriceTable, Usage
+
+log = logging.getLogger("server.engine")
+turn_log = logging.getLogger("server.turn")
+
+INTERRUPTED_FIELDS = '"code":"interrupted","message":"The turn was interrupted (the worker running it stopped); send the message again.","retryable":true'
+INTERRUPT_WAIT_SECONDS = 10.0
+REMOTE_POLL_MS = 1000
+
+
+@dataclass(slots=True)
+class TurnHandle:
+    session_id: str
+    turn_id: str
+    joined: bool = False  # an idempotent retry joined an existing turn
+
+
+@dataclass
+class _Progress:
+    """What a turn has produced so far: enough to commit a partial answer on cancel."""
+    messages: list[dict[str, Any]]
+    usage: Usage = field(default_factory=Usage)
+    model_calls: int = 0
+    request_ids: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # the current answer's blocks
+    stop_reason: str | None = None
+    last_prompt_tokens: int = 0
+    last_prompt_chars: int = 0
+    first_token_at: float | None = None
+    structured: Any = None
+
+
+class Engine:
+    def __init__(self, settings: Settings, client: anthropic.AsyncAnthropic, store: Store,
+                 tools: ToolSet, prices: PriceTable):
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.tools = tools
+        self.prices = prices
+        self.turns: dict[str, Turn] = {}
+        self.accepting = True
+
+    # -- public API ----------------------------------------------------------------------
+    async def start(self, req: TurnRequest, principal: str) -> TurnHandle:
+        """Lock the session and start the turn; raises ApiError (busy, not found, ...)."""
+        if not self.accepting:
+            raise ApiError("server_restarting")
+        create = req.session_id is None
+        session_id = req.session_id or new_id()
+        deadline = time.monotonic() + INTERRUPT_WAIT_SECONDS
+        while True:
+            turn_id = new_id()
+            result = await self.store.begin_turn(session_id, turn_id, owner=principal, create=create,
+                                                 message_id=req.message_id)
+            if isinstance(result, Started):
+                break
+            if isinstance(result, Duplicate):
+                return TurnHandle(session_id, result.turn_id, joined=True)
+            if isinstance(result, NotFound):
+                raise ApiError("session_not_found")
+            assert isinstance(result, Busy)
+            if req.on_busy != "interrupt":
+                raise ApiError("session_busy", turn_id=result.running_turn_id)
+            if time.monotonic() > deadline:
+                raise ApiError("session_busy", "The running turn did not stop in time.",
+                               turn_id=result.running_turn_id)
+            await self.store.publish_cancel(result.running_turn_id)
+            await asyncio.sleep(0.05)
+        if result.stale_turn_id:
+            await self.store.abandon_turn(session_id, result.stale_turn_id, INTERRUPTED_FIELDS)
+        s = self.settings
+        turn = Turn(self.store, session_id, turn_id, flush_interval=s.event_log_flush_ms / 1000,
+                    lock_ttl=s.turn_lock_ttl_seconds, heartbeat=s.heartbeat_seconds)
+        self.turns[turn_id] = turn
+        turn.task = asyncio.create_task(self._run(turn, req, result, principal), name=f"turn-{turn_id}")
+        return TurnHandle(session_id, turn_id)
+
+    async def follow(self, session_id: str, turn_id: str, after_seq: int = 0) -> AsyncIterator[list[Event]]:
+        """Events of a turn after `after_seq`, from memory if it runs here, else from the
+        store's log (any worker). Ends after the terminal event. `[]` is a heartbeat tick."""
+        turn = self.turns.get(turn_id)
+        if turn is not None and turn.session_id == session_id:
+            async for batch in turn.follow(after_seq):
+                yield batch
+            return
+        async for batch in self._follow_log(session_id, turn_id, after_seq):
+            yield batch
+
+    async def cancel(self, session_id: str, principal: str) -> str | None:
+        """Cancel the session's running turn wherever it runs; returns its id (or None)."""
+        state = await self.store.last_turn(session_id, principal)
+        if state is None:
+            raise ApiError("session_not_found")
+        turn_id, running = state
+        if not running or turn_id is None:
+            return None
+        await self.cancel_turn(turn_id)
+        return turn_id
+
+    async def cancel_turn(self, turn_id: str, reason: str = "cancelled") -> None:
+        if not self._cancel_local(turn_id, reason):
+            await self.store.publish_cancel(turn_id)
+
+    def on_cancel_signal(self, turn_id: str) -> None:
+        """Called for every cancel published by any worker."""
+        self._cancel_local(turn_id, "cancelled")
+
+    async def resumable_turn(self, session_id: str, principal: str) -> tuple[str | None, bool]:
+        """The session's running or recent turn (its log not yet expired), and whether it runs."""
+        state = await self.store.last_turn(session_id, principal)
+        if state is None:
+            raise ApiError("session_not_found")
+        turn_id, running = state
+        if turn_id is not None and not running and not await self.store.has_log(session_id, turn_id):
+            return None, False
+        return turn_id, running
+
+    async def session(self, session_id: str, principal: str) -> SessionView:
+        view = await self.store.get_session(session_id, principal)
+        if view is None:
+            raise ApiError("session_not_found")
+        return view
+
+    async def delete(self, session_id: str, principal: str) -> None:
+        if not await self.store.delete_session(session_id, principal):
+            raise ApiError("session_not_found")
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking turns, give running ones `grace` seconds, then stop them."""
+        self.accepting = False
+        deadline = time.monotonic() + grace
+        while self.turns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for turn in list(self.turns.values()):
+            self._cancel_local(turn.turn_id, "server_restarting")
+        tasks = [t.task for t in self.turns.values() if t.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+    # -- following another worker's turn -------------------------------------------------
+    async def _follow_log(self, session_id: str, turn_id: str, after_seq: int) -> AsyncIterator[list[Event]]:
+        block_ms = int(min(self.settings.heartbeat_seconds * 1000, REMOTE_POLL_MS))
+        quiet_since = time.monotonic()
+        while True:
+            batch = await self.store.read_events(session_id, turn_id, after_seq, block_ms)
+            if batch:
+                quiet_since = time.monotonic()
+                after_seq = batch[-1].seq
+                yield batch
+                if batch[-1].terminal:
+                    return
+                continue
+            if await self.store.lock_holder(session_id) != turn_id:
+                # Finished (its terminal event is in the log by now) or its worker died.
+                batch = await self.store.read_events(session_id, turn_id, after_seq, 0)
+                if not batch:
+                    await self.store.abandon_turn(session_id, turn_id, INTERRUPTED_FIELDS)
+                continue
+            if time.monotonic() - quiet_since >= self.settings.heartbeat_seconds:
+                quiet_since = time.monotonic()
+                yield []
+
+    def _cancel_local(self, turn_id: str, reason: str) -> bool:
+        turn = self.turns.get(turn_id)
+        if turn is None or turn.task is None or turn.done:
+            return False
+        if turn.cancel_reason is None:
+            turn.cancel_reason = reason
+            turn.task.cancel()
+        return True
+
+    # -- running a turn ------------------------------------------------------------------
+    async def _run(self, turn: Turn, req: TurnRequest, started: Started, principal: str) -> None:
+        s = self.settings
+        progress = _Progress(messages=[req.user_message()])
+        outcome, error = "completed", None
+        try:
+            self._check_limits(started, req)
+            await self._loop(turn, req, started, progress)
+        except asyncio.CancelledError:
+            outcome = turn.cancel_reason or "cancelled"
+        except ApiError as exc:
+            outcome, error = "failed", exc
+        except Exception as exc:  # noqa: BLE001 — every failure must end the turn cleanly
+            outcome, error = "failed", from_upstream(exc)
+        try:
+            await self._finish(turn, req, progress, outcome, error, principal)
+        except Exception:
+            log.exception("turn %s could not be committed", turn.turn_id)
+            turn.publish_final(turn.terminal_event("error", ApiError("internal").payload()))
+        finally:
+            self.turns.pop(turn.turn_id, None)
+
+    def _check_limits(self, started: Started, req: TurnRequest) -> None:
+        s = self.settings
+        if started.meta.message_count + 2 > s.max_session_messages:
+            raise ApiError("session_full")
+        if s.session_token_budget and started.meta.usage.total >= s.session_token_budget:
+            raise ApiError("budget_exceeded",
+                           f"This session has used {started.meta.usage.total} of its "
+                           f"{s.session_token_budget} tokens.")
+
+    async def _loop(self, turn: Turn, req: TurnRequest, started: Started, progress: _Progress) -> None:
+        s = self.settings
+        system = req.system if req.system is not None else s.system_prompt
+        tool_defs = self.tools.definitions() if self.tools else []
+        ratio = context.chars_per_token(started.meta.last_input_tokens, started.meta.last_input_chars)
+        fixed_chars = len(system) + sum(len(json.dumps(t)) for t in tool_defs)
+        for iteration in range(s.max_tool_iterations):
+            messages = started.history + progress.messages
+            start, est_chars = context.window(messages, fixed_chars, s.context_token_budget, ratio)
+            sent = messages[start:]
+            if s.session_token_budget:
+                est_tokens = int(est_chars / ratio)
+                if started.meta.usage.total + progress.usage.total + est_tokens > s.session_token_budget:
+                    raise ApiError("budget_exceeded",
+                                   f"This turn would exceed the session's {s.session_token_budget}-token budget.")
+            sys_param, tools_param, sent = context.with_breakpoints(system, tool_defs, sent, s.prompt_caching)
+            params: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens, "messages": sent}
+            if sys_param:
+                params["system"] = sys_param
+            if tools_param:
+                params["tools"] = tools_param
+            progress.blocks = []
+            await self._call_model(turn, req, params, progress)
+            progress.last_prompt_chars = est_chars
+            progress.messages.append({"role": "assistant", "content": progress.blocks})
+            if progress.stop_reason != "tool_use":
+                return
+            uses = [b for b in progress.blocks if b["type"] == "tool_use"]
+            results = await self.tools.run_all([(b["id"], b["name"], b["input"]) for b in uses])
+            for outcome in results:
+                payload: dict[str, Any] = {"tool_use_id": outcome.tool_use_id, "name": outcome.name,
+                                           "is_error": outcome.is_error}
+                payload["error" if outcome.is_error else "output"] = outcome.output
+                turn.emit("tool_result", payload)
+            progress.messages.append({"role": "user", "content": [o.tool_result_block() for o in results]})
+        # The model kept asking for tools: end with an assistant message so history stays valid.
+        progress.messages.append({"role": "assistant", "content": [
+            {"type": "text", "text": "[Stopped: the tool iteration limit was reached.]"}]})
+        raise ApiError("max_iterations", f"The model asked for tools {s.max_tool_iterations} times in a row.")
+
+    async def _call_model(self, turn: Turn, req: TurnRequest, params: dict[str, Any],
+                          progress: _Progress) -> None:
+        """One streamed model call; fills `progress.blocks` as content arrives."""
+        blocks = progress.blocks
+        json_parts: dict[int, list[str]] = {}
+        call_usage = Usage()
+        try:
+            async with open_stream(self.client, params) as upstream:
+                if upstream.request_id:
+                    progress.request_ids.append(upstream.request_id)
+                if not turn.events:
+                    turn.emit("turn_start", {"session_id": turn.session_id, "turn_id": turn.turn_id,
+                                             "model": req.model, "max_tokens": req.max_tokens})
+                async for event in upstream.events():
+                    kind = event["type"]
+                    if kind == "content_block_delta":
+                        delta = event["delta"]
+                        dkind = delta.get("type")
+                        if dkind == "text_delta":
+                            text = delta["text"]
+                            block = blocks[event["index"]]
+                            block["text"] += text
+                            progress.text.append(text)
+                            if progress.first_token_at is None:
+                                progress.first_token_at = time.monotonic()
+                            turn.emit_text(text)
+                        elif dkind == "input_json_delta":
+                            json_parts.setdefault(event["index"], []).append(delta.get("partial_json", ""))
+                    elif kind == "content_block_start":
+                        block = dict(event["content_block"])
+                        blocks.append(block)
+                        if block["type"] == "tool_use":
+                            turn.emit("tool_call", {"tool_use_id": block["id"], "name": block["name"]})
+                    elif kind == "content_block_stop":
+                        index = event["index"]
+                        block = blocks[index]
+                        if block["type"] == "tool_use":
+                            self._complete_tool_input(turn, block, json_parts.pop(index, []))
+                    elif kind == "message_start":
+                        call_usage = Usage.from_api(event["message"].get("usage"))
+                    elif kind == "message_delta":
+                        progress.stop_reason = event.get("delta", {}).get("stop_reason")
+                        usage = event.get("usage") or {}
+                        call_usage.output_tokens = int(usage.get("output_tokens") or call_usage.output_tokens)
+                        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
+                            if usage.get(name) is not None:
+                                setattr(call_usage, name, int(usage[name]))
+        finally:
+            progress.model_calls += 1
+            progress.usage.add(call_usage)
+            progress.last_prompt_tokens = call_usage.prompt_tokens or progress.last_prompt_tokens
+        # Drop empty text blocks (the API rejects them when the history is sent back).
+        blocks[:] = [b for b in blocks if b["type"] != "text" or b["text"]]
+
+    def _complete_tool_input(self, turn: Turn, block: dict[str, Any], parts: list[str]) -> None:
+        raw = "".join(parts)
+        try:
+            block["input"] = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            # Keep the raw text for the tool to reject; the history must hold an object.
+            block["input"] = {"_invalid_json": raw[:2000]}
+        _model, problem = self.tools.validate(block["name"], block["input"])
+        payload: dict[str, Any] = {"tool_use_id": block["id"], "name": block["name"], "input": block["input"],
+                                   "valid": problem is None}
+        if problem is not None:
+            payload["error"] = problem
+        turn.emit("tool_input", payload)
+
+    async def _finish(self, turn: Turn, req: TurnRequest, progress: _Progress, outcome: str,
+                      error: ApiError | None, principal: str) -> None:
+        messages = self._messages_to_commit(progress, outcome, error)
+        cost = self.prices.cost(req.model, progress.usage)
+        duration = time.monotonic() - turn.started_at
+        record = {"turn_id": turn.turn_id, "status": outcome, "stop_reason": progress.stop_reason,
+                  "model": req.model, "usage": progress.usage.to_dict(), "estimated_cost_usd": cost,
+                  "model_calls": progress.model_calls, "request_ids": progress.request_ids,
+                  "messages": len(messages), "finished_at": time.time()}
+        if error is not None:
+            record["error"] = error.code
+        if outcome in ("completed", "cancelled"):
+            final_type = "turn_end"
+            stop_reason = "cancelled" if outcome == "cancelled" else progress.stop_reason
+            payload: dict[str, Any] = {
+                "session_id": turn.session_id, "turn_id": turn.turn_id, "stop_reason": stop_reason,
+                "truncated": progress.stop_reason == "max_tokens", "cancelled": outcome == "cancelled",
+                "text": "".join(progress.text), "usage": progress.usage.to_dict(),
+                "estimated_cost_usd": cost, "model": req.model, "model_calls": progress.model_calls,
+                "request_id": progress.request_ids[-1] if progress.request_ids else None,
+                "request_ids": progress.request_ids,
+            }
+            if progress.structured is not None:
+                payload["structured"] = progress.structured
+        else:
+            final_type = "error"
+            if error is None:  # stopped by shutdown or a lost lock
+                error = ApiError("server_restarting" if outcome == "server_restarting" else "interrupted")
+            payload = error.payload()
+            if progress.text and messages:
+                payload["partial_text"] = "".join(progress.text)
+        unsent = await turn.stop_writers()
+        final = turn.terminal_event(final_type, payload)
+        committed = await self.store.finish_turn(turn.session_id, turn.turn_id, TurnCommit(
+            messages=messages, record=record, usage=progress.usage, cost_usd=cost,
+            last_input_tokens=progress.last_prompt_tokens, last_input_chars=progress.last_prompt_chars,
+            events=[*unsent, final]))
+        if not committed:
+            # The lock expired under us (a long stall): someone may have declared this turn
+            # interrupted and started another; our answer must not be written.
+            log.warning("turn %s lost its lock before commit; nothing written", turn.turn_id)
+            await self.store.append_events(turn.session_id, turn.turn_id, unsent)
+            await self.store.abandon_turn(turn.session_id, turn.turn_id, INTERRUPTED_FIELDS)
+            final = turn.terminal_event("error", ApiError("interrupted").payload())
+            outcome = "interrupted"
+        turn.publish_final(final)
+        turn_log.info("turn %s", outcome, extra={"fields": {
+            "event": "turn", "session_id": turn.session_id, "turn_id": turn.turn_id,
+            "principal": principal, "model": req.model, "outcome": outcome,
+            "error": error.code if error else None, "stop_reason": progress.stop_reason,
+            "model_calls": progress.model_calls, "request_ids": progress.request_ids,
+            "usage": progress.usage.to_dict(), "estimated_cost_usd": cost,
+            "ttft_ms": round((progress.first_token_at - turn.started_at) * 1000, 1)
+            if progress.first_token_at else None,
+            "duration_ms": round(duration * 1000, 1),
+        }})
+
+    @staticmethod
+    def _messages_to_commit(progress: _Progress, outcome: str, error: ApiError | None) -> list[dict[str, Any]]:
+        """The turn's messages, or none. A valid history alternates user/assistant and every
+        tool_use is followed by its tool_result, so a partial turn is cut to that shape."""
+        messages = progress.messages
+        if outcome == "completed" or (error is not None and error.code == "max_iterations"):
+            return messages  # (max_iterations appended a closing assistant message)
+        if outcome != "cancelled":
+            return []  # failed or interrupted: history stays as it was; the client retries
+        partial = [b for b in progress.blocks if b["type"] == "text" and b["text"]]
+        done = messages
+        if done and done[-1]["role"] == "assistant" and done[-1]["content"] is progress.blocks:
+            done = done[:-1]  # the answer being streamed is handled below
+        if partial:
+            return [*done, {"role": "assistant", "content": partial}]
+        if len(done) == 1:
+            return []  # cancelled before any answer: keep the history unchanged
+        if done[-1]["role"] == "user":
+            return [*done, {"role": "assistant", "content": [{"type": "text", "text": "[cancelled]"}]}]
+        return done
+
+
+def valid_session_id(value: str) -> str:
+    if not valid_id(value):
+        raise ApiError("invalid_session_id")
+    return value

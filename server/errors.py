@@ -1,0 +1,169 @@
+"""Our error codes, and the one place that maps upstream (SDK) failures onto them.
+
+Every error a client sees carries a stable `code`, a human `message` and `retryable`
+(whether sending the same request again can help). Before the first byte of a response the
+code maps to an HTTP status; after it, the same payload travels as an `error` event.
+Upstream messages are never passed through verbatim: they can name our key's organisation,
+internal ids or request details that are not the client's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anthropic
+
+log = logging.getLogger("server.errors")
+
+# code -> (HTTP status, retryable, default message)
+ERRORS: dict[str, tuple[int, bool, str]] = {
+    "invalid_json": (400, False, "The request body is not valid JSON."),
+    "invalid_request": (400, False, "The request is invalid."),
+    "invalid_session_id": (400, False, "The session id is malformed."),
+    "model_not_allowed": (400, False, "That model is not allowed on this server."),
+    "system_prompt_not_allowed": (400, False, "This server does not accept a client system prompt."),
+    "invalid_image": (400, False, "An image is invalid."),
+    "unauthorized": (401, False, "A valid API key is required."),
+    "budget_exceeded": (403, False, "The session's token budget is spent."),
+    "forbidden_origin": (403, False, "This origin is not allowed."),
+    "session_not_found": (404, False, "No such session."),
+    "not_found": (404, False, "Not found."),
+    "method_not_allowed": (405, False, "Method not allowed."),
+    "session_busy": (409, True, "A turn is already running on this session."),
+    "body_too_large": (413, False, "The request body is too large."),
+    "message_too_long": (413, False, "The message is too long."),
+    "image_too_large": (413, False, "An image is too large."),
+    "too_many_images": (413, False, "Too many images in one message."),
+    "session_full": (413, False, "The session has reached its message limit; start a new session."),
+    "rate_limited": (429, True, "Rate limited; retry after the indicated delay."),
+    "internal": (500, True, "Internal error."),
+    "upstream_unavailable": (502, True, "The model service is unreachable or failed."),
+    "upstream_misconfigured": (502, False, "The server's model configuration was rejected upstream."),
+    "upstream_overloaded": (503, True, "The model service is overloaded."),
+    "overloaded": (503, True, "The server is at capacity."),
+    "server_restarting": (503, True, "The server is restarting; retry shortly."),
+    "interrupted": (503, True, "The turn was interrupted (the worker running it stopped)."),
+    "upstream_timeout": (504, True, "The model service timed out."),
+    "bad_request": (400, False, "The model service rejected the request."),
+    "context_too_long": (400, False, "The conversation is too long for the model's context window."),
+    "max_iterations": (500, False, "The tool loop hit its iteration limit."),
+    "structured_output_invalid": (502, True, "The model's answer did not match the requested schema."),
+}
+
+
+class ApiError(Exception):
+    """An error with a stable code; raise it anywhere, transports render it."""
+
+    def __init__(self, code: str, message: str | None = None, *, retry_after: float | None = None,
+                 **extra: Any) -> None:
+        status, retryable, default = ERRORS[code]
+        super().__init__(message or default)
+        self.code = code
+        self.message = message or default
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.extra = extra
+
+    def payload(self) -> dict[str, Any]:
+        """The error object for JSON bodies and `error` events."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        body.update(self.extra)
+        return body
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+
+
+def status_of(code: str) -> int:
+    return ERRORS[code][0]
+
+
+def from_upstream(exc: BaseException) -> ApiError:
+    """Map an SDK exception (or a mid-stream `error` event) to our error code."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, anthropic.APITimeoutError):
+        return ApiError("upstream_timeout")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return ApiError("upstream_unavailable", "The model service is unreachable.")
+    if isinstance(exc, anthropic.APIStatusError):
+        return _from_status(exc.status_code, _error_type(exc), _error_message(exc),
+                            _retry_after(exc), getattr(exc, "request_id", None))
+    if isinstance(exc, UpstreamStreamError):
+        return _from_status(200, exc.error_type, exc.message, None, exc.request_id)
+    log.exception("unexpected upstream failure", exc_info=exc)
+    return ApiError("internal")
+
+
+class UpstreamStreamError(Exception):
+    """The upstream stream broke after it started: an `error` event or a cut connection."""
+
+    def __init__(self, error_type: str, message: str, request_id: str | None = None):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+        self.request_id = request_id
+
+
+def _from_status(status: int, error_type: str | None, message: str, retry_after: float | None,
+                 request_id: str | None) -> ApiError:
+    extra = {"upstream_request_id": request_id} if request_id else {}
+    if status == 429 or error_type == "rate_limit_error":
+        return ApiError("rate_limited", "The model service is rate limiting this server.",
+                        retry_after=retry_after, **extra)
+    if status == 529 or error_type == "overloaded_error":
+        return ApiError("upstream_overloaded", retry_after=retry_after, **extra)
+    if status in (408, 504) or error_type == "timeout_error":
+        return ApiError("upstream_timeout", **extra)
+    if status in (401, 402, 403, 404) or error_type in (
+        "authentication_error", "permission_error", "not_found_error", "billing_error"
+    ):
+        # Our key, plan or model name is wrong: not the client's fault, and not theirs to see.
+        log.error("upstream rejected our configuration: status=%s type=%s", status, error_type)
+        return ApiError("upstream_misconfigured", **extra)
+    if status == 413 or error_type == "request_too_large":
+        return ApiError("context_too_long", **extra)
+    if status == 400 or error_type == "invalid_request_error":
+        lowered = message.lower()
+        if "prompt is too long" in lowered or "context" in lowered and "too long" in lowered:
+            return ApiError("context_too_long", **extra)
+        return ApiError("bad_request", **extra)
+    if status >= 500 or error_type == "api_error" or status == 200:
+        return ApiError("upstream_unavailable", **extra)
+    return ApiError("upstream_unavailable", **extra)
+
+
+def _error_type(exc: anthropic.APIStatusError) -> str | None:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("type"), str):
+            return err["type"]
+    return getattr(exc, "type", None)
+
+
+def _error_message(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+    return ""
+
+
+def _retry_after(exc: anthropic.APIStatusError) -> float | None:
+    headers = exc.response.headers if exc.response is not None else {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None

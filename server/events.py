@@ -1,0 +1,58 @@
+"""The event vocabulary shared by SSE and WebSocket, encoded once per event.
+
+An event is JSON with `type` and `id` (`<turn_id>:<seq>`, also the SSE `id:` and the
+position in the turn's event log). It is serialised exactly once, when the turn emits it;
+transports and the event log only copy bytes, which keeps the per-token cost flat.
+
+Types: `turn_start`, `text_delta`, `tool_call`, `tool_input`, `tool_result`, `turn_end`,
+`error` (terminal), plus the transport-level `ping` (WebSocket) and SSE comments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+TERMINAL_TYPES = frozenset({"turn_end", "error"})
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    seq: int
+    type: str
+    id: str
+    data: bytes  # compact JSON of the whole event, including "type" and "id"
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+
+def encode(turn_id: str, seq: int, type_: str, payload: dict[str, Any]) -> Event:
+    eid = f"{turn_id}:{seq}"
+    return Event(seq, type_, eid, _dumps({"type": type_, "id": eid, **payload}).encode())
+
+
+def text_delta(turn_id: str, seq: int, text: str) -> Event:
+    """The hot path: built by string formatting, not a dict round trip."""
+    eid = f"{turn_id}:{seq}"
+    return Event(seq, "text_delta", eid,
+                 f'{{"type":"text_delta","id":"{eid}","text":{_dumps(text)}}}'.encode())
+
+
+def parse_event_id(value: str | None) -> tuple[str, int] | None:
+    """`<turn_id>:<seq>` -> (turn_id, seq); None for anything else."""
+    if not value or ":" not in value:
+        return None
+    turn_id, _, seq = value.rpartition(":")
+    if not seq.isdigit() or not turn_id or len(seq) > 9:
+        return None
+    return turn_id, int(seq)
+
+
+def sse_frame(event: Event) -> bytes:
+    """One Server-Sent Event; `id` lets a client resume with Last-Event-ID."""
+    return b"id: " + event.id.encode() + b"\ndata: " + event.data + b"\n\n"

@@ -1,0 +1,47 @@
+"""Run the fake as its own process: ``python -m server.fake_anthropic --port 8001``.
+
+Prints exactly one line, ``fake-anthropic listening on http://HOST:PORT``, once
+the socket is bound (so a parent can wait for it and learn the port when
+``--port 0``), then serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from . import FakeAnthropic
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m server.fake_anthropic", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--pace-ms", type=float, default=0.0, help="delay between streamed deltas (default model)")
+    p.add_argument("--api-key", default=None, help="accept only this key (default: any non-empty key)")
+    return p.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = FakeAnthropic(pace_ms=args.pace_ms, api_key=args.api_key)
+    url = await fake.start(args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sys.stdout.write(f"fake-anthropic listening on {url}\n")
+    sys.stdout.flush()
+    try:
+        await stop.wait()
+    finally:
+        await fake.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(_serve(_parse(argv)))
+
+
+if __name__ == "__main__":
+    main()

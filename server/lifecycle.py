@@ -1,0 +1,97 @@
+"""Building and tearing down a worker's components, and draining on SIGTERM.
+
+SIGTERM (a deploy, `fly deploy`, Ctrl-C under a supervisor): stop taking turns, give the
+running ones `GRACEFUL_SHUTDOWN_SECONDS`, then stop them with a retryable
+`server_restarting` event. uvicorn's own `--timeout-graceful-shutdown` must be longer, so the
+streams can carry that last event before the connections are cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import anthropic
+
+from .config import Settings
+from .engine import Engine
+from .fake_anthropic import FakeAnthropic
+from .store.base import Store
+from .store.memory import MemoryStore
+from .store.redis import RedisStore
+from .tools import load_toolset
+from .usage import PriceTable
+
+log = logging.getLogger("server.lifecycle")
+
+
+def make_store(settings: Settings) -> Store:
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, session_ttl=settings.session_ttl_seconds,
+                          lock_ttl=settings.turn_lock_ttl_seconds, log_ttl=settings.event_log_ttl_seconds,
+                          log_maxlen=settings.event_log_maxlen, idempotency_ttl=settings.idempotency_ttl_seconds)
+    return MemoryStore(session_ttl=settings.session_ttl_seconds, lock_ttl=settings.turn_lock_ttl_seconds,
+                       log_ttl=settings.event_log_ttl_seconds, log_maxlen=settings.event_log_maxlen,
+                       idempotency_ttl=settings.idempotency_ttl_seconds)
+
+
+@asynccontextmanager
+async def components(settings: Settings) -> AsyncIterator[Engine]:
+    fake: FakeAnthropic | None = None
+    base_url, api_key = settings.anthropic_base_url, settings.anthropic_api_key
+    if settings.offline:
+        fake = FakeAnthropic(pace_ms=settings.offline_pace_ms)
+        base_url, api_key = await fake.start(), "offline-model"
+        log.warning("OFFLINE MODE: ANTHROPIC_API_KEY is not set; answers come from the bundled "
+                    "offline model at %s, not from Claude", base_url)
+    client = anthropic.AsyncAnthropic(api_key=api_key or "no-key", base_url=base_url,
+                                      max_retries=settings.anthropic_max_retries,
+                                      timeout=settings.upstream_timeout_seconds)
+    store = make_store(settings)
+    engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
+                    PriceTable(settings.model_prices))
+    await store.start(engine.on_cancel_signal)
+    if not settings.redis_url:
+        log.warning("sessions are kept in memory (REDIS_URL is not set): they vanish on restart")
+    restore = _drain_on_sigterm(engine, settings.graceful_shutdown_seconds)
+    try:
+        yield engine
+    finally:
+        restore()
+        await engine.drain(0 if not engine.accepting else settings.graceful_shutdown_seconds)
+        await store.close()
+        await client.close()
+        if fake is not None:
+            await fake.stop()
+
+
+def _drain_on_sigterm(engine: Engine, grace: float):
+    """Chain a drain in front of uvicorn's own SIGTERM handler; returns an undo function."""
+    loop = asyncio.get_running_loop()
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:  # not the main thread (e.g. under a test runner's thread)
+        return lambda: None
+    tasks: list[asyncio.Task[None]] = []
+
+    def on_sigterm(signum, frame):  # type: ignore[no-untyped-def]
+        log.info("SIGTERM: draining (grace %.0f s)", grace)
+        loop.call_soon_threadsafe(lambda: tasks.append(loop.create_task(engine.drain(grace))))
+        if callable(previous):
+            previous(signum, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, TypeError):
+            pass
+
+    return restore

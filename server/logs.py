@@ -1,0 +1,42 @@
+"""Structured logs: one JSON object per line, easy to ship and to grep.
+
+Loggers under `server.` pass structured fields as `extra={"fields": {...}}`; they are merged
+into the line. Never log request bodies, keys or per-token events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def configure(level: str) -> None:
+    """JSON lines on stderr for our loggers; uvicorn keeps its own access/error format."""
+    logger = logging.getLogger("server")
+    if any(getattr(h, "_agent_json", False) for h in logger.handlers):
+        logger.setLevel(level)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._agent_json = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

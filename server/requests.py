@@ -1,0 +1,180 @@
+"""Validation of a turn request, shared by every transport.
+
+Everything a client can send is checked here, before any lock is taken or any API call is
+made, and rejected with a stable error code. Nothing invalid reaches the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Settings
+from .errors import ApiError
+from .store.base import valid_id, valid_message_id
+
+IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+ON_BUSY = {"reject", "interrupt"}
+
+
+@dataclass(slots=True)
+class TurnRequest:
+    content: str | list[dict[str, Any]]   # the user message: text, or text and image blocks
+    session_id: str | None = None
+    system: str | None = None
+    model: str = ""
+    max_tokens: int = 0
+    message_id: str | None = None
+    on_busy: str = "reject"
+    cancel_on_disconnect: bool = False
+    response_schema: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def user_message(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        return {"role": "user", "content": content}
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError("invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "The body must be a JSON object.")
+    return body
+
+
+def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
+    content = _content(body.get("message"), settings)
+    session_id = body.get("session_id")
+    if session_id is not None:
+        if not isinstance(session_id, str):
+            raise ApiError("invalid_request", "`session_id` must be a string.", field="session_id")
+        if not valid_id(session_id):
+            raise ApiError("invalid_session_id")
+    system = body.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise ApiError("invalid_request", "`system` must be a string.", field="system")
+        if not settings.allow_client_system_prompt:
+            raise ApiError("system_prompt_not_allowed")
+        if len(system) > settings.max_message_chars:
+            raise ApiError("message_too_long", "`system` is too long.", field="system")
+    model = body.get("model", settings.default_model)
+    if not isinstance(model, str) or model not in settings.allowed_models:
+        raise ApiError("model_not_allowed",
+                       f"`model` must be one of: {', '.join(settings.allowed_models)}.", field="model")
+    max_tokens = body.get("max_tokens", settings.max_output_tokens)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ApiError("invalid_request", "`max_tokens` must be a positive integer.", field="max_tokens")
+    message_id = body.get("message_id")
+    if message_id is not None and not valid_message_id(message_id):
+        raise ApiError("invalid_request", "`message_id` must be 1-128 characters of [A-Za-z0-9._:-].",
+                       field="message_id")
+    on_busy = body.get("on_busy", "reject")
+    if on_busy not in ON_BUSY:
+        raise ApiError("invalid_request", "`on_busy` must be 'reject' or 'interrupt'.", field="on_busy")
+    cancel_on_disconnect = body.get("cancel_on_disconnect", False)
+    if not isinstance(cancel_on_disconnect, bool):
+        raise ApiError("invalid_request", "`cancel_on_disconnect` must be a boolean.",
+                       field="cancel_on_disconnect")
+    schema = body.get("response_schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise ApiError("invalid_request", "`response_schema` must be a JSON Schema object.",
+                       field="response_schema")
+    return TurnRequest(content=content, session_id=session_id, system=system, model=model,
+                       max_tokens=min(max_tokens, settings.max_output_tokens), message_id=message_id,
+                       on_busy=on_busy, cancel_on_disconnect=cancel_on_disconnect,
+                       response_schema=schema)
+
+
+def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
+    if message is None:
+        raise ApiError("invalid_request", "`message` is required.", field="message")
+    if isinstance(message, str):
+        if not message.strip():
+            raise ApiError("invalid_request", "`message` must not be empty.", field="message")
+        if len(message) > settings.max_message_chars:
+            raise ApiError("message_too_long",
+                           f"`message` is longer than {settings.max_message_chars} characters.",
+                           field="message")
+        return message
+    if not isinstance(message, list) or not message:
+        raise ApiError("invalid_request",
+                       "`message` must be a string or a non-empty list of content blocks.", field="message")
+    blocks: list[dict[str, Any]] = []
+    chars = images = 0
+    for i, block in enumerate(message):
+        if not isinstance(block, dict):
+            raise ApiError("invalid_request", f"`message[{i}]` must be an object.", field="message")
+        kind = block.get("type")
+        if kind == "text":
+            text = block.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ApiError("invalid_request", f"`message[{i}].text` must be a non-empty string.",
+                               field="message")
+            chars += len(text)
+            blocks.append({"type": "text", "text": text})
+        elif kind == "image":
+            images += 1
+            if images > settings.max_images:
+                raise ApiError("too_many_images", f"At most {settings.max_images} images per message.")
+            blocks.append(_image(block.get("source"), i, settings))
+        else:
+            raise ApiError("invalid_request", f"`message[{i}].type` must be 'text' or 'image'.",
+                           field="message")
+    if chars > settings.max_message_chars:
+        raise ApiError("message_too_long",
+                       f"`message` is longer than {settings.max_message_chars} characters.", field="message")
+    if not any(b["type"] == "text" for b in blocks) and not images:
+        raise ApiError("invalid_request", "`message` has no content.", field="message")
+    return blocks
+
+
+def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
+    where = f"`message[{i}].source`"
+    if not isinstance(source, dict):
+        raise ApiError("invalid_image", f"{where} must be an object.")
+    kind = source.get("type")
+    if kind == "url":
+        url = source.get("url")
+        if not isinstance(url, str) or not url.startswith("https://") or len(url) > 2048:
+            raise ApiError("invalid_image", f"{where}.url must be an https:// URL.")
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    if kind != "base64":
+        raise ApiError("invalid_image", f"{where}.type must be 'base64' or 'url'.")
+    media_type = source.get("media_type")
+    if media_type not in IMAGE_MEDIA_TYPES:
+        raise ApiError("invalid_image",
+                       f"{where}.media_type must be one of {', '.join(sorted(IMAGE_MEDIA_TYPES))}.")
+    data = source.get("data")
+    if not isinstance(data, str) or not data:
+        raise ApiError("invalid_image", f"{where}.data must be base64 text.")
+    # Check the size before decoding: 4 base64 characters carry 3 bytes.
+    if len(data) * 3 // 4 > settings.max_image_bytes + 3:
+        raise ApiError("image_too_large", f"Images are limited to {settings.max_image_bytes} bytes.")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError("invalid_image", f"{where}.data is not valid base64.") from None
+    if len(raw) > settings.max_image_bytes:
+        raise ApiError("image_too_large", f"Images are limited to {settings.max_image_bytes} bytes.")
+    if not _magic_matches(raw, media_type):
+        raise ApiError("invalid_image", f"{where}.data is not a {media_type} image.")
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def _magic_matches(raw: bytes, media_type: str) -> bool:
+    if media_type == "image/png":
+        return raw.startswith(b"\x89PNG\r\n\x1a\n")
+    if media_type == "image/jpeg":
+        return raw.startswith(b"\xff\xd8\xff")
+    if media_type == "image/gif":
+        return raw.startswith((b"GIF87a", b"GIF89a"))
+    return raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"

@@ -1,0 +1,140 @@
+"""The store interface: session history, the per-session turn lock and the per-turn event log.
+
+Two backends implement it: `memory` (one process, for development) and `redis` (several
+workers and machines). The engine is the only caller; transports never touch a store.
+
+Guarantees every backend keeps:
+- `begin_turn` is atomic: it checks ownership and idempotency, takes the session lock and
+  returns the history in one step (one Redis round trip).
+- `finish_turn` is fenced: it commits only while the caller still holds the lock, and
+  appends the new messages (O(size of the turn), never a rewrite of the history).
+- The event log of a turn keeps its events (bounded) for a while after the turn ends, so a
+  client can resume from any worker.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from ..events import Event
+from ..usage import Usage
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_MESSAGE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def new_id() -> str:
+    """128 random bits, URL-safe: session and turn ids."""
+    return secrets.token_urlsafe(16)
+
+
+def valid_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_ID_RE.match(value))
+
+
+def valid_message_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_MESSAGE_ID_RE.match(value))
+
+
+@dataclass(slots=True)
+class SessionMeta:
+    owner: str
+    created_at: float
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    turns: int = 0
+    message_count: int = 0
+    last_turn_id: str | None = None
+    active_turn_id: str | None = None
+    last_input_tokens: int = 0   # prompt tokens of the last model call: calibrates estimates
+    last_input_chars: int = 0    # characters that produced them
+
+
+@dataclass(slots=True)
+class Started:
+    """The lock is ours; here is the history to build the request from."""
+    meta: SessionMeta
+    history: list[dict[str, Any]]
+    stale_turn_id: str | None = None  # a previous turn whose worker died without finishing
+
+
+@dataclass(slots=True)
+class Busy:
+    running_turn_id: str
+
+
+@dataclass(slots=True)
+class Duplicate:
+    """The same `message_id` already started this turn: join it instead of running twice."""
+    turn_id: str
+
+
+class NotFound:
+    pass
+
+
+BeginResult = Started | Busy | Duplicate | NotFound
+
+
+@dataclass(slots=True)
+class TurnCommit:
+    """Everything a finished turn writes, in one fenced step."""
+    messages: list[dict[str, Any]]       # appended to the history (may be empty: failed turn)
+    record: dict[str, Any]               # the turn's summary, appended to the turn list
+    usage: Usage
+    cost_usd: float
+    last_input_tokens: int
+    last_input_chars: int
+    events: list[Event]                  # the log's last events (the terminal one included)
+
+
+@dataclass(slots=True)
+class SessionView:
+    meta: SessionMeta
+    history: list[dict[str, Any]]
+    turns: list[dict[str, Any]]
+
+
+CancelHandler = Callable[[str], Awaitable[None] | None]
+
+
+class Store(Protocol):
+    async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
+                         message_id: str | None) -> BeginResult: ...
+
+    async def renew_lock(self, session_id: str, turn_id: str) -> bool: ...
+
+    async def append_events(self, session_id: str, turn_id: str, events: list[Event]) -> None: ...
+
+    async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
+        """False when the lock was lost (fenced): nothing was written."""
+
+    async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
+        """If the turn's lock is gone and its log has no terminal event, append an `error`
+        event (`error_fields`: the JSON members after `type` and `id`). True if appended."""
+
+    async def read_events(self, session_id: str, turn_id: str, after_seq: int,
+                          block_ms: int) -> list[Event]: ...
+
+    async def lock_holder(self, session_id: str) -> str | None: ...
+
+    async def has_log(self, session_id: str, turn_id: str) -> bool:
+        """Whether the turn's event log still exists (it expires after the turn)."""
+
+    async def last_turn(self, session_id: str, owner: str) -> tuple[str | None, bool] | None:
+        """(last turn id, is it running) or None when the session does not exist for owner."""
+
+    async def get_session(self, session_id: str, owner: str) -> SessionView | None: ...
+
+    async def delete_session(self, session_id: str, owner: str) -> bool: ...
+
+    async def publish_cancel(self, turn_id: str) -> None: ...
+
+    async def start(self, on_cancel: CancelHandler) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,224 @@
+"""In-process store for one worker (development, tests, single-process deploys).
+
+Same semantics as the Redis backend, including lock expiry and TTLs, so code paths that
+depend on them behave identically; the app refuses to start it with more than one worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..events import Event
+from .base import (BeginResult, Busy, CancelHandler, Duplicate, NotFound, SessionMeta, SessionView,
+                   Started, TurnCommit)
+
+
+@dataclass
+class _Session:
+    meta: SessionMeta
+    history: list[dict[str, Any]] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    expires_at: float = 0.0
+    lock: tuple[str, float] | None = None  # (turn id, expires at)
+
+
+@dataclass
+class _Log:
+    events: list[Event] = field(default_factory=list)
+    expires_at: float = float("inf")
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MemoryStore:
+    def __init__(self, *, session_ttl: float, lock_ttl: float, log_ttl: float, log_maxlen: int,
+                 idempotency_ttl: float):
+        self.session_ttl = session_ttl
+        self.lock_ttl = lock_ttl
+        self.log_ttl = log_ttl
+        self.log_maxlen = log_maxlen
+        self.idempotency_ttl = idempotency_ttl
+        self._sessions: dict[str, _Session] = {}
+        self._logs: dict[tuple[str, str], _Log] = {}
+        self._message_ids: dict[tuple[str, str], tuple[str, float]] = {}
+        self._on_cancel: CancelHandler | None = None
+
+    # -- helpers -------------------------------------------------------------------------
+    def _session(self, session_id: str, owner: str | None = None) -> _Session | None:
+        s = self._sessions.get(session_id)
+        now = time.monotonic()
+        if s is not None and s.expires_at < now:
+            del self._sessions[session_id]
+            s = None
+        if s is not None and owner is not None and s.meta.owner != owner:
+            return None
+        return s
+
+    def _holder(self, s: _Session) -> str | None:
+        if s.lock and s.lock[1] > time.monotonic():
+            return s.lock[0]
+        return None
+
+    def _log(self, session_id: str, turn_id: str, create: bool = False) -> _Log | None:
+        key = (session_id, turn_id)
+        log = self._logs.get(key)
+        if log is not None and log.expires_at < time.monotonic():
+            del self._logs[key]
+            log = None
+        if log is None and create:
+            log = self._logs[key] = _Log()
+        return log
+
+    def _append(self, log: _Log, events: list[Event]) -> None:
+        log.events.extend(events)
+        if len(log.events) > self.log_maxlen:
+            del log.events[: len(log.events) - self.log_maxlen]
+        log.changed.set()
+        log.changed = asyncio.Event()
+
+    # -- Store ---------------------------------------------------------------------------
+    async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
+                         message_id: str | None) -> BeginResult:
+        now = time.monotonic()
+        if message_id is not None:
+            seen = self._message_ids.get((session_id, message_id))
+            if seen and seen[1] > now:
+                return Duplicate(seen[0])
+        if create:
+            if session_id in self._sessions:
+                return NotFound()
+            s = self._sessions[session_id] = _Session(SessionMeta(owner=owner, created_at=time.time()))
+        else:
+            s = self._session(session_id, owner)
+            if s is None:
+                return NotFound()
+        holder = self._holder(s)
+        if holder is not None:
+            return Busy(holder)
+        s.lock = (turn_id, now + self.lock_ttl)
+        stale = s.meta.active_turn_id
+        s.meta.active_turn_id = turn_id
+        s.meta.last_turn_id = turn_id
+        s.expires_at = now + self.session_ttl
+        if message_id is not None:
+            self._message_ids[(session_id, message_id)] = (turn_id, now + self.idempotency_ttl)
+        self._log(session_id, turn_id, create=True)
+        return Started(meta=_copy_meta(s.meta), history=list(s.history), stale_turn_id=stale)
+
+    async def renew_lock(self, session_id: str, turn_id: str) -> bool:
+        s = self._session(session_id)
+        if s is None or self._holder(s) != turn_id:
+            return False
+        s.lock = (turn_id, time.monotonic() + self.lock_ttl)
+        return True
+
+    async def append_events(self, session_id: str, turn_id: str, events: list[Event]) -> None:
+        log = self._log(session_id, turn_id, create=True)
+        assert log is not None
+        self._append(log, events)
+
+    async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
+        s = self._session(session_id)
+        if s is None or self._holder(s) != turn_id:
+            return False
+        # Stored as JSON round trips so nothing shares mutable state with the caller.
+        s.history.extend(json.loads(json.dumps(m)) for m in commit.messages)
+        s.turns.append(dict(commit.record))
+        m = s.meta
+        m.usage.add(commit.usage)
+        m.cost_usd += commit.cost_usd
+        m.turns += 1
+        m.message_count += len(commit.messages)
+        if commit.last_input_tokens:
+            m.last_input_tokens = commit.last_input_tokens
+            m.last_input_chars = commit.last_input_chars
+        m.active_turn_id = None
+        s.lock = None
+        s.expires_at = time.monotonic() + self.session_ttl
+        log = self._log(session_id, turn_id, create=True)
+        assert log is not None
+        self._append(log, commit.events)
+        log.expires_at = time.monotonic() + self.log_ttl
+        return True
+
+    async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
+        s = self._session(session_id)
+        if s is not None and self._holder(s) == turn_id:
+            return False
+        log = self._log(session_id, turn_id, create=True)
+        assert log is not None
+        if log.events and log.events[-1].terminal:
+            return False
+        seq = log.events[-1].seq + 1 if log.events else 1
+        eid = f"{turn_id}:{seq}"
+        data = f'{{"type":"error","id":"{eid}",{error_fields}}}'.encode()
+        self._append(log, [Event(seq, "error", eid, data)])
+        log.expires_at = time.monotonic() + self.log_ttl
+        if s is not None and s.meta.active_turn_id == turn_id:
+            s.meta.active_turn_id = None
+        return True
+
+    async def read_events(self, session_id: str, turn_id: str, after_seq: int,
+                          block_ms: int) -> list[Event]:
+        log = self._log(session_id, turn_id)
+        if log is None:
+            await asyncio.sleep(block_ms / 1000)
+            return []
+        newer = [e for e in log.events if e.seq > after_seq]
+        if newer or block_ms <= 0:
+            return newer
+        try:
+            await asyncio.wait_for(log.changed.wait(), block_ms / 1000)
+        except asyncio.TimeoutError:
+            return []
+        return [e for e in log.events if e.seq > after_seq]
+
+    async def has_log(self, session_id: str, turn_id: str) -> bool:
+        return self._log(session_id, turn_id) is not None
+
+    async def lock_holder(self, session_id: str) -> str | None:
+        s = self._session(session_id)
+        return self._holder(s) if s else None
+
+    async def last_turn(self, session_id: str, owner: str) -> tuple[str | None, bool] | None:
+        s = self._session(session_id, owner)
+        if s is None:
+            return None
+        turn_id = s.meta.last_turn_id
+        return turn_id, turn_id is not None and self._holder(s) == turn_id
+
+    async def get_session(self, session_id: str, owner: str) -> SessionView | None:
+        s = self._session(session_id, owner)
+        if s is None:
+            return None
+        return SessionView(meta=_copy_meta(s.meta), history=list(s.history), turns=list(s.turns))
+
+    async def delete_session(self, session_id: str, owner: str) -> bool:
+        if self._session(session_id, owner) is None:
+            return False
+        del self._sessions[session_id]
+        for key in [k for k in self._logs if k[0] == session_id]:
+            del self._logs[key]
+        return True
+
+    async def publish_cancel(self, turn_id: str) -> None:
+        if self._on_cancel is not None:
+            result = self._on_cancel(turn_id)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def start(self, on_cancel: CancelHandler) -> None:
+        self._on_cancel = on_cancel
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._on_cancel = None
+
+
+def _copy_meta(m: SessionMeta) -> SessionMeta:
+    return SessionMeta(**{**{f: getattr(m, f) for f in m.__slots__}, "usage": type(m.usage)(**m.usage.to_dict())})

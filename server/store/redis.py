@@ -1,0 +1,308 @@
+"""Redis store: history shared by every worker and machine, survives restarts.
+
+Keys carry the session id as a hash tag (`agent:{<sid>}:…`) so every key of a session lives
+in one Redis Cluster slot and the Lua scripts below stay legal there.
+
+    agent:{sid}:meta          hash    owner, created, usage totals, cost, counters, turn ids
+    agent:{sid}:msgs          list    one JSON message per element (API content blocks)
+    agent:{sid}:turns         list    one JSON record per finished turn
+    agent:{sid}:lock          string  id of the running turn, PX = lock TTL (renewed)
+    agent:{sid}:log:{turn}    stream  the turn's events, entry id 0-<seq>, fields e (type), d (JSON)
+    agent:{sid}:mid:{id}      string  turn started by a client message_id (idempotency)
+    agent:cancel              channel turn ids to cancel, heard by every worker
+
+Round trips per turn: one to begin (lock + history), one per event-log flush (coalesced by
+the engine), one to finish (fenced commit + final events); none per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..events import Event
+from ..usage import Usage
+from .base import (BeginResult, Busy, CancelHandler, Duplicate, NotFound, SessionMeta, SessionView,
+                   Started, TurnCommit)
+
+log = logging.getLogger("server.store")
+
+CANCEL_CHANNEL = "agent:cancel"
+
+# KEYS: meta msgs lock mid turns   ARGV: turn owner create lock_ms ttl idem_ttl now has_mid
+_BEGIN = """
+if ARGV[8] == '1' then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return {'duplicate', seen} end
+end
+if ARGV[3] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {'not_found'} end
+  redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created', ARGV[7])
+elseif redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
+  return {'not_found'}
+end
+local holder = redis.call('GET', KEYS[3])
+if holder then return {'busy', holder} end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
+local stale = redis.call('HGET', KEYS[1], 'active') or ''
+redis.call('HSET', KEYS[1], 'active', ARGV[1], 'last', ARGV[1])
+if ARGV[8] == '1' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[6]) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+return {'started', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1), stale}
+"""
+
+# KEYS: lock   ARGV: turn lock_ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: meta msgs lock turns log
+# ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen nevents
+#       msg*nmsgs (seq type data)*nevents
+_FINISH = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+local nmsgs = tonumber(ARGV[2])
+local i = 15
+for _ = 1, nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]); i = i + 1 end
+redis.call('RPUSH', KEYS[4], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'in', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'out', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'cw', ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'cr', ARGV[7])
+redis.call('HINCRBYFLOAT', KEYS[1], 'cost', ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'turns', 1)
+redis.call('HINCRBY', KEYS[1], 'nmsgs', nmsgs)
+if ARGV[9] ~= '0' then redis.call('HSET', KEYS[1], 'last_in', ARGV[9], 'last_chars', ARGV[10]) end
+redis.call('HDEL', KEYS[1], 'active')
+redis.call('DEL', KEYS[3])
+local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
+local written = 0
+if top[1] then written = tonumber(string.match(top[1][1], '-(%d+)$')) end
+for _ = 1, tonumber(ARGV[14]) do
+  if tonumber(ARGV[i]) > written then
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[13], '0-' .. ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+  end
+  i = i + 3
+end
+redis.call('EXPIRE', KEYS[5], ARGV[12])
+for k = 1, 4 do if k ~= 3 then redis.call('EXPIRE', KEYS[k], ARGV[11]) end end
+return 1
+"""
+
+# KEYS: meta lock log   ARGV: turn error_fields log_ttl
+_ABANDON = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local seq = 1
+if last[1] then
+  local fields = last[1][2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'e' and (fields[j + 1] == 'turn_end' or fields[j + 1] == 'error') then return 0 end
+  end
+  seq = tonumber(string.match(last[1][1], '-(%d+)$')) + 1
+end
+local data = '{"type":"error","id":"' .. ARGV[1] .. ':' .. seq .. '",' .. ARGV[2] .. '}'
+redis.call('XADD', KEYS[3], '0-' .. seq, 'e', 'error', 'd', data)
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then redis.call('HDEL', KEYS[1], 'active') end
+return seq
+"""
+
+
+def _k(session_id: str, name: str) -> str:
+    return f"agent:{{{session_id}}}:{name}"
+
+
+class RedisStore:
+    def __init__(self, url: str, *, session_ttl: int, lock_ttl: float, log_ttl: int, log_maxlen: int,
+                 idempotency_ttl: int, max_connections: int = 200):
+        self.redis = aioredis.Redis.from_url(url, max_connections=max_connections,
+                                             health_check_interval=30)
+        self.session_ttl = session_ttl
+        self.lock_ms = int(lock_ttl * 1000)
+        self.log_ttl = log_ttl
+        self.log_maxlen = log_maxlen
+        self.idempotency_ttl = idempotency_ttl
+        self._begin = self.redis.register_script(_BEGIN)
+        self._renew = self.redis.register_script(_RENEW)
+        self._finish = self.redis.register_script(_FINISH)
+        self._abandon = self.redis.register_script(_ABANDON)
+        self._listener: asyncio.Task[None] | None = None
+
+    async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
+                         message_id: str | None) -> BeginResult:
+        keys = [_k(session_id, "meta"), _k(session_id, "msgs"), _k(session_id, "lock"),
+                _k(session_id, f"mid:{message_id or ''}"), _k(session_id, "turns")]
+        args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
+                time.time(), int(message_id is not None)]
+        result = await self._begin(keys=keys, args=args)
+        status = result[0].decode()
+        if status == "started":
+            meta = _meta_from_hash(result[1])
+            history = [json.loads(m) for m in result[2]]
+            stale = result[3].decode() or None
+            return Started(meta=meta, history=history, stale_turn_id=stale)
+        if status == "busy":
+            return Busy(result[1].decode())
+        if status == "duplicate":
+            return Duplicate(result[1].decode())
+        return NotFound()
+
+    async def renew_lock(self, session_id: str, turn_id: str) -> bool:
+        return bool(await self._renew(keys=[_k(session_id, "lock")], args=[turn_id, self.lock_ms]))
+
+    async def append_events(self, session_id: str, turn_id: str, events: list[Event]) -> None:
+        key = _k(session_id, f"log:{turn_id}")
+        pipe = self.redis.pipeline(transaction=False)
+        for e in events:
+            pipe.xadd(key, {"e": e.type, "d": e.data}, id=f"0-{e.seq}", maxlen=self.log_maxlen,
+                      approximate=True)
+        # While the turn runs the log lives as long as a session could wait for it; a crashed
+        # worker's log still expires.
+        pipe.expire(key, self.log_ttl + 3600)
+        for result in await pipe.execute(raise_on_error=False):
+            # A retried flush may repeat entries that did land: their ids are refused, fine.
+            if isinstance(result, Exception) and "equal or smaller" not in str(result):
+                raise result
+
+    async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
+        keys = [_k(session_id, "meta"), _k(session_id, "msgs"), _k(session_id, "lock"),
+                _k(session_id, "turns"), _k(session_id, f"log:{turn_id}")]
+        u = commit.usage
+        args: list[Any] = [
+            turn_id, len(commit.messages), json.dumps(commit.record, separators=(",", ":")),
+            u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
+            repr(commit.cost_usd), commit.last_input_tokens, commit.last_input_chars,
+            self.session_ttl, self.log_ttl, self.log_maxlen, len(commit.events),
+        ]
+        args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
+        for e in commit.events:
+            args.extend((e.seq, e.type, e.data))
+        return bool(await self._finish(keys=keys, args=args))
+
+    async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
+        keys = [_k(session_id, "meta"), _k(session_id, "lock"), _k(session_id, f"log:{turn_id}")]
+        return bool(await self._abandon(keys=keys, args=[turn_id, error_fields, self.log_ttl]))
+
+    async def read_events(self, session_id: str, turn_id: str, after_seq: int,
+                          block_ms: int) -> list[Event]:
+        key = _k(session_id, f"log:{turn_id}")
+        reply = await self.redis.xread({key: f"0-{after_seq}"}, count=1000,
+                                       block=block_ms if block_ms > 0 else None)
+        events: list[Event] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                seq = int(entry_id.rsplit(b"-", 1)[1])
+                events.append(Event(seq, fields[b"e"].decode(), f"{turn_id}:{seq}", fields[b"d"]))
+        return events
+
+    async def has_log(self, session_id: str, turn_id: str) -> bool:
+        return bool(await self.redis.exists(_k(session_id, f"log:{turn_id}")))
+
+    async def lock_holder(self, session_id: str) -> str | None:
+        holder = await self.redis.get(_k(session_id, "lock"))
+        return holder.decode() if holder else None
+
+    async def last_turn(self, session_id: str, owner: str) -> tuple[str | None, bool] | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(_k(session_id, "meta"), "owner", "last")
+        pipe.get(_k(session_id, "lock"))
+        (found_owner, last), holder = await pipe.execute()
+        if found_owner is None or found_owner.decode() != owner:
+            return None
+        last_id = last.decode() if last else None
+        return last_id, bool(holder) and holder.decode() == last_id
+
+    async def get_session(self, session_id: str, owner: str) -> SessionView | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(_k(session_id, "meta"))
+        pipe.lrange(_k(session_id, "msgs"), 0, -1)
+        pipe.lrange(_k(session_id, "turns"), 0, -1)
+        raw_meta, msgs, turns = await pipe.execute()
+        if not raw_meta or raw_meta.get(b"owner", b"").decode() != owner:
+            return None
+        flat: list[bytes] = [x for kv in raw_meta.items() for x in kv]
+        return SessionView(meta=_meta_from_hash(flat), history=[json.loads(m) for m in msgs],
+                           turns=[json.loads(t) for t in turns])
+
+    async def delete_session(self, session_id: str, owner: str) -> bool:
+        meta_key = _k(session_id, "meta")
+        found = await self.redis.hget(meta_key, "owner")
+        if found is None or found.decode() != owner:
+            return False
+        keys = [meta_key, _k(session_id, "msgs"), _k(session_id, "turns"), _k(session_id, "lock")]
+        async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500):
+            keys.append(key)
+        await self.redis.delete(*keys)
+        return True
+
+    async def publish_cancel(self, turn_id: str) -> None:
+        await self.redis.publish(CANCEL_CHANNEL, turn_id)
+
+    async def start(self, on_cancel: CancelHandler) -> None:
+        """One pub/sub subscription per worker hears every cancel; no per-turn subscribe."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(CANCEL_CHANNEL)
+
+        async def listen() -> None:
+            while True:
+                try:
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            result = on_cancel(message["data"].decode())
+                            if asyncio.iscoroutine(result):
+                                await result
+                except asyncio.CancelledError:
+                    await pubsub.aclose()
+                    raise
+                except (RedisError, OSError) as exc:
+                    log.warning("cancel listener lost Redis (%s); resubscribing", type(exc).__name__)
+                    await asyncio.sleep(1.0)
+                    try:
+                        await pubsub.subscribe(CANCEL_CHANNEL)
+                    except (RedisError, OSError):
+                        pass
+
+        self._listener = asyncio.create_task(listen(), name="cancel-listener")
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.redis.ping(), 2.0))
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, RedisError, OSError):
+                pass
+        await self.redis.aclose()
+
+
+def _meta_from_hash(flat: list[bytes]) -> SessionMeta:
+    h = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    return SessionMeta(
+        owner=h.get("owner", ""),
+        created_at=float(h.get("created", 0)),
+        usage=Usage(int(h.get("in", 0)), int(h.get("out", 0)), int(h.get("cw", 0)), int(h.get("cr", 0))),
+        cost_usd=float(h.get("cost", 0)),
+        turns=int(h.get("turns", 0)),
+        message_count=int(h.get("nmsgs", 0)),
+        last_turn_id=h.get("last") or None,
+        active_turn_id=h.get("active") or None,
+        last_input_tokens=int(h.get("last_in", 0)),
+        last_input_chars=int(h.get("last_chars", 0)),
+    )

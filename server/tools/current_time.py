@@ -1,0 +1,66 @@
+"""Current date and time in a given IANA timezone (the model has no clock)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .registry import Tool
+
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+class CurrentTimeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timezone: str = Field(
+        default="UTC",
+        description="IANA timezone name, e.g. 'Europe/Paris' or 'America/New_York'. Defaults to UTC.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        value = value.strip()
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown timezone {value!r}; use an IANA name such as 'Europe/Paris'"
+            ) from None
+        return value
+
+
+def _format_offset(now: datetime) -> str:
+    offset = now.utcoffset()
+    total = int(offset.total_seconds()) if offset is not None else 0
+    sign = "-" if total < 0 else "+"
+    hours, minutes = divmod(abs(total) // 60, 60)
+    return f"{sign}{hours:02d}:{minutes:02d}"
+
+
+def current_time(args: CurrentTimeInput) -> str:
+    now = datetime.now(ZoneInfo(args.timezone)).replace(microsecond=0)
+    return json.dumps(
+        {
+            "timezone": args.timezone,
+            "iso": now.isoformat(timespec="seconds"),
+            "utc_offset": _format_offset(now),
+            "weekday": _WEEKDAYS[now.weekday()],
+        }
+    )
+
+
+TOOL = Tool(
+    name="current_time",
+    description=(
+        "Get the current date, time, UTC offset and weekday in a timezone. "
+        "Use it whenever the answer depends on today's date or the time of day."
+    ),
+    input_model=CurrentTimeInput,
+    func=current_time,
+    timeout_s=5.0,
+)

@@ -1,0 +1,91 @@
+"""Server-Sent Events: `POST /agent/stream` and the resume endpoint `GET /sessions/{id}/stream`.
+
+An error that happens before anything was streamed (bad upstream key, rate limit after
+retries, busy session) is answered with its HTTP status and a JSON body, so clients can
+branch on the status like any other request. Once the stream has started, errors arrive
+as `error` events. Several events that are ready together go out in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..auth import principal_of
+from ..engine import Engine, valid_session_id
+from ..errors import ApiError, status_of
+from ..events import Event, parse_event_id, sse_frame
+from .http_api import engine_of, read_turn_request
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+HEARTBEAT = b": keep-alive\n\n"
+
+
+async def agent_stream(request: Request) -> Response:
+    engine = engine_of(request)
+    req = await read_turn_request(request)
+    handle = await engine.start(req, principal_of(request))
+    return await stream_turn(engine, handle.session_id, handle.turn_id, 0,
+                             cancel_on_disconnect=req.cancel_on_disconnect)
+
+
+async def resume_stream(request: Request) -> Response:
+    """Replay a turn after `Last-Event-ID` (header or `last_event_id` query parameter), then
+    follow it live; the latest turn from its start when the id names no turn of this session."""
+    engine = engine_of(request)
+    session_id = valid_session_id(request.path_params["session_id"])
+    turn_id, _running = await engine.resumable_turn(session_id, principal_of(request))
+    if turn_id is None:
+        return Response(status_code=204)
+    last = parse_event_id(request.headers.get("last-event-id") or request.query_params.get("last_event_id"))
+    after = last[1] if last and last[0] == turn_id else 0
+    return await stream_turn(engine, session_id, turn_id, after, replay=True)
+
+
+async def stream_turn(engine: Engine, session_id: str, turn_id: str, after_seq: int, *,
+                      cancel_on_disconnect: bool = False, replay: bool = False) -> Response:
+    events = engine.follow(session_id, turn_id, after_seq)
+    try:
+        first = await _first_batch(events, engine.settings.heartbeat_seconds)
+    except StopAsyncIteration:
+        return Response(status_code=204)  # nothing after that id: the client is up to date
+    if first and first[0].type == "error" and after_seq == 0 and not replay:
+        await events.aclose()
+        error = json.loads(first[0].data)
+        return JSONResponse({"error": {k: v for k, v in error.items() if k not in ("type", "id")},
+                             "session_id": session_id, "turn_id": turn_id},
+                            status_code=status_of(error["code"]),
+                            headers=ApiError(error["code"], retry_after=error.get("retry_after")).headers())
+    headers = {**SSE_HEADERS, "X-Session-ID": session_id, "X-Turn-ID": turn_id}
+    return StreamingResponse(_body(engine, events, first, turn_id, cancel_on_disconnect),
+                             media_type="text/event-stream", headers=headers)
+
+
+async def _first_batch(events: AsyncIterator[list[Event]], wait: float) -> list[Event]:
+    """Wait for the first events so a pre-stream error can still become an HTTP status;
+    after `wait` seconds of silence start streaming anyway (heartbeats keep it alive)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        batch = await anext(events)
+        if batch or loop.time() >= deadline:
+            return batch
+
+
+async def _body(engine: Engine, events: AsyncIterator[list[Event]], first: list[Event], turn_id: str,
+                cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        if first:
+            yield b"".join(map(sse_frame, first))
+        async for batch in events:
+            yield b"".join(map(sse_frame, batch)) if batch else HEARTBEAT
+        finished = True
+    finally:
+        if not finished and cancel_on_disconnect:
+            await engine.cancel_turn(turn_id)
+        await events.aclose()

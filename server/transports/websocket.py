@@ -1,0 +1,175 @@
+"""`WS /agent/ws`: many turns per connection, the same event vocabulary as SSE.
+
+Client frames (JSON text):
+    {"type": "message", "message": ..., ...the POST /agent body fields}
+    {"type": "cancel"}                                   cancel the session's running turn
+    {"type": "resume", "turn_id"?: str, "last_event_id"?: "<turn>:<seq>"}
+    {"type": "ping"}                                     answered with {"type": "pong"}
+Server frames: the turn events, `{"type":"ping"}` heartbeats, `{"type":"pong"}`, and
+`{"type":"error", ...}` for a bad frame (the connection stays usable).
+
+The connection is bound to one session: `?session_id=` at connect, else the session the
+first message creates. A turn keeps running if the socket drops; reconnect and `resume`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from ..auth import principal_of
+from ..engine import Engine
+from ..errors import ApiError
+from ..events import parse_event_id
+from ..requests import parse_json_body, parse_turn_request
+from ..store.base import valid_id
+
+log = logging.getLogger("server.ws")
+
+PING = '{"type":"ping"}'
+PONG = '{"type":"pong"}'
+
+
+class AgentSocket:
+    """One client connection: reads frames, runs at most one forwarding task at a time."""
+
+    def __init__(self, ws: WebSocket, engine: Engine):
+        self.ws = ws
+        self.engine = engine
+        self.principal = principal_of(ws)
+        self.session_id: str | None = None
+        self.forwarding: asyncio.Task[None] | None = None
+        self.turn_id: str | None = None
+        self.cancel_on_disconnect = False
+        self._send_lock = asyncio.Lock()
+        self._last_send = 0.0
+
+    async def send(self, text: str) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(text)
+        self._last_send = asyncio.get_running_loop().time()
+
+    async def send_error(self, exc: ApiError, **extra: Any) -> None:
+        await self.send(json.dumps({"type": "error", **exc.payload(), **extra}))
+
+    async def run(self) -> None:
+        session_id = self.ws.query_params.get("session_id")
+        if session_id is not None:
+            if not valid_id(session_id):
+                await self.ws.close(code=1008, reason="invalid_session_id")
+                return
+            try:
+                await self.engine.resumable_turn(session_id, self.principal)
+            except ApiError:
+                await self.ws.close(code=1008, reason="session_not_found")
+                return
+            self.session_id = session_id
+        await self.ws.accept()
+        pinger = asyncio.create_task(self._ping_loop())
+        try:
+            while True:
+                raw = await self.ws.receive_text()
+                await self._handle(raw)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            pinger.cancel()
+            if self.forwarding is not None and not self.forwarding.done():
+                self.forwarding.cancel()
+                if self.cancel_on_disconnect and self.turn_id:
+                    await self.engine.cancel_turn(self.turn_id)
+
+    async def _handle(self, raw: str) -> None:
+        try:
+            frame = parse_json_body(raw.encode())
+            kind = frame.get("type")
+            if kind == "message":
+                await self._message(frame)
+            elif kind == "cancel":
+                await self._cancel()
+            elif kind == "resume":
+                await self._resume(frame)
+            elif kind == "ping":
+                await self.send(PONG)
+            elif kind == "pong":
+                pass
+            else:
+                raise ApiError("invalid_request",
+                               "Frame `type` must be one of: message, cancel, resume, ping.")
+        except ApiError as exc:
+            await self.send_error(exc)
+
+    async def _message(self, frame: dict[str, Any]) -> None:
+        body = {k: v for k, v in frame.items() if k != "type"}
+        body.setdefault("session_id", self.session_id)
+        if body["session_id"] is None:
+            del body["session_id"]
+        req = parse_turn_request(body, self.engine.settings)
+        if self.session_id is not None and req.session_id not in (None, self.session_id):
+            raise ApiError("invalid_request", "This connection is bound to another session.",
+                           field="session_id")
+        if self.forwarding is not None and not self.forwarding.done() and req.on_busy != "interrupt":
+            raise ApiError("session_busy", turn_id=self.turn_id)
+        handle = await self.engine.start(req, self.principal)
+        self.session_id = handle.session_id
+        self.cancel_on_disconnect = req.cancel_on_disconnect
+        self._forward(handle.turn_id, 0)
+
+    async def _cancel(self) -> None:
+        if self.session_id is None:
+            raise ApiError("invalid_request", "No session on this connection yet.")
+        turn_id = await self.engine.cancel(self.session_id, self.principal)
+        if turn_id is None:
+            await self.send(json.dumps({"type": "cancel_result", "cancelled_turn_id": None}))
+
+    async def _resume(self, frame: dict[str, Any]) -> None:
+        session_id = frame.get("session_id", self.session_id)
+        if not valid_id(session_id):
+            raise ApiError("invalid_session_id")
+        if self.session_id is not None and session_id != self.session_id:
+            raise ApiError("invalid_request", "This connection is bound to another session.")
+        turn_id, _running = await self.engine.resumable_turn(session_id, self.principal)
+        self.session_id = session_id
+        if turn_id is None:
+            await self.send(json.dumps({"type": "no_active_turn", "session_id": session_id}))
+            return
+        last = parse_event_id(frame.get("last_event_id"))
+        after = last[1] if last and last[0] == turn_id else 0
+        self._forward(turn_id, after)
+
+    def _forward(self, turn_id: str, after_seq: int) -> None:
+        if self.forwarding is not None and not self.forwarding.done():
+            self.forwarding.cancel()
+        self.turn_id = turn_id
+        self.forwarding = asyncio.create_task(self._pump(turn_id, after_seq))
+
+    async def _pump(self, turn_id: str, after_seq: int) -> None:
+        assert self.session_id is not None
+        events = self.engine.follow(self.session_id, turn_id, after_seq)
+        try:
+            async for batch in events:
+                for event in batch:
+                    await self.send(event.data.decode())
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the socket went away; the turn goes on and can be resumed
+        finally:
+            await events.aclose()
+
+    async def _ping_loop(self) -> None:
+        interval = self.engine.settings.ws_ping_seconds
+        loop = asyncio.get_running_loop()
+        try:
+            while self.ws.client_state == WebSocketState.CONNECTED:
+                await asyncio.sleep(interval)
+                if loop.time() - self._last_send >= interval * 0.9:
+                    await self.send(PING)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+
+
+async def agent_ws(ws: WebSocket) -> None:
+    await AgentSocket(ws, ws.app.state.engine).run()

@@ -1,0 +1,84 @@
+"""One streamed call to the Messages API, as raw event dicts.
+
+We use `with_streaming_response.create(stream=True)` and parse the SSE bytes ourselves: one
+`json.loads` per event and nothing else. The SDK's `messages.stream()` helper rebuilds a
+snapshot of the whole message per event (and re-parses tool JSON), several times the CPU per
+token. The SDK still does what it is good at: auth headers, retries with `retry-after`
+before the first byte, and typed exceptions for error statuses.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import anthropic
+import httpx2
+
+from .errors import UpstreamStreamError
+
+_loads = json.loads
+
+
+class UpstreamStream:
+    """An open streamed response: `request_id`, and `events()` yielding parsed event dicts."""
+
+    def __init__(self, response: Any):
+        self._response = response
+        self.request_id: str | None = response.http_response.headers.get("request-id")
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        buffer = b""
+        saw_stop = False
+        try:
+            async for chunk in self._response.http_response.aiter_bytes():
+                buffer += chunk
+                if b"\r" in buffer:
+                    buffer = buffer.replace(b"\r\n", b"\n")
+                while True:
+                    end = buffer.find(b"\n\n")
+                    if end < 0:
+                        break
+                    block, buffer = buffer[:end], buffer[end + 2:]
+                    event = _parse_block(block)
+                    if event is None:
+                        continue
+                    kind = event.get("type")
+                    if kind == "error":
+                        err = event.get("error") or {}
+                        raise UpstreamStreamError(str(err.get("type") or "api_error"),
+                                                  str(err.get("message") or ""), self.request_id)
+                    if kind == "message_stop":
+                        saw_stop = True
+                    yield event
+        except (anthropic.APIConnectionError, OSError, httpx2.TransportError) as exc:
+            raise UpstreamStreamError("connection_error", type(exc).__name__, self.request_id) from exc
+        if not saw_stop:
+            raise UpstreamStreamError("connection_error", "stream ended early", self.request_id)
+
+
+def _parse_block(block: bytes) -> dict[str, Any] | None:
+    """An SSE block `event: x\\ndata: {...}`: return the data's JSON (its `type` names it)."""
+    if block.startswith(b"data:"):
+        start = 0
+    else:
+        start = block.find(b"\ndata:") + 1
+        if start == 0:
+            return None
+    data = block[start + 5:]
+    if data.startswith(b" "):
+        data = data[1:]
+    try:
+        event = _loads(data)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+@asynccontextmanager
+async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any]) -> AsyncIterator[UpstreamStream]:
+    """Open the stream (SDK retries apply until the status line); close it on exit, which
+    also cuts billing when a turn is cancelled mid-answer."""
+    async with client.messages.with_streaming_response.create(**params, stream=True) as response:
+        yield UpstreamStream(response)
