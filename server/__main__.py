@@ -1,0 +1,47 @@
+"""`python -m server` (what scripts/run calls): validate the configuration once, say
+loudly what is real and what is not, then hand over to uvicorn with matching flags."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+from dotenv import load_dotenv
+
+from .config import ConfigError, Settings
+
+
+def main() -> int:
+    load_dotenv()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    banner = [f"agent server on http://{settings.host}:{settings.port} "
+              f"({settings.web_concurrency} worker{'s' if settings.web_concurrency > 1 else ''})"]
+    if settings.offline:
+        banner.append("!! OFFLINE MODE: ANTHROPIC_API_KEY is not set. Answers come from the bundled "
+                      "offline model, not from Claude. Set ANTHROPIC_API_KEY in .env for real answers.")
+    if not settings.redis_url:
+        banner.append("!! IN-MEMORY SESSIONS: REDIS_URL is not set. History is lost on restart and "
+                      "cannot be shared between workers.")
+    print("\n".join(banner), file=sys.stderr, flush=True)
+    uvicorn.run(
+        "server.app:app",
+        host=settings.host,
+        port=settings.port,
+        workers=settings.web_concurrency,
+        loop="uvloop",
+        http="httptools",
+        ws_per_message_deflate=settings.ws_compression,
+        ws_max_size=settings.max_ws_frame_bytes,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds) + 5,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
