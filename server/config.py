@@ -71,6 +71,17 @@ class Settings:
     # offline model pacing (ms between streamed events) when no API key is set
     offline_pace_ms: float = 15.0
     log_level: str = "INFO"
+    # security and limits (server/security.py); 0 turns a limit off
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    auth_disabled: bool = False
+    ticket_secret: str | None = field(default=None, repr=False)
+    ws_ticket_ttl_seconds: int = 60
+    allowed_origins: tuple[str, ...] = ()
+    rate_limit_rpm: int = 0
+    rate_limit_tpm: int = 0
+    max_concurrent_streams_per_principal: int = 0
+    max_concurrent_upstream: int = 32
+    upstream_queue_timeout_seconds: float = 10.0
 
     @property
     def offline(self) -> bool:
@@ -128,6 +139,7 @@ class Settings:
             idempotency_ttl_seconds=r.get("IDEMPOTENCY_TTL_SECONDS", _int_range(1, 7 * 86400), 600),
             offline_pace_ms=r.get("OFFLINE_PACE_MS", _float_range(0, 10_000), 15.0),
             log_level=r.get("LOG_LEVEL", _parse_log_level, "INFO"),
+            **_security_settings(r),
         )
         if settings.web_concurrency > 1 and not settings.redis_url:
             raise ConfigError(
@@ -229,6 +241,68 @@ def _parse_prices(raw: str) -> dict[str, dict[str, float]]:
         if not all(isinstance(v, (int, float)) and v >= 0 for v in prices.values()):
             raise ValueError(f"{model}: prices must be non-negative numbers")
     return {m: {k: float(v) for k, v in p.items()} for m, p in table.items()}
+
+
+def _security_settings(r: _Reader) -> dict:
+    """Auth, CORS and limits. Secure by default: without keys only a loopback HOST is allowed
+    (unless AUTH_DISABLED=true); once exposed, the limits default on (off for loopback dev)."""
+    from .auth import parse_key_entry
+
+    keys = r.get("AGENT_API_KEYS", _parse_list, ())
+    for i, key in enumerate(keys):
+        try:
+            parse_key_entry(key)
+        except ValueError as exc:  # never echo the key itself
+            raise ConfigError(f"AGENT_API_KEYS: entry {i + 1}: {exc}") from None
+    disabled = r.get("AUTH_DISABLED", _parse_bool, False)
+    host = r.get("HOST", str, "127.0.0.1", nonempty=True)
+    if disabled and keys:
+        raise ConfigError("AUTH_DISABLED: cannot be true while AGENT_API_KEYS is set")
+    if not keys and not disabled and not _is_loopback(host):
+        raise ConfigError(f"AGENT_API_KEYS: required when HOST={host} is not a loopback address "
+                          "(or set AUTH_DISABLED=true to serve anyone who can reach it)")
+    exposed = bool(keys) or disabled
+    return dict(
+        api_keys=tuple(keys),
+        auth_disabled=disabled,
+        ticket_secret=r.get("AGENT_TICKET_SECRET", _parse_secret, None),
+        ws_ticket_ttl_seconds=r.get("WS_TICKET_TTL_SECONDS", _int_range(5, 600), 60),
+        allowed_origins=r.get("ALLOWED_ORIGINS", _parse_origins, ()),
+        rate_limit_rpm=r.get("RATE_LIMIT_RPM", _int_range(0, 10_000_000), 60 if exposed else 0),
+        rate_limit_tpm=r.get("RATE_LIMIT_TPM", _int_range(0, 10**12), 200_000 if exposed else 0),
+        max_concurrent_streams_per_principal=r.get(
+            "MAX_CONCURRENT_STREAMS_PER_PRINCIPAL", _int_range(0, 100_000), 8 if exposed else 0),
+        max_concurrent_upstream=r.get("MAX_CONCURRENT_UPSTREAM", _int_range(1, 100_000), 32),
+        upstream_queue_timeout_seconds=r.get("UPSTREAM_QUEUE_TIMEOUT_SECONDS", _float_range(0, 600), 10.0),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_secret(raw: str) -> str:
+    if len(raw) < 32:
+        raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+    return raw
+
+
+def _parse_origins(raw: str) -> tuple[str, ...]:
+    origins = _parse_list(raw)
+    for origin in origins:
+        if origin == "*":
+            continue  # allowed: CORS here never sends credentials (keys travel in headers)
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port]")
+    return tuple(o.rstrip("/") for o in origins)
 
 
 def _check_tools(enabled: tuple[str, ...]) -> None:

@@ -76,7 +76,7 @@ class Engine:
         """Lock the session and start the turn; raises ApiError (busy, not found, ...)."""
         if not self.accepting:
             raise ApiError("server_restarting")
-        create = req.session_id is None
+        create = req.session_id is None or req.create_if_missing
         session_id = req.session_id or new_id()
         deadline = time.monotonic() + INTERRUPT_WAIT_SECONDS
         while True:
@@ -88,6 +88,9 @@ class Engine:
             if isinstance(result, Duplicate):
                 return TurnHandle(session_id, result.turn_id, joined=True)
             if isinstance(result, NotFound):
+                if create and req.session_id is not None:  # create_if_missing: it exists, continue it
+                    create = False
+                    continue
                 raise ApiError("session_not_found")
             assert isinstance(result, Busy)
             if req.on_busy != "interrupt":
@@ -214,6 +217,9 @@ class Engine:
             outcome, error = "failed", exc
         except Exception as exc:  # noqa: BLE001 — every failure must end the turn cleanly
             outcome, error = "failed", from_upstream(exc)
+        upstream_id = error.extra.get("upstream_request_id") if error else None
+        if upstream_id and upstream_id not in progress.request_ids:
+            progress.request_ids.append(upstream_id)
         try:
             await self._finish(turn, req, progress, outcome, error, principal)
         except Exception:

@@ -31,6 +31,7 @@ class TurnRequest:
     on_busy: str = "reject"
     cancel_on_disconnect: bool = False
     response_schema: dict[str, Any] | None = None
+    create_if_missing: bool = False       # start `session_id` as a new session if it does not exist
     extra: dict[str, Any] = field(default_factory=dict)
 
     def user_message(self) -> dict[str, Any]:

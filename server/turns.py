@@ -39,6 +39,8 @@ class Turn:
         self._changed = asyncio.Event()
         self._wake_writer = asyncio.Event()
         self._last_emit = time.monotonic()
+        self._closing = False
+        self._flushing = False
         self._writer = asyncio.create_task(self._write_log(), name=f"turn-log-{turn_id}")
         self._keeper = asyncio.create_task(self._keep_alive(), name=f"turn-lock-{turn_id}")
 
@@ -67,16 +69,18 @@ class Turn:
 
     # -- ending --------------------------------------------------------------------------
     async def stop_writers(self) -> list[Event]:
-        """Stop the background tasks; return events not yet written to the log."""
+        """Stop the background tasks; return events not yet written to the log.
+
+        A flush in flight is allowed to finish rather than cancelled: redis-py can swallow a
+        cancellation that lands mid-command, which would leave the task running."""
+        self._closing = True
+        self._wake_writer.set()
+        if not self._flushing:
+            self._writer.cancel()
         self._keeper.cancel()
-        self._writer.cancel()
-        for task in (self._keeper, self._writer):
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a failed flush: its events are re-sent with the commit
-                log.warning("event log write failed", exc_info=True)
+        done, pending = await asyncio.wait([self._writer, self._keeper], timeout=5.0)
+        for task in pending:
+            log.warning("turn %s: %s did not stop", self.turn_id, task.get_name())
         unsent, self.pending = self.pending, []
         return unsent
 
@@ -112,23 +116,30 @@ class Turn:
 
     # -- background ----------------------------------------------------------------------
     async def _write_log(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake_writer.wait()
             self._wake_writer.clear()
+            if self._closing:
+                return
             batch, self.pending = self.pending, []
             if batch:
+                self._flushing = True
                 try:
                     await self.store.append_events(self.session_id, self.turn_id, batch)
                 except Exception:
                     # Keep them: the next flush or the commit writes them, in order.
                     self.pending[:0] = batch
                     log.warning("event log flush failed; will retry", exc_info=True)
-            if self._flush_interval:
+                finally:
+                    self._flushing = False
+            if self._flush_interval and not self._closing:
                 await asyncio.sleep(self._flush_interval)
 
     async def _keep_alive(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._renew_every)
+            if self._closing:
+                return
             try:
                 if not await self.store.renew_lock(self.session_id, self.turn_id):
                     log.warning("turn %s lost its session lock", self.turn_id)

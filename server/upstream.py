@@ -52,6 +52,8 @@ class UpstreamStream:
                     if kind == "message_stop":
                         saw_stop = True
                     yield event
+        except (anthropic.APITimeoutError, httpx2.TimeoutException) as exc:
+            raise UpstreamStreamError("timeout_error", "read timeout", self.request_id) from exc
         except (anthropic.APIConnectionError, OSError, httpx2.TransportError) as exc:
             raise UpstreamStreamError("connection_error", type(exc).__name__, self.request_id) from exc
         if not saw_stop:

@@ -22,8 +22,25 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.payload()}, status_code=exc.status, headers=exc.headers())
 
 
+async def read_body(request: Request) -> bytes:
+    """The request body, refused with 413 `body_too_large` past MAX_BODY_BYTES (checked
+    against Content-Length first, then while reading, so a liar cannot stream more)."""
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError("body_too_large", f"The body is limited to {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("body_too_large", f"The body is limited to {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_turn_request(request: Request) -> TurnRequest:
-    body = parse_json_body(await request.body())
+    body = parse_json_body(await read_body(request))
     return parse_turn_request(body, request.app.state.settings)
 
 

@@ -1,0 +1,306 @@
+"""Vercel AI SDK `useChat` over HTTP: `POST /api/chat` and `GET /api/chat/{id}/stream`.
+
+Speaks the UI message stream protocol v1 of the `ai` package (pinned and verified in
+tests/node): SSE `data: <chunk JSON>` lines ending with `data: [DONE]`, under the headers of
+`UI_MESSAGE_STREAM_HEADERS`. The WebSocket flavour (ai_sdk_ws.py) sends the same chunks.
+
+Our events become chunks like this (`UIChunks`, deterministic: the n-th chunk of a turn is
+always the same, which lets a resumed WebSocket stream skip what the client has):
+
+    turn_start   -> start {messageId: turn id} + start-step
+    text_delta   -> text-start {id} (once per text block) + text-delta {id, delta}
+    tool_call    -> text-end (closes the open block) + tool-input-start {toolCallId, toolName}
+    tool_input   -> tool-input-available {toolCallId, toolName, input}
+                    | tool-input-error {toolCallId, toolName, input, errorText} (invalid input)
+    tool_result  -> tool-output-available {toolCallId, output} | tool-output-error {..., errorText};
+                    finish-step once every call of the step has its result
+    (next model call: its first text or tool call opens a new start-step)
+    turn_end     -> text-end? + finish-step? + [abort {reason}] + finish {finishReason, messageMetadata}
+    error        -> text-end? + error {errorText: the message only} + finish {finishReason: "error"}
+
+The chat `id` is our session (history lives on the server): only the last user message is
+used, so a client may send just that one. A valid session id is used as is (created on
+first use); any other chat id maps to a stable session id per principal.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..auth import principal_of
+from ..config import Settings
+from ..engine import Engine
+from ..errors import ApiError
+from ..events import Event
+from ..requests import TurnRequest, parse_json_body, parse_turn_request
+from ..store.base import valid_id, valid_message_id
+from .http_api import engine_of
+
+# `UI_MESSAGE_STREAM_HEADERS` of the `ai` package, verbatim.
+UI_MESSAGE_STREAM_HEADERS = {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache",
+    "connection": "keep-alive",
+    "x-vercel-ai-ui-message-stream": "v1",
+    "x-accel-buffering": "no",
+}
+DONE = b"data: [DONE]\n\n"
+HEARTBEAT = b": keep-alive\n\n"
+
+FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                  "tool_use": "tool-calls", "refusal": "content-filter"}
+# Body fields a client may add (DefaultChatTransport `body`, WebSocket frame `body`).
+PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect")
+MAX_CHAT_ID_CHARS = 256
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+# -- chat id and request -------------------------------------------------------------------
+def session_for_chat(chat_id: Any, principal: str) -> str:
+    """The session behind an AI SDK chat id: the id itself when it is a valid session id,
+    else a stable derived one (base64url of sha256(principal:chat id), 22 characters)."""
+    if not isinstance(chat_id, str) or not chat_id or len(chat_id) > MAX_CHAT_ID_CHARS:
+        raise ApiError("invalid_request", f"`id` (the chat id) must be a string of 1-{MAX_CHAT_ID_CHARS} "
+                       "characters.", field="id")
+    if valid_id(chat_id):
+        return chat_id
+    digest = hashlib.sha256(f"{principal}:{chat_id}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:22]
+
+
+def chat_turn_request(chat_id: Any, trigger: Any, messages: Any, message_id: Any, extra: dict[str, Any],
+                      principal: str, settings: Settings) -> TurnRequest:
+    """A TurnRequest from a `useChat` request: the last user message on the chat's session."""
+    session_id = session_for_chat(chat_id, principal)
+    if trigger == "regenerate-message" or message_id is not None:
+        # The history is kept on the server; it cannot be rewound to regenerate or edit.
+        raise ApiError("invalid_request", "Regenerating or editing an earlier message is not supported: "
+                       "the history is kept on the server. Send a new message instead.", field="trigger")
+    if trigger not in (None, "submit-message"):
+        raise ApiError("invalid_request", "`trigger` must be 'submit-message'.", field="trigger")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("invalid_request", "`messages` must be a non-empty list of UI messages.", field="messages")
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "user":
+        raise ApiError("invalid_request", "The last message must be a user message.", field="messages")
+    body: dict[str, Any] = {k: extra[k] for k in PASSED_THROUGH if k in extra}
+    body["message"] = _content(last.get("parts"))
+    body["session_id"] = session_id
+    if valid_message_id(last.get("id")):
+        body["message_id"] = last["id"]  # a retried send joins the turn it started
+    req = parse_turn_request(body, settings)
+    req.create_if_missing = True
+    return req
+
+
+def _content(parts: Any) -> str | list[dict[str, Any]]:
+    """UI message parts -> our message: text parts, and image file parts as image blocks."""
+    if not isinstance(parts, list):
+        raise ApiError("invalid_request", "The last message has no `parts`.", field="messages")
+    blocks: list[dict[str, Any]] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str) and part["text"].strip():
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "file":
+            blocks.append(_image(part))
+        # step-start, data-*, reasoning...: nothing the model should see from a user message
+    if not blocks:
+        raise ApiError("invalid_request", "The last user message has no text.", field="messages")
+    if len(blocks) == 1 and blocks[0]["type"] == "text":
+        return blocks[0]["text"]
+    return blocks
+
+
+def _image(part: dict[str, Any]) -> dict[str, Any]:
+    media_type, url = part.get("mediaType"), part.get("url")
+    if not isinstance(media_type, str) or not media_type.startswith("image/") or not isinstance(url, str):
+        raise ApiError("invalid_request", "Only image files can be attached.", field="messages")
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError("invalid_image", "An image data URL must be base64.")
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}  # validated (https only) later
+
+
+# -- events -> UI message chunks -------------------------------------------------------------
+class UIChunks:
+    """Turns one turn's events, fed in order from its first, into UI message chunks (compact
+    JSON text). Deterministic: the same events always give the same chunks."""
+
+    def __init__(self, turn_id: str):
+        self.turn_id = turn_id
+        self.started = False
+        self.step_open = False
+        self.text_id: str | None = None
+        self.text_blocks = 0
+        self.open_calls: set[str] = set()
+        self.done = False
+
+    def feed(self, event: Event) -> list[str]:
+        out: list[str] = []
+        if self.done:
+            return out
+        if not self.started:
+            self.started = True
+            out.append(_dumps({"type": "start", "messageId": self.turn_id}))
+        kind = event.type
+        if kind == "text_delta":
+            self._open_step(out)
+            if self.text_id is None:
+                self.text_blocks += 1
+                self.text_id = f"text-{self.text_blocks}"
+                out.append(f'{{"type":"text-start","id":"{self.text_id}"}}')
+            out.append(f'{{"type":"text-delta","id":"{self.text_id}","delta":{_text_literal(event)}}}')
+            return out
+        e = json.loads(event.data)
+        if kind == "turn_start":
+            self._open_step(out)
+        elif kind == "tool_call":
+            self._open_step(out)
+            self._close_text(out)
+            self.open_calls.add(e["tool_use_id"])
+            out.append(_dumps({"type": "tool-input-start", "toolCallId": e["tool_use_id"], "toolName": e["name"]}))
+        elif kind == "tool_input":
+            self._close_text(out)
+            chunk = {"type": "tool-input-available" if e.get("valid", True) else "tool-input-error",
+                     "toolCallId": e["tool_use_id"], "toolName": e["name"], "input": e.get("input")}
+            if chunk["type"] == "tool-input-error":
+                chunk["errorText"] = str(e.get("error") or "Invalid tool input.")
+            out.append(_dumps(chunk))
+        elif kind == "tool_result":
+            self._close_text(out)
+            if e.get("is_error"):
+                out.append(_dumps({"type": "tool-output-error", "toolCallId": e["tool_use_id"],
+                                   "errorText": _as_text(e.get("error"))}))
+            else:
+                out.append(_dumps({"type": "tool-output-available", "toolCallId": e["tool_use_id"],
+                                   "output": e.get("output")}))
+            self.open_calls.discard(e["tool_use_id"])
+            if not self.open_calls:
+                self._close_step(out)
+        elif kind == "turn_end":
+            self._close_text(out)
+            self._close_step(out)
+            if e.get("cancelled"):
+                out.append(_dumps({"type": "abort", "reason": "cancelled"}))
+                reason = "other"
+            else:
+                reason = FINISH_REASONS.get(e.get("stop_reason") or "", "other")
+            metadata = {k: e.get(k) for k in ("session_id", "turn_id", "model", "stop_reason", "usage",
+                                              "estimated_cost_usd")}
+            out.append(_dumps({"type": "finish", "finishReason": reason, "messageMetadata": metadata}))
+            self.done = True
+        elif kind == "error":
+            out.extend(self._fail(str(e.get("message") or "The turn failed.")))
+        return out
+
+    def interrupted(self, message: str) -> list[str]:
+        """The chunks that end a stream whose turn ended without a terminal event."""
+        out: list[str] = []
+        if not self.started:
+            self.started = True
+            out.append(_dumps({"type": "start", "messageId": self.turn_id}))
+        return out + self._fail(message)
+
+    def _fail(self, message: str) -> list[str]:
+        out: list[str] = []
+        self._close_text(out)
+        out.append(_dumps({"type": "error", "errorText": message}))
+        out.append('{"type":"finish","finishReason":"error"}')
+        self.done = True
+        return out
+
+    def _open_step(self, out: list[str]) -> None:
+        if not self.step_open:
+            self.step_open = True
+            self.open_calls.clear()
+            out.append('{"type":"start-step"}')
+
+    def _close_step(self, out: list[str]) -> None:
+        if self.step_open:
+            self.step_open = False
+            out.append('{"type":"finish-step"}')
+
+    def _close_text(self, out: list[str]) -> None:
+        if self.text_id is not None:
+            out.append(f'{{"type":"text-end","id":"{self.text_id}"}}')
+            self.text_id = None
+
+
+def _text_literal(event: Event) -> str:
+    """The JSON string literal of a text_delta's text, sliced out of the encoded event
+    (`events.text_delta` writes `{"type":"text_delta","id":"<id>","text":<literal>}`)."""
+    raw = event.data.decode()
+    prefix = f'{{"type":"text_delta","id":"{event.id}","text":'
+    if raw.startswith(prefix) and raw.endswith('"}'):
+        return raw[len(prefix):-1]
+    return _dumps(json.loads(raw)["text"])
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else _dumps(value)
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+async def chat(request: Request) -> Response:
+    """`POST /api/chat`: `{id, messages, trigger, messageId?, ...body}` -> the UI message stream."""
+    engine = engine_of(request)
+    principal = principal_of(request)
+    body = parse_json_body(await request.body())
+    req = chat_turn_request(body.get("id"), body.get("trigger"), body.get("messages"), body.get("messageId"),
+                            body, principal, engine.settings)
+    handle = await engine.start(req, principal)
+    return _stream(engine, handle.session_id, handle.turn_id, cancel_on_disconnect=req.cancel_on_disconnect)
+
+
+async def chat_resume(request: Request) -> Response:
+    """`GET /api/chat/{id}/stream`: the running turn replayed from its start; 204 when idle."""
+    engine = engine_of(request)
+    principal = principal_of(request)
+    session_id = session_for_chat(request.path_params["chat_id"], principal)
+    try:
+        turn_id, running = await engine.resumable_turn(session_id, principal)
+    except ApiError as exc:
+        if exc.code != "session_not_found":
+            raise
+        return Response(status_code=204)  # a chat that never sent a message
+    if turn_id is None or not running:
+        return Response(status_code=204)
+    return _stream(engine, session_id, turn_id)
+
+
+def _stream(engine: Engine, session_id: str, turn_id: str, cancel_on_disconnect: bool = False) -> Response:
+    headers = {**UI_MESSAGE_STREAM_HEADERS, "x-session-id": session_id, "x-turn-id": turn_id}
+    return StreamingResponse(_sse(engine, session_id, turn_id, cancel_on_disconnect), headers=headers)
+
+
+async def _sse(engine: Engine, session_id: str, turn_id: str, cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
+    chunks = UIChunks(turn_id)
+    events = engine.follow(session_id, turn_id, 0)
+    finished = False
+    try:
+        async for batch in events:
+            if not batch:
+                yield HEARTBEAT
+                continue
+            yield b"".join(b"data: " + c.encode() + b"\n\n" for e in batch for c in chunks.feed(e))
+        if not chunks.done:  # the follow ended early: this worker is stopping
+            yield b"".join(b"data: " + c.encode() + b"\n\n"
+                           for c in chunks.interrupted(ApiError("server_restarting").message))
+        yield DONE
+        finished = True
+    finally:
+        if not finished and cancel_on_disconnect:
+            await engine.cancel_turn(turn_id)
+        await events.aclose()
