@@ -13,11 +13,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anthropic
 
-from . import context
+from . import context, structured
 from .config import Settings
 from .errors import ApiError, from_upstream
 from .events import Event
@@ -26,6 +26,7 @@ from .store.base import (Busy, Duplicate, NotFound, SessionView, Started, Store,
                          valid_id)
 from .tools import ToolSet
 from .turns import Turn
+from .ratelimit import UpstreamGate
 from .upstream import open_stream
 from .usage import PriceTable, Usage
 
@@ -70,6 +71,9 @@ class Engine:
         self.prices = prices
         self.turns: dict[str, Turn] = {}
         self.accepting = True
+        # per-worker cap on concurrent model calls; listeners get (principal, usage) per finished turn
+        self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
+        self.turn_listeners: list[Callable[[str, Usage], None]] = []
 
     # -- public API ----------------------------------------------------------------------
     async def start(self, req: TurnRequest, principal: str) -> TurnHandle:
@@ -240,6 +244,9 @@ class Engine:
     async def _loop(self, turn: Turn, req: TurnRequest, started: Started, progress: _Progress) -> None:
         s = self.settings
         system = req.system if req.system is not None else s.system_prompt
+        if req.response_schema is not None:
+            system = f"{system}\n\n{structured.instruction(req.response_schema)}".strip()
+        correction_at: int | None = None
         tool_defs = self.tools.definitions() if self.tools else []
         ratio = context.chars_per_token(started.meta.last_input_tokens, started.meta.last_input_chars)
         fixed_chars = len(system) + sum(len(json.dumps(t)) for t in tool_defs)
@@ -263,7 +270,24 @@ class Engine:
             progress.last_prompt_chars = est_chars
             progress.messages.append({"role": "assistant", "content": progress.blocks})
             if progress.stop_reason != "tool_use":
-                return
+                if req.response_schema is None:
+                    return
+                answer = "".join(b["text"] for b in progress.blocks if b["type"] == "text")
+                value, problem = structured.parse(answer, req.response_schema)
+                if problem is None:
+                    if correction_at is not None:  # keep the history clean: drop the failed try
+                        del progress.messages[correction_at - 1:correction_at + 1]
+                    progress.structured = value
+                    turn.emit("structured_output", {"data": value})
+                    return
+                if correction_at is not None:
+                    raise ApiError("structured_output_invalid",
+                                   f"The answer did not match the schema after one retry: {problem}")
+                correction_at = len(progress.messages)
+                progress.messages.append(structured.correction(problem))
+                progress.text = []
+                turn.emit("structured_output_retry", {"error": problem})
+                continue
             uses = [b for b in progress.blocks if b["type"] == "tool_use"]
             results = await self.tools.run_all([(b["id"], b["name"], b["input"]) for b in uses])
             for outcome in results:
@@ -283,6 +307,7 @@ class Engine:
         blocks = progress.blocks
         json_parts: dict[int, list[str]] = {}
         call_usage = Usage()
+        await self.upstream_gate.acquire()  # ApiError("overloaded") after UPSTREAM_QUEUE_TIMEOUT_SECONDS
         try:
             async with open_stream(self.client, params) as upstream:
                 if upstream.request_id:
@@ -325,6 +350,7 @@ class Engine:
                             if usage.get(name) is not None:
                                 setattr(call_usage, name, int(usage[name]))
         finally:
+            self.upstream_gate.release()
             progress.model_calls += 1
             progress.usage.add(call_usage)
             progress.last_prompt_tokens = call_usage.prompt_tokens or progress.last_prompt_tokens
@@ -390,6 +416,8 @@ class Engine:
             await self.store.abandon_turn(turn.session_id, turn.turn_id, INTERRUPTED_FIELDS)
             final = turn.terminal_event("error", ApiError("interrupted").payload())
             outcome = "interrupted"
+        for listener in self.turn_listeners:
+            listener(principal, progress.usage)
         turn.publish_final(final)
         turn_log.info("turn %s", outcome, extra={"fields": {
             "event": "turn", "session_id": turn.session_id, "turn_id": turn.turn_id,

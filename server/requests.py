@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
+from . import structured
 from .errors import ApiError
 from .store.base import valid_id, valid_message_id
 
@@ -86,9 +87,11 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
         raise ApiError("invalid_request", "`cancel_on_disconnect` must be a boolean.",
                        field="cancel_on_disconnect")
     schema = body.get("response_schema")
-    if schema is not None and not isinstance(schema, dict):
-        raise ApiError("invalid_request", "`response_schema` must be a JSON Schema object.",
-                       field="response_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise ApiError("invalid_request", "`response_schema` must be a JSON Schema object.",
+                           field="response_schema")
+        structured.check_schema(schema)
     return TurnRequest(content=content, session_id=session_id, system=system, model=model,
                        max_tokens=min(max_tokens, settings.max_output_tokens), message_id=message_id,
                        on_busy=on_busy, cancel_on_disconnect=cancel_on_disconnect,

@@ -298,43 +298,50 @@ def count_input_tokens(body: dict[str, Any]) -> int:
     return max(1, sum(_tokens(p) for p in parts))
 
 
-def _cache_items(body: dict[str, Any]) -> tuple[list[Any], int]:
-    """Flatten the prompt in cache order (tools, system, message blocks); return items and last marked index."""
+def _cache_items(body: dict[str, Any]) -> tuple[list[Any], list[int]]:
+    """Flatten the prompt in cache order (tools, system, message blocks), `cache_control`
+    stripped; return the items and the indices that carried a breakpoint."""
     items: list[Any] = []
-    last = -1
+    marks: list[int] = []
 
-    def add(item: Any, marked: bool) -> None:
-        nonlocal last
+    def add(item: Any, block: Any) -> None:
+        if isinstance(block, dict) and "cache_control" in block:
+            marks.append(len(items))
+            block = {k: v for k, v in block.items() if k != "cache_control"}
+            item = block if item is None else [item, block]
+        elif item is not None:
+            item = [item, block]
+        else:
+            item = block
         items.append(item)
-        if marked:
-            last = len(items) - 1
 
     for tool in body.get("tools") or []:
-        add(tool, isinstance(tool, dict) and "cache_control" in tool)
+        add(None, tool)
     system = body.get("system")
     if isinstance(system, list):
         for block in system:
-            add(block, isinstance(block, dict) and "cache_control" in block)
+            add(None, block)
     elif system is not None:
-        add(system, False)
+        add(None, system)
     for msg in body.get("messages") or []:
         if not isinstance(msg, dict):
             continue
-        role = msg.get("role")
         content = msg.get("content")
-        if isinstance(content, list):
-            for block in content:
-                add([role, block], isinstance(block, dict) and "cache_control" in block)
-        else:
-            add([role, content], False)
+        for block in content if isinstance(content, list) else [content]:
+            add(msg.get("role"), block)
     # top-level (automatic) cache_control caches the whole prompt
     if body.get("cache_control") and items:
-        last = len(items) - 1
-    return items, last
+        marks.append(len(items) - 1)
+    return items, marks
+
+
+LOOKBACK_BLOCKS = 20
 
 
 class PromptCache:
-    """Remembers hashed prompt prefixes: first sight is a cache write, later sights are reads."""
+    """Like the API: each breakpoint writes its prefix; a request reads the longest prefix
+    written before that ends at a block boundary up to 20 blocks before one of its breakpoints
+    (so a rolling breakpoint on the latest message reads the previous turn's prefix)."""
 
     def __init__(self) -> None:
         self._seen: set[str] = set()
@@ -344,18 +351,31 @@ class PromptCache:
 
     def usage(self, body: dict[str, Any]) -> dict[str, int]:
         total = count_input_tokens(body)
-        items, last = _cache_items(body)
-        if last < 0:
+        items, marks = _cache_items(body)
+        if not marks:
             return {"input_tokens": total, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-        prefix = items[: last + 1]
-        prefix_tokens = max(1, _tokens(prefix))
-        key = hashlib.sha256((str(body.get("model")) + "\0" + json.dumps(prefix, sort_keys=True)).encode()).hexdigest()
-        hit = key in self._seen
-        self._seen.add(key)
+        digest = hashlib.sha256(str(body.get("model")).encode())
+        keys: list[str] = []
+        sizes: list[int] = []
+        for item in items:
+            encoded = json.dumps(item, sort_keys=True)
+            digest.update(b"\0" + encoded.encode())
+            keys.append(digest.hexdigest())
+            sizes.append(len(encoded))
+        read_end = 0
+        for mark in marks:
+            for j in range(mark, max(-1, mark - LOOKBACK_BLOCKS), -1):
+                if keys[j] in self._seen:
+                    read_end = max(read_end, j + 1)
+                    break
+        last = max(marks)
+        self._seen.update(keys[m] for m in marks)
+        prefix_tokens = max(1, sum(sizes[: last + 1]) // 4)
+        read_tokens = min(prefix_tokens, sum(sizes[:read_end]) // 4)
         return {
             "input_tokens": max(1, total - prefix_tokens),
-            "cache_creation_input_tokens": 0 if hit else prefix_tokens,
-            "cache_read_input_tokens": prefix_tokens if hit else 0,
+            "cache_creation_input_tokens": prefix_tokens - read_tokens,
+            "cache_read_input_tokens": read_tokens,
         }
 
 

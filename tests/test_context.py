@@ -1,0 +1,84 @@
+"""The context window and cache breakpoints (pure functions), and the price table."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from server import context
+from server.usage import PriceTable, Usage
+
+
+@st.composite
+def histories(draw):
+    """Valid histories: turns of user text, then 0-3 tool rounds, then an assistant answer."""
+    messages = []
+    for t in range(draw(st.integers(1, 12))):
+        messages.append({"role": "user", "content": [{"type": "text", "text": "u" * draw(st.integers(1, 400))}]})
+        for r in range(draw(st.integers(0, 3))):
+            ids = [f"toolu_{t}_{r}_{k}" for k in range(draw(st.integers(1, 3)))]
+            messages.append({"role": "assistant", "content": [
+                {"type": "tool_use", "id": i, "name": "calculator", "input": {"expression": "1+1" * draw(st.integers(1, 50))}}
+                for i in ids]})
+            messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": i, "content": "2" * draw(st.integers(1, 300))} for i in ids]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": "a" * draw(st.integers(1, 400))}]})
+    messages.append({"role": "user", "content": [{"type": "text", "text": "latest"}]})
+    return messages
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.integers(1000, 6000), st.integers(0, 3000))
+def test_window_never_splits_a_tool_pair_and_starts_with_a_user_turn(messages, budget, fixed):
+    start, _chars = context.window(messages, fixed, budget, ratio=1.0)
+    window = messages[start:]
+    assert window[0]["role"] == "user"
+    assert context.opens_turn(window[0]), "a window never starts with tool results"
+    seen_uses: set[str] = set()
+    for i, m in enumerate(window):
+        for block in m["content"]:
+            if block["type"] == "tool_use":
+                seen_uses.add(block["id"])
+                nxt = window[i + 1]["content"]
+                assert block["id"] in {b.get("tool_use_id") for b in nxt}, "tool_use without its result"
+            if block["type"] == "tool_result":
+                assert block["tool_use_id"] in seen_uses, "tool_result without its tool_use"
+    assert window[-1] is messages[-1], "the latest message is always sent"
+    # It only drops what it must: the window fits, or it is already down to the last turn.
+    fits = fixed + sum(context.message_chars(m) for m in window) <= budget
+    last_turn_start = max(i for i, m in enumerate(messages) if context.opens_turn(m))
+    assert fits or start == last_turn_start
+    if start > 0:
+        prev_starts = [i for i, m in enumerate(messages[:start]) if context.opens_turn(m)]
+        wider = fixed + sum(context.message_chars(m) for m in messages[prev_starts[-1]:])
+        assert wider > budget, "a wider window would have fit"
+
+
+def test_small_history_is_sent_whole():
+    messages = [{"role": "user", "content": "hi"}]
+    assert context.window(messages, 10, 1000, 3.5)[0] == 0
+
+
+def test_breakpoints_mark_tools_system_and_latest_message_without_mutating():
+    tools = [{"name": "a"}, {"name": "b"}]
+    messages = [{"role": "user", "content": "one"}, {"role": "assistant", "content": [{"type": "text", "text": "x"}]},
+                {"role": "user", "content": [{"type": "text", "text": "two"}]}]
+    system, t, m = context.with_breakpoints("sys", tools, messages, caching=True)
+    assert system == [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}]
+    assert "cache_control" not in t[0] and t[1]["cache_control"] == {"type": "ephemeral"}
+    assert m[-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert "cache_control" not in messages[-1]["content"][-1] and "cache_control" not in tools[1]
+    assert context.with_breakpoints("sys", tools, messages, caching=False) == ("sys", tools, messages)
+
+
+def test_calibrated_ratio():
+    assert context.chars_per_token(0, 0) == context.DEFAULT_CHARS_PER_TOKEN
+    assert context.chars_per_token(1000, 4200) == 4.2
+
+
+def test_cache_tokens_are_priced_as_cache():
+    prices = PriceTable({"m": {"input": 3.0, "output": 15.0, "cache_write": 3.75, "cache_read": 0.30}})
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000, cache_creation_input_tokens=1_000_000,
+                  cache_read_input_tokens=1_000_000)
+    assert prices.cost("m", usage) == 3.0 + 15.0 + 3.75 + 0.30
+    assert prices.cost("m", Usage(cache_read_input_tokens=10_000)) == 0.003
+    assert prices.cost("unknown", usage) == 0.0
