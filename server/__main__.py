@@ -27,6 +27,10 @@ def main() -> int:
         banner.append("!! IN-MEMORY SESSIONS: REDIS_URL is not set. History is lost on restart and "
                       "cannot be shared between workers.")
     print("\n".join(banner), file=sys.stderr, flush=True)
+    # Before uvicorn spawns the workers: one empty metrics directory they all write to.
+    from .metrics_dir import prepare_supervisor
+
+    prepare_supervisor(settings.web_concurrency)
     uvicorn.run(
         "server.app:app",
         host=settings.host,

@@ -12,14 +12,20 @@ from typing import AsyncIterator
 
 from dotenv import load_dotenv
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from . import lifecycle, logs
 from .config import ConfigError, Settings
+from .security import AllowlistCORS, Guard, SecurityMiddleware, cors_options
 from .transports.http_api import agent, cancel_session, delete_session, get_session, health, ready
 from .transports.sse import agent_stream, resume_stream
 from .transports.websocket import agent_ws
+from .transports.ai_sdk import chat, chat_resume
+from .transports.ai_sdk_ws import chat_ws
 from .transports.errors import EXCEPTION_HANDLERS
+from . import metrics, openapi, static
+from .middleware import RequestContext
 
 log = logging.getLogger("server.app")
 
@@ -32,10 +38,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         except ConfigError as exc:
             raise SystemExit(f"configuration error: {exc}") from None
     logs.configure(settings.log_level)
+    guard = Guard(settings)  # auth, origins, rate limits, stream slots (server/security.py)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with lifecycle.components(settings) as engine:
+        async with lifecycle.components(settings) as engine, guard.attached(engine):
             app.state.settings = settings
             app.state.engine = engine
             yield
@@ -48,11 +55,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
         Route("/sessions/{session_id}/stream", resume_stream, methods=["GET"]),
         Route("/sessions/{session_id}/cancel", cancel_session, methods=["POST"]),
+        Route("/ws-ticket", guard.ws_ticket, methods=["POST"]),
+        # Vercel AI SDK `useChat` (UI message stream protocol v1; WebSocketChatTransport)
+        Route("/api/chat", chat, methods=["POST"]),
+        WebSocketRoute("/api/chat/ws", chat_ws),
+        Route("/api/chat/{chat_id}/stream", chat_resume, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        # The built-in chat page, Prometheus metrics and the OpenAPI description
+        Route("/", static.chat_page, methods=["GET"]),
+        static.mount(),
+        Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    middleware = [
+        Middleware(AllowlistCORS, **cors_options(settings)),  # outermost: errors carry CORS headers too
+        Middleware(SecurityMiddleware, guard=guard),          # /health and /ready stay public
+    ]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers=EXCEPTION_HANDLERS)
+    app.add_middleware(RequestContext)  # outermost: X-Request-ID and metrics on every response
     app.state.settings = settings
+    app.state.guard = guard
     return app
 
 

@@ -295,14 +295,14 @@ def _parse_secret(raw: str) -> str:
 
 
 def _parse_origins(raw: str) -> tuple[str, ...]:
-    origins = _parse_list(raw)
+    origins = tuple(o.rstrip("/") for o in _parse_list(raw))
     for origin in origins:
         if origin == "*":
             continue  # allowed: CORS here never sends credentials (keys travel in headers)
         scheme, sep, rest = origin.partition("://")
         if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
             raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port]")
-    return tuple(o.rstrip("/") for o in origins)
+    return origins
 
 
 def _check_tools(enabled: tuple[str, ...]) -> None:

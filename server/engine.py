@@ -18,9 +18,10 @@ from typing import Any, AsyncIterator, Callable
 import anthropic
 
 from . import context, structured
+from . import metrics
 from .config import Settings
 from .errors import ApiError, from_upstream
-from .events import Event
+from .events import Event, encode
 from .requests import TurnRequest
 from .store.base import (Busy, Duplicate, NotFound, SessionView, Started, Store, TurnCommit, new_id,
                          valid_id)
@@ -71,6 +72,7 @@ class Engine:
         self.prices = prices
         self.turns: dict[str, Turn] = {}
         self.accepting = True
+        self.stopping = False  # set once draining is over: remote followers end too
         # per-worker cap on concurrent model calls; listeners get (principal, usage) per finished turn
         self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
         self.turn_listeners: list[Callable[[str, Usage], None]] = []
@@ -111,6 +113,7 @@ class Engine:
                     lock_ttl=s.turn_lock_ttl_seconds, heartbeat=s.heartbeat_seconds)
         self.turns[turn_id] = turn
         turn.task = asyncio.create_task(self._run(turn, req, result, principal), name=f"turn-{turn_id}")
+        metrics.turn_started()
         return TurnHandle(session_id, turn_id)
 
     async def follow(self, session_id: str, turn_id: str, after_seq: int = 0) -> AsyncIterator[list[Event]]:
@@ -121,8 +124,16 @@ class Engine:
             async for batch in turn.follow(after_seq):
                 yield batch
             return
+        last_seq = after_seq
         async for batch in self._follow_log(session_id, turn_id, after_seq):
+            if batch:
+                last_seq = batch[-1].seq
             yield batch
+        if self.stopping:
+            # This worker is shutting down while another one runs the turn: tell the client
+            # to reconnect (to any worker) and resume. The id repeats the last real one, so
+            # a client that resumes from it misses nothing.
+            yield [encode(turn_id, last_seq, "error", ApiError("server_restarting").payload())]
 
     async def cancel(self, session_id: str, principal: str) -> str | None:
         """Cancel the session's running turn wherever it runs; returns its id (or None)."""
@@ -174,12 +185,13 @@ class Engine:
         tasks = [t.task for t in self.turns.values() if t.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
+        self.stopping = True
 
     # -- following another worker's turn -------------------------------------------------
     async def _follow_log(self, session_id: str, turn_id: str, after_seq: int) -> AsyncIterator[list[Event]]:
         block_ms = int(min(self.settings.heartbeat_seconds * 1000, REMOTE_POLL_MS))
         quiet_since = time.monotonic()
-        while True:
+        while not self.stopping:
             batch = await self.store.read_events(session_id, turn_id, after_seq, block_ms)
             if batch:
                 quiet_since = time.monotonic()
@@ -191,8 +203,10 @@ class Engine:
             if await self.store.lock_holder(session_id) != turn_id:
                 # Finished (its terminal event is in the log by now) or its worker died.
                 batch = await self.store.read_events(session_id, turn_id, after_seq, 0)
-                if not batch:
-                    await self.store.abandon_turn(session_id, turn_id, INTERRUPTED_FIELDS)
+                if batch:
+                    continue
+                if not await self.store.abandon_turn(session_id, turn_id, INTERRUPTED_FIELDS):
+                    return  # the log already ends with its terminal event: nothing after `after_seq`
                 continue
             if time.monotonic() - quiet_since >= self.settings.heartbeat_seconds:
                 quiet_since = time.monotonic()
@@ -200,7 +214,7 @@ class Engine:
 
     def _cancel_local(self, turn_id: str, reason: str) -> bool:
         turn = self.turns.get(turn_id)
-        if turn is None or turn.task is None or turn.done:
+        if turn is None or turn.task is None or turn.done or turn.finishing:
             return False
         if turn.cancel_reason is None:
             turn.cancel_reason = reason
@@ -221,6 +235,7 @@ class Engine:
             outcome, error = "failed", exc
         except Exception as exc:  # noqa: BLE001 — every failure must end the turn cleanly
             outcome, error = "failed", from_upstream(exc)
+            metrics.upstream_error(error.code)
         upstream_id = error.extra.get("upstream_request_id") if error else None
         if upstream_id and upstream_id not in progress.request_ids:
             progress.request_ids.append(upstream_id)
@@ -327,6 +342,7 @@ class Engine:
                             progress.text.append(text)
                             if progress.first_token_at is None:
                                 progress.first_token_at = time.monotonic()
+                                metrics.first_token(progress.first_token_at - turn.started_at)
                             turn.emit_text(text)
                         elif dkind == "input_json_delta":
                             json_parts.setdefault(event["index"], []).append(delta.get("partial_json", ""))
@@ -373,6 +389,7 @@ class Engine:
 
     async def _finish(self, turn: Turn, req: TurnRequest, progress: _Progress, outcome: str,
                       error: ApiError | None, principal: str) -> None:
+        turn.finishing = True  # a cancel arriving now must not interrupt the commit
         messages = self._messages_to_commit(progress, outcome, error)
         cost = self.prices.cost(req.model, progress.usage)
         duration = time.monotonic() - turn.started_at
@@ -429,6 +446,7 @@ class Engine:
             if progress.first_token_at else None,
             "duration_ms": round(duration * 1000, 1),
         }})
+        metrics.turn_finished(outcome, req.model, duration, progress.usage, cost)
 
     @staticmethod
     def _messages_to_commit(progress: _Progress, outcome: str, error: ApiError | None) -> list[dict[str, Any]]:

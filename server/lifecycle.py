@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 import anthropic
 
+from . import metrics
 from .config import Settings
 from .engine import Engine
 from .fake_anthropic import FakeAnthropic
@@ -49,7 +50,9 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
                     "offline model at %s, not from Claude", base_url)
     client = anthropic.AsyncAnthropic(api_key=api_key or "no-key", base_url=base_url,
                                       max_retries=settings.anthropic_max_retries,
-                                      timeout=settings.upstream_timeout_seconds)
+                                      timeout=settings.upstream_timeout_seconds,
+                                      # counts requests and SDK retries for /metrics
+                                      http_client=metrics.instrumented_http_client(anthropic.DefaultAsyncHttpxClient))
     store = make_store(settings)
     engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
                     PriceTable(settings.model_prices))
@@ -57,6 +60,7 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     if not settings.redis_url:
         log.warning("sessions are kept in memory (REDIS_URL is not set): they vanish on restart")
     restore = _drain_on_sigterm(engine, settings.graceful_shutdown_seconds)
+    _dump_tasks_on_sigusr1()
     try:
         yield engine
     finally:
@@ -66,6 +70,7 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
         await client.close()
         if fake is not None:
             await fake.stop()
+        metrics.worker_stopped()
 
 
 def _drain_on_sigterm(engine: Engine, grace: float):
@@ -95,3 +100,21 @@ def _drain_on_sigterm(engine: Engine, grace: float):
             pass
 
     return restore
+
+
+def _dump_tasks_on_sigusr1() -> None:
+    """`kill -USR1 <worker>` logs every asyncio task's stack: what a stuck worker waits on."""
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        import io
+
+        for task in asyncio.all_tasks(loop):
+            out = io.StringIO()
+            task.print_stack(file=out)
+            log.warning("task %s\n%s", task.get_name(), out.getvalue())
+
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass

@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from . import request_id
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -20,6 +22,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        rid = request_id.current()
+        if rid is not None:
+            line["request_id"] = rid
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update(fields)

@@ -30,6 +30,7 @@ class Turn:
         self.events: list[Event] = []
         self.pending: list[Event] = []
         self.done = False
+        self.finishing = False
         self.cancel_reason: str | None = None  # "cancelled" | "server_restarting" | "interrupted"
         self.task: asyncio.Task[None] | None = None
         self.started_at = time.monotonic()
@@ -112,6 +113,9 @@ class Turn:
             await changed.wait()
             tick.cancel()
             if i >= len(self.events) and not self.done:
+                # Woken by the heartbeat tick, not by an event: re-arm before waiting again.
+                if self._changed is changed:
+                    self._changed = asyncio.Event()
                 yield []
 
     # -- background ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..engine import Engine
 from ..errors import ApiError
 from ..events import parse_event_id
 from ..requests import parse_json_body, parse_turn_request
+from ..security import admit_turn
 from ..store.base import valid_id
 
 log = logging.getLogger("server.ws")
@@ -72,8 +73,13 @@ class AgentSocket:
         pinger = asyncio.create_task(self._ping_loop())
         try:
             while True:
-                raw = await self.ws.receive_text()
-                await self._handle(raw)
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("text") is None:  # a binary frame: answer, don't crash the handler
+                    await self.send_error(ApiError("invalid_request", "Frames must be JSON text."))
+                    continue
+                await self._handle(message["text"])
         except WebSocketDisconnect:
             pass
         finally:
@@ -104,6 +110,7 @@ class AgentSocket:
             await self.send_error(exc)
 
     async def _message(self, frame: dict[str, Any]) -> None:
+        await admit_turn(self.ws)  # per-minute limits, as for POST /agent
         body = {k: v for k, v in frame.items() if k != "type"}
         body.setdefault("session_id", self.session_id)
         if body["session_id"] is None:

@@ -1,0 +1,1 @@
+"""Benchmark of the agent server (issue #6): `scripts/bench` or `python -m bench`."""

@@ -1,0 +1,637 @@
+"""The benchmark: our server vs. a seed-pattern app vs. the fake upstream itself.
+
+    scripts/bench                 full run (a few minutes)
+    scripts/bench --quick         smaller numbers (under a minute)
+    scripts/bench --only 1,5      some sections (1 stream CPU, 2 stretch, 3 short turns,
+                                  4 TTFT, 5 memory, 6 Redis, 7 seed/floor comparison)
+
+Prints a table (and writes it to bench-results/latest.txt). No thresholds are enforced: the
+targets from the issue are printed beside the figures. Everything runs on 127.0.0.1: a
+private redis-server, the project's fake Anthropic API (on uvloop), the server under test as
+a subprocess, and the load generator in its own process (bench/loadgen.py); CPU is read from
+/proc/<pid>/stat of the server process(es) only (uvicorn supervisor + workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import procs
+from .procs import API_KEY, RESULTS, Fake, LoadGen, Redis, Server
+from .redis_proxy import RedisProxy
+
+MODEL = "claude-sonnet-4-5"
+SECTION_NAMES = {"1": "stream", "2": "stretch", "3": "turn", "4": "ttft", "5": "memory", "6": "redis",
+                 "7": "compare"}
+
+
+# -- small helpers -------------------------------------------------------------------------
+def pct(values: list[float], p: float) -> float | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    k = (len(vals) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.{digits}f}{unit}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.2f}x"
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def http_stream(url: str, body: dict[str, Any], timeout: float = 60) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read().count(b"text_delta")
+
+
+def box_busy(interval: float) -> float:
+    """Fraction of all cores busy over `interval` seconds (/proc/stat)."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            parts = [int(x) for x in f.readline().split()[1:]]
+        return sum(parts) - parts[3] - parts[4], sum(parts)
+    b0, t0 = read()
+    time.sleep(interval)
+    b1, t1 = read()
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
+def git_describe() -> str:
+    """Read-only: the commit under test and whether the work tree differs from it."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=procs.ROOT, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "server"],
+                               capture_output=True, text=True, cwd=procs.ROOT, timeout=5).stdout.strip()
+        return f"{rev}{' + uncommitted changes in server/' if dirty else ''}" if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def directive(**kw: Any) -> str:
+    return "#fake" + json.dumps(kw, separators=(",", ":"))
+
+
+# -- what each target is asked ---------------------------------------------------------------
+@dataclass
+class Target:
+    name: str                   # ours | seed | floor
+    host: str
+    port: int
+    cpu_pids: list[int]         # the process(es) whose CPU is "the server" for this target
+    server: Server | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def stream_spec(self, text: str) -> dict[str, Any]:
+        if self.name == "floor":
+            return {"path": "/v1/messages", "headers": {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"},
+                    "body": {"model": MODEL, "max_tokens": 4096, "stream": True,
+                             "messages": [{"role": "user", "content": text}]}}
+        return {"path": "/agent/stream", "headers": {"Accept": "text/event-stream"}, "body": {"message": text}}
+
+    def turn_spec(self, text: str, session_every: int) -> dict[str, Any]:
+        if self.name == "floor":
+            return {"path": "/v1/messages", "headers": {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"},
+                    "body": {"model": MODEL, "max_tokens": 4096, "messages": [{"role": "user", "content": text}]},
+                    "collect_json": True}
+        return {"path": "/agent", "body": {"message": text}, "session_every": session_every}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.a = args
+        self.redis: Redis | None = None
+        self.fake: Fake | None = None
+        self.lines: list[str] = []
+        self.notes: list[str] = []
+        self.rows: list[tuple[str, ...]] = []
+        self.details: list[str] = []
+        self.targets: dict[str, Target] = {}
+        self.server_logs: list[tuple[str, int, list[tuple[int, str]]]] = []
+        self.quiet_waits: list[str] = []
+
+    def collect_log(self, label: str, server: Server) -> None:
+        try:
+            sigterms, problems = server.log_problems()
+        except OSError:
+            return
+        self.server_logs.append((label, sigterms, problems))
+        if sigterms:
+            self.notes.append(f"{label}: the server got a SIGTERM the benchmark did not send (someone's broad "
+                              f"pkill?); its figures are not valid")
+
+    def wait_quiet(self, what: str) -> None:
+        """Wait (up to --quiet-wait s) until the rest of the box is mostly idle: the machine is shared."""
+        limit = self.a.quiet_wait
+        if limit <= 0:
+            return
+        deadline, busy = time.monotonic() + limit, 1.0
+        while True:
+            busy = box_busy(0.5)
+            if busy <= self.a.quiet_level or time.monotonic() >= deadline:
+                break
+        if busy > self.a.quiet_level:
+            self.quiet_waits.append(f"{what}: started with the box {busy * 100:.0f}% busy after waiting {limit:.0f} s")
+            log(f"{what}: box still {busy * 100:.0f}% busy after {limit:.0f} s; going ahead")
+
+    # -- orchestration ---------------------------------------------------------------------
+    def run(self) -> str:
+        a = self.a
+        t_start = time.monotonic()
+        self.redis = Redis(a.redis_url)
+        self.fake = Fake()
+        log(f"redis {self.redis.url} ({'private' if self.redis.private else 'external'}), fake {self.fake.url}")
+        want = a.sections
+        load_sections = [s for s in ("1", "3", "4") if s in want or ("2" in want and s == "1")]
+        if load_sections:
+            for name in a.targets:
+                self._run_target(name, load_sections)
+        if "5" in want:
+            self.section_memory()
+        if "6" in want:
+            self.section_redis()
+        report = self.render(time.monotonic() - t_start)
+        return report
+
+    def _lg_run(self, lg: LoadGen, target: Target, spec: dict[str, Any], clients: int, rounds: int,
+                ramp: float = 0.0, timeout: float = 120.0) -> dict[str, Any]:
+        assert self.fake is not None and self.redis is not None
+        cpu_pids = {"server": target.cpu_pids, "fake": [self.fake.proc.pid], "redis": self.redis.pids()}
+        if target.name == "floor":
+            cpu_pids["fake"] = []
+        cmd = {"cmd": "run", "host": target.host, "port": target.port, "clients": clients, "rounds": rounds,
+               "ramp_s": ramp, "timeout": timeout, "cpu_pids": cpu_pids, **spec}
+        return lg.call(cmd)
+
+    def _run_target(self, name: str, sections: list[str]) -> None:
+        a = self.a
+        assert self.fake is not None and self.redis is not None
+        server = None
+        if name == "floor":
+            t = Target(name, "127.0.0.1", self.fake.port, [self.fake.proc.pid])
+        else:
+            log(f"starting {name} server ({a.workers} worker{'s' if a.workers > 1 else ''})")
+            server = Server(name, self.fake, self.redis.url, workers=a.workers)
+            t = Target(name, "127.0.0.1", server.port, server.pids(), server)
+        self.targets[name] = t
+        lg = LoadGen(f"-{name}")
+        try:
+            # warm-up: imports, connection pools, Lua scripts, code paths
+            warm = self._lg_run(lg, t, t.stream_spec(directive(tokens=10, pace_ms=5)), 20, 2)
+            self._lg_run(lg, t, t.turn_spec(directive(tokens=5), 2), 10, 2)
+            if warm["errors"]:
+                log(f"{name}: warm-up errors {warm['errors']}")
+            if server is not None:
+                t.cpu_pids = server.pids()
+            if "1" in sections:
+                self.load_stream(lg, t)
+            if "3" in sections:
+                self.load_turns(lg, t)
+            if "4" in sections:
+                self.load_ttft(lg, t)
+        finally:
+            lg.stop()
+            if server is not None:
+                self.collect_log(name, server)
+                server.stop()
+
+    # -- sections 1 + 2: paced streams ---------------------------------------------------------
+    def load_stream(self, lg: LoadGen, t: Target) -> None:
+        a = self.a
+        text = directive(tokens=a.events, pace_ms=a.pace_ms) + " stream bench"
+        ideal = a.events * a.pace_ms / 1000
+        log(f"{t.name}: {a.concurrency} streams x {a.events} events x {a.pace_ms} ms, {a.rounds} rounds")
+        self.wait_quiet(f"{t.name} streams")
+        profiler = self._start_profiler(t) if (a.profile and t.name == "ours") else None
+        try:
+            out = self._lg_run(lg, t, t.stream_spec(text), a.concurrency, a.rounds, ramp=ideal,
+                               timeout=max(120.0, ideal * 20))
+        finally:
+            if profiler is not None:
+                self._stop_profiler(profiler)
+        recs = out["records"]
+        ok = [r for r in recs if not r[6]]
+        events = sum(r[4] for r in ok)
+        cpu = out["cpu"]
+        durations = [r[3] for r in ok]
+        t.results["stream"] = {
+            "events": events, "expected": len(recs) * a.events, "streams": len(recs), "failed": len(recs) - len(ok),
+            "short": sum(1 for r in ok if r[4] != a.events), "errors": out["errors"], "wall": out["wall"],
+            "cpu": cpu, "us_per_event": cpu["server"] / events * 1e6 if events else None,
+            "stretch_p50": pct(durations, 50) / ideal if durations else None,
+            "stretch_p90": pct(durations, 90) / ideal if durations else None,
+            "stretch_p99": pct(durations, 99) / ideal if durations else None,
+            "fake_us_per_event": cpu["fake"] / events * 1e6 if events and cpu.get("fake") else None,
+        }
+        log(f"{t.name}: {events} events, server cpu {cpu['server']:.2f}s, errors {out['errors'] or 'none'}")
+
+    # -- section 3: short turns ------------------------------------------------------------------
+    def load_turns(self, lg: LoadGen, t: Target) -> None:
+        a = self.a
+        self.wait_quiet(f"{t.name} short turns")
+        log(f"{t.name}: short turns, {a.turn_clients} clients x {a.turn_rounds} turns")
+        out = self._lg_run(lg, t, t.turn_spec(directive(tokens=5) + " short turn", a.session_turns),
+                           a.turn_clients, a.turn_rounds)
+        recs = out["records"]
+        ok = [r for r in recs if not r[6]]
+        lat = [r[3] for r in ok]
+        cpu = out["cpu"]
+        t.results["turn"] = {
+            "turns": len(ok), "failed": len(recs) - len(ok), "errors": out["errors"], "wall": out["wall"],
+            "cpu": cpu, "ms_per_turn": cpu["server"] / len(ok) * 1e3 if ok else None,
+            "lat_p50": pct(lat, 50), "lat_p99": pct(lat, 99), "rate": len(ok) / out["wall"] if out["wall"] else None,
+        }
+
+    # -- section 4: time to first token -----------------------------------------------------------
+    def load_ttft(self, lg: LoadGen, t: Target) -> None:
+        a = self.a
+        text = directive(tokens=a.ttft_events, pace_ms=a.pace_ms) + " ttft bench"
+        self.wait_quiet(f"{t.name} TTFT")
+        log(f"{t.name}: TTFT, {a.ttft_clients} concurrent x {a.ttft_rounds} rounds")
+        out = self._lg_run(lg, t, t.stream_spec(text), a.ttft_clients, a.ttft_rounds,
+                           ramp=a.ttft_events * a.pace_ms / 1000)
+        ok = [r for r in out["records"] if not r[6] and r[2] is not None]
+        ttft = [r[2] * 1000 for r in ok]
+        t.results["ttft"] = {"n": len(ok), "errors": out["errors"], "p50": pct(ttft, 50), "p99": pct(ttft, 99)}
+
+    # -- profiling (optional) ---------------------------------------------------------------------
+    def _start_profiler(self, t: Target) -> subprocess.Popen[bytes] | None:
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        if not os.path.exists(spy):
+            log("--profile: py-spy is not installed in the venv (pip install py-spy); skipping")
+            return None
+        pid = t.cpu_pids[-1]  # the worker (or the single in-process server)
+        RESULTS.mkdir(exist_ok=True)
+        argv = [spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "250", "--duration", "3600",
+                "--format", "raw", "-o", str(RESULTS / "profile-ours.txt")]
+        log(f"py-spy recording pid {pid} -> {RESULTS / 'profile-ours.txt'}")
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def _stop_profiler(p: subprocess.Popen[bytes]) -> None:
+        try:
+            p.send_signal(signal.SIGINT)
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+    # -- section 5: memory ------------------------------------------------------------------------
+    def section_memory(self) -> None:
+        a = self.a
+        assert self.fake is not None and self.redis is not None
+        n, warm = a.mem_count, 20
+        hold = {"message": directive(tokens=3, pace_ms=600_000) + " hold", "cancel_on_disconnect": True}
+        results: dict[str, Any] = {}
+        cases = [
+            ("ws", "idle WebSocket (connected, no turn)", {"kind": "ws", "path": "/agent/ws"}, None),
+            ("sse_turn", "open SSE stream, each on its own live turn", {"kind": "sse_post", "path": "/agent/stream",
+                                                                        "body": hold}, None),
+            ("sse_resume", "open SSE resume stream (10 live turns)", {"kind": "sse_resume", "of_group": "prim"},
+             {"kind": "sse_post", "path": "/agent/stream", "body": hold, "count": 10}),
+        ]
+        for key, label, spec, primary in cases:
+            log(f"memory: {n} x {label}")
+            server = Server("ours", self.fake, self.redis.url, workers=a.workers, tag=f"-mem-{key}")
+            lg = LoadGen(f"-mem-{key}")
+            try:
+                base = {"host": "127.0.0.1", "port": server.port, "timeout": 60}
+                if primary is not None:
+                    r = lg.call({"cmd": "open", "group": "prim", **base, **primary})
+                    if r["errors"]:
+                        log(f"memory {key}: primary errors {r['errors']}")
+                # warm the same path, then release it, so lazy imports are not counted
+                lg.call({"cmd": "open", "group": "warm", "count": warm, **base, **spec})
+                lg.call({"cmd": "close", "group": "warm"})
+                time.sleep(1.0)
+                before = server.memory_kb()
+                opened = lg.call({"cmd": "open", "group": "main", "count": n, **base, **spec})
+                time.sleep(1.5)
+                after = server.memory_kb()
+                lg.call({"cmd": "close", "group": "main"})
+                got = opened["open"]
+                results[key] = {
+                    "label": label, "open": got, "errors": opened["errors"], "secs": opened["secs"],
+                    "rss_kb": (after["rss"] - before["rss"]) / got if got else None,
+                    "pss_kb": (after["pss"] - before["pss"]) / got if got else None,
+                    "base_rss_mb": before["rss"] / 1024,
+                }
+                if opened["errors"]:
+                    log(f"memory {key}: errors {opened['errors']}")
+            finally:
+                lg.stop()
+                self.collect_log(f"memory {key}", server)
+                server.stop()
+        self.memory = results
+
+    # -- section 6: Redis per turn ----------------------------------------------------------------
+    def section_redis(self) -> None:
+        assert self.fake is not None and self.redis is not None
+        if not self.redis.private:
+            self.notes.append("section 6 used an external Redis: commandstats may include other clients")
+        proxy = RedisProxy(self.redis.port).start()
+        server = Server("ours", self.fake, f"redis://127.0.0.1:{proxy.port}/0", workers=1, tag="-redis")
+        short = directive(tokens=5) + " redis bench"
+        rows: list[dict[str, Any]] = []
+        try:
+            url = server.url
+            http_json(url + "/agent", {"message": short})  # warm: script loading, pools
+            http_stream(url + "/agent/stream", {"message": directive(tokens=5, pace_ms=5)})
+
+            def measure(fn: Any) -> dict[str, Any]:
+                time.sleep(0.25)
+                p0, c0 = proxy.snapshot(), self.redis.commandstats()
+                fn()
+                time.sleep(0.25)
+                p1, c1 = proxy.snapshot(), self.redis.commandstats()
+                deltas = {k: c1.get(k, 0) - c0.get(k, 0) for k in c1}
+                deltas.pop("info", None)  # our own INFO snapshots (sent directly, not via the proxy)
+                deltas = {k: v for k, v in deltas.items() if v}
+                sent = {k: v - p0["commands"].get(k, 0) for k, v in p1["commands"].items()}
+                sent = {k: v for k, v in sent.items() if v}
+                return {"trips": p1["trips"] - p0["trips"], "up": p1["bytes_up"] - p0["bytes_up"],
+                        "down": p1["bytes_down"] - p0["bytes_down"], "cmds": deltas, "sent": sent,
+                        "all_cmds": sum(deltas.values()), "processed": sum(sent.values())}
+
+            for h in (1, 10, 50):
+                log(f"redis: turn on a session with {h} turns of history")
+                sid = http_json(url + "/agent", {"message": short})["session_id"]
+                for _ in range(h - 1):
+                    http_json(url + "/agent", {"message": short, "session_id": sid})
+                m = measure(lambda: http_json(url + "/agent", {"message": short, "session_id": sid}))
+                m["label"] = f"POST /agent, 5 tokens, history {h} turn{'s' if h > 1 else ''}"
+                m["h"] = h
+                rows.append(m)
+            ev, pace = self.a.events, self.a.pace_ms
+            m = measure(lambda: http_stream(url + "/agent/stream",
+                                            {"message": directive(tokens=ev, pace_ms=pace) + " redis stream"}))
+            m["label"] = f"POST /agent/stream, {ev} events x {pace} ms, new session"
+            m["h"] = 0
+            rows.append(m)
+        finally:
+            self.collect_log("redis", server)
+            server.stop()
+            proxy.stop()
+        self.redis_rows = rows
+
+    # -- report ---------------------------------------------------------------------------------
+    def render(self, elapsed: float) -> str:
+        a = self.a
+        out: list[str] = []
+        T = self.targets
+        get = lambda name, sec, key: T[name].results.get(sec, {}).get(key) if name in T else None  # noqa: E731
+        title = (f"agent server benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
+                 f"{'QUICK' if a.quick else 'FULL'} run, {elapsed:.0f} s")
+        out += [title, "=" * len(title)]
+        out.append(f"box: {os.cpu_count()} cores, Python {platform.python_version()}; server: python -m server, "
+                   f"{a.workers} worker{'s' if a.workers > 1 else ''} (uvloop, httptools), Redis sessions + event "
+                   f"log on (flush 50 ms)")
+        out.append(f"tree: {git_describe()}; server env: defaults + MAX_CONCURRENT_UPSTREAM={procs.UPSTREAM_CAP}, "
+                   f"ANTHROPIC_MAX_RETRIES=0, LOG_LEVEL=INFO (access log on)")
+        out.append(f"load: {a.concurrency} concurrent SSE streams x {a.events} events x {a.pace_ms} ms "
+                   f"({a.rounds} per client, ramped over one stream); short turns: {a.turn_clients} clients x "
+                   f"{a.turn_rounds} turns (5 tokens, sessions of {a.session_turns} turns); TTFT: {a.ttft_clients} "
+                   f"concurrent x {a.ttft_rounds} ({a.ttft_events}-event streams)")
+        out.append("ours = python -m server; seed = bench/seed_app.py (SDK messages.stream(), dict history, no "
+                   "Redis); floor = the fake upstream read directly")
+        out.append("")
+        hdr = f"{'#':<2} {'metric':<40} {'ours':>10} {'seed':>10} {'floor':>10} {'ours/seed':>9} {'ours/floor':>10}  target"
+        out += [hdr, "-" * len(hdr)]
+
+        def row(num: str, metric: str, vals: list[str], rs: list[str], target: str) -> None:
+            out.append(f"{num:<2} {metric:<40} {vals[0]:>10} {vals[1]:>10} {vals[2]:>10} {rs[0]:>9} {rs[1]:>10}  {target}")
+
+        if any("stream" in t.results for t in T.values()):
+            v = [get(n, "stream", "us_per_event") for n in ("ours", "seed", "floor")]
+            row("1", "server CPU per streamed event", [fmt(x, " µs") for x in v],
+                [ratio(v[0], v[1]), ratio(v[0], v[2])], "≤45 µs")
+            for key, lab, target in (("stretch_p50", "completion stretch, median", "≤1.15x"),
+                                     ("stretch_p90", "completion stretch, p90", ""),
+                                     ("stretch_p99", "completion stretch, p99", "")):
+                v = [get(n, "stream", key) for n in ("ours", "seed", "floor")]
+                row("2", lab, [fmt(x, "x", 2) for x in v], [ratio(v[0], v[1]), ratio(v[0], v[2])], target)
+        if any("turn" in t.results for t in T.values()):
+            v = [get(n, "turn", "ms_per_turn") for n in ("ours", "seed", "floor")]
+            row("3", "server CPU per short turn", [fmt(x, " ms", 2) for x in v],
+                [ratio(v[0], v[1]), ratio(v[0], v[2])], "≤1.5 ms")
+            v = [get(n, "turn", "lat_p50") for n in ("ours", "seed", "floor")]
+            v = [x * 1000 if x is not None else None for x in v]
+            row("3", "short turn latency, p50", [fmt(x, " ms") for x in v], [ratio(v[0], v[1]), ratio(v[0], v[2])], "")
+            v = [get(n, "turn", "lat_p99") for n in ("ours", "seed", "floor")]
+            v = [x * 1000 if x is not None else None for x in v]
+            row("3", "short turn latency, p99", [fmt(x, " ms") for x in v], [ratio(v[0], v[1]), ratio(v[0], v[2])], "")
+        if any("ttft" in t.results for t in T.values()):
+            for p in ("p50", "p99"):
+                base = get("floor", "ttft", p)
+                vals, added = [], []
+                for n in ("ours", "seed"):
+                    x = get(n, "ttft", p)
+                    added.append(x - base if x is not None and base is not None else None)
+                    vals.append(fmt(added[-1], " ms", 2) if added[-1] is not None else "—")
+                vals.append(f"({fmt(base, ' ms', 1)})" if base is not None else "—")
+                raw = [get(n, "ttft", p) for n in ("ours", "seed", "floor")]
+                row("4", f"TTFT added over direct, {p}", [("+" + s if s != "—" and not s.startswith("-") else s)
+                                                          for s in vals[:2]] + [vals[2]],
+                    [ratio(raw[0], raw[1]), ratio(raw[0], raw[2])], "(floor: raw TTFT)")
+        mem = getattr(self, "memory", None)
+        if mem:
+            for key, lab in (("ws", "memory per idle WebSocket"), ("sse_turn", "memory per open SSE (own live turn)"),
+                             ("sse_resume", "memory per open SSE (resume follower)")):
+                if key in mem:
+                    m = mem[key]
+                    row("5", lab, [fmt(m["rss_kb"], " KB"), "—", "—"], ["", ""],
+                        f"≤30 KB   (Pss {fmt(m['pss_kb'], ' KB')}, n={m['open']})")
+        rr = getattr(self, "redis_rows", None)
+        if rr:
+            trips = [r for r in rr if r["h"]]
+            row("6", "Redis round trips per turn, h=1/10/50", ["/".join(str(r["trips"]) for r in trips), "—", "—"],
+                ["", ""], "≤4, flat in history length")
+            row("6", "Redis commands sent per turn", ["/".join(str(r["processed"]) for r in trips), "—", "—"],
+                ["", ""], "")
+            row("6", "Redis commands incl. inside Lua", ["/".join(str(r["all_cmds"]) for r in trips), "—", "—"],
+                ["", ""], "")
+        out.append("")
+
+        # details
+        for name in ("ours", "seed", "floor"):
+            s = T[name].results.get("stream") if name in T else None
+            if s:
+                c = s["cpu"]
+                other = c["box_busy"] - sum(c.get(k, 0) for k in ("server", "fake", "redis", "loadgen"))
+                cores = c["box_total"] / s["wall"] if s["wall"] else 0
+                out.append(f"[1/2 {name:5}] {s['streams']} streams, {s['events']} text events of {s['expected']} "
+                           f"expected, {s['failed']} failed, {s['short']} short; {s['wall']:.1f} s wall; CPU s: "
+                           f"server {c['server']:.2f}, fake {c.get('fake', 0):.2f}, redis {c.get('redis', 0):.2f}, "
+                           f"loadgen {c['loadgen']:.2f}, other {max(other, 0):.2f} "
+                           f"(box {c['box_busy'] / s['wall'] * 100 / max(cores, 1):.0f}% busy)")
+                if s["errors"]:
+                    out.append(f"             errors: {s['errors']}")
+        for name in ("ours", "seed", "floor"):
+            s = T[name].results.get("turn") if name in T else None
+            if s:
+                c = s["cpu"]
+                out.append(f"[3   {name:5}] {s['turns']} turns, {s['failed']} failed, {s['rate']:.0f} turns/s; CPU s: "
+                           f"server {c['server']:.2f}, fake {c.get('fake', 0):.2f}, redis {c.get('redis', 0):.2f}, "
+                           f"loadgen {c['loadgen']:.2f}")
+                if s["errors"]:
+                    out.append(f"             errors: {s['errors']}")
+        for name in ("ours", "seed", "floor"):
+            s = T[name].results.get("ttft") if name in T else None
+            if s:
+                out.append(f"[4   {name:5}] {s['n']} streams; raw TTFT p50 {fmt(s['p50'], ' ms', 2)}, "
+                           f"p99 {fmt(s['p99'], ' ms', 2)}" + (f"; errors {s['errors']}" if s["errors"] else ""))
+        if mem:
+            for key, m in mem.items():
+                out.append(f"[5 {key:10}] {m['open']} open in {m['secs']:.1f} s, server RSS before "
+                           f"{m['base_rss_mb']:.0f} MB; per item RSS {fmt(m['rss_kb'], ' KB')}, Pss "
+                           f"{fmt(m['pss_kb'], ' KB')}" + (f"; errors {m['errors']}" if m["errors"] else ""))
+        if rr:
+            out.append("[6] Redis per turn (private redis-server; round trips counted by a TCP proxy in front of it):")
+            out.append(f"    {'turn':<52} {'trips':>5} {'sent':>5} {'all':>5} {'up B':>7} {'down B':>7}  "
+                       f"sent by the server | all incl. Lua (commandstats)")
+            order = lambda d: sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))  # noqa: E731
+            for r in rr:
+                sent = " ".join(f"{k}={v}" for k, v in order(r["sent"]))
+                cmds = " ".join(f"{k}={v}" for k, v in order(r["cmds"]))
+                out.append(f"    {r['label']:<52} {r['trips']:>5} {r['processed']:>5} {r['all_cmds']:>5} "
+                           f"{r['up']:>7} {r['down']:>7}  {sent} | {cmds}")
+        for label, sigterms, problems in self.server_logs:
+            if problems:
+                shown = "; ".join(f"{n} x {k}" for n, k in problems[:4])
+                more = f"; +{len(problems) - 4} more kinds" if len(problems) > 4 else ""
+                out.append(f"[server log, {label}] {shown}{more}")
+        for w in self.quiet_waits:
+            out.append(f"[shared box] {w}")
+        out.append("")
+        out.append("How to read it:")
+        out.append(" 1  server CPU = utime+stime of the server process(es) (/proc/<pid>/stat) over the load window /")
+        out.append("    text events delivered; includes turn start/commit, upstream parsing and Redis I/O. floor = the")
+        out.append("    fake's own CPU per event (hand-written asyncio server writing pre-encoded chunks).")
+        out.append(" 2  stretch = stream duration (request sent -> last byte) / (events x pace); fake, server and load")
+        out.append("    generator share the 2 cores, so contention shows up here (see 'box % busy').")
+        out.append(" 3  short turn = POST /agent with a 5-token answer (seed: messages.create; floor: the fake's")
+        out.append("    non-streaming /v1/messages), incl. session load + commit in Redis for ours.")
+        out.append(" 4  TTFT = request sent -> first text event; 'added' = target percentile - direct percentile.")
+        out.append(" 5  RSS delta of the server process(es) / count, after a 20-item warm-up that is released first.")
+        out.append("    'own live turn': each stream is a POST /agent/stream whose turn stays open (the fake waits")
+        out.append("    600 s between tokens), so it includes the turn task, its upstream HTTP connection and Redis")
+        out.append("    lock renewal; 'resume follower': GET /sessions/{id}/stream on 10 live turns = the per-stream")
+        out.append("    transport cost alone. The idle WebSockets are connected and silent.")
+        out.append(" 6  trips = server->Redis round trips (a pipeline or an EVALSHA is one), counted by a TCP proxy;")
+        out.append("    sent = commands on the wire; all = INFO commandstats delta, incl. commands run inside Lua.")
+        for n in self.notes:
+            out.append(f" !  {n}")
+        return "\n".join(out) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller numbers, under a minute")
+    p.add_argument("--concurrency", type=int, help="concurrent SSE streams (default 400; quick 100)")
+    p.add_argument("--events", type=int, help="text events per stream (default 100; quick 50)")
+    p.add_argument("--pace-ms", type=float, default=20.0, help="ms between events (default 20)")
+    p.add_argument("--rounds", type=int, help="streams per client in sections 1/2 (default 2; quick 1)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY) for ours and seed")
+    p.add_argument("--only", default="", help="sections, e.g. 1,3 or stream,memory (1-7; 7 = seed/floor columns)")
+    p.add_argument("--targets", default=None,
+                   help="columns for sections 1-4: ours,seed,floor (default: all when section 7 runs, else ours)")
+    p.add_argument("--mem-count", type=int, help="WebSockets / SSE streams held open (default 1000; quick 200)")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of a private redis-server")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy record our worker during section 1 (bench-results/profile-ours.txt)")
+    p.add_argument("--quiet-wait", type=float, default=None,
+                   help="before each load, wait up to this many s for the (shared) box to be idle (default 30; quick 10)")
+    p.add_argument("--quiet-level", type=float, default=0.25, help="'idle' = at most this fraction of the box busy")
+    p.add_argument("--out", default=str(RESULTS / "latest.txt"))
+    a = p.parse_args(argv)
+    q = a.quick
+    a.concurrency = a.concurrency or (100 if q else 400)
+    a.events = a.events or (50 if q else 100)
+    a.rounds = a.rounds or (1 if q else 2)
+    if a.quiet_wait is None:
+        a.quiet_wait = 10.0 if q else 30.0
+    a.mem_count = a.mem_count or (200 if q else 1000)
+    a.turn_clients = 50
+    a.turn_rounds = 10 if q else 40
+    a.session_turns = 10
+    a.ttft_clients = 10
+    a.ttft_rounds = 8 if q else 25
+    a.ttft_events = 20
+    if a.pace_ms == int(a.pace_ms):
+        a.pace_ms = int(a.pace_ms)
+    chosen: set[str] = set()
+    for item in filter(None, (x.strip().lower() for x in a.only.split(","))):
+        num = next((k for k, v in SECTION_NAMES.items() if v == item), item)
+        if num not in SECTION_NAMES:
+            p.error(f"--only: unknown section {item!r} (1-7 or {', '.join(SECTION_NAMES.values())})")
+        chosen.add(num)
+    a.sections = chosen or set(SECTION_NAMES)
+    if a.sections == {"7"}:
+        a.sections = {"1", "2", "3", "4", "7"}
+    if a.targets:
+        targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    else:
+        targets = ["ours", "seed", "floor"] if "7" in a.sections else ["ours"]
+    a.targets = [t for t in ("ours", "seed", "floor") if t in targets]
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        report = Bench(args).run()
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    finally:
+        procs.stop_all()
+    print(report, end="")
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(report)
+    log(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

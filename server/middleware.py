@@ -1,0 +1,104 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and slow every stream).
+
+`RequestContext`, the outermost one: gives every HTTP request and WebSocket handshake a
+request id (`X-Request-ID`, validated, else generated), echoes it on the response (and on the
+WebSocket accept), keeps it in a context variable for the logs, and feeds `GET /metrics`:
+requests by route template, method and status; open SSE responses (any `text/event-stream`
+answer) and open WebSockets, by route. Per request it costs a header scan and a counter.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import Match, Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import metrics, request_id
+
+_HEADER = request_id.HEADER.encode()
+
+
+def _route_of(scope: Scope) -> str:
+    """The route template (bounded label values), also for requests refused before routing."""
+    route = scope.get("route")
+    if route is None:
+        app = scope.get("app")
+        for candidate in getattr(app, "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match != Match.NONE:
+                route = candidate
+                break
+    path = getattr(route, "path", None)
+    if path is None:
+        return "<unmatched>"
+    return path + "/{path}" if isinstance(route, Mount) else path
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.startswith(b"text/event-stream")
+    return False
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope.get("headers", ()):
+            if name == _HEADER:
+                incoming = value.decode("latin-1")
+                break
+        rid = request_id.accept(incoming)
+        scope.setdefault("state", {})["request_id"] = rid
+        token = request_id.request_id.set(rid)
+        status: int | None = None
+        live = None  # the gauge child counting this stream or socket while it is open
+        header = (_HEADER, rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, live
+            mtype = message["type"]
+            if mtype == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", ()), header]
+                message = {**message, "headers": headers}
+                if status == 200 and _is_event_stream(headers):
+                    live = metrics.active_streams.labels(_route_of(scope))
+                    live.inc()
+            elif mtype == "websocket.accept":
+                status = 101
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+                live = metrics.active_websockets.labels(_route_of(scope))
+                live.inc()
+            elif mtype == "websocket.close" and status is None:
+                status = 403  # refused before the handshake completed
+            elif mtype == "websocket.http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if status is not None or kind != "http":
+                raise
+            # Unhandled errors are answered by Starlette's outermost error middleware, past
+            # this one: answer here instead so the 500 carries the id too.
+            from starlette.requests import Request
+
+            from .transports.errors import unexpected
+
+            response = await unexpected(Request(scope), exc)
+            await response(scope, receive, send_with_id)
+        finally:
+            if live is not None:
+                live.dec()
+            request_id.request_id.reset(token)
+            metrics.http_request("WS" if kind == "websocket" else scope.get("method", ""),
+                                 _route_of(scope), status or 500)

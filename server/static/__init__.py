@@ -1,0 +1,34 @@
+"""The built-in chat page: `GET /` and its assets under `/static/` (no build step).
+
+Plain HTML, CSS and one script in `web/`, talking to `WS /agent/ws`: streamed text, tool
+calls, a stop button, reconnect-and-resume after a dropped connection and an offline-mode
+banner. The page loads nothing from other origins; its Content-Security-Policy says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+WEB = Path(__file__).resolve().parent / "web"
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def chat_page(request: Request) -> Response:
+    return FileResponse(WEB / "index.html", headers=PAGE_HEADERS)
+
+
+def mount() -> Mount:
+    """`/static/*`: the page's script and stylesheet."""
+    return Mount("/static", app=StaticFiles(directory=WEB), name="static")

@@ -1,0 +1,444 @@
+// The built-in chat page: one WebSocket to /agent/ws, no dependencies, no build step.
+//
+// Reconnect-and-resume: every event carries `id` = "<turn_id>:<seq>". The page remembers the
+// session, the turn it is showing and the last seq it applied. When the socket drops, it
+// reconnects to /agent/ws?session_id=… and sends {"type":"resume", turn_id, last_event_id};
+// the server replays what came after, and anything at or below the last seq is ignored, so
+// no text is ever shown twice. A message sent just before a drop is sent again with the same
+// `message_id`, which the server treats as the same request (it joins the turn).
+(() => {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const logEl = $("log"), input = $("input"), form = $("composer");
+  const sendBtn = $("send"), stopBtn = $("stop"), statusEl = $("status");
+
+  const WATCHDOG_MS = 45000;  // the server pings every 20 s: silence this long means a dead link
+  const state = {
+    ws: null,
+    sessionId: null,
+    turnId: null,        // the turn being shown
+    lastSeq: 0,          // the last event of that turn applied to the page
+    running: false,      // from sending a message until its turn's terminal event
+    pending: null,       // the message frame, until its turn_start arrives
+    attempt: 0,          // reconnect attempts since the last successful open
+    timer: null,
+    lastFrameAt: 0,
+    connecting: false,
+    resumeFrom: null,   // fetching a ticket before opening the socket
+    failedOpens: 0,      // sockets that closed before opening, in a row
+    apiKey: sessionStorage.getItem("agent.apiKey") || "",
+    view: null,          // the assistant message being streamed
+    stats: { connects: 0, drops: 0, resumes: 0, duplicates: 0, resent: 0 },
+  };
+
+  // -- rendering ------------------------------------------------------------------------
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  let scrollQueued = false;
+  function scrollDown() {
+    const nearBottom = window.innerHeight + window.scrollY >= document.body.scrollHeight - 120;
+    if (!nearBottom || scrollQueued) return;
+    scrollQueued = true;
+    requestAnimationFrame(() => { scrollQueued = false; window.scrollTo(0, document.body.scrollHeight); });
+  }
+
+  function addMessage(role) {
+    const empty = $("empty");
+    if (empty) empty.remove();
+    const msg = el("article", "msg " + role);
+    msg.append(el("div", "who", role === "user" ? "You" : "Agent"));
+    logEl.append(msg);
+    return msg;
+  }
+
+  function showUser(text) {
+    addMessage("user").append(el("div", "text", text));
+    scrollDown();
+  }
+
+  class AnswerView {
+    constructor() {
+      this.root = addMessage("assistant");
+      this.root.setAttribute("aria-busy", "true");
+      this.body = el("div", "answer");
+      this.root.append(this.body);
+      this.segment = null;  // the text node being appended to
+      this.tools = new Map();
+      this.text = "";
+    }
+    appendText(text) {
+      if (!this.segment) {
+        const div = el("div", "text");
+        this.segment = document.createTextNode("");
+        div.append(this.segment);
+        this.body.append(div);
+      }
+      this.segment.appendData(text);
+      this.text += text;
+    }
+    tool(id, name) {
+      let t = this.tools.get(id);
+      if (!t) {
+        const box = el("details", "tool");
+        const summary = el("summary");
+        summary.append(el("span", "tool-name", "Tool: " + name), el("span", "tool-state", "running…"));
+        box.append(summary);
+        t = { box, state: summary.lastChild, input: null, output: null };
+        this.tools.set(id, t);
+        this.body.append(box);
+        this.segment = null;  // text after a tool call starts a new paragraph
+      }
+      return t;
+    }
+    toolInput(ev) {
+      const t = this.tool(ev.tool_use_id, ev.name);
+      if (!t.input) { t.input = el("pre", "input"); t.box.append(t.input); }
+      t.input.textContent = "input: " + JSON.stringify(ev.input, null, 2);
+      if (ev.valid === false) t.state.textContent = "invalid input: " + (ev.error || "");
+    }
+    toolResult(ev) {
+      const t = this.tool(ev.tool_use_id, ev.name);
+      if (!t.output) { t.output = el("pre", "output"); t.box.append(t.output); }
+      const value = ev.is_error ? ev.error : ev.output;
+      t.output.textContent = (ev.is_error ? "error: " : "result: ") +
+        (typeof value === "string" ? value : JSON.stringify(value, null, 2));
+      const preview = String(typeof value === "string" ? value : JSON.stringify(value)).replace(/\s+/g, " ");
+      t.state.textContent = (ev.is_error ? "failed: " : "done: ") +
+        (preview.length > 60 ? preview.slice(0, 59) + "…" : preview);
+      t.box.classList.toggle("failed", !!ev.is_error);
+    }
+    note(text, cls = "notice") {
+      this.root.append(el("p", cls, text));
+    }
+    finish(ev) {
+      this.root.setAttribute("aria-busy", "false");
+      this.root.dataset.state = ev.type === "turn_end" ? (ev.cancelled ? "cancelled" : "done") : "error";
+      if (ev.type === "turn_end") {
+        if (ev.cancelled) this.note("Stopped.");
+        else if (ev.truncated) this.note("The answer hit the token limit.");
+        const u = ev.usage || {};
+        const parts = [`${u.input_tokens || 0} in / ${u.output_tokens || 0} out tokens`];
+        if (u.cache_read_input_tokens) parts.push(`${u.cache_read_input_tokens} cached`);
+        if (typeof ev.estimated_cost_usd === "number") parts.push(`$${ev.estimated_cost_usd.toFixed(4)}`);
+        this.note(parts.join(" · "), "meta");
+      } else {
+        this.note(`${ev.message || "Something went wrong."} (${ev.code || "error"})` +
+                  (ev.retryable ? " You can send it again." : ""), "error");
+      }
+    }
+  }
+
+  function setStatus(kind, text) {
+    statusEl.dataset.state = kind;
+    statusEl.textContent = text;
+  }
+
+  function setRunning(running) {
+    state.running = running;
+    sendBtn.disabled = running;
+    stopBtn.disabled = !running;
+    stopBtn.textContent = "Stop";
+  }
+
+  // -- the connection -------------------------------------------------------------------
+  function wsUrl() {
+    const url = new URL("agent/ws", location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.search = state.sessionId ? "?session_id=" + encodeURIComponent(state.sessionId) : "";
+    return url.href;
+  }
+
+  function authHeaders() {
+    return state.apiKey ? { Authorization: "Bearer " + state.apiKey } : {};
+  }
+
+  async function socketUrl() {
+    // With an API key: a single-use ticket from POST /ws-ticket (browsers cannot set headers
+    // on a WebSocket, and a key may not be a valid subprotocol token).
+    const url = new URL(wsUrl());
+    if (!state.apiKey) return url.href;
+    const res = await fetch("ws-ticket", { method: "POST", headers: authHeaders() });
+    if (res.status === 401 || res.status === 403) {
+      showAuth("That API key was refused.");
+      return null;
+    }
+    if (!res.ok) throw new Error("ws-ticket: HTTP " + res.status);
+    url.searchParams.set("ticket", (await res.json()).ticket);
+    return url.href;
+  }
+
+  async function connect() {
+    clearTimeout(state.timer);
+    state.timer = null;
+    if (state.ws || state.connecting) return;
+    state.connecting = true;
+    let url;
+    try {
+      url = await socketUrl();
+    } catch {
+      url = undefined;
+    } finally {
+      state.connecting = false;
+    }
+    if (url === null) return;  // waiting for a (better) API key
+    if (url === undefined) { scheduleReconnect(); return; }
+    if (state.ws) return;
+    const ws = new WebSocket(url);
+    let opened = false;
+    state.ws = ws;
+    ws.onopen = () => {
+      if (ws !== state.ws) return;
+      opened = true;
+      state.failedOpens = 0;
+      $("auth").hidden = true;
+      state.attempt = 0;
+      state.stats.connects += 1;
+      state.lastFrameAt = Date.now();
+      setStatus("connected", "Connected");
+      if (!state.running) return;
+      if (state.turnId) {
+        state.stats.resumes += 1;
+        state.view.note("The connection dropped; resumed where it left off.");
+        const seq = state.resumeFrom ?? state.lastSeq;  // (resumeFrom: tests only, see __agent)
+        state.resumeFrom = null;
+        send({ type: "resume", turn_id: state.turnId, last_event_id: `${state.turnId}:${seq}` });
+      } else if (state.pending) {
+        state.stats.resent += 1;
+        send(state.pending);  // same message_id: the server joins the turn if it started
+      }
+    };
+    ws.onmessage = (msg) => {
+      if (ws !== state.ws) return;
+      state.lastFrameAt = Date.now();
+      let ev;
+      try { ev = JSON.parse(msg.data); } catch { return; }
+      handle(ev);
+    };
+    ws.onclose = (close) => {
+      if (ws !== state.ws) return;  // a socket we already replaced or closed on purpose
+      state.ws = null;
+      state.stats.drops += 1;
+      if (!opened && ++state.failedOpens >= 2 && !state.apiKey) {
+        showAuth("Could not connect. If this server requires an API key, enter it.");
+      }
+      if (close.code === 1008) {  // the server refused the session (expired or deleted)
+        lostSession(close.reason || "session_not_found");
+        return;
+      }
+      scheduleReconnect();
+    };
+  }
+
+  function scheduleReconnect() {
+    if (state.timer) return;
+    const delay = Math.min(8000, 250 * 2 ** state.attempt) * (0.8 + Math.random() * 0.4);
+    state.attempt += 1;
+    setStatus("reconnecting", state.running ? "Connection lost, resuming…" : "Reconnecting…");
+    state.timer = setTimeout(connect, delay);
+  }
+
+  function drop(ws) {
+    // Close without the page noticing it as intended: exactly what a network failure does.
+    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(4000, "client dropped the connection");
+  }
+
+  function send(frame) {
+    if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+      state.ws.send(JSON.stringify(frame));
+      return true;
+    }
+    connect();  // the frame that matters (pending message / resume) goes out on open
+    return false;
+  }
+
+  function lostSession(reason) {
+    if (state.view && state.running) {
+      state.view.note(`The session is gone (${reason}); start a new message.`, "error");
+      state.view.root.setAttribute("aria-busy", "false");
+    }
+    state.sessionId = null;
+    state.turnId = null;
+    state.pending = null;
+    setRunning(false);
+    setStatus("disconnected", "Session ended");
+    scheduleReconnect();
+  }
+
+  setInterval(() => {  // a link that went silent (no ping for too long) is reconnected
+    if (state.ws && state.ws.readyState === WebSocket.OPEN && Date.now() - state.lastFrameAt > WATCHDOG_MS) {
+      const ws = state.ws;
+      state.ws = null;
+      state.stats.drops += 1;
+      drop(ws);
+      scheduleReconnect();
+    }
+  }, 5000);
+
+  // -- events ---------------------------------------------------------------------------
+  function parseId(id) {
+    const i = typeof id === "string" ? id.lastIndexOf(":") : -1;
+    return i > 0 ? [id.slice(0, i), Number(id.slice(i + 1))] : null;
+  }
+
+  function handle(ev) {
+    const parsed = ev.id ? parseId(ev.id) : null;
+    if (!parsed) return control(ev);
+    const [turnId, seq] = parsed;
+    if (turnId !== state.turnId) {
+      // The turn our message just started (its turn_start, or an error if it could not
+      // start), else another tab's turn on this session: not ours to show.
+      if (!state.running || state.turnId !== null) return;
+      state.turnId = turnId;
+      state.lastSeq = 0;
+    }
+    if (seq <= state.lastSeq) {
+      state.stats.duplicates += 1;  // already on the page (a replay after resume)
+      return;
+    }
+    state.lastSeq = seq;
+    const view = state.view;
+    switch (ev.type) {
+      case "turn_start":
+        state.sessionId = ev.session_id;
+        state.pending = null;
+        break;
+      case "text_delta": view.appendText(ev.text); break;
+      case "tool_call": view.tool(ev.tool_use_id, ev.name); break;
+      case "tool_input": view.toolInput(ev); break;
+      case "tool_result": view.toolResult(ev); break;
+      case "turn_end":
+      case "error":
+        view.finish(ev);
+        state.pending = null;
+        setRunning(false);
+        input.focus();
+        break;
+    }
+    scrollDown();
+  }
+
+  function control(ev) {
+    switch (ev.type) {
+      case "ping": case "pong": return;
+      case "no_active_turn":
+        // Reconnected too late: the turn's event log expired. Its answer is in the history.
+        if (state.running) recoverFromHistory();
+        return;
+      case "error":  // a frame the server refused (busy session, bad message, ...)
+        if (state.running && !state.turnId) {
+          state.view.finish(ev);
+          state.pending = null;
+          setRunning(false);
+        } else if (state.view) {
+          state.view.note(ev.message || ev.code, "error");
+        }
+        return;
+    }
+  }
+
+  async function recoverFromHistory() {
+    const view = state.view;
+    try {
+      const res = await fetch(`sessions/${encodeURIComponent(state.sessionId)}`, { headers: authHeaders() });
+      const session = await res.json();
+      const last = (session.messages || []).filter((m) => m.role === "assistant").pop();
+      const blocks = last && Array.isArray(last.content) ? last.content : [];
+      const text = blocks.filter((b) => b.type === "text").map((b) => b.text).join("");
+      if (text.startsWith(view.text)) view.appendText(text.slice(view.text.length));
+      view.note("Recovered from the session history after a lost connection.");
+    } catch {
+      view.note("The connection was lost and the answer could not be recovered.", "error");
+    }
+    view.root.setAttribute("aria-busy", "false");
+    view.root.dataset.state = "done";
+    setRunning(false);
+  }
+
+  // -- the user's side ------------------------------------------------------------------
+  function newId() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function submit() {
+    const text = input.value;
+    if (!text.trim() || state.running) return;
+    input.value = "";
+    showUser(text);
+    state.view = new AnswerView();
+    state.turnId = null;
+    state.lastSeq = 0;
+    state.pending = { type: "message", message: text, message_id: newId() };
+    setRunning(true);
+    send(state.pending);
+  }
+
+  function stop() {
+    if (!state.running) return;
+    stopBtn.disabled = true;
+    stopBtn.textContent = "Stopping…";
+    if (!send({ type: "cancel" }) && state.sessionId) {
+      fetch(`sessions/${encodeURIComponent(state.sessionId)}/cancel`, { method: "POST", headers: authHeaders() })
+        .catch(() => {});
+    }
+  }
+
+  form.addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
+  });
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape") stop(); });
+  stopBtn.addEventListener("click", stop);
+  $("new-chat").addEventListener("click", () => {
+    const ws = state.ws;
+    state.ws = null;
+    if (ws) ws.close(1000, "new chat");
+    Object.assign(state, { sessionId: null, turnId: null, lastSeq: 0, pending: null, view: null });
+    setRunning(false);
+    logEl.replaceChildren();
+    connect();
+    input.focus();
+  });
+
+  function showAuth(message) {
+    $("auth").hidden = false;
+    $("auth-error").textContent = message;
+    setStatus("disconnected", "Not connected");
+  }
+
+  $("auth").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.apiKey = $("api-key").value.trim();
+    if (state.apiKey) sessionStorage.setItem("agent.apiKey", state.apiKey);
+    else sessionStorage.removeItem("agent.apiKey");
+    $("auth-error").textContent = "";
+    state.attempt = 0;
+    state.failedOpens = 0;
+    connect();
+  });
+
+  fetch("health").then((r) => r.json()).then((h) => {
+    if (h.offline_model) $("offline").hidden = false;
+  }).catch(() => {});
+
+  // For tests and debugging: drop the socket like a network failure would, and look inside.
+  window.__agent = {
+    // `resumeFrom`: ask for a replay from an earlier seq than the page has (the page must
+    // then skip what it already shows).
+    dropConnection({ resumeFrom = null } = {}) { state.resumeFrom = resumeFrom; drop(state.ws); },
+    state() {
+      return { sessionId: state.sessionId, turnId: state.turnId, lastSeq: state.lastSeq,
+               running: state.running, connected: !!state.ws && state.ws.readyState === WebSocket.OPEN,
+               stats: { ...state.stats } };
+    },
+  };
+
+  connect();
+  input.focus();
+})();

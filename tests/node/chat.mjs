@@ -1,0 +1,199 @@
+// Drives the server's AI SDK endpoints with the real `ai` client (see tests/test_ai_sdk.py).
+//
+// usage: node chat.mjs '<scenario JSON>'   ->  one JSON result on stdout
+//
+// scenario: {url, transport: "http" | "ws", key?, chats: {name: {id, messages?}}, steps: [step...]}
+// steps (run in order; "parallel" runs its steps concurrently):
+//   {op: "send", chat, text, body?}        Chat.sendMessage (what useChat's sendMessage does)
+//   {op: "stop", chat, text, afterChars, body?}  sendMessage, then Chat.stop() once the answer
+//                                          has at least afterChars characters
+//   {op: "resume", chat}                   Chat.resumeStream() (useChat({resume: true}))
+//   {op: "read", chat, text}               transport.sendMessages + readUIMessageStream
+//   {op: "reconnect", chat}                transport.reconnectToStream + readUIMessageStream
+//   {op: "parallel", steps: [...]}
+// The result has, per chat, its messages, status, error, the onFinish calls and the chunks
+// it received, plus `reads` (readUIMessageStream results) and `sockets` (WebSockets opened).
+import { AbstractChat, DefaultChatTransport, WebSocketChatTransport, readUIMessageStream } from 'ai';
+import WebSocket from 'ws';
+
+const scenario = JSON.parse(process.argv[2]);
+
+let sockets = 0;
+class CountingWebSocket extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    sockets += 1;
+  }
+}
+
+// Node 20 has no global WebSocket: hand the transport the `ws` implementation.
+// `key` authenticates as a browser would: a header over HTTP, the subprotocols over WebSocket.
+const base =
+  scenario.transport === 'ws'
+    ? new WebSocketChatTransport({
+        url: scenario.url.replace(/^http/, 'ws') + '/api/chat/ws',
+        webSocket: CountingWebSocket,
+        protocols: scenario.key ? ['agent', `bearer.${scenario.key}`] : undefined,
+      })
+    : new DefaultChatTransport({
+        api: scenario.url + '/api/chat',
+        headers: scenario.key ? { authorization: `Bearer ${scenario.key}` } : undefined,
+      });
+
+// Records every chunk a chat receives, passing everything else through.
+function recording(transport, chunks) {
+  const tap = (stream) =>
+    stream.pipeThrough(
+      new TransformStream({
+        transform(chunk, controller) {
+          chunks.push(chunk);
+          controller.enqueue(chunk);
+        },
+      }),
+    );
+  return {
+    resumeStreamIsReplay: transport.resumeStreamIsReplay,
+    sendMessages: async (options) => tap(await transport.sendMessages(options)),
+    reconnectToStream: async (options) => {
+      const stream = await transport.reconnectToStream(options);
+      return stream == null ? null : tap(stream);
+    },
+    close: () => transport.close?.(),
+  };
+}
+
+// The state a framework binding (React's useChat) keeps; plain arrays here.
+class State {
+  constructor(messages) {
+    this.status = 'ready';
+    this.error = undefined;
+    this.messages = messages;
+  }
+  pushMessage(message) {
+    this.messages = this.messages.concat(message);
+  }
+  popMessage() {
+    this.messages = this.messages.slice(0, -1);
+  }
+  replaceMessage(index, message) {
+    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
+  }
+  snapshot(thing) {
+    return structuredClone(thing);
+  }
+}
+
+class Chat extends AbstractChat {
+  constructor({ messages = [], ...init }) {
+    super({ ...init, state: new State(messages) });
+  }
+}
+
+const chats = {};
+for (const [name, spec] of Object.entries(scenario.chats)) {
+  const record = { chunks: [], finishes: [], errors: [] };
+  record.chat = new Chat({
+    id: spec.id,
+    messages: spec.messages ?? [],
+    transport: recording(base, record.chunks),
+    onError: (error) => record.errors.push(error.message),
+    onFinish: ({ isAbort, isError, isDisconnect, finishReason, message }) =>
+      record.finishes.push({ isAbort, isError, isDisconnect, finishReason, messageId: message.id }),
+  });
+  chats[name] = record;
+}
+
+const reads = [];
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function readAll(stream) {
+  const chunks = [];
+  const errors = [];
+  const tapped = stream.pipeThrough(
+    new TransformStream({
+      transform(chunk, controller) {
+        chunks.push(chunk);
+        controller.enqueue(chunk);
+      },
+    }),
+  );
+  let last = null;
+  for await (const message of readUIMessageStream({ stream: tapped, onError: (e) => errors.push(e.message) })) {
+    last = message;
+  }
+  return { message: last, chunks, errors };
+}
+
+function answerChars(chat) {
+  const last = chat.messages[chat.messages.length - 1];
+  if (last?.role !== 'assistant') return 0;
+  return last.parts.filter((p) => p.type === 'text').reduce((n, p) => n + p.text.length, 0);
+}
+
+async function run(step) {
+  const record = chats[step.chat];
+  switch (step.op) {
+    case 'send':
+      await record.chat.sendMessage({ text: step.text }, step.body ? { body: step.body } : undefined);
+      return;
+    case 'stop': {
+      const sending = record.chat.sendMessage({ text: step.text }, step.body ? { body: step.body } : undefined);
+      const deadline = Date.now() + 10000;
+      while (answerChars(record.chat) < step.afterChars && Date.now() < deadline) await sleep(5);
+      await record.chat.stop();
+      await sending;
+      return;
+    }
+    case 'resume':
+      await record.chat.resumeStream();
+      return;
+    case 'read': {
+      const stream = await base.sendMessages({
+        chatId: scenario.chats[step.chat].id,
+        messages: [{ id: `u-${Math.random().toString(36).slice(2)}`, role: 'user', parts: [{ type: 'text', text: step.text }] }],
+        trigger: 'submit-message',
+        messageId: undefined,
+        abortSignal: undefined,
+      });
+      reads.push(await readAll(stream));
+      return;
+    }
+    case 'reconnect': {
+      const stream = await base.reconnectToStream({ chatId: scenario.chats[step.chat].id });
+      reads.push(stream == null ? null : await readAll(stream));
+      return;
+    }
+    case 'parallel':
+      await Promise.all(step.steps.map(run));
+      return;
+    case 'sleep':
+      await sleep(step.ms);
+      return;
+    default:
+      throw new Error(`unknown step ${step.op}`);
+  }
+}
+
+const timer = setTimeout(() => {
+  console.error('scenario timed out');
+  process.exit(3);
+}, scenario.timeoutMs ?? 30000);
+
+for (const step of scenario.steps) await run(step);
+clearTimeout(timer);
+base.close?.();
+
+const out = { sockets, reads, chats: {} };
+for (const [name, record] of Object.entries(chats)) {
+  out.chats[name] = {
+    id: record.chat.id,
+    status: record.chat.status,
+    error: record.chat.error?.message ?? null,
+    errors: record.errors,
+    finishes: record.finishes,
+    chunks: record.chunks,
+    messages: record.chat.messages,
+  };
+}
+process.stdout.write(JSON.stringify(out));
+process.exit(0);

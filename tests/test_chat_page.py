@@ -1,0 +1,237 @@
+"""The built-in chat page (`GET /`) in real headless Chromium, driven by Selenium.
+
+Debian's `chromium` and `chromium-driver` packages are used (never a downloaded browser): the
+module installs them with apt-get when they are missing, and skips with the reason printed
+only where apt-get cannot be used. Screenshot: test-artifacts/chat-page.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from .harness import ROOT, Server, free_port
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOT = ROOT / "test-artifacts" / "chat-page.png"
+FULL_60 = " ".join(f"tok{i}" for i in range(60))
+
+
+def _install_chromium() -> str | None:
+    """Install Debian's chromium + chromium-driver if missing; a reason to skip, or None."""
+    if os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK):
+        return None
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return "chromium is not installed and apt-get is not available on this machine"
+    if os.geteuid() == 0:
+        prefix: list[str] = []
+    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        prefix = ["sudo", "-n"]
+    else:
+        return "chromium is not installed and apt-get needs root (no passwordless sudo)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print("[test_chat_page] installing chromium and chromium-driver with apt-get", file=sys.stderr, flush=True)
+    for cmd in ([*prefix, apt, "update", "-qq"], [*prefix, apt, "install", "-y", "-qq", "chromium", "chromium-driver"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.fail(f"apt-get installed chromium but {CHROMIUM} or {CHROMEDRIVER} is missing")
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    reason = _install_chromium()
+    if reason:
+        print(f"[test_chat_page] SKIPPED: {reason}", file=sys.stderr, flush=True)
+        pytest.skip(reason)
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download anything
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="chat-page-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1000,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_script_timeout(10)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def page_server(start_server: Callable[..., Server], **env: Any) -> Server:
+    # The page's WebSocket carries an Origin (its own); allow it explicitly.
+    port = free_port()
+    return start_server(PORT=port, ALLOWED_ORIGINS=f"http://127.0.0.1:{port}", **env)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.03)
+
+
+class Page:
+    def __init__(self, driver: Any, server: Server):
+        self.d = driver
+        self.server = server
+        driver.get(server.url + "/")
+        wait_for(lambda: self.state().get("connected"), what="the WebSocket to connect")
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.d.execute_script(script, *args)
+
+    def state(self) -> dict[str, Any]:
+        return self.js("return window.__agent ? window.__agent.state() : {}")
+
+    def send(self, text: str) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.d.find_element(By.ID, "input")
+        box.clear()
+        self.js("arguments[0].value = arguments[1]", box, text)  # send_keys would type '{' slowly
+        box.send_keys(Keys.ENTER)
+
+    def answers(self) -> list[dict[str, Any]]:
+        return self.js("""
+            return Array.from(document.querySelectorAll('article.msg.assistant')).map(a => ({
+              text: Array.from(a.querySelectorAll('.answer > .text')).map(t => t.textContent).join(''),
+              state: a.dataset.state || null, busy: a.getAttribute('aria-busy'),
+              tools: Array.from(a.querySelectorAll('details.tool')).map(t => t.textContent),
+              notes: Array.from(a.querySelectorAll('.notice, .meta, .error')).map(n => n.textContent)}));""")
+
+    def answer(self, i: int) -> dict[str, Any]:
+        answers = self.answers()
+        return answers[i] if len(answers) > i else {}
+
+    def wait_answer(self, i: int, states: tuple[str, ...] = ("done",), timeout: float = 20) -> dict[str, Any]:
+        return wait_for(lambda: (lambda a: a if a.get("state") in states else None)(self.answer(i)),
+                        timeout, f"answer {i} to be {states}")
+
+
+def test_stream_tools_and_resume_after_a_dropped_connection(browser, start_server, upstream):
+    server = page_server(start_server)
+    page = Page(browser, server)
+    assert browser.find_element("id", "offline").is_displayed() is False, "a real upstream: no banner"
+    assert page.js("return document.getElementById('log').getAttribute('role')") == "log"
+    assert page.js("return document.querySelector('label[for=input]').textContent") == "Message"
+
+    # A turn with a tool call: the call, its input and its result are shown.
+    upstream.script({"tool_use": [{"name": "calculator", "input": {"expression": "6*7"}}]},
+                    {"text": "6 × 7 is 42."})
+    page.send("What is 6*7?")
+    first = page.wait_answer(0)
+    assert first["text"] == "6 × 7 is 42."
+    assert len(first["tools"]) == 1
+    assert "Tool: calculator" in first["tools"][0] and "6*7" in first["tools"][0]
+    assert "result: 42" in first["tools"][0] and "done" in first["tools"][0]
+    session_id = page.state()["sessionId"]
+    assert session_id
+
+    # A slow answer; the socket is dropped mid-stream, the page reconnects and resumes.
+    page.send('Count for me #fake{"tokens":60,"pace_ms":50}')
+    wait_for(lambda: "tok5 " in page.answer(1).get("text", ""), what="the answer to start streaming")
+    page.js("window.__agent.dropConnection()")
+    at_drop = page.answer(1)["text"]
+    assert FULL_60.startswith(at_drop) and len(at_drop) < len(FULL_60), "dropped mid-answer"
+    wait_for(lambda: not page.state()["connected"], 5, "the socket to close")
+    second = page.wait_answer(1, timeout=30)
+    assert second["text"] == FULL_60, "the whole answer exactly once: nothing lost, nothing repeated"
+    state = page.state()
+    assert state["sessionId"] == session_id, "the same session after reconnecting"
+    assert state["stats"]["drops"] == 1 and state["stats"]["resumes"] == 1
+    assert state["stats"]["connects"] == 2
+    assert state["connected"] and not state["running"]
+    assert any("out tokens" in n for n in second["notes"])
+
+    # The server agrees: one session, two turns, the full answer committed.
+    view = httpx.get(f"{server.url}/sessions/{session_id}", timeout=10).json()
+    assert view["turns"] == 2
+    assert view["messages"][-1]["content"][0]["text"] == FULL_60
+
+    # One more ordinary turn after the resume, on the same socket.
+    upstream.script({"text": "Still here, same conversation."})
+    page.send("Are you still there?")
+    assert page.wait_answer(2)["text"] == "Still here, same conversation."
+    assert page.state()["stats"]["connects"] == 2
+
+    # A resume that asks for too much (from the turn's start): the replayed events are skipped.
+    page.send('Once more #fake{"tokens":60,"pace_ms":30}')
+    wait_for(lambda: "tok3 " in page.answer(3).get("text", ""), what="the answer to start streaming")
+    page.js("window.__agent.dropConnection({resumeFrom: 0})")
+    assert page.wait_answer(3, timeout=30)["text"] == FULL_60
+    stats = page.state()["stats"]
+    assert stats["resumes"] == 2 and stats["duplicates"] >= 4, stats
+    page.js("window.scrollTo(0, 0)")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+
+
+def test_stop_button_cancels_the_running_turn(browser, start_server, upstream):
+    from selenium.webdriver.common.by import By
+
+    server = page_server(start_server)
+    page = Page(browser, server)
+    stop = browser.find_element(By.ID, "stop")
+    assert not stop.is_enabled(), "nothing to stop yet"
+    page.send('Go on for a while #fake{"tokens":400,"pace_ms":30}')
+    wait_for(lambda: "tok3 " in page.answer(0).get("text", ""), what="streaming")
+    assert stop.is_enabled() and not browser.find_element(By.ID, "send").is_enabled()
+    stop.click()
+    answer = page.wait_answer(0, ("cancelled",))
+    assert "Stopped." in answer["notes"]
+    assert answer["text"] and len(answer["text"]) < len(" ".join(f"tok{i}" for i in range(400)))
+    assert not stop.is_enabled() and browser.find_element(By.ID, "send").is_enabled()
+    session_id = page.state()["sessionId"]
+    view = httpx.get(f"{server.url}/sessions/{session_id}", timeout=10).json()
+    assert view["turns"] == 1 and view["running_turn_id"] is None
+    assert view["turn_records"][-1]["status"] == "cancelled"
+
+
+def test_offline_mode_banner(browser, start_server):
+    server = page_server(start_server, ANTHROPIC_API_KEY="", ANTHROPIC_BASE_URL="", OFFLINE_PACE_MS=1)
+    assert httpx.get(server.url + "/health").json()["offline_model"] is True
+    page = Page(browser, server)
+    banner = wait_for(lambda: (lambda b: b if b.is_displayed() else None)(browser.find_element("id", "offline")),
+                      what="the offline banner")
+    assert "Offline mode" in banner.text and "ANTHROPIC_API_KEY" in banner.text
+    page.send("hello")
+    answer = page.wait_answer(0)
+    assert answer["text"], "the bundled offline model answers"
+
+
+def test_page_headers_and_assets(start_server):
+    server = start_server()
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+    for asset, kind in (("chat.js", "javascript"), ("chat.css", "text/css")):
+        a = httpx.get(f"{server.url}/static/{asset}")
+        assert a.status_code == 200 and kind in a.headers["content-type"]
+    assert httpx.get(server.url + "/static/__init__.py").status_code == 404, "only the web/ folder is served"
+    assert json.loads(httpx.get(server.url + "/health").text)["offline_model"] is False
