@@ -45,6 +45,7 @@ class MemoryStore:
         self._logs: dict[tuple[str, str], _Log] = {}
         self._message_ids: dict[tuple[str, str], tuple[str, float]] = {}
         self._on_cancel: CancelHandler | None = None
+        self._finished = 0
 
     # -- helpers -------------------------------------------------------------------------
     def _session(self, session_id: str, owner: str | None = None) -> _Session | None:
@@ -142,7 +143,20 @@ class MemoryStore:
         assert log is not None
         self._append(log, commit.events)
         log.expires_at = time.monotonic() + self.log_ttl
+        self._finished += 1
+        if self._finished % 100 == 0:
+            self._sweep()
         return True
+
+    def _sweep(self) -> None:
+        """Drop what has expired (Redis does this by itself with TTLs)."""
+        now = time.monotonic()
+        for sid in [k for k, s in self._sessions.items() if s.expires_at < now]:
+            del self._sessions[sid]
+        for key in [k for k, log in self._logs.items() if log.expires_at < now]:
+            del self._logs[key]
+        for key in [k for k, (_, exp) in self._message_ids.items() if exp < now]:
+            del self._message_ids[key]
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
         s = self._session(session_id)

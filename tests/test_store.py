@@ -1,0 +1,117 @@
+"""Both store backends keep the same contract (memory for one process, Redis for many)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.events import Event, encode
+from server.store.base import Busy, Duplicate, NotFound, Started, TurnCommit, new_id
+from server.store.memory import MemoryStore
+from server.store.redis import RedisStore
+from server.usage import Usage
+
+LOCK_TTL = 0.3
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request, redis_url):
+    kw = dict(lock_ttl=LOCK_TTL, log_ttl=60, log_maxlen=1000, idempotency_ttl=60)
+    if request.param == "memory":
+        s = MemoryStore(session_ttl=3600, **kw)
+    else:
+        s = RedisStore(redis_url, session_ttl=3600, **kw)
+    yield s
+    await s.close()
+
+
+def commit(turn_id: str, text: str, seq: int) -> TurnCommit:
+    return TurnCommit(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": text}]}],
+        record={"turn_id": turn_id, "status": "completed"}, usage=Usage(10, 5, 2, 3), cost_usd=0.25,
+        last_input_tokens=15, last_input_chars=60,
+        events=[encode(turn_id, seq, "turn_end", {"text": text})])
+
+
+async def test_begin_lock_busy_commit_and_history(store):
+    sid, t1, t2 = new_id(), new_id(), new_id()
+    started = await store.begin_turn(sid, t1, owner="alice", create=True, message_id=None)
+    assert isinstance(started, Started) and started.history == []
+    busy = await store.begin_turn(sid, t2, owner="alice", create=False, message_id=None)
+    assert isinstance(busy, Busy) and busy.running_turn_id == t1
+    assert isinstance(await store.begin_turn(sid, t2, owner="bob", create=False, message_id=None), NotFound)
+    await store.append_events(sid, t1, [encode(t1, 1, "turn_start", {})])
+    assert await store.finish_turn(sid, t1, commit(t1, "a1", 2))
+    again = await store.begin_turn(sid, t2, owner="alice", create=False, message_id=None)
+    assert isinstance(again, Started)
+    assert [m["role"] for m in again.history] == ["user", "assistant"]
+    assert again.meta.usage.total == 20 and again.meta.cost_usd == pytest.approx(0.25)
+    assert again.meta.last_input_tokens == 15
+    view = await store.get_session(sid, "alice")
+    assert view is not None and view.turns == [{"turn_id": t1, "status": "completed"}]
+    assert await store.get_session(sid, "bob") is None
+
+
+async def test_commit_is_fenced_by_the_lock(store):
+    sid, t1, t2 = new_id(), new_id(), new_id()
+    await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
+    await asyncio.sleep(LOCK_TTL + 0.2)  # the lock expires: someone else may take the session
+    assert isinstance(await store.begin_turn(sid, t2, owner="o", create=False, message_id=None), Started)
+    assert not await store.finish_turn(sid, t1, commit(t1, "stale", 1)), "a stale worker cannot commit"
+    assert (await store.get_session(sid, "o")).history == []
+
+
+async def test_renewal_keeps_the_lock(store):
+    sid, t1 = new_id(), new_id()
+    await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
+    for _ in range(4):
+        await asyncio.sleep(LOCK_TTL / 2)
+        assert await store.renew_lock(sid, t1)
+    assert await store.lock_holder(sid) == t1
+    assert not await store.renew_lock(sid, new_id())
+
+
+async def test_idempotent_message_id(store):
+    sid, t1, t2 = new_id(), new_id(), new_id()
+    await store.begin_turn(sid, t1, owner="o", create=True, message_id="m-1")
+    dup = await store.begin_turn(sid, t2, owner="o", create=False, message_id="m-1")
+    assert isinstance(dup, Duplicate) and dup.turn_id == t1
+
+
+async def test_event_log_read_block_and_abandon(store):
+    sid, t1 = new_id(), new_id()
+    await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
+    reader = asyncio.create_task(store.read_events(sid, t1, 0, 2000))
+    await asyncio.sleep(0.05)
+    await store.append_events(sid, t1, [encode(t1, 1, "turn_start", {}), encode(t1, 2, "text_delta", {"text": "x"})])
+    got = await asyncio.wait_for(reader, 3)  # a blocked reader wakes on the first new entry
+    got += await store.read_events(sid, t1, got[-1].seq, 0)
+    assert [e.seq for e in got] == [1, 2] and got[0].id == f"{t1}:1"
+    assert not await store.abandon_turn(sid, t1, '"code":"interrupted"'), "still locked: alive"
+    await asyncio.sleep(LOCK_TTL + 0.2)
+    assert await store.abandon_turn(sid, t1, '"code":"interrupted","message":"m","retryable":true')
+    tail = await store.read_events(sid, t1, 2, 0)
+    assert [(e.seq, e.type) for e in tail] == [(3, "error")] and tail[0].terminal
+    assert b'"id":"%s:3"' % t1.encode() in tail[0].data
+    assert not await store.abandon_turn(sid, t1, '"code":"interrupted"'), "already terminal"
+    state = await store.last_turn(sid, "o")
+    assert state == (t1, False) and await store.has_log(sid, t1)
+
+
+async def test_new_turn_after_a_crash_reports_the_stale_turn(store):
+    sid, t1, t2 = new_id(), new_id(), new_id()
+    await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
+    await asyncio.sleep(LOCK_TTL + 0.2)
+    started = await store.begin_turn(sid, t2, owner="o", create=False, message_id=None)
+    assert isinstance(started, Started) and started.stale_turn_id == t1
+
+
+async def test_delete(store):
+    sid, t1 = new_id(), new_id()
+    await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
+    await store.finish_turn(sid, t1, commit(t1, "a", 1))
+    assert not await store.delete_session(sid, "mallory")
+    assert await store.delete_session(sid, "o")
+    assert await store.get_session(sid, "o") is None and not await store.has_log(sid, t1)
