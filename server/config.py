@@ -30,7 +30,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 
 @dataclass(frozen=True)
 class Settings:
-    anthropic_api_key: str | None = None
+    anthropic_api_key: str | None = field(default=None, repr=False)
     anthropic_base_url: str | None = None
     anthropic_max_retries: int = 2
     upstream_timeout_seconds: float = 120.0

@@ -34,6 +34,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..auth import principal_of
 from ..engine import Engine
 from ..errors import ApiError
+from ..security import admit_turn
 from .ai_sdk import UIChunks, chat_turn_request, session_for_chat
 
 log = logging.getLogger("server.ai_sdk_ws")
@@ -64,7 +65,13 @@ class ChatSocket:
         await self.ws.accept()  # the subprotocol answer (`agent`) is the security middleware's
         try:
             while True:
-                await self._handle(await self.ws.receive_text())
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("text") is None:  # a binary frame has no requestId to answer
+                    log.info("dropped a binary WebSocket chat frame")
+                    continue
+                await self._handle(message["text"])
         except WebSocketDisconnect:
             pass
         finally:
@@ -92,6 +99,7 @@ class ChatSocket:
             if kind == "abort":
                 await self._abort(request_id)
             elif kind == "send":
+                await admit_turn(self.ws)  # per-minute limits, as for POST /api/chat
                 await self._send(request_id, frame)
             elif kind == "resume":
                 await self._resume(request_id, frame)
