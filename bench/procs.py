@@ -25,6 +25,15 @@ UPSTREAM_CAP = 5000
 _live: list["Proc"] = []
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the benchmark dies, so nothing is left behind."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +82,7 @@ class Proc:
             argv, cwd=ROOT, env=env,
             stdout=subprocess.PIPE if stdout_pipe else self._log,
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-            stderr=self._log, start_new_session=True,
+            stderr=self._log, start_new_session=True, preexec_fn=_die_with_parent,
             text=stdout_pipe or stdin_pipe, bufsize=1 if (stdout_pipe or stdin_pipe) else -1)
         self.pid = self.proc.pid
         _live.append(self)
@@ -294,7 +303,7 @@ class Server:
                 continue
             if msg.startswith("auth: OFF"):
                 continue
-            msg = re.sub(r"\b[A-Za-z0-9_-]{22}\b", "<id>", msg)
+            msg = re.sub(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{22}(?![A-Za-z0-9_-])", "<id>", msg)
             exc = str(rec.get("exc", "")).strip().splitlines()
             key = f"{rec['level']}: {msg}" + (f" ({exc[-1][:100]})" if exc else "")
             counts[key] = counts.get(key, 0) + 1

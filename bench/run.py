@@ -135,19 +135,23 @@ class Bench:
         self.a = args
         self.redis: Redis | None = None
         self.fake: Fake | None = None
-        self.lines: list[str] = []
         self.notes: list[str] = []
-        self.rows: list[tuple[str, ...]] = []
-        self.details: list[str] = []
         self.targets: dict[str, Target] = {}
         self.server_logs: list[tuple[str, int, list[tuple[int, str]]]] = []
         self.quiet_waits: list[str] = []
 
-    def collect_log(self, label: str, server: Server) -> None:
+    def stop_server(self, label: str, server: Server) -> None:
+        """Stop a server; report warnings/errors from its log (incl. those logged while it drained)
+        and any SIGTERM it got before ours."""
         try:
-            sigterms, problems = server.log_problems()
+            sigterms, _ = server.log_problems()
         except OSError:
-            return
+            sigterms = 0
+        server.stop()
+        try:
+            _, problems = server.log_problems()
+        except OSError:
+            problems = []
         self.server_logs.append((label, sigterms, problems))
         if sigterms:
             self.notes.append(f"{label}: the server got a SIGTERM the benchmark did not send (someone's broad "
@@ -225,8 +229,7 @@ class Bench:
         finally:
             lg.stop()
             if server is not None:
-                self.collect_log(name, server)
-                server.stop()
+                self.stop_server(name, server)
 
     # -- sections 1 + 2: paced streams ---------------------------------------------------------
     def load_stream(self, lg: LoadGen, t: Target) -> None:
@@ -235,7 +238,7 @@ class Bench:
         ideal = a.events * a.pace_ms / 1000
         log(f"{t.name}: {a.concurrency} streams x {a.events} events x {a.pace_ms} ms, {a.rounds} rounds")
         self.wait_quiet(f"{t.name} streams")
-        profiler = self._start_profiler(t) if (a.profile and t.name == "ours") else None
+        profiler = self._start_profiler(t, "streams") if (a.profile and t.name == "ours") else None
         try:
             out = self._lg_run(lg, t, t.stream_spec(text), a.concurrency, a.rounds, ramp=ideal,
                                timeout=max(120.0, ideal * 20))
@@ -247,7 +250,9 @@ class Bench:
         events = sum(r[4] for r in ok)
         cpu = out["cpu"]
         durations = [r[3] for r in ok]
+        rss = t.server.memory_kb()["rss"] / 1024 if t.server else None
         t.results["stream"] = {
+            "rss_mb": rss,
             "events": events, "expected": len(recs) * a.events, "streams": len(recs), "failed": len(recs) - len(ok),
             "short": sum(1 for r in ok if r[4] != a.events), "errors": out["errors"], "wall": out["wall"],
             "cpu": cpu, "us_per_event": cpu["server"] / events * 1e6 if events else None,
@@ -263,13 +268,19 @@ class Bench:
         a = self.a
         self.wait_quiet(f"{t.name} short turns")
         log(f"{t.name}: short turns, {a.turn_clients} clients x {a.turn_rounds} turns")
-        out = self._lg_run(lg, t, t.turn_spec(directive(tokens=5) + " short turn", a.session_turns),
-                           a.turn_clients, a.turn_rounds)
+        profiler = self._start_profiler(t, "turns") if (a.profile and t.name == "ours") else None
+        try:
+            out = self._lg_run(lg, t, t.turn_spec(directive(tokens=5) + " short turn", a.session_turns),
+                               a.turn_clients, a.turn_rounds)
+        finally:
+            if profiler is not None:
+                self._stop_profiler(profiler)
         recs = out["records"]
         ok = [r for r in recs if not r[6]]
         lat = [r[3] for r in ok]
         cpu = out["cpu"]
         t.results["turn"] = {
+            "rss_mb": t.server.memory_kb()["rss"] / 1024 if t.server else None,
             "turns": len(ok), "failed": len(recs) - len(ok), "errors": out["errors"], "wall": out["wall"],
             "cpu": cpu, "ms_per_turn": cpu["server"] / len(ok) * 1e3 if ok else None,
             "lat_p50": pct(lat, 50), "lat_p99": pct(lat, 99), "rate": len(ok) / out["wall"] if out["wall"] else None,
@@ -285,20 +296,22 @@ class Bench:
                            ramp=a.ttft_events * a.pace_ms / 1000)
         ok = [r for r in out["records"] if not r[6] and r[2] is not None]
         ttft = [r[2] * 1000 for r in ok]
-        t.results["ttft"] = {"n": len(ok), "errors": out["errors"], "p50": pct(ttft, 50), "p99": pct(ttft, 99)}
+        t.results["ttft"] = {"rss_mb": t.server.memory_kb()["rss"] / 1024 if t.server else None, "n": len(ok), "errors": out["errors"], "p50": pct(ttft, 50), "p99": pct(ttft, 99)}
 
     # -- profiling (optional) ---------------------------------------------------------------------
-    def _start_profiler(self, t: Target) -> subprocess.Popen[bytes] | None:
+    def _start_profiler(self, t: Target, what: str) -> subprocess.Popen[bytes] | None:
         spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
         if not os.path.exists(spy):
             log("--profile: py-spy is not installed in the venv (pip install py-spy); skipping")
             return None
         pid = t.cpu_pids[-1]  # the worker (or the single in-process server)
         RESULTS.mkdir(exist_ok=True)
-        argv = [spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "250", "--duration", "3600",
-                "--format", "raw", "-o", str(RESULTS / "profile-ours.txt")]
-        log(f"py-spy recording pid {pid} -> {RESULTS / 'profile-ours.txt'}")
-        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv = [spy, "record", "--pid", str(pid), "--rate", "200", "--duration", "3600",
+                "--format", "raw", "-o", str(RESULTS / f"profile-ours-{what}.txt")]
+        log(f"py-spy recording pid {pid} -> {RESULTS / f'profile-ours-{what}.txt'} "
+            f"(summary: python -m bench.profile_report <file>)")
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=procs._die_with_parent)
 
     @staticmethod
     def _stop_profiler(p: subprocess.Popen[bytes]) -> None:
@@ -336,10 +349,10 @@ class Bench:
                 # warm the same path, then release it, so lazy imports are not counted
                 lg.call({"cmd": "open", "group": "warm", "count": warm, **base, **spec})
                 lg.call({"cmd": "close", "group": "warm"})
-                time.sleep(1.0)
+                time.sleep(0.5 if a.quick else 1.0)
                 before = server.memory_kb()
                 opened = lg.call({"cmd": "open", "group": "main", "count": n, **base, **spec})
-                time.sleep(1.5)
+                time.sleep(0.8 if a.quick else 1.5)
                 after = server.memory_kb()
                 lg.call({"cmd": "close", "group": "main"})
                 got = opened["open"]
@@ -353,8 +366,7 @@ class Bench:
                     log(f"memory {key}: errors {opened['errors']}")
             finally:
                 lg.stop()
-                self.collect_log(f"memory {key}", server)
-                server.stop()
+                self.stop_server(f"memory {key}", server)
         self.memory = results
 
     # -- section 6: Redis per turn ----------------------------------------------------------------
@@ -402,8 +414,7 @@ class Bench:
             m["h"] = 0
             rows.append(m)
         finally:
-            self.collect_log("redis", server)
-            server.stop()
+            self.stop_server("redis", server)
             proxy.stop()
         self.redis_rows = rows
 
@@ -455,17 +466,12 @@ class Bench:
             row("3", "short turn latency, p99", [fmt(x, " ms") for x in v], [ratio(v[0], v[1]), ratio(v[0], v[2])], "")
         if any("ttft" in t.results for t in T.values()):
             for p in ("p50", "p99"):
-                base = get("floor", "ttft", p)
-                vals, added = [], []
-                for n in ("ours", "seed"):
-                    x = get(n, "ttft", p)
-                    added.append(x - base if x is not None and base is not None else None)
-                    vals.append(fmt(added[-1], " ms", 2) if added[-1] is not None else "—")
-                vals.append(f"({fmt(base, ' ms', 1)})" if base is not None else "—")
                 raw = [get(n, "ttft", p) for n in ("ours", "seed", "floor")]
-                row("4", f"TTFT added over direct, {p}", [("+" + s if s != "—" and not s.startswith("-") else s)
-                                                          for s in vals[:2]] + [vals[2]],
-                    [ratio(raw[0], raw[1]), ratio(raw[0], raw[2])], "(floor: raw TTFT)")
+                base = raw[2]
+                vals = [f"{x - base:+.2f} ms" if x is not None and base is not None else "—" for x in raw[:2]]
+                vals.append(f"({base:.1f} ms)" if base is not None else "—")
+                row("4", f"TTFT added over direct, {p}", vals, [ratio(raw[0], raw[1]), ratio(raw[0], raw[2])],
+                    "(floor column: raw TTFT; ratios of raw TTFT)")
         mem = getattr(self, "memory", None)
         if mem:
             for key, lab in (("ws", "memory per idle WebSocket"), ("sse_turn", "memory per open SSE (own live turn)"),
@@ -496,7 +502,8 @@ class Bench:
                            f"expected, {s['failed']} failed, {s['short']} short; {s['wall']:.1f} s wall; CPU s: "
                            f"server {c['server']:.2f}, fake {c.get('fake', 0):.2f}, redis {c.get('redis', 0):.2f}, "
                            f"loadgen {c['loadgen']:.2f}, other {max(other, 0):.2f} "
-                           f"(box {c['box_busy'] / s['wall'] * 100 / max(cores, 1):.0f}% busy)")
+                           f"(box {c['box_busy'] / s['wall'] * 100 / max(cores, 1):.0f}% busy)"
+                           + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
                 if s["errors"]:
                     out.append(f"             errors: {s['errors']}")
         for name in ("ours", "seed", "floor"):
@@ -505,14 +512,15 @@ class Bench:
                 c = s["cpu"]
                 out.append(f"[3   {name:5}] {s['turns']} turns, {s['failed']} failed, {s['rate']:.0f} turns/s; CPU s: "
                            f"server {c['server']:.2f}, fake {c.get('fake', 0):.2f}, redis {c.get('redis', 0):.2f}, "
-                           f"loadgen {c['loadgen']:.2f}")
+                           f"loadgen {c['loadgen']:.2f}" + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
                 if s["errors"]:
                     out.append(f"             errors: {s['errors']}")
         for name in ("ours", "seed", "floor"):
             s = T[name].results.get("ttft") if name in T else None
             if s:
                 out.append(f"[4   {name:5}] {s['n']} streams; raw TTFT p50 {fmt(s['p50'], ' ms', 2)}, "
-                           f"p99 {fmt(s['p99'], ' ms', 2)}" + (f"; errors {s['errors']}" if s["errors"] else ""))
+                           f"p99 {fmt(s['p99'], ' ms', 2)}" + (f"; errors {s['errors']}" if s["errors"] else "")
+                           + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
         if mem:
             for key, m in mem.items():
                 out.append(f"[5 {key:10}] {m['open']} open in {m['secs']:.1f} s, server RSS before "
@@ -528,7 +536,7 @@ class Bench:
                 cmds = " ".join(f"{k}={v}" for k, v in order(r["cmds"]))
                 out.append(f"    {r['label']:<52} {r['trips']:>5} {r['processed']:>5} {r['all_cmds']:>5} "
                            f"{r['up']:>7} {r['down']:>7}  {sent} | {cmds}")
-        for label, sigterms, problems in self.server_logs:
+        for label, _sigterms, problems in self.server_logs:
             if problems:
                 shown = "; ".join(f"{n} x {k}" for n, k in problems[:4])
                 more = f"; +{len(problems) - 4} more kinds" if len(problems) > 4 else ""
@@ -539,7 +547,9 @@ class Bench:
         out.append("How to read it:")
         out.append(" 1  server CPU = utime+stime of the server process(es) (/proc/<pid>/stat) over the load window /")
         out.append("    text events delivered; includes turn start/commit, upstream parsing and Redis I/O. floor = the")
-        out.append("    fake's own CPU per event (hand-written asyncio server writing pre-encoded chunks).")
+        out.append("    fake's own CPU per event (hand-written asyncio server writing pre-encoded chunks). A saturated")
+        out.append("    server batches several events per read/write, so its CPU per event FALLS as stretch rises:")
+        out.append("    read rows 1 and 2 together (try --concurrency 40 for the unsaturated cost).")
         out.append(" 2  stretch = stream duration (request sent -> last byte) / (events x pace); fake, server and load")
         out.append("    generator share the 2 cores, so contention shows up here (see 'box % busy').")
         out.append(" 3  short turn = POST /agent with a 5-token answer (seed: messages.create; floor: the fake's")
@@ -572,9 +582,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-count", type=int, help="WebSockets / SSE streams held open (default 1000; quick 200)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of a private redis-server")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy record our worker during section 1 (bench-results/profile-ours.txt)")
+                   help="py-spy record our worker during sections 1 and 3 (bench-results/profile-ours-*.txt; "
+                        "the profiled run's CPU figures include py-spy's pauses)")
     p.add_argument("--quiet-wait", type=float, default=None,
-                   help="before each load, wait up to this many s for the (shared) box to be idle (default 30; quick 10)")
+                   help="before each load, wait up to this many s for the (shared) box to be idle (default 30; quick 3)")
     p.add_argument("--quiet-level", type=float, default=0.25, help="'idle' = at most this fraction of the box busy")
     p.add_argument("--out", default=str(RESULTS / "latest.txt"))
     a = p.parse_args(argv)
@@ -583,7 +594,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.events = a.events or (50 if q else 100)
     a.rounds = a.rounds or (1 if q else 2)
     if a.quiet_wait is None:
-        a.quiet_wait = 10.0 if q else 30.0
+        a.quiet_wait = 3.0 if q else 30.0
     a.mem_count = a.mem_count or (200 if q else 1000)
     a.turn_clients = 50
     a.turn_rounds = 10 if q else 40
@@ -606,6 +617,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     else:
         targets = ["ours", "seed", "floor"] if "7" in a.sections else ["ours"]
+    if "4" in a.sections and "floor" not in targets:
+        targets.append("floor")  # the TTFT baseline
     a.targets = [t for t in ("ours", "seed", "floor") if t in targets]
     return a
 
@@ -627,9 +640,13 @@ def main(argv: list[str] | None = None) -> int:
     print(report, end="")
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(report)
-    log(f"written to {out}")
+    paths = [out]
+    if out == str(RESULTS / "latest.txt") and not args.only:  # also keep the last run of each kind
+        paths.append(str(RESULTS / f"latest-{'quick' if args.quick else 'full'}.txt"))
+    for path in paths:
+        with open(path, "w") as f:
+            f.write(report)
+    log(f"written to {', '.join(paths)}")
     return 0
 
 

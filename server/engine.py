@@ -23,9 +23,10 @@ from .config import Settings
 from .errors import ApiError, from_upstream
 from .events import Event, encode
 from .requests import TurnRequest
-from .store.base import (Busy, Duplicate, NotFound, SessionView, Started, Store, TurnCommit, new_id,
-                         valid_id)
+from .store.base import (Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store, TurnCommit,
+                         new_id, valid_id)
 from .tools import ToolSet
+from .housekeeping import Housekeeper
 from .turns import Turn
 from .ratelimit import UpstreamGate
 from .upstream import open_stream
@@ -71,6 +72,10 @@ class Engine:
         self.tools = tools
         self.prices = prices
         self.turns: dict[str, Turn] = {}
+        self._tool_chars = sum(len(json.dumps(t)) for t in tools.definitions()) if tools else 0
+        self.housekeeper = Housekeeper(store, flush_interval=settings.event_log_flush_ms / 1000,
+                                       lock_ttl=settings.turn_lock_ttl_seconds,
+                                       heartbeat=settings.heartbeat_seconds)
         self.accepting = True
         self.stopping = False  # set once draining is over: remote followers end too
         # per-worker cap on concurrent model calls; listeners get (principal, usage) per finished turn
@@ -108,9 +113,7 @@ class Engine:
             await asyncio.sleep(0.05)
         if result.stale_turn_id:
             await self.store.abandon_turn(session_id, result.stale_turn_id, INTERRUPTED_FIELDS)
-        s = self.settings
-        turn = Turn(self.store, session_id, turn_id, flush_interval=s.event_log_flush_ms / 1000,
-                    lock_ttl=s.turn_lock_ttl_seconds, heartbeat=s.heartbeat_seconds)
+        turn = Turn(self.housekeeper, session_id, turn_id)
         self.turns[turn_id] = turn
         turn.task = asyncio.create_task(self._run(turn, req, result, principal), name=f"turn-{turn_id}")
         metrics.turn_started()
@@ -264,7 +267,7 @@ class Engine:
         correction_at: int | None = None
         tool_defs = self.tools.definitions() if self.tools else []
         ratio = context.chars_per_token(started.meta.last_input_tokens, started.meta.last_input_chars)
-        fixed_chars = len(system) + sum(len(json.dumps(t)) for t in tool_defs)
+        fixed_chars = len(system) + self._tool_chars
         for iteration in range(s.max_tool_iterations):
             messages = started.history + progress.messages
             start, est_chars = context.window(messages, fixed_chars, s.context_token_budget, ratio)
@@ -429,7 +432,8 @@ class Engine:
             # The lock expired under us (a long stall): someone may have declared this turn
             # interrupted and started another; our answer must not be written.
             log.warning("turn %s lost its lock before commit; nothing written", turn.turn_id)
-            await self.store.append_events(turn.session_id, turn.turn_id, unsent)
+            if unsent:
+                await self.store.flush([LogBatch(turn.session_id, turn.turn_id, unsent)], [])
             await self.store.abandon_turn(turn.session_id, turn.turn_id, INTERRUPTED_FIELDS)
             final = turn.terminal_event("error", ApiError("interrupted").payload())
             outcome = "interrupted"

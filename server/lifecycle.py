@@ -24,6 +24,7 @@ from .store.base import Store
 from .store.memory import MemoryStore
 from .store.redis import RedisStore
 from .tools import load_toolset
+from .upstream_transport import make_http_client
 from .usage import PriceTable
 
 log = logging.getLogger("server.lifecycle")
@@ -51,12 +52,15 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     client = anthropic.AsyncAnthropic(api_key=api_key or "no-key", base_url=base_url,
                                       max_retries=settings.anthropic_max_retries,
                                       timeout=settings.upstream_timeout_seconds,
-                                      # counts requests and SDK retries for /metrics
-                                      http_client=metrics.instrumented_http_client(anthropic.DefaultAsyncHttpxClient))
+                                      # asyncio-native socket I/O (upstream_transport); counts
+                                      # requests and SDK retries for /metrics
+                                      http_client=metrics.instrumented_http_client(
+                                          make_http_client, timeout=settings.upstream_timeout_seconds))
     store = make_store(settings)
     engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
                     PriceTable(settings.model_prices))
     await store.start(engine.on_cancel_signal)
+    engine.housekeeper.start()
     if not settings.redis_url:
         log.warning("sessions are kept in memory (REDIS_URL is not set): they vanish on restart")
     restore = _drain_on_sigterm(engine, settings.graceful_shutdown_seconds)
@@ -66,6 +70,7 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     finally:
         restore()
         await engine.drain(0 if not engine.accepting else settings.graceful_shutdown_seconds)
+        await engine.housekeeper.stop()
         await store.close()
         await client.close()
         if fake is not None:

@@ -32,6 +32,7 @@ SLOT_TTL_MS = 30_000  # a stream slot not renewed for this long is free again
 
 # KEYS: bucket   ARGV: interval_ms cost mode(charge|peek|force)   -> retry_after_ms (0 = allowed)
 _GCRA = """
+if redis.replicate_commands then redis.replicate_commands() end  -- Redis < 7: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval = tonumber(ARGV[1])
@@ -49,6 +50,7 @@ return 0
 
 # KEYS: zset   ARGV: slot max ttl_ms   -> 1 taken, 0 full
 _SLOT_TAKE = """
+if redis.replicate_commands then redis.replicate_commands() end  -- Redis < 7: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -60,6 +62,7 @@ return 1
 
 # KEYS: zset   ARGV: slot ttl_ms
 _SLOT_RENEW = """
+if redis.replicate_commands then redis.replicate_commands() end  -- Redis < 7: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])

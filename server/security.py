@@ -39,14 +39,12 @@ from .auth import (ANONYMOUS, BEARER_SUBPROTOCOL_PREFIX, SCOPE_KEY, WS_SUBPROTOC
                    bearer_token, principal_of, subprotocol_key, ticket_secret)
 from .config import Settings
 from .errors import ApiError
-from .ratelimit import Limiter, MemoryLimiter, RedisLimiter, bucket_key
+from .ratelimit import SLOT_TTL_MS, Limiter, MemoryLimiter, RedisLimiter, bucket_key
 
 log = logging.getLogger("server.security")
 
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
-
-
 _SECRET_RE = re.compile(r"(?i)(bearer[ .]|ticket=)[^\s,;&\"']+")
 
 
@@ -237,8 +235,6 @@ class Guard:
             await self._safe(self.limiter.release_slot(*slot), None)
 
     async def _renew(self, key: str, slot: str) -> None:
-        from .ratelimit import SLOT_TTL_MS
-
         while True:
             await asyncio.sleep(SLOT_TTL_MS / 3000)
             await self._safe(self.limiter.renew_slot(key, slot), None)

@@ -11,6 +11,7 @@ The default budget keeps this under a minute; `scripts/fuzz` runs the same tests
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -60,7 +61,7 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-B64 = st.binary(max_size=64).map(lambda b: __import__("base64").b64encode(b).decode()) | st.text(max_size=40)
+B64 = st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()) | st.text(max_size=40)
 BLOCK = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=50) | JSON}),
     st.fixed_dictionaries({"type": st.just("image"), "source": st.fixed_dictionaries({

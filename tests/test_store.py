@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from server.events import Event, encode
-from server.store.base import Busy, Duplicate, NotFound, Started, TurnCommit, new_id
+from server.store.base import Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id
 from server.store.memory import MemoryStore
 from server.store.redis import RedisStore
 from server.usage import Usage
@@ -42,7 +42,7 @@ async def test_begin_lock_busy_commit_and_history(store):
     busy = await store.begin_turn(sid, t2, owner="alice", create=False, message_id=None)
     assert isinstance(busy, Busy) and busy.running_turn_id == t1
     assert isinstance(await store.begin_turn(sid, t2, owner="bob", create=False, message_id=None), NotFound)
-    await store.append_events(sid, t1, [encode(t1, 1, "turn_start", {})])
+    await store.flush([LogBatch(sid, t1, [encode(t1, 1, "turn_start", {})], first=True)], [])
     assert await store.finish_turn(sid, t1, commit(t1, "a1", 2))
     again = await store.begin_turn(sid, t2, owner="alice", create=False, message_id=None)
     assert isinstance(again, Started)
@@ -69,6 +69,7 @@ async def test_renewal_keeps_the_lock(store):
     for _ in range(4):
         await asyncio.sleep(LOCK_TTL / 2)
         assert await store.renew_lock(sid, t1)
+    assert await store.flush([], [(sid, t1), (sid, new_id())]) == [True, False], "batched renewals"
     assert await store.lock_holder(sid) == t1
     assert not await store.renew_lock(sid, new_id())
 
@@ -85,13 +86,16 @@ async def test_event_log_read_block_and_abandon(store):
     await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
     reader = asyncio.create_task(store.read_events(sid, t1, 0, 2000))
     await asyncio.sleep(0.05)
-    await store.append_events(sid, t1, [encode(t1, 1, "turn_start", {}), encode(t1, 2, "text_delta", {"text": "x"})])
+    await store.flush([LogBatch(sid, t1, [encode(t1, 1, "turn_start", {})], first=True),
+                       LogBatch(sid, t1, [encode(t1, 2, "text_delta", {"text": "x"})])], [])
     got = await asyncio.wait_for(reader, 3)  # a blocked reader wakes on the first new entry
     got += await store.read_events(sid, t1, got[-1].seq, 0)
     assert [e.seq for e in got] == [1, 2] and got[0].id == f"{t1}:1"
     assert not await store.abandon_turn(sid, t1, '"code":"interrupted"'), "still locked: alive"
     await asyncio.sleep(LOCK_TTL + 0.2)
     assert await store.abandon_turn(sid, t1, '"code":"interrupted","message":"m","retryable":true')
+    # Several events in one log entry: a reader after seq 1 gets only what follows it.
+    assert [e.seq for e in await store.read_events(sid, t1, 1, 0)] == [2, 3]
     tail = await store.read_events(sid, t1, 2, 0)
     assert [(e.seq, e.type) for e in tail] == [(3, "error")] and tail[0].terminal
     assert b'"id":"%s:3"' % t1.encode() in tail[0].data

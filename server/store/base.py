@@ -92,6 +92,15 @@ class TurnCommit:
 
 
 @dataclass(slots=True)
+class LogBatch:
+    """Events of one turn to append to its log in one entry (`first`: its first write)."""
+    session_id: str
+    turn_id: str
+    events: list[Event]
+    first: bool = False
+
+
+@dataclass(slots=True)
 class SessionView:
     meta: SessionMeta
     history: list[dict[str, Any]]
@@ -107,7 +116,9 @@ class Store(Protocol):
 
     async def renew_lock(self, session_id: str, turn_id: str) -> bool: ...
 
-    async def append_events(self, session_id: str, turn_id: str, events: list[Event]) -> None: ...
+    async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
+        """Append event batches to their turns' logs and renew (session, turn) locks, in one
+        round trip; returns whether each lock was still held."""
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
         """False when the lock was lost (fenced): nothing was written."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event
-from .base import (BeginResult, Busy, CancelHandler, Duplicate, NotFound, SessionMeta, SessionView,
-                   Started, TurnCommit)
+from .base import (BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
+                   SessionView, Started, TurnCommit)
 
 
 @dataclass
@@ -116,10 +116,12 @@ class MemoryStore:
         s.lock = (turn_id, time.monotonic() + self.lock_ttl)
         return True
 
-    async def append_events(self, session_id: str, turn_id: str, events: list[Event]) -> None:
-        log = self._log(session_id, turn_id, create=True)
-        assert log is not None
-        self._append(log, events)
+    async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
+        for batch in batches:
+            log = self._log(batch.session_id, batch.turn_id, create=True)
+            assert log is not None
+            self._append(log, batch.events)
+        return [await self.renew_lock(sid, tid) for sid, tid in renewals]
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
         s = self._session(session_id)

@@ -7,12 +7,15 @@ in one Redis Cluster slot and the Lua scripts below stay legal there.
     agent:{sid}:msgs          list    one JSON message per element (API content blocks)
     agent:{sid}:turns         list    one JSON record per finished turn
     agent:{sid}:lock          string  id of the running turn, PX = lock TTL (renewed)
-    agent:{sid}:log:{turn}    stream  the turn's events, entry id 0-<seq>, fields e (type), d (JSON)
+    agent:{sid}:log:{turn}    stream  the turn's events in batches: entry id 0-<last seq>, fields
+                                      f (first seq), t (type of the last event), d (the events'
+                                      JSON joined by newlines)
     agent:{sid}:mid:{id}      string  turn started by a client message_id (idempotency)
     agent:cancel              channel turn ids to cancel, heard by every worker
 
-Round trips per turn: one to begin (lock + history), one per event-log flush (coalesced by
-the engine), one to finish (fenced commit + final events); none per token.
+Round trips per turn: one to begin (lock + history), one to finish (fenced commit + final
+events), none per token; event-log writes and lock renewals of all running turns share one
+pipelined round trip per flush interval (see housekeeping.py).
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..events import Event
 from ..usage import Usage
-from .base import (BeginResult, Busy, CancelHandler, Duplicate, NotFound, SessionMeta, SessionView,
-                   Started, TurnCommit)
+from .base import (BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
+                   SessionView, Started, TurnCommit)
 
 log = logging.getLogger("server.store")
 
@@ -68,13 +71,12 @@ return 0
 """
 
 # KEYS: meta msgs lock turns log
-# ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen nevents
-#       msg*nmsgs (seq type data)*nevents
+# ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen
+#       first_seq last_seq last_type data msg*nmsgs
 _FINISH = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
 local nmsgs = tonumber(ARGV[2])
-local i = 15
-for _ = 1, nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]); i = i + 1 end
+for i = 18, 17 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('RPUSH', KEYS[4], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'in', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'out', ARGV[5])
@@ -89,11 +91,8 @@ redis.call('DEL', KEYS[3])
 local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
 local written = 0
 if top[1] then written = tonumber(string.match(top[1][1], '-(%d+)$')) end
-for _ = 1, tonumber(ARGV[14]) do
-  if tonumber(ARGV[i]) > written then
-    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[13], '0-' .. ARGV[i], 'e', ARGV[i + 1], 'd', ARGV[i + 2])
-  end
-  i = i + 3
+if tonumber(ARGV[15]) > written then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[13], '0-' .. ARGV[15], 'f', ARGV[14], 't', ARGV[16], 'd', ARGV[17])
 end
 redis.call('EXPIRE', KEYS[5], ARGV[12])
 for k = 1, 4 do if k ~= 3 then redis.call('EXPIRE', KEYS[k], ARGV[11]) end end
@@ -108,12 +107,12 @@ local seq = 1
 if last[1] then
   local fields = last[1][2]
   for j = 1, #fields, 2 do
-    if fields[j] == 'e' and (fields[j + 1] == 'turn_end' or fields[j + 1] == 'error') then return 0 end
+    if fields[j] == 't' and (fields[j + 1] == 'turn_end' or fields[j + 1] == 'error') then return 0 end
   end
   seq = tonumber(string.match(last[1][1], '-(%d+)$')) + 1
 end
 local data = '{"type":"error","id":"' .. ARGV[1] .. ':' .. seq .. '",' .. ARGV[2] .. '}'
-redis.call('XADD', KEYS[3], '0-' .. seq, 'e', 'error', 'd', data)
+redis.call('XADD', KEYS[3], '0-' .. seq, 'f', seq, 't', 'error', 'd', data)
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then redis.call('HDEL', KEYS[1], 'active') end
 return seq
@@ -127,8 +126,11 @@ def _k(session_id: str, name: str) -> str:
 class RedisStore:
     def __init__(self, url: str, *, session_ttl: int, lock_ttl: float, log_ttl: int, log_maxlen: int,
                  idempotency_ttl: int, max_connections: int = 200):
-        self.redis = aioredis.Redis.from_url(url, max_connections=max_connections,
-                                             health_check_interval=30)
+        # A blocking pool: past max_connections callers wait for a free connection instead of
+        # failing (a burst of commits must not turn into "Too many connections" errors).
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20,
+                                                        health_check_interval=30)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.session_ttl = session_ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.log_ttl = log_ttl
@@ -162,33 +164,44 @@ class RedisStore:
     async def renew_lock(self, session_id: str, turn_id: str) -> bool:
         return bool(await self._renew(keys=[_k(session_id, "lock")], args=[turn_id, self.lock_ms]))
 
-    async def append_events(self, session_id: str, turn_id: str, events: list[Event]) -> None:
-        key = _k(session_id, f"log:{turn_id}")
+    async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
         pipe = self.redis.pipeline(transaction=False)
-        for e in events:
-            pipe.xadd(key, {"e": e.type, "d": e.data}, id=f"0-{e.seq}", maxlen=self.log_maxlen,
-                      approximate=True)
-        # While the turn runs the log lives as long as a session could wait for it; a crashed
-        # worker's log still expires.
-        pipe.expire(key, self.log_ttl + 3600)
-        for result in await pipe.execute(raise_on_error=False):
-            # A retried flush may repeat entries that did land: their ids are refused, fine.
+        for b in batches:
+            key = _k(b.session_id, f"log:{b.turn_id}")
+            events = b.events
+            pipe.xadd(key, {"f": events[0].seq, "t": events[-1].type, "d": b"\n".join(e.data for e in events)},
+                      id=f"0-{events[-1].seq}", maxlen=self.log_maxlen, approximate=True)
+            if b.first:
+                # While the turn runs its log outlives a session's patience; a crashed worker's
+                # log still expires. The commit sets the final TTL.
+                pipe.expire(key, self.log_ttl + 3600)
+        for session_id, turn_id in renewals:
+            # EVALSHA directly: a Script object in a pipeline costs a SCRIPT EXISTS round trip.
+            pipe.evalsha(self._renew.sha, 1, _k(session_id, "lock"), turn_id, self.lock_ms)
+        results = await pipe.execute(raise_on_error=False)
+        split = len(results) - len(renewals)
+        for result in results[:split]:
+            # A retried flush may repeat an entry that did land: its id is refused, fine.
             if isinstance(result, Exception) and "equal or smaller" not in str(result):
                 raise result
+        renewed = results[split:]
+        if any(isinstance(r, NoScriptError) for r in renewed):  # Redis restarted or was flushed
+            return [await self.renew_lock(sid, tid) for sid, tid in renewals]
+        return [not isinstance(r, Exception) and bool(r) for r in renewed]
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
         keys = [_k(session_id, "meta"), _k(session_id, "msgs"), _k(session_id, "lock"),
                 _k(session_id, "turns"), _k(session_id, f"log:{turn_id}")]
         u = commit.usage
+        events = commit.events
         args: list[Any] = [
             turn_id, len(commit.messages), json.dumps(commit.record, separators=(",", ":")),
             u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
             repr(commit.cost_usd), commit.last_input_tokens, commit.last_input_chars,
-            self.session_ttl, self.log_ttl, self.log_maxlen, len(commit.events),
+            self.session_ttl, self.log_ttl, self.log_maxlen,
+            events[0].seq, events[-1].seq, events[-1].type, b"\n".join(e.data for e in events),
         ]
         args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
-        for e in commit.events:
-            args.extend((e.seq, e.type, e.data))
         return bool(await self._finish(keys=keys, args=args))
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
@@ -202,9 +215,12 @@ class RedisStore:
                                        block=block_ms if block_ms > 0 else None)
         events: list[Event] = []
         for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                seq = int(entry_id.rsplit(b"-", 1)[1])
-                events.append(Event(seq, fields[b"e"].decode(), f"{turn_id}:{seq}", fields[b"d"]))
+            for _entry_id, fields in entries:
+                seq = int(fields[b"f"])
+                for data in fields[b"d"].split(b"\n"):
+                    if seq > after_seq:
+                        events.append(Event(seq, _type_of(data), f"{turn_id}:{seq}", data))
+                    seq += 1
         return events
 
     async def has_log(self, session_id: str, turn_id: str) -> bool:
@@ -290,6 +306,11 @@ class RedisStore:
             except (asyncio.CancelledError, RedisError, OSError):
                 pass
         await self.redis.aclose()
+
+
+def _type_of(data: bytes) -> str:
+    """Every event starts with `{"type":"<type>"`."""
+    return data[9:data.index(b'"', 9)].decode()
 
 
 def _meta_from_hash(flat: list[bytes]) -> SessionMeta:

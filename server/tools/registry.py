@@ -116,6 +116,8 @@ class ToolSet:
             if tool.name in self._tools:
                 raise ValueError(f"duplicate tool name {tool.name!r}")
             self._tools[tool.name] = tool
+        # Schemas are derived once: pydantic's model_json_schema() is costly per turn.
+        self._definitions = [tool.definition() for tool in self._tools.values()]
 
     def __len__(self) -> int:
         return len(self._tools)
@@ -133,7 +135,8 @@ class ToolSet:
         return list(self._tools)
 
     def definitions(self) -> list[dict[str, Any]]:
-        return [tool.definition() for tool in self._tools.values()]
+        """The API tool definitions (shared: copy before changing one)."""
+        return self._definitions
 
     def validate(self, name: str, raw_input: object) -> tuple[BaseModel | None, str | None]:
         """Return (model, None) or (None, error message meant for the model)."""
