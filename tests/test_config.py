@@ -69,3 +69,15 @@ def test_env_example_documents_every_variable():
     source = (ROOT / "server" / "config.py").read_text()
     read = set(re.findall(r'r\.get\("([A-Z0-9_]+)"', source))
     assert read - documented == set(), "variables read by config.py but missing from .env.example"
+
+
+def test_procfile_matches_the_graceful_shutdown_and_bind_settings():
+    """uvicorn must wait longer than GRACEFUL_SHUTDOWN_SECONDS so streams can carry their last
+    event, and HOST must say what --host binds so the no-key check sees a public bind."""
+    line = (ROOT / "Procfile").read_text().strip()
+    assert line.startswith("web: HOST=0.0.0.0 uvicorn server.app:app --host 0.0.0.0 --port $PORT")
+    timeout = int(re.search(r"--timeout-graceful-shutdown (\d+)", line).group(1))
+    assert timeout > Settings.from_env({"AUTH_DISABLED": "true"}).graceful_shutdown_seconds
+    assert "--ws-per-message-deflate false" in line
+    with pytest.raises(ConfigError, match="AGENT_API_KEYS"):
+        Settings.from_env({"HOST": "0.0.0.0"})
