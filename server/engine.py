@@ -324,6 +324,7 @@ class Engine:
         """One streamed model call; fills `progress.blocks` as content arrives."""
         blocks = progress.blocks
         json_parts: dict[int, list[str]] = {}
+        text_parts: dict[int, list[str]] = {}
         call_usage = Usage()
         await self.upstream_gate.acquire()  # ApiError("overloaded") after UPSTREAM_QUEUE_TIMEOUT_SECONDS
         try:
@@ -340,8 +341,7 @@ class Engine:
                         dkind = delta.get("type")
                         if dkind == "text_delta":
                             text = delta["text"]
-                            block = blocks[event["index"]]
-                            block["text"] += text
+                            text_parts[event["index"]].append(text)  # joined at block stop
                             progress.text.append(text)
                             if progress.first_token_at is None:
                                 progress.first_token_at = time.monotonic()
@@ -352,12 +352,16 @@ class Engine:
                     elif kind == "content_block_start":
                         block = dict(event["content_block"])
                         blocks.append(block)
-                        if block["type"] == "tool_use":
+                        if block["type"] == "text":
+                            text_parts[event["index"]] = [block["text"]]
+                        elif block["type"] == "tool_use":
                             turn.emit("tool_call", {"tool_use_id": block["id"], "name": block["name"]})
                     elif kind == "content_block_stop":
                         index = event["index"]
                         block = blocks[index]
-                        if block["type"] == "tool_use":
+                        if block["type"] == "text":
+                            block["text"] = "".join(text_parts.pop(index))
+                        elif block["type"] == "tool_use":
                             self._complete_tool_input(turn, block, json_parts.pop(index, []))
                     elif kind == "message_start":
                         call_usage = Usage.from_api(event["message"].get("usage"))
@@ -370,6 +374,8 @@ class Engine:
                                 setattr(call_usage, name, int(usage[name]))
         finally:
             self.upstream_gate.release()
+            for index, parts in text_parts.items():  # a cut stream: keep what arrived
+                blocks[index]["text"] = "".join(parts)
             progress.model_calls += 1
             progress.usage.add(call_usage)
             progress.last_prompt_tokens = call_usage.prompt_tokens or progress.last_prompt_tokens

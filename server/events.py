@@ -19,7 +19,7 @@ TERMINAL_TYPES = frozenset({"turn_end", "error"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Event:
     seq: int
     type: str
