@@ -2,8 +2,9 @@
 
 Why: httpcore2's default (anyio) backend wraps every socket ``read()`` in
 ``anyio.fail_after(timeout)`` - a CancelScope with a timer handle, ``current_task()``
-look-ups and scope bookkeeping - plus a ``sleep(0)`` checkpoint. With hundreds of paced
-SSE streams that is one scope per SSE event and ~15-20% of the server's CPU.
+look-ups and scope bookkeeping - and anyio's socket stream toggles ``resume_reading`` /
+``pause_reading`` around every wait (or checkpoints when data is already there). With
+hundreds of paced SSE streams that is paid once per SSE event: ~15-20% of the server's CPU.
 
 Design:
 
