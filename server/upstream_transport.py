@@ -416,7 +416,7 @@ def install_backend(client: httpx2.AsyncClient, backend: AsyncNetworkBackend) ->
 
 
 def make_http_client(*, timeout: float | httpx2.Timeout, max_connections: int = 1000,
-                     max_keepalive: int = 200, **kwargs: Any) -> httpx2.AsyncClient:
+                     max_keepalive: int = 1000, **kwargs: Any) -> httpx2.AsyncClient:
     """httpx2 client for the SDK using the asyncio backend (what anthropic.DefaultAsyncHttpxClient would build, plus our backend).
 
     ``anthropic.DefaultAsyncHttpxClient`` supplies the SDK's defaults (follow_redirects,
