@@ -9,28 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import sys
 
 import uvloop
 
 from server.fake_anthropic import FakeAnthropic
-
-
-async def serve(port: int) -> None:
-    # keep few recorded requests: the benchmark never reads them back
-    fake = FakeAnthropic(pace_ms=0, max_recorded=100)
-    url = await fake.start("127.0.0.1", port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sys.stdout.write(f"fake-anthropic listening on {url}\n")
-    sys.stdout.flush()
-    try:
-        await stop.wait()
-    finally:
-        await fake.stop()
+from server.fake_anthropic.__main__ import serve
 
 
 def main() -> None:
@@ -38,7 +21,9 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--asyncio", action="store_true", help="plain asyncio loop instead of uvloop")
     args = p.parse_args()
-    (asyncio.run if args.asyncio else uvloop.run)(serve(args.port))
+    # keep few recorded requests: the benchmark never reads them back
+    fake = FakeAnthropic(pace_ms=0, max_recorded=100)
+    (asyncio.run if args.asyncio else uvloop.run)(serve(fake, "127.0.0.1", args.port))
 
 
 if __name__ == "__main__":

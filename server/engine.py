@@ -226,7 +226,6 @@ class Engine:
 
     # -- running a turn ------------------------------------------------------------------
     async def _run(self, turn: Turn, req: TurnRequest, started: Started, principal: str) -> None:
-        s = self.settings
         progress = _Progress(messages=[req.user_message()])
         outcome, error = "completed", None
         try:

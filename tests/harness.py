@@ -152,3 +152,28 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.05):  
         if value or time.monotonic() > deadline:
             return value
         await asyncio.sleep(interval)
+
+
+def history_texts(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(role, joined text) per API message: what the model was sent."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append((m["role"], content))
+        else:
+            out.append((m["role"], "".join(b.get("text", "") for b in content if b["type"] == "text")))
+    return out
+
+
+async def ws_turn(ws: Any, text: str) -> list[dict[str, Any]]:
+    """Send one message on an open /agent/ws socket; its events up to the terminal one."""
+    await ws.send(json.dumps({"type": "message", "message": text}))
+    events = []
+    while True:
+        event = json.loads(await ws.recv())
+        if event["type"] in ("ping", "pong"):
+            continue
+        events.append(event)
+        if event["type"] in ("turn_end", "error"):
+            return events

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import websockets
 
-from .harness import Server, eventually
+from .harness import Server, eventually, history_texts
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 
@@ -139,17 +139,6 @@ def node_client():
 
 def texts(message: dict[str, Any]) -> str:
     return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
-
-
-def history_texts(messages: list[dict]) -> list[tuple[str, str]]:
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            out.append((m["role"], content))
-        else:
-            out.append((m["role"], "".join(b.get("text", "") for b in content if b["type"] == "text")))
-    return out
 
 
 @pytest.mark.parametrize("transport", ["http", "ws"])

@@ -8,19 +8,7 @@ import httpx
 import websockets
 from httpx_sse import aconnect_sse
 
-from .harness import Server
-
-
-def texts(messages: list[dict]) -> list[tuple[str, str]]:
-    """(role, joined text) per message: what the model was sent."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            out.append((m["role"], content))
-        else:
-            out.append((m["role"], "".join(b.get("text", "") for b in content if b["type"] == "text")))
-    return out
+from .harness import Server, history_texts, ws_turn
 
 
 async def sse_turn(client: httpx.AsyncClient, body: dict) -> list[dict]:
@@ -36,17 +24,9 @@ async def sse_turn(client: httpx.AsyncClient, body: dict) -> list[dict]:
     return events
 
 
-async def ws_turn(server: Server, session_id: str, text: str) -> list[dict]:
-    events = []
+async def ws_session_turn(server: Server, session_id: str, text: str) -> list[dict]:
     async with websockets.connect(f"{server.ws_url}/agent/ws?session_id={session_id}") as ws:
-        await ws.send(json.dumps({"type": "message", "message": text}))
-        while True:
-            event = json.loads(await ws.recv())
-            if event["type"] in ("ping", "pong"):
-                continue
-            events.append(event)
-            if event["type"] in ("turn_end", "error"):
-                return events
+        return await ws_turn(ws, text)
 
 
 async def test_three_turns_across_transports_and_workers_then_restart(start_server, upstream):
@@ -75,13 +55,13 @@ async def test_three_turns_across_transports_and_workers_then_restart(start_serv
         assert events[-1]["type"] == "turn_end" and events[-1]["stop_reason"] == "end_turn"
 
     # Turn 3: WebSocket.
-    events = await ws_turn(server, session_id, "Bye!")
+    events = await ws_session_turn(server, session_id, "Bye!")
     assert events[-1]["type"] == "turn_end", events
     assert events[-1]["text"] == "Goodbye Ada."
 
     sent = upstream.requests()
     assert len(sent) == 3
-    assert texts(sent[2]["body"]["messages"]) == [
+    assert history_texts(sent[2]["body"]["messages"]) == [
         ("user", "Hi, I am Ada."), ("assistant", "Hello Ada."),
         ("user", "What is my name?"), ("assistant", "Your name is Ada."),
         ("user", "Bye!"),

@@ -9,7 +9,6 @@ import pytest
 import redis
 from httpx_sse import aconnect_sse
 
-from .harness import eventually
 
 UPSTREAM_FAULTS = [
     # (fake script, HTTP status we answer, our code, retryable)

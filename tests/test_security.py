@@ -28,7 +28,7 @@ from server.config import ConfigError, Settings
 from server.errors import ApiError
 from server.ratelimit import MemoryLimiter, UpstreamGate
 
-from .harness import ROOT, Server, eventually, server_env
+from .harness import ROOT, Server, eventually, server_env, ws_turn
 
 ORIGIN = "https://app.example"
 EVIL = "https://evil.example"
@@ -58,18 +58,6 @@ async def ws_status(url: str, **kwargs) -> tuple[int, dict]:
             return exc.response.status_code, json.loads(body)
         except ValueError:
             return exc.response.status_code, {}
-
-
-async def ws_turn(ws, text: str) -> list[dict]:
-    await ws.send(json.dumps({"type": "message", "message": text}))
-    events = []
-    while True:
-        event = json.loads(await ws.recv())
-        if event["type"] in ("ping", "pong"):
-            continue
-        events.append(event)
-        if event["type"] in ("turn_end", "error"):
-            return events
 
 
 # -- configuration ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.events import Event, encode
+from server.events import encode
 from server.store.base import Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id
 from server.store.memory import MemoryStore
 from server.store.redis import RedisStore

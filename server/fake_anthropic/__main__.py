@@ -24,9 +24,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    fake = FakeAnthropic(pace_ms=args.pace_ms, api_key=args.api_key)
-    url = await fake.start(args.host, args.port)
+async def serve(fake: FakeAnthropic, host: str, port: int) -> None:
+    """Start `fake`, print the listening line, serve until SIGTERM/SIGINT."""
+    url = await fake.start(host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -40,7 +40,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(_serve(_parse(argv)))
+    args = _parse(argv)
+    asyncio.run(serve(FakeAnthropic(pace_ms=args.pace_ms, api_key=args.api_key), args.host, args.port))
 
 
 if __name__ == "__main__":
