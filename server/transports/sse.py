@@ -13,7 +13,8 @@ import json
 from typing import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from ..auth import principal_of
 from ..engine import Engine, valid_session_id
@@ -61,8 +62,46 @@ async def stream_turn(engine: Engine, session_id: str, turn_id: str, after_seq: 
                             status_code=status_of(error["code"]),
                             headers=ApiError(error["code"], retry_after=error.get("retry_after")).headers())
     headers = {**SSE_HEADERS, "X-Session-ID": session_id, "X-Turn-ID": turn_id}
-    return StreamingResponse(_body(engine, events, first, turn_id, cancel_on_disconnect),
-                             media_type="text/event-stream", headers=headers)
+    return EventStream(_body(engine, events, first, turn_id, cancel_on_disconnect), headers)
+
+
+class EventStream:
+    """A `text/event-stream` response without StreamingResponse's anyio task group.
+
+    The body is written from the request's own task; one small task waits for the client's
+    disconnect and cancels it (uvicorn silently drops writes to a closed connection, so
+    without it a stream would run on to its end for nobody). Less memory per open stream."""
+
+    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str]):
+        self.body = body
+        self.headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        self.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            task.cancel()
+
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        watcher = asyncio.create_task(watch())
+        try:
+            async for chunk in self.body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # our own cancel: the client left, the response is simply over
+        finally:
+            watcher.cancel()
+            await self.body.aclose()  # type: ignore[attr-defined]
 
 
 async def _first_batch(events: AsyncIterator[list[Event]], wait: float) -> list[Event]:

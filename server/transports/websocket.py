@@ -38,21 +38,22 @@ PONG = '{"type":"pong"}'
 class AgentSocket:
     """One client connection: reads frames, runs at most one forwarding task at a time."""
 
-    def __init__(self, ws: WebSocket, engine: Engine):
+    def __init__(self, ws: WebSocket, engine: Engine, pinger: "Pinger"):
         self.ws = ws
         self.engine = engine
+        self.pinger = pinger
         self.principal = principal_of(ws)
         self.session_id: str | None = None
         self.forwarding: asyncio.Task[None] | None = None
         self.turn_id: str | None = None
         self.cancel_on_disconnect = False
         self._send_lock = asyncio.Lock()
-        self._last_send = 0.0
+        self.last_send = 0.0
 
     async def send(self, text: str) -> None:
         async with self._send_lock:
             await self.ws.send_text(text)
-        self._last_send = asyncio.get_running_loop().time()
+        self.last_send = asyncio.get_running_loop().time()
 
     async def send_error(self, exc: ApiError, **extra: Any) -> None:
         await self.send(json.dumps({"type": "error", **exc.payload(), **extra}))
@@ -70,7 +71,7 @@ class AgentSocket:
                 return
             self.session_id = session_id
         await self.ws.accept()
-        pinger = asyncio.create_task(self._ping_loop())
+        self.pinger.add(self)
         try:
             while True:
                 message = await self.ws.receive()
@@ -83,7 +84,7 @@ class AgentSocket:
         except WebSocketDisconnect:
             pass
         finally:
-            pinger.cancel()
+            self.pinger.sockets.discard(self)
             if self.forwarding is not None and not self.forwarding.done():
                 self.forwarding.cancel()
                 if self.cancel_on_disconnect and self.turn_id:
@@ -166,17 +167,40 @@ class AgentSocket:
         finally:
             await events.aclose()
 
-    async def _ping_loop(self) -> None:
-        interval = self.engine.settings.ws_ping_seconds
-        loop = asyncio.get_running_loop()
+    async def ping(self) -> None:
+        if self.ws.client_state != WebSocketState.CONNECTED:
+            return
         try:
-            while self.ws.client_state == WebSocketState.CONNECTED:
-                await asyncio.sleep(interval)
-                if loop.time() - self._last_send >= interval * 0.9:
-                    await self.send(PING)
+            await self.send(PING)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass
 
 
+class Pinger:
+    """One task per worker sends the application-level ping to every quiet socket: a sleeping
+    task per connection would cost memory on every idle WebSocket."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.sockets: set[AgentSocket] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, socket: AgentSocket) -> None:
+        self.sockets.add(socket)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="ws-pinger")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.sockets:
+            await asyncio.sleep(self.interval)
+            quiet_since = loop.time() - self.interval * 0.9
+            await asyncio.gather(*(s.ping() for s in list(self.sockets) if s.last_send <= quiet_since))
+
+
 async def agent_ws(ws: WebSocket) -> None:
-    await AgentSocket(ws, ws.app.state.engine).run()
+    state = ws.app.state
+    pinger = getattr(state, "ws_pinger", None)
+    if pinger is None:
+        pinger = state.ws_pinger = Pinger(state.engine.settings.ws_ping_seconds)
+    await AgentSocket(ws, state.engine, pinger).run()
