@@ -81,3 +81,9 @@ def test_procfile_matches_the_graceful_shutdown_and_bind_settings():
     assert "--ws-per-message-deflate false" in line
     with pytest.raises(ConfigError, match="AGENT_API_KEYS"):
         Settings.from_env({"HOST": "0.0.0.0"})
+
+
+def test_readme_configuration_table_lists_every_variable():
+    documented = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    readme = (ROOT / "README.md").read_text()
+    assert {v for v in documented if f"| `{v}` |" not in readme} == set()
