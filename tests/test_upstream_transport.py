@@ -262,7 +262,7 @@ async def test_make_http_client_settings() -> None:
     assert client.timeout == httpx2.Timeout(120, connect=5.0)
     pool = client._transport._pool  # type: ignore[attr-defined]
     assert isinstance(pool._network_backend, AsyncioBackend)
-    assert pool._max_connections == 1000 and pool._max_keepalive_connections == 200
+    assert pool._max_connections == 1000 and pool._max_keepalive_connections == 1000
     assert client.event_hooks["request"] == [hook]
     await client.aclose()
 
