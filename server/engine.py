@@ -378,8 +378,11 @@ class Engine:
             progress.model_calls += 1
             progress.usage.add(call_usage)
             progress.last_prompt_tokens = call_usage.prompt_tokens or progress.last_prompt_tokens
-        # Drop empty text blocks (the API rejects them when the history is sent back).
-        blocks[:] = [b for b in blocks if b["type"] != "text" or b["text"]]
+        # Drop empty text blocks: the API rejects them, and an empty assistant message, when
+        # the history is sent back.
+        blocks[:] = [b for b in blocks if b["type"] != "text" or b["text"].strip()]
+        if not blocks:
+            blocks.append({"type": "text", "text": "(no answer)"})
 
     def _complete_tool_input(self, turn: Turn, block: dict[str, Any], parts: list[str]) -> None:
         raw = "".join(parts)
@@ -425,7 +428,7 @@ class Engine:
             if error is None:  # stopped by shutdown or a lost lock
                 error = ApiError("server_restarting" if outcome == "server_restarting" else "interrupted")
             payload = error.payload()
-            if progress.text and messages:
+            if progress.text:  # what was streamed before the failure (not committed)
                 payload["partial_text"] = "".join(progress.text)
         unsent = await turn.stop_writers()
         final = turn.terminal_event(final_type, payload)

@@ -276,3 +276,14 @@ async def test_structured_output_rejected_after_one_retry(shared_server, upstrea
     assert r.status_code == 502 and r.json()["error"]["code"] == "structured_output_invalid"
     assert len(upstream.requests()) == 2
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "response_schema"
+
+
+async def test_an_empty_answer_keeps_the_history_sendable(shared_server, upstream):
+    upstream.script({"text": ""}, {"text": "second"})
+    async with httpx.AsyncClient(base_url=shared_server.url, timeout=30) as client:
+        first = (await client.post("/agent", json={"message": "say nothing"})).json()
+        assert first["text"] == ""
+        await client.post("/agent", json={"message": "now?", "session_id": first["session_id"]})
+    sent = upstream.requests()[1]["body"]["messages"]
+    assert all(m["content"] for m in sent), "no empty message is sent back"
+    assert_valid_history(strip_cache(sent) + [{"role": "assistant", "content": [{"type": "text", "text": "x"}]}])
