@@ -128,8 +128,11 @@ class RedisStore:
                  idempotency_ttl: int, max_connections: int = 200):
         # A blocking pool: past max_connections callers wait for a free connection instead of
         # failing (a burst of commits must not turn into "Too many connections" errors).
+        # Socket timeouts: an unresponsive Redis fails a request instead of hanging a commit
+        # (longer than the 1 s XREAD BLOCK followers use).
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20,
-                                                        health_check_interval=30)
+                                                        health_check_interval=30, socket_timeout=15,
+                                                        socket_connect_timeout=5)
         self.redis = aioredis.Redis(connection_pool=pool)
         self.session_ttl = session_ttl
         self.lock_ms = int(lock_ttl * 1000)
