@@ -37,9 +37,20 @@ def alive(pid: int) -> bool:
     return True
 
 
+def _configured() -> str | None:
+    """The operator's directory. Set but empty (`PROMETHEUS_MULTIPROC_DIR=` from a copied
+    .env.example) counts as unset and is removed: prometheus-client would otherwise switch to
+    multiprocess mode on the variable's mere presence and write its files to the cwd."""
+    path = os.environ.get(ENV)
+    if path is not None and not path.strip():
+        del os.environ[ENV]
+        return None
+    return path
+
+
 def worker_dir() -> str | None:
     """The directory this process writes to, or None for the in-memory registry."""
-    path = os.environ.get(ENV)
+    path = _configured()
     if path:
         os.makedirs(path, exist_ok=True)
         return path
@@ -61,7 +72,7 @@ def worker_dir() -> str | None:
 def prepare_supervisor(workers: int) -> str | None:
     """Called by `python -m server` before uvicorn starts its workers: give them one empty
     directory (a fresh temporary one, removed at exit, unless the operator named one)."""
-    path = os.environ.get(ENV)
+    path = _configured()
     if path:
         os.makedirs(path, exist_ok=True)
         for stale in glob.glob(os.path.join(path, "*.db")):

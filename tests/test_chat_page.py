@@ -211,6 +211,17 @@ def test_stop_button_cancels_the_running_turn(browser, start_server, upstream):
     assert view["turns"] == 1 and view["running_turn_id"] is None
     assert view["turn_records"][-1]["status"] == "cancelled"
 
+    # The session is deleted while the page is away: the reconnect is refused, the page finds
+    # out why over HTTP and starts over with a new session.
+    assert httpx.delete(f"{server.url}/sessions/{session_id}").status_code == 204
+    page.js("window.__agent.dropConnection()")
+    wait_for(lambda: (lambda s: s["connected"] and s["sessionId"] is None)(page.state()), 15,
+             "a fresh connection without the deleted session")
+    upstream.script({"text": "A new beginning."})
+    page.send("hello again")
+    assert page.wait_answer(1)["text"] == "A new beginning."
+    assert page.state()["sessionId"] not in (None, session_id)
+
 
 def test_offline_mode_banner(browser, start_server):
     server = page_server(start_server, ANTHROPIC_API_KEY="", ANTHROPIC_BASE_URL="", OFFLINE_PACE_MS=1)

@@ -289,3 +289,18 @@ async def test_unhandled_errors_still_carry_the_request_id():
         r = await client.get("/broken", headers={"X-Request-ID": "boom-1"})
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
     assert r.headers["x-request-id"] == "boom-1"
+
+
+def test_an_empty_multiproc_dir_variable_means_unset(tmp_path):
+    """`PROMETHEUS_MULTIPROC_DIR=` (a copied .env.example) must not scatter files in the cwd."""
+    import subprocess
+    import sys
+
+    from .harness import ROOT
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": "", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", "import server.metrics as m; m.turn_started(); "
+                           "print(m.MULTIPROC_DIR)"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert list(tmp_path.iterdir()) == []

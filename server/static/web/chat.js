@@ -224,15 +224,32 @@
       if (ws !== state.ws) return;  // a socket we already replaced or closed on purpose
       state.ws = null;
       state.stats.drops += 1;
-      if (!opened && ++state.failedOpens >= 2 && !state.apiKey) {
-        showAuth("Could not connect. If this server requires an API key, enter it.");
-      }
-      if (close.code === 1008) {  // the server refused the session (expired or deleted)
-        lostSession(close.reason || "session_not_found");
+      if (!opened) {  // the handshake was refused (browsers do not say why): ask over HTTP
+        state.failedOpens += 1;
+        diagnose();
         return;
       }
       scheduleReconnect();
     };
+  }
+
+  async function diagnose() {
+    let res = null;
+    try {
+      res = state.sessionId
+        ? await fetch(`sessions/${encodeURIComponent(state.sessionId)}`, { headers: authHeaders() })
+        : await fetch("ws-ticket", { method: "POST", headers: authHeaders() });
+    } catch { /* the server is unreachable: keep trying */ }
+    const code = res && !res.ok ? ((await res.json().catch(() => ({}))).error || {}).code : null;
+    if (res && res.status === 404 && state.sessionId) {
+      lostSession("it expired or was deleted");
+    } else if (res && res.status === 401) {
+      showAuth(state.apiKey ? "That API key was refused." : "This server needs an API key.");
+    } else if (code === "forbidden_origin") {
+      setStatus("disconnected", "Refused: this page's origin is not in the server's ALLOWED_ORIGINS");
+    } else {
+      scheduleReconnect();
+    }
   }
 
   function scheduleReconnect() {
@@ -259,8 +276,9 @@
 
   function lostSession(reason) {
     if (state.view && state.running) {
-      state.view.note(`The session is gone (${reason}); start a new message.`, "error");
+      state.view.note(`The session is gone (${reason}); send a new message to start another.`, "error");
       state.view.root.setAttribute("aria-busy", "false");
+      state.view.root.dataset.state = "error";
     }
     state.sessionId = null;
     state.turnId = null;
