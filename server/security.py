@@ -37,13 +37,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import (ANONYMOUS, BEARER_SUBPROTOCOL_PREFIX, SCOPE_KEY, WS_SUBPROTOCOL, KeyRing, TicketSigner,
                    bearer_token, principal_of, subprotocol_key, ticket_secret)
+from . import metrics
 from .config import Settings
 from .errors import ApiError
 from .ratelimit import SLOT_TTL_MS, Limiter, MemoryLimiter, RedisLimiter, bucket_key
 
 log = logging.getLogger("server.security")
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# Probes, the chat page and its assets, and the API description need no key.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/openapi.json"})
+PUBLIC_PREFIXES = ("/static/",)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 _SECRET_RE = re.compile(r"(?i)(bearer[ .]|ticket=)[^\s,;&\"']+")
 
@@ -77,7 +80,7 @@ def cors_options(settings: Settings) -> dict[str, Any]:
     return dict(allow_origins=list(settings.allowed_origins), allow_credentials=False,
                 allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-                expose_headers=["X-Session-ID", "X-Turn-ID", "Retry-After"], max_age=600)
+                expose_headers=["X-Session-ID", "X-Turn-ID", "Retry-After", "X-Request-ID"], max_age=600)
 
 
 class AllowlistCORS(CORSMiddleware):
@@ -185,6 +188,8 @@ class Guard:
         origin = headers.get("origin")
         if origin is None or "*" in self.origins or origin.rstrip("/") in self.origins:
             return
+        if origin.partition("://")[2].rstrip("/") == headers.get("host"):
+            return  # same origin: the built-in chat page served by this server
         raise ApiError("forbidden_origin", "This origin is not allowed (ALLOWED_ORIGINS).")
 
     def identity(self, scope: Scope, principal: str) -> str:
@@ -269,6 +274,7 @@ class Guard:
 
 
 def _rate_limited(wait: float, limit: str, message: str) -> ApiError:
+    metrics.rate_limited(limit)
     return ApiError("rate_limited", message, retry_after=max(1, math.ceil(wait)), limit=limit)
 
 
@@ -334,7 +340,7 @@ class SecurityMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method, guard = scope["path"], scope["method"], self.guard
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

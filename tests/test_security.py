@@ -261,6 +261,16 @@ async def test_sessions_belong_to_their_principal(keyed, upstream):
     assert len(upstream.requests()) == 2, "B's hijack attempt never reached the model"
 
 
+async def test_page_and_api_description_are_public_with_keys(keyed):
+    async with httpx.AsyncClient(base_url=keyed.url, timeout=30) as client:
+        for path in ("/", "/static/chat.js", "/static/chat.css", "/openapi.json"):
+            assert (await client.get(path)).status_code == 200, path
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers=auth(KEY_A))).status_code == 200
+        r = await client.get(f"/sessions/{SID}", headers={**auth(KEY_A), "Origin": ORIGIN})
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+
+
 async def test_cors_allowlist(keyed):
     async with httpx.AsyncClient(base_url=keyed.url, timeout=30) as client:
         r = await client.get(f"/sessions/{SID}", headers={**auth(KEY_A), "Origin": ORIGIN})
@@ -302,6 +312,8 @@ async def test_local_mode_refuses_foreign_pages_and_rebinding(start_server, upst
         r = await client.post("/agent", json={"message": "hi"})
         assert r.status_code == 200 and r.json()["text"] == "local ok"
     assert (await ws_status(f"{server.ws_url}/agent/ws", origin=EVIL))[0] == 403
+    # The built-in chat page's own origin (same host:port) is not a foreign page.
+    assert (await ws_status(f"{server.ws_url}/agent/ws", origin=server.url))[0] == 101
 
 
 async def test_auth_disabled_limits_per_client_ip(start_server, upstream):
@@ -313,6 +325,12 @@ async def test_auth_disabled_limits_per_client_ip(start_server, upstream):
         codes = [(await client.get(f"/sessions/{SID}")).status_code for _ in range(5)]
     assert codes == [404, 404, 404, 429, 429]
     redis.Redis.from_url(server.env["REDIS_URL"]).delete("agent:rl:{ip:127.0.0.1}:rpm")
+    # The rejections are counted; scrape from another loopback address (its own bucket).
+    other = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, transport=other) as client:
+        scrape = (await client.get("/metrics")).text
+    redis.Redis.from_url(server.env["REDIS_URL"]).delete("agent:rl:{ip:127.0.0.2}:rpm")
+    assert 'agent_rate_limited_total{scope="requests_per_minute"} 2.0' in scrape
 
 
 # -- rate limits --------------------------------------------------------------------------
