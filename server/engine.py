@@ -44,7 +44,6 @@ REMOTE_POLL_MS = 1000
 class TurnHandle:
     session_id: str
     turn_id: str
-    joined: bool = False  # an idempotent retry joined an existing turn
 
 
 @dataclass
@@ -97,7 +96,7 @@ class Engine:
             if isinstance(result, Started):
                 break
             if isinstance(result, Duplicate):
-                return TurnHandle(session_id, result.turn_id, joined=True)
+                return TurnHandle(session_id, result.turn_id)  # an idempotent retry joins it
             if isinstance(result, NotFound):
                 if create and req.session_id is not None:  # create_if_missing: it exists, continue it
                     create = False

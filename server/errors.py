@@ -134,8 +134,7 @@ def _from_status(status: int, error_type: str | None, message: str, retry_after:
         if "prompt is too long" in lowered or "context" in lowered and "too long" in lowered:
             return ApiError("context_too_long", **extra)
         return ApiError("bad_request", **extra)
-    if status >= 500 or error_type == "api_error" or status == 200:
-        return ApiError("upstream_unavailable", **extra)
+    # 5xx, api_error, a mid-stream failure (status 200) and anything unforeseen.
     return ApiError("upstream_unavailable", **extra)
 
 

@@ -28,7 +28,6 @@ import re
 from typing import Any
 
 from . import metrics_dir
-from .metrics_dir import prepare_supervisor  # noqa: F401  (python -m server calls it)
 
 MULTIPROC_DIR = metrics_dir.worker_dir()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
@@ -33,7 +33,6 @@ class TurnRequest:
     cancel_on_disconnect: bool = False
     response_schema: dict[str, Any] | None = None
     create_if_missing: bool = False       # start `session_id` as a new session if it does not exist
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def user_message(self) -> dict[str, Any]:
         content = self.content

@@ -22,6 +22,14 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.payload()}, status_code=exc.status, headers=exc.headers())
 
 
+def error_event_response(event: dict[str, Any], session_id: str, turn_id: str) -> JSONResponse:
+    """A turn's `error` event, answered before anything was streamed: its HTTP status and body."""
+    error = {k: v for k, v in event.items() if k not in ("type", "id")}
+    headers = ApiError(error["code"], retry_after=error.get("retry_after")).headers()
+    return JSONResponse({"error": error, "session_id": session_id, "turn_id": turn_id},
+                        status_code=status_of(error["code"]), headers=headers)
+
+
 async def read_body(request: Request) -> bytes:
     """The request body, refused with 413 `body_too_large` past MAX_BODY_BYTES (checked
     against Content-Length first, then while reading, so a liar cannot stream more)."""
@@ -60,11 +68,7 @@ async def agent(request: Request) -> Response:
     if final is None:  # the follow ended without a terminal event: the server is stopping
         raise ApiError("server_restarting")
     if final["type"] == "error":
-        final.pop("type")
-        final.pop("id", None)
-        return JSONResponse({"error": final, "session_id": handle.session_id, "turn_id": handle.turn_id},
-                            status_code=status_of(final["code"]), headers=ApiError(final["code"],
-                            retry_after=final.get("retry_after")).headers())
+        return error_event_response(final, handle.session_id, handle.turn_id)
     final.pop("type")
     final.pop("id", None)
     final["tool_calls"] = _tool_calls(tools)

@@ -13,14 +13,13 @@ import json
 from typing import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..auth import principal_of
 from ..engine import Engine, valid_session_id
-from ..errors import ApiError, status_of
 from ..events import Event, parse_event_id, sse_frame
-from .http_api import engine_of, read_turn_request
+from .http_api import engine_of, error_event_response, read_turn_request
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 HEARTBEAT = b": keep-alive\n\n"
@@ -56,11 +55,7 @@ async def stream_turn(engine: Engine, session_id: str, turn_id: str, after_seq: 
         return Response(status_code=204)  # nothing after that id: the client is up to date
     if first and first[0].type == "error" and after_seq == 0 and not replay:
         await events.aclose()
-        error = json.loads(first[0].data)
-        return JSONResponse({"error": {k: v for k, v in error.items() if k not in ("type", "id")},
-                             "session_id": session_id, "turn_id": turn_id},
-                            status_code=status_of(error["code"]),
-                            headers=ApiError(error["code"], retry_after=error.get("retry_after")).headers())
+        return error_event_response(json.loads(first[0].data), session_id, turn_id)
     headers = {**SSE_HEADERS, "X-Session-ID": session_id, "X-Turn-ID": turn_id}
     return EventStream(_body(engine, events, first, turn_id, cancel_on_disconnect), headers)
 
