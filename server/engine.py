@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 import anthropic
 
@@ -118,14 +118,15 @@ class Engine:
         metrics.turn_started()
         return TurnHandle(session_id, turn_id)
 
-    async def follow(self, session_id: str, turn_id: str, after_seq: int = 0) -> AsyncIterator[list[Event]]:
+    def follow(self, session_id: str, turn_id: str, after_seq: int = 0) -> AsyncGenerator[list[Event], None]:
         """Events of a turn after `after_seq`, from memory if it runs here, else from the
         store's log (any worker). Ends after the terminal event. `[]` is a heartbeat tick."""
         turn = self.turns.get(turn_id)
         if turn is not None and turn.session_id == session_id:
-            async for batch in turn.follow(after_seq):
-                yield batch
-            return
+            return turn.follow(after_seq)
+        return self._follow_remote(session_id, turn_id, after_seq)
+
+    async def _follow_remote(self, session_id: str, turn_id: str, after_seq: int) -> AsyncGenerator[list[Event], None]:
         last_seq = after_seq
         async for batch in self._follow_log(session_id, turn_id, after_seq):
             if batch:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncGenerator
 
 from . import events as ev
 from .events import Event
@@ -36,7 +36,7 @@ class Turn:
         self.task: asyncio.Task[None] | None = None
         self.started_at = self.last_activity = time.monotonic()
         self.renew_at = 0.0
-        self._changed = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []  # followers waiting for news
         housekeeper.add(self)
 
     # -- emitting ------------------------------------------------------------------------
@@ -64,8 +64,12 @@ class Turn:
         self._wake()
 
     def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():  # (a cancelled follower's future is done)
+                    waiter.set_result(None)
 
     # -- ending --------------------------------------------------------------------------
     async def stop_writers(self) -> list[Event]:
@@ -79,7 +83,7 @@ class Turn:
         self._wake()
 
     # -- following -----------------------------------------------------------------------
-    async def follow(self, after_seq: int = 0) -> AsyncIterator[list[Event]]:
+    async def follow(self, after_seq: int = 0) -> AsyncGenerator[list[Event], None]:
         """Batches of events after `after_seq` until the terminal one; `[]` is a heartbeat
         tick (no event for `HEARTBEAT_SECONDS`)."""
         i = max(after_seq, 0)
@@ -94,6 +98,8 @@ class Turn:
                 continue
             if self.done:
                 return
-            await self._changed.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
             if i >= len(self.events) and not self.done:
                 yield []

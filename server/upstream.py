@@ -1,10 +1,13 @@
 """One streamed call to the Messages API, as raw event dicts.
 
-We use `with_streaming_response.create(stream=True)` and parse the SSE bytes ourselves: one
-`json.loads` per event and nothing else. The SDK's `messages.stream()` helper rebuilds a
-snapshot of the whole message per event (and re-parses tool JSON), several times the CPU per
-token. The SDK still does what it is good at: auth headers, retries with `retry-after`
-before the first byte, and typed exceptions for error statuses.
+We POST the request body as JSON bytes we encode ourselves through the SDK's public
+`client.post(..., cast_to=httpx2.Response, stream=True)`, and parse the SSE bytes
+ourselves: one `json.loads` per event and nothing else. The SDK's `messages.stream()` helper
+rebuilds a snapshot of the whole message per event (and re-parses tool JSON), several times
+the CPU per token; `messages.create()` walks and copies the whole request (the history)
+looking for file inputs before encoding it, which our bodies never hold. The SDK still does
+what it is good at: auth headers, retries with `retry-after` before the first byte, and
+typed exceptions for error statuses.
 """
 
 from __future__ import annotations
@@ -19,20 +22,21 @@ import httpx2
 from .errors import UpstreamStreamError
 
 _loads = json.loads
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
 class UpstreamStream:
     """An open streamed response: `request_id`, and `events()` yielding parsed event dicts."""
 
-    def __init__(self, response: Any):
+    def __init__(self, response: httpx2.Response):
         self._response = response
-        self.request_id: str | None = response.http_response.headers.get("request-id")
+        self.request_id: str | None = response.headers.get("request-id")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         buffer = b""
         saw_stop = False
         try:
-            async for chunk in self._response.http_response.aiter_bytes():
+            async for chunk in self._response.aiter_bytes():
                 buffer += chunk
                 if b"\r" in buffer:
                     buffer = buffer.replace(b"\r\n", b"\n")
@@ -78,9 +82,18 @@ def _parse_block(block: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+def encode_request(params: dict[str, Any]) -> bytes:
+    """The Messages API request body for a streamed call."""
+    return _dumps({**params, "stream": True}).encode()
+
+
 @asynccontextmanager
 async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any]) -> AsyncIterator[UpstreamStream]:
     """Open the stream (SDK retries apply until the status line); close it on exit, which
     also cuts billing when a turn is cancelled mid-answer."""
-    async with client.messages.with_streaming_response.create(**params, stream=True) as response:
+    response = await client.post("/v1/messages", cast_to=httpx2.Response, content=encode_request(params),
+                                 stream=True, stream_cls=None)
+    try:
         yield UpstreamStream(response)
+    finally:
+        await response.aclose()

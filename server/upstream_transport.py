@@ -1,73 +1,72 @@
-"""An asyncio-native network backend for httpcore2, and the SDK's http client built on it.
+"""The SDK's HTTP/1.1 transport to the Messages API: asyncio protocols plus httptools.
 
-Why: httpcore2's default (anyio) backend wraps every socket ``read()`` in
-``anyio.fail_after(timeout)`` - a CancelScope with a timer handle, ``current_task()``
-look-ups and scope bookkeeping - and anyio's socket stream toggles ``resume_reading`` /
-``pause_reading`` around every wait (or checkpoints when data is already there). With
-hundreds of paced SSE streams that is paid once per SSE event: ~15-20% of the server's CPU.
+Why: with httpx2's default transport every SSE event of an upstream stream crosses
+httpcore2's connection and pool bookkeeping, h11's pure-Python chunked reader and state
+machine, and four nested async generators, each under an exception-mapping context
+manager. Profiled at 400 paced streams that was about 35% of the server's CPU, plus a pool
+scan over every open connection per request. Here a response is parsed by httptools (C, the
+parser uvicorn uses) inside ``data_received``; a streamed body is a deque of chunks that
+the reader drains without a timer, a task look-up or a checkpoint per chunk.
 
-Design:
+The SDK keeps doing what it is good at - auth headers, retries with ``retry-after`` before
+the first byte, typed errors - because this is only the transport under its httpx2 client.
+Requests to proxied URLs (``HTTPS_PROXY`` & co.) still take httpx2's own proxy transports.
 
-* :class:`AsyncioStream` is both the ``asyncio.Protocol`` (``data_received`` appends to a
-  deque of chunks) and httpcore2's ``AsyncNetworkStream``. ``read()`` returns at once when
-  data is buffered - no timer, no task look-up, no checkpoint. Otherwise it awaits one
-  future that ``data_received`` / ``eof_received`` / ``connection_lost`` resolve.
-* Read-side flow control: above ``HIGH_WATER`` buffered bytes the transport is paused
-  (``pause_reading``), and resumed once reads drain it below ``LOW_WATER``.
-* Timeouts without a per-read timer: a waiting read stores a deadline on its stream and
-  registers the stream with a per-loop :class:`_Sweeper`, a single repeating
-  ``call_later`` (running only while something waits with a timeout) that fails overdue
-  waits every ``sweep_interval`` seconds. **Granularity**: a read/write timeout of ``T``
-  fires after ``T`` to ``T + sweep_interval`` seconds (0.5 s by default). Upstream read
-  timeouts are minutes long, so half a second of slack does not matter.
-* ``write()`` is ``transport.write``; it awaits a drain future only while the transport
-  has called ``pause_writing``.
-* ``start_tls`` is ``loop.start_tls`` (stdlib asyncio and uvloop) with the ssl context and
-  ``server_hostname`` httpcore passes; the same stream object continues over TLS.
-* Connect (once per connection) uses ``asyncio.wait_for`` around ``create_connection``.
-* Errors map as in httpcore2's anyio backend: ReadTimeout/ReadError, WriteTimeout/
-  WriteError, ConnectTimeout/ConnectError; a clean EOF reads as ``b""``.
+* Pool: idle keep-alive connections per origin, newest first; a connection idle past
+  ``keepalive_expiry`` or closed by the peer is dropped when met. ``max_connections``
+  bounds requests in flight (waiting up to the ``pool`` timeout, then ``PoolTimeout``).
+  A reused connection that fails before any byte of the answer (the peer closed it while
+  it sat idle) is retried once on a new one: the request cannot have been processed.
+* Timeouts without a timer per read: a waiting read stores a deadline and registers with a
+  per-loop :class:`_Sweeper`, one repeating ``call_later`` (only while something waits)
+  that fails overdue waits every ``sweep_interval`` seconds. A read timeout of ``T`` fires
+  after ``T`` to ``T + sweep_interval`` seconds (0.5 s by default); upstream read timeouts
+  are minutes long.
+* Read-side flow control: above ``HIGH_WATER`` buffered body bytes the socket is paused,
+  resumed when the reader takes them. Writes wait for ``resume_writing``.
+* Errors are httpx2's: ConnectError/ConnectTimeout, WriteError/WriteTimeout,
+  ReadError/ReadTimeout, RemoteProtocolError (a malformed answer or a body cut short),
+  PoolTimeout - what the SDK and ``server.upstream`` already handle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, AsyncIterator
 
 import anthropic
-import httpcore2
+import httptools
 import httpx2
-from httpcore2 import (
-    ConnectError,
-    ConnectTimeout,
-    ReadError,
-    ReadTimeout,
-    WriteError,
-    WriteTimeout,
-)
-from httpcore2._backends.base import AsyncNetworkBackend, AsyncNetworkStream
 
-__all__ = ["AsyncioBackend", "AsyncioStream", "install_backend", "make_http_client"]
+__all__ = ["UpstreamTransport", "make_http_client"]
 
-HIGH_WATER = 256 * 1024  # pause reading above this many buffered bytes
-LOW_WATER = 64 * 1024  # resume once reads bring it down to this
+HIGH_WATER = 256 * 1024  # pause reading above this many buffered body bytes
 DEFAULT_SWEEP_INTERVAL = 0.5  # timeout granularity, seconds
-SSL_SHUTDOWN_TIMEOUT = 5.0  # bound on waiting for the peer's close_notify after aclose()
-HAPPY_EYEBALLS_DELAY = 0.25  # as anyio.connect_tcp (stdlib loop only; uvloop has no such option)
+SSL_SHUTDOWN_TIMEOUT = 5.0  # bound on waiting for the peer's close_notify
+DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
-SocketOption = Any  # httpcore2._types.SOCKET_OPTION
+SocketOption = tuple[int, int, Any]
+
+
+def keepalive_socket_options() -> list[SocketOption]:
+    """TCP keep-alive as the SDK's default client sets it (a dead peer is noticed in ~6 min)."""
+    options: list[SocketOption] = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)]
+    for name, value in (("TCP_KEEPINTVL", 60), ("TCP_KEEPCNT", 5), ("TCP_KEEPIDLE", 60)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return options
 
 
 class _Sweeper:
-    """Fails overdue reads/writes of one event loop, once per ``interval`` seconds.
+    """Fails overdue waits of one event loop, once per ``interval`` seconds.
 
-    Streams are added when they start a timed wait (``set.add`` of a stream already in the
-    set is a no-op) and dropped lazily by the sweep once they no longer wait, so a steady
-    stream of waits costs one set look-up each. The timer only runs while the set is not
-    empty.
+    Connections are added when they start a timed wait (adding one already in the set is a
+    no-op) and dropped lazily by the sweep once they no longer wait, so a steady stream of
+    waits costs one set look-up each. The timer runs only while the set is not empty.
     """
 
     __slots__ = ("loop", "interval", "waiting", "_handle")
@@ -75,361 +74,444 @@ class _Sweeper:
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         self.loop = loop
         self.interval = interval
-        self.waiting: set[AsyncioStream] = set()
+        self.waiting: set[Connection] = set()
         self._handle: asyncio.TimerHandle | None = None
 
-    def watch(self, stream: AsyncioStream) -> None:
-        self.waiting.add(stream)
+    def watch(self, conn: Connection) -> None:
+        self.waiting.add(conn)
         if self._handle is None:
             self._handle = self.loop.call_later(self.interval, self._sweep)
 
     def _sweep(self) -> None:
         self._handle = None
         now = self.loop.time()
-        done = [s for s in self.waiting if not s._expire(now)]
-        for s in done:
-            self.waiting.discard(s)
+        done = [c for c in self.waiting if not c._expire(now)]
+        for c in done:
+            self.waiting.discard(c)
         if self.waiting:
             self._handle = self.loop.call_later(self.interval, self._sweep)
 
 
-class AsyncioStream(asyncio.Protocol, AsyncNetworkStream):
-    """One connection: the asyncio protocol and httpcore2's network stream in one object."""
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: the asyncio protocol, the httptools parser's callbacks and
+    the state of the response being read (one at a time)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper, origin: tuple[bytes, bytes, int]) -> None:
         self._loop = loop
         self._sweeper = sweeper
-        self._transport: asyncio.Transport | None = None
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._eof = False  # peer sent FIN or the connection is gone
-        self._lost = False  # connection_lost was called
-        self._lost_exc: BaseException | None = None
-        self._closed = False  # aclose() was called
-        self._reading_paused = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._read_deadline: float | None = None
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.lost_exc: BaseException | None = None
+        self.idle_since = 0.0
+        self.requests = 0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._head_method_request = False
+        # the response in progress
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.complete = False
+        self.reusable_after = False  # the answer allows keep-alive (known once complete)
+        self.received_any = False
+        self.error: Exception | None = None  # a parse error
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline: float | None = None
+        self._timeout_exc: type[Exception] = httpx2.ReadTimeout
         self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._write_deadline: float | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        waiter = self._read_waiter
-        if waiter is not None:
-            self._read_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-        if self._buffered > HIGH_WATER and not self._reading_paused and self._transport is not None:
+        self.received_any = True
+        parser = self._parser
+        if parser is None:  # bytes nobody asked for: the connection cannot be reused
+            self._fail(httpx2.RemoteProtocolError("unexpected data from the upstream on an idle connection"))
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # pragma: no cover - we never ask to upgrade
+            self._fail(httpx2.RemoteProtocolError("the upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(httpx2.RemoteProtocolError(f"malformed answer from the upstream: {exc}"))
+        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
             try:
-                self._transport.pause_reading()
-                self._reading_paused = True
+                self.transport.pause_reading()
+                self._paused = True
             except (RuntimeError, AttributeError):  # closing transport
                 pass
 
     def eof_received(self) -> bool | None:
-        self._eof = True
-        self._wake_reader()
+        self.lost = True
+        self._wake()
         return None  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._lost = True
-        self._lost_exc = exc
-        self._wake_reader()
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)  # write()'s drain re-checks _lost
+        self.lost = True
+        self.lost_exc = exc
+        self._write_paused = False
+        self._wake()
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        waiter = self._drain_waiter
+        self._wake()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an informational answer (we never send Expect): skip it
+            self.reason, self.headers = b"", []
+            return
+        self.status = status
+        self.head_done = True
+        if self._head_method_request:  # no body follows, whatever Content-Length says
+            self.complete = True
+            self._parser = None
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self._waiter is not None:
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        assert self._parser is not None
+        self.reusable_after = self._parser.should_keep_alive()  # (llhttp forgets it on return)
+        self._wake()
+
+    # -- waiting ---------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
         if waiter is not None:
-            self._drain_waiter = None
+            self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _wake_reader(self) -> None:
-        waiter = self._read_waiter
-        if waiter is not None:
-            self._read_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+    def _fail(self, exc: Exception) -> None:
+        self.error = exc
+        self._parser = None
+        if self.transport is not None:
+            self.transport.close()
+        self._wake()
 
-    # -- the sweeper's hook ----------------------------------------------------------------
     def _expire(self, now: float) -> bool:
-        """Fail overdue waits; True while a timed wait is still pending."""
-        pending = False
-        waiter = self._read_waiter
-        if waiter is not None and self._read_deadline is not None and not waiter.done():
-            if now >= self._read_deadline:
-                self._read_waiter = None
-                waiter.set_exception(ReadTimeout("timed out waiting for data from the upstream"))
-            else:
-                pending = True
-        waiter = self._drain_waiter
-        if waiter is not None and self._write_deadline is not None and not waiter.done():
-            if now >= self._write_deadline:
-                self._drain_waiter = None
-                waiter.set_exception(WriteTimeout("timed out writing to the upstream"))
-            else:
-                pending = True
-        return pending
+        """Fail an overdue wait; True while a timed wait is still pending."""
+        waiter = self._waiter
+        if waiter is None or self._deadline is None or waiter.done():
+            return False
+        if now < self._deadline:
+            return True
+        self._waiter = None
+        waiter.set_exception(self._timeout_exc("timed out waiting for the upstream"))
+        return False
 
-    # -- httpcore2.AsyncNetworkStream ------------------------------------------------------
-    def _take(self, max_bytes: int) -> bytes:
-        chunks = self._chunks
-        data = chunks.popleft()
-        n = len(data)
-        if n > max_bytes:
-            chunks.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
-        elif chunks and n + len(chunks[0]) <= max_bytes:
-            parts = [data]
-            while chunks and n + len(chunks[0]) <= max_bytes:
-                part = chunks.popleft()
-                parts.append(part)
-                n += len(part)
-            data = b"".join(parts)
-        self._buffered -= len(data)
-        if self._reading_paused and self._buffered <= LOW_WATER:
-            self._reading_paused = False
-            if self._transport is not None and not self._lost:
+    async def _wait(self, timeout: float | None, exc: type[Exception]) -> None:
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        if timeout is not None:
+            if timeout <= 0:
+                self._waiter = None
+                raise exc("timed out waiting for the upstream")
+            self._deadline = self._loop.time() + timeout
+            self._timeout_exc = exc
+            self._sweeper.watch(self)
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+            self._deadline = None
+
+    def _raise_if_broken(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.lost:
+            if self.lost_exc is not None:
+                raise httpx2.ReadError(str(self.lost_exc) or repr(self.lost_exc)) from self.lost_exc
+            raise httpx2.RemoteProtocolError("the upstream closed the connection without a complete answer")
+
+    # -- one exchange ----------------------------------------------------------------------
+    def reusable(self, now: float, expiry: float | None) -> bool:
+        transport = self.transport
+        if self.lost or self.error is not None or transport is None or transport.is_closing():
+            return False
+        return expiry is None or now - self.idle_since < expiry
+
+    async def send(self, head: bytes, body: bytes, is_head: bool, timeout: float | None) -> None:
+        transport = self.transport
+        if self.lost or transport is None or transport.is_closing():
+            raise httpx2.WriteError("the connection is closed")
+        self.requests += 1
+        self.status, self.reason, self.headers = 0, b"", []
+        self.head_done = self.complete = self.received_any = self.reusable_after = False
+        self.chunks.clear()
+        self.buffered = 0
+        self._head_method_request = is_head
+        self._parser = httptools.HttpResponseParser(self)
+        try:
+            transport.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                transport.write(body)
+        except (OSError, RuntimeError) as exc:
+            raise httpx2.WriteError(str(exc) or repr(exc)) from exc
+        while self._write_paused and not self.lost:
+            await self._wait(timeout, httpx2.WriteTimeout)
+        if self.lost and not self.head_done and self.lost_exc is not None:
+            raise httpx2.WriteError(str(self.lost_exc) or repr(self.lost_exc)) from self.lost_exc
+
+    async def receive_head(self, timeout: float | None) -> None:
+        while not self.head_done:
+            self._raise_if_broken()
+            await self._wait(timeout, httpx2.ReadTimeout)
+
+    def take(self) -> bytes:
+        """Everything buffered so far, as one piece."""
+        chunks = self.chunks
+        if len(chunks) == 1:
+            data = chunks.popleft()
+        else:
+            data = b"".join(chunks)
+            chunks.clear()
+        self.buffered = 0
+        if self._paused:
+            self._paused = False
+            if self.transport is not None and not self.lost:
                 try:
-                    self._transport.resume_reading()
+                    self.transport.resume_reading()
                 except (RuntimeError, AttributeError):
                     pass
         return data
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        while True:
-            if self._closed:
-                raise ReadError("the connection was closed")
-            if self._buffered:
-                return self._take(max_bytes)
-            if self._eof:
-                if self._lost_exc is not None:
-                    raise ReadError(str(self._lost_exc) or repr(self._lost_exc)) from self._lost_exc
-                return b""
-            if self._read_waiter is not None:
-                raise ReadError("another read is already waiting on this connection")
-            waiter = self._loop.create_future()
-            self._read_waiter = waiter
-            if timeout is not None:
-                if timeout <= 0:
-                    self._read_waiter = None
-                    raise ReadTimeout("timed out waiting for data from the upstream")
-                self._read_deadline = self._loop.time() + timeout
-                self._sweeper.watch(self)
-            try:
-                await waiter
-            finally:
-                if self._read_waiter is waiter:
-                    self._read_waiter = None
-                self._read_deadline = None
+    def keep_alive(self) -> bool:
+        return (self.complete and self.reusable_after and self._parser is not None and not self.chunks
+                and self.error is None and not self.lost)
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        transport = self._transport
-        if self._closed or self._lost or transport is None or transport.is_closing():
-            raise WriteError("the connection is closed")
-        try:
-            transport.write(buffer)
-        except (OSError, RuntimeError) as exc:
-            raise WriteError(str(exc) or repr(exc)) from exc
-        while self._write_paused:
-            if self._lost:
-                raise WriteError("the connection was lost while writing")
-            waiter = self._loop.create_future()
-            self._drain_waiter = waiter
-            if timeout is not None:
-                self._write_deadline = self._loop.time() + timeout
-                self._sweeper.watch(self)
-            try:
-                await waiter
-            finally:
-                if self._drain_waiter is waiter:
-                    self._drain_waiter = None
-                self._write_deadline = None
-        if self._lost and self._lost_exc is not None:
-            raise WriteError(str(self._lost_exc) or repr(self._lost_exc)) from self._lost_exc
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        transport = self._transport
+    def close(self) -> None:
+        self._parser = None
+        self.lost = True
+        transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
-        self._chunks.clear()
-        self._buffered = 0
-        self._wake_reader()  # a concurrent read (HTTP/2) raises ReadError, as with anyio
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncNetworkStream:
-        transport = self._transport
-        if transport is None or self._closed or self._lost:
-            raise ConnectError("the connection is closed")
-        try:
-            coro = self._loop.start_tls(
-                transport, self, ssl_context, server_hostname=server_hostname,
-                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
-            )
-            tls_transport = await asyncio.wait_for(coro, timeout)
-        except BaseException as exc:
-            await self.aclose()
-            if isinstance(exc, TimeoutError):
-                raise ConnectTimeout("timed out in the TLS handshake") from exc
-            if isinstance(exc, (OSError, EOFError, RuntimeError)):  # ssl.SSLError is an OSError
-                raise ConnectError(str(exc) or repr(exc)) from exc
-            raise
-        if tls_transport is None:  # the connection was lost during the handshake
-            await self.aclose()
-            raise ConnectError("the connection was closed during the TLS handshake")
-        self._transport = tls_transport  # type: ignore[assignment]
-        self._write_paused = False
-        return self
+        self._wake()
 
     def get_extra_info(self, info: str) -> Any:
-        transport = self._transport
-        if info == "is_readable":
-            # What httpcore asks of an idle keep-alive connection: "would a read return now?"
-            # (normally only a server's close). The event loop drains the socket into our
-            # buffer, so answer from the protocol's state rather than polling the socket.
-            return bool(self._buffered) or self._eof or self._closed or transport is None or transport.is_closing()
+        """httpcore-style extras for ``response.extensions["network_stream"]``."""
+        transport = self.transport
         if transport is None:
             return None
-        if info == "ssl_object":
-            return transport.get_extra_info("ssl_object")
-        if info == "client_addr":
-            return transport.get_extra_info("sockname")
-        if info == "server_addr":
-            return transport.get_extra_info("peername")
-        if info == "socket":
-            return transport.get_extra_info("socket")
+        names = {"client_addr": "sockname", "server_addr": "peername"}
+        return transport.get_extra_info(names.get(info, info))
+
+
+class ResponseBody(httpx2.AsyncByteStream):
+    """The body of one response; closing it returns a finished keep-alive connection to the pool."""
+
+    def __init__(self, pool: UpstreamTransport, conn: Connection, read_timeout: float | None) -> None:
+        self._pool = pool
+        self._conn: Connection | None = conn
+        self._timeout = read_timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            raise httpx2.StreamClosed()
+        while True:
+            if conn.chunks:
+                yield conn.take()
+            elif conn.complete:
+                return
+            else:
+                conn._raise_if_broken()
+                await conn._wait(self._timeout, httpx2.ReadTimeout)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._release(conn)
+
+
+class UpstreamTransport(httpx2.AsyncBaseTransport):
+    """An httpx2 transport: HTTP/1.1 over asyncio (or uvloop) with a keep-alive pool."""
+
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_connections: int | None = 1000,
+                 max_keepalive: int | None = 1000, keepalive_expiry: float | None = 5.0,
+                 socket_options: Iterable[SocketOption] | None = None,
+                 sweep_interval: float = DEFAULT_SWEEP_INTERVAL) -> None:
+        self._ssl_context = ssl_context
+        self._max_keepalive = max_keepalive
+        self._keepalive_expiry = keepalive_expiry
+        self._socket_options = list(socket_options or ())
+        self._sweep_interval = sweep_interval
+        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
+        self._idle: dict[tuple[bytes, bytes, int], list[Connection]] = {}
+        self._idle_count = 0
+        self._sweeper: _Sweeper | None = None
+        self._closed = False
+        self.connections_opened = 0  # for tests and debugging
+
+    # -- the pool --------------------------------------------------------------------------
+    def _take_idle(self, origin: tuple[bytes, bytes, int], now: float) -> Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            self._idle_count -= 1
+            if conn.reusable(now, self._keepalive_expiry):
+                return conn
+            conn.close()
         return None
 
+    def _release(self, conn: Connection) -> None:
+        if self._slots is not None:
+            self._slots.release()
+        if self._closed or not conn.keep_alive() or (self._max_keepalive is not None
+                                                     and self._idle_count >= self._max_keepalive):
+            conn.close()
+            return
+        conn._parser = None
+        conn.idle_since = conn._loop.time()
+        self._idle.setdefault(conn.origin, []).append(conn)
+        self._idle_count += 1
 
-class AsyncioBackend(AsyncNetworkBackend):
-    """httpcore2 network backend on plain asyncio (or uvloop) protocols and transports."""
-
-    def __init__(self, *, sweep_interval: float = DEFAULT_SWEEP_INTERVAL) -> None:
-        self.sweep_interval = sweep_interval
-        self.connections_opened = 0  # for tests and debugging
-        self._sweeper: _Sweeper | None = None
-
-    def _stream(self) -> AsyncioStream:
+    async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> Connection:
         loop = asyncio.get_running_loop()
         sweeper = self._sweeper
         if sweeper is None or sweeper.loop is not loop:
-            sweeper = self._sweeper = _Sweeper(loop, self.sweep_interval)
-        return AsyncioStream(loop, sweeper)
-
-    @staticmethod
-    def _apply_options(stream: AsyncioStream, socket_options: Iterable[SocketOption] | None) -> None:
-        if not socket_options:
-            return
-        sock = stream.get_extra_info("socket")
-        if sock is None:
-            return
-        for option in socket_options:
-            sock.setsockopt(*option)
-
-    async def _connect(self, stream: AsyncioStream, coro: Any, timeout: float | None,
-                       socket_options: Iterable[SocketOption] | None) -> AsyncioStream:
-        try:
-            await asyncio.wait_for(coro, timeout)
-            self._apply_options(stream, socket_options)
-        except TimeoutError as exc:
-            await stream.aclose()
-            raise ConnectTimeout("timed out connecting to the upstream") from exc
-        except OSError as exc:  # includes socket.gaierror
-            await stream.aclose()
-            raise ConnectError(str(exc) or repr(exc)) from exc
-        self.connections_opened += 1
-        return stream
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> AsyncNetworkStream:
-        stream = self._stream()
-        loop = stream._loop
+            sweeper = self._sweeper = _Sweeper(loop, self._sweep_interval)
+        scheme, host, port = origin
+        conn = Connection(loop, sweeper, origin)
+        host_str = host.decode("ascii")
         kwargs: dict[str, Any] = {}
-        if local_address:
-            kwargs["local_addr"] = (local_address, 0)
-        if isinstance(loop, asyncio.BaseEventLoop):  # uvloop's create_connection has no such option
-            kwargs["happy_eyeballs_delay"] = HAPPY_EYEBALLS_DELAY
-        coro = loop.create_connection(lambda: stream, host, port, **kwargs)
-        return await self._connect(stream, coro, timeout, socket_options)
+        if scheme == b"https":
+            kwargs = {"ssl": self._ssl_context or httpx2.create_ssl_context(),
+                      "server_hostname": host_str.strip("[]"), "ssl_shutdown_timeout": SSL_SHUTDOWN_TIMEOUT}
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: conn, host_str.strip("[]"), port, **kwargs),
+                                   timeout)
+        except TimeoutError as exc:
+            conn.close()
+            raise httpx2.ConnectTimeout("timed out connecting to the upstream") from exc
+        except (OSError, EOFError, RuntimeError) as exc:  # incl. socket.gaierror and ssl.SSLError
+            conn.close()
+            raise httpx2.ConnectError(str(exc) or repr(exc)) from exc
+        sock = conn.get_extra_info("socket")
+        if sock is not None:
+            for option in self._socket_options:
+                try:
+                    sock.setsockopt(*option)
+                except OSError:  # pragma: no cover - an option this platform lacks
+                    pass
+        self.connections_opened += 1
+        return conn
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> AsyncNetworkStream:
-        stream = self._stream()
-        coro = stream._loop.create_unix_connection(lambda: stream, path)
-        return await self._connect(stream, coro, timeout, socket_options)
+    # -- httpx2.AsyncBaseTransport ---------------------------------------------------------
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if self._closed:
+            raise RuntimeError("the upstream transport is closed")
+        url = request.url
+        scheme = url.raw_scheme
+        if scheme not in DEFAULT_PORTS:
+            raise httpx2.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
+        origin = (scheme, url.raw_host, url.port or DEFAULT_PORTS[scheme])
+        timeouts = request.extensions.get("timeout") or {}
+        head, body = await _encode_request(request)
+        is_head = request.method == "HEAD"
+        if self._slots is not None:
+            try:
+                if self._slots.locked():
+                    await asyncio.wait_for(self._slots.acquire(), timeouts.get("pool"))
+                else:
+                    await self._slots.acquire()
+            except TimeoutError as exc:
+                raise httpx2.PoolTimeout("no free upstream connection in time") from exc
+        try:
+            conn = self._take_idle(origin, asyncio.get_running_loop().time())
+            if conn is not None:
+                try:
+                    await conn.send(head, body, is_head, timeouts.get("write"))
+                    await conn.receive_head(timeouts.get("read"))
+                except (httpx2.WriteError, httpx2.ReadError, httpx2.RemoteProtocolError):
+                    if conn.received_any:
+                        raise
+                    conn.close()  # it went stale while idle: once more on a new connection
+                    conn = None
+            if conn is None:
+                conn = await self._connect(origin, timeouts.get("connect"))
+                await conn.send(head, body, is_head, timeouts.get("write"))
+                await conn.receive_head(timeouts.get("read"))
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            if self._slots is not None:
+                self._slots.release()
+            raise
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn}
+        return httpx2.Response(conn.status, headers=conn.headers,
+                               stream=ResponseBody(self, conn, timeouts.get("read")), extensions=extensions)
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+        self._idle_count = 0
 
 
-def install_backend(client: httpx2.AsyncClient, backend: AsyncNetworkBackend) -> int:
-    """Make every httpcore2 pool of ``client`` (its transport and proxy mounts) use ``backend``.
-
-    httpx2's ``AsyncHTTPTransport`` has no ``network_backend`` argument, so this sets the
-    pool's backend before any connection exists (connections take it from the pool when
-    they are created). Returns how many pools were changed.
-    """
-    transports = [client._transport, *(t for t in client._mounts.values() if t is not None)]
-    changed = 0
-    for transport in transports:
-        pool = getattr(transport, "_pool", None)
-        if isinstance(pool, httpcore2.AsyncConnectionPool):
-            if not hasattr(pool, "_network_backend"):  # pragma: no cover - httpcore2 changed
-                raise RuntimeError("httpcore2.AsyncConnectionPool has no _network_backend to replace")
-            pool._network_backend = backend
-            changed += 1
-    return changed
+async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:
+    """The request line and headers, and the body (chunk-encoded when its length is unknown)."""
+    parts = [b"".join([chunk async for chunk in request.stream])]  # type: ignore[union-attr]
+    names = {name.lower() for name, _ in request.headers.raw}
+    headers = request.headers.raw
+    body = parts[0]
+    if b"transfer-encoding" in names:
+        body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
+    elif b"content-length" not in names and body:
+        headers = [*headers, (b"Content-Length", str(len(body)).encode())]
+    lines = [b"%b %b HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
+    lines += [b"%b: %b" % (name, value) for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n", body
 
 
 def make_http_client(*, timeout: float | httpx2.Timeout, max_connections: int = 1000,
                      max_keepalive: int = 1000, **kwargs: Any) -> httpx2.AsyncClient:
-    """httpx2 client for the SDK using the asyncio backend (what anthropic.DefaultAsyncHttpxClient would build, plus our backend).
+    """The SDK's http client (``anthropic.DefaultAsyncHttpxClient``: redirects, proxies from
+    the environment, ``verify``/``cert``) with :class:`UpstreamTransport` for direct requests.
 
-    ``anthropic.DefaultAsyncHttpxClient`` supplies the SDK's defaults (follow_redirects,
-    TCP keep-alive socket options, proxies from the environment); extra ``kwargs`` (e.g.
-    ``event_hooks``, ``verify``, ``http2``) go to it unchanged. A number ``timeout`` keeps
-    the SDK's 5 s connect timeout, as ``anthropic.DEFAULT_TIMEOUT`` does.
+    ``DefaultAsyncHttpxClient`` refuses a ``transport=`` and a transport given to httpx2
+    disables proxies from the environment, so the client is built as usual and its default
+    transport swapped for ours (the proxy mounts stay). A number ``timeout`` keeps the SDK's
+    5 s connect timeout, as ``anthropic.DEFAULT_TIMEOUT`` does.
     """
     if not isinstance(timeout, httpx2.Timeout):
         timeout = httpx2.Timeout(timeout, connect=min(float(timeout), anthropic.DEFAULT_TIMEOUT.connect or 5.0))
+    expiry = anthropic.DEFAULT_CONNECTION_LIMITS.keepalive_expiry
     limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive,
-                           keepalive_expiry=anthropic.DEFAULT_CONNECTION_LIMITS.keepalive_expiry)
-    client = anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits, **kwargs)
-    if install_backend(client, AsyncioBackend()) == 0:  # pragma: no cover - httpx2 changed
-        raise RuntimeError("could not find the httpcore2 connection pool of the httpx2 client")
+                           keepalive_expiry=expiry)
+    verify, cert = kwargs.pop("verify", True), kwargs.pop("cert", None)
+    trust_env = kwargs.get("trust_env", True)
+    if kwargs.get("http2"):
+        raise ValueError("the upstream transport speaks HTTP/1.1 only")
+    client = anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits, verify=verify, cert=cert, **kwargs)
+    ssl_context = httpx2.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+    client._transport = UpstreamTransport(ssl_context=ssl_context, max_connections=max_connections,
+                                          max_keepalive=max_keepalive, keepalive_expiry=expiry,
+                                          socket_options=keepalive_socket_options())
     return client
-

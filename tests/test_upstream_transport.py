@@ -1,4 +1,4 @@
-"""The asyncio-native httpcore2 backend (server/upstream_transport.py) under the real SDK.
+"""The SDK's upstream transport (server/upstream_transport.py) under the real SDK.
 
 Everything runs in-process against the fake upstream; one test repeats the key paths
 under uvloop (what the server runs on), and a TLS test puts a TLS-terminating relay with
@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anthropic
-import httpcore2
 import httpx2
 import pytest
 
 from server.fake_anthropic import FakeAnthropic
-from server.upstream_transport import AsyncioBackend, AsyncioStream, _Sweeper, make_http_client
+from server.upstream_transport import Connection, UpstreamTransport, _Sweeper, make_http_client
 
 MSG: dict[str, Any] = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -31,10 +30,10 @@ def expected_text(n: int) -> str:
     return "".join(f"tok{i}" if i == n - 1 else f"tok{i} " for i in range(n))
 
 
-def backend_of(client: anthropic.AsyncAnthropic) -> AsyncioBackend:
-    backend = client._client._transport._pool._network_backend  # type: ignore[attr-defined]
-    assert isinstance(backend, AsyncioBackend)
-    return backend
+def transport_of(client: anthropic.AsyncAnthropic) -> UpstreamTransport:
+    transport = client._client._transport  # type: ignore[attr-defined]
+    assert isinstance(transport, UpstreamTransport)
+    return transport
 
 
 def sse_text(raw: bytes) -> str:
@@ -78,7 +77,7 @@ async def test_raw_stream_arrives_complete(fake: FakeAnthropic) -> None:
         raw = b"".join([chunk async for chunk in response.http_response.aiter_bytes()])
     assert sse_text(raw) == expected_text(200)
     assert b"message_stop" in raw
-    assert backend_of(client).connections_opened == 1
+    assert transport_of(client).connections_opened == 1
     await client.close()
 
 
@@ -97,7 +96,7 @@ async def test_keep_alive_reuses_one_connection(fake: FakeAnthropic) -> None:
     for _ in range(3):
         assert await read_stream(client) == expected_text(5)
     await client.messages.create(**MSG)
-    assert backend_of(client).connections_opened == 1
+    assert transport_of(client).connections_opened == 1
     await client.close()
 
 
@@ -196,60 +195,63 @@ class _Transport(asyncio.Transport):
         self.closed = True
 
 
-async def test_stream_buffering_flow_control_and_errors() -> None:
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def test_connection_parsing_flow_control_and_errors() -> None:
     loop = asyncio.get_running_loop()
-    stream = AsyncioStream(loop, _Sweeper(loop, 0.05))
+    conn = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80))
     transport = _Transport()
-    stream.connection_made(transport)
+    conn.connection_made(transport)
+    await conn.send(b"POST /v1/messages HTTP/1.1\r\nHost: example\r\n\r\n", b"{}", False, timeout=1)
+    assert transport.written == [b"POST /v1/messages HTTP/1.1\r\nHost: example\r\n\r\n{}"]
 
-    stream.data_received(b"abc")
-    stream.data_received(b"def")
-    assert await stream.read(4) == b"abc"  # chunks are joined only up to max_bytes
-    assert await stream.read(100) == b"def"
-
-    big = b"x" * (300 * 1024)
-    stream.data_received(big)
-    assert transport.paused  # over the high-water mark
-    got = await stream.read(64 * 1024)
-    assert len(got) == 64 * 1024 and transport.paused
-    while stream._buffered:
-        await stream.read(64 * 1024)
-    assert not transport.paused
-
-    reader = asyncio.ensure_future(stream.read(10, timeout=5))
+    head = asyncio.ensure_future(conn.receive_head(timeout=5))
+    conn.data_received(HEAD[:20])  # a head split across reads
     await asyncio.sleep(0)
-    stream.data_received(b"late")
-    assert await reader == b"late"
+    assert not head.done()
+    conn.data_received(HEAD[20:] + chunk(b"abc") + chunk(b"def"))
+    await head
+    assert conn.status == 200 and (b"Content-Type", b"text/event-stream") in conn.headers
+    assert conn.take() == b"abcdef"  # chunks that arrived together come out as one piece
+
+    conn.data_received(chunk(b"x" * (300 * 1024)))
+    assert transport.paused  # over the high-water mark
+    assert len(conn.take()) == 300 * 1024 and not transport.paused
 
     started = time.monotonic()
-    with pytest.raises(httpcore2.ReadTimeout):
-        await stream.read(10, timeout=0.05)
+    with pytest.raises(httpx2.ReadTimeout):
+        await conn._wait(0.05, httpx2.ReadTimeout)
     assert time.monotonic() - started < 0.5
 
-    await stream.write(b"GET / HTTP/1.1\r\n\r\n", timeout=1)
-    assert transport.written == [b"GET / HTTP/1.1\r\n\r\n"]
-    assert stream.get_extra_info("is_readable") is False
+    conn.data_received(b"0\r\n\r\n")
+    assert conn.complete and conn.keep_alive()  # reusable for the next request
 
-    stream.data_received(b"tail")
-    stream.eof_received()
-    assert stream.get_extra_info("is_readable") is True
-    assert await stream.read(10) == b"tail"
-    assert await stream.read(10) == b""  # clean EOF
-
-    stream.connection_lost(ConnectionResetError("reset by peer"))
-    with pytest.raises(httpcore2.WriteError):
-        await stream.write(b"x")
-
-    other = AsyncioStream(loop, _Sweeper(loop, 0.05))
-    other.connection_made(_Transport())
-    pending = asyncio.ensure_future(other.read(10))
+    broken = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80))
+    broken.connection_made(_Transport())
+    await broken.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, timeout=1)
+    waiting = asyncio.ensure_future(broken.receive_head(timeout=5))
     await asyncio.sleep(0)
-    other.connection_lost(ConnectionResetError("reset by peer"))
-    with pytest.raises(httpcore2.ReadError):
-        await pending
-    await other.aclose()
-    with pytest.raises(httpcore2.ReadError):
-        await other.read(10)
+    broken.data_received(b"NOT HTTP AT ALL\r\n\r\n")
+    with pytest.raises(httpx2.RemoteProtocolError):
+        await waiting
+    assert not broken.keep_alive()
+
+    cut = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80))
+    cut.connection_made(_Transport())
+    await cut.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, timeout=1)
+    cut.data_received(HEAD + chunk(b"part"))
+    await cut.receive_head(timeout=1)
+    cut.connection_lost(ConnectionResetError("reset by peer"))
+    assert cut.take() == b"part"
+    with pytest.raises(httpx2.ReadError):
+        cut._raise_if_broken()
+    with pytest.raises(httpx2.WriteError):
+        await cut.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, timeout=1)
 
 
 async def test_make_http_client_settings() -> None:
@@ -260,11 +262,63 @@ async def test_make_http_client_settings() -> None:
 
     client = make_http_client(timeout=120, event_hooks={"request": [hook]})
     assert client.timeout == httpx2.Timeout(120, connect=5.0)
-    pool = client._transport._pool  # type: ignore[attr-defined]
-    assert isinstance(pool._network_backend, AsyncioBackend)
-    assert pool._max_connections == 1000 and pool._max_keepalive_connections == 1000
+    transport = client._transport  # type: ignore[attr-defined]
+    assert isinstance(transport, UpstreamTransport)
+    assert transport._max_keepalive == 1000 and transport._slots is not None and transport._slots._value == 1000
     assert client.event_hooks["request"] == [hook]
     await client.aclose()
+
+
+async def closing_server(answer: bytes) -> tuple[asyncio.Server, list[int]]:
+    """Answers every request on a connection with `answer`, then closes it without saying so."""
+    served: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        served.append(1)
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0), served
+
+
+async def test_a_connection_closed_while_idle_is_replaced() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    server, served = await closing_server(answer)
+    port = server.sockets[0].getsockname()[1]
+    client = httpx2.AsyncClient(transport=UpstreamTransport())
+    try:
+        for _ in range(3):
+            assert (await client.get(f"http://127.0.0.1:{port}/")).text == "ok"
+            await asyncio.sleep(0.15)  # the server has closed the kept-alive connection by now
+        assert len(served) == 3 and client._transport.connections_opened == 3  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_malformed_answer_and_pool_timeout() -> None:
+    server, _ = await closing_server(b"HTTP/1.1 2OO OK\r\n\r\n")
+    port = server.sockets[0].getsockname()[1]
+    client = httpx2.AsyncClient(transport=UpstreamTransport(max_connections=1))
+    try:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await client.get(f"http://127.0.0.1:{port}/")
+    finally:
+        server.close()
+
+    fake = FakeAnthropic()
+    await fake.start()
+    try:
+        fake.script({"tokens": 3, "ttft_ms": 1000})
+        async with client.stream("POST", f"{fake.base_url}/v1/messages", json={**MSG, "stream": True}):
+            with pytest.raises(httpx2.PoolTimeout):  # the one connection is busy
+                await client.post(f"{fake.base_url}/v1/messages", json=MSG, timeout=httpx2.Timeout(5, pool=0.1))
+    finally:
+        await client.aclose()
+        await fake.stop()
 
 
 # -- uvloop -----------------------------------------------------------------------------------
@@ -343,7 +397,7 @@ async def test_tls(fake: FakeAnthropic, self_signed: tuple[Path, Path]) -> None:
         async with client.messages.with_streaming_response.create(**MSG) as response:
             assert response.http_response.extensions["network_stream"].get_extra_info("ssl_object") is not None
             assert "over tls" in (await response.http_response.aread()).decode()
-        assert backend_of(client).connections_opened == 1
+        assert transport_of(client).connections_opened == 1
         await client.close()
 
         untrusting = sdk(f"https://localhost:{port}")  # the system CAs do not know our certificate

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from typing import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -57,18 +57,24 @@ async def stream_turn(engine: Engine, session_id: str, turn_id: str, after_seq: 
         await events.aclose()
         return error_event_response(json.loads(first[0].data), session_id, turn_id)
     headers = {**SSE_HEADERS, "X-Session-ID": session_id, "X-Turn-ID": turn_id}
-    return EventStream(_body(engine, events, first, turn_id, cancel_on_disconnect), headers)
+    on_abandon = (lambda: engine.cancel_turn(turn_id)) if cancel_on_disconnect else None
+    return EventStream(events, first, headers, on_abandon)
 
 
 class EventStream:
-    """A `text/event-stream` response without StreamingResponse's anyio task group.
+    """A `text/event-stream` response of a turn's event batches, without StreamingResponse's
+    anyio task group or a body generator in between (one frame join and one send per batch).
 
     The body is written from the request's own task; one small task waits for the client's
     disconnect and cancels it (uvicorn silently drops writes to a closed connection, so
-    without it a stream would run on to its end for nobody). Less memory per open stream."""
+    without it a stream would run on to its end for nobody). `on_abandon` runs when the
+    stream ends before the turn's terminal event (the client left, or the server stops)."""
 
-    def __init__(self, body: AsyncIterator[bytes], headers: dict[str, str]):
-        self.body = body
+    def __init__(self, events: AsyncGenerator[list[Event], None], first: list[Event], headers: dict[str, str],
+                 on_abandon: Callable[[], Awaitable[None]] | None = None):
+        self.events = events
+        self.first = first
+        self.on_abandon = on_abandon
         self.headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
         self.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
@@ -76,6 +82,7 @@ class EventStream:
         task = asyncio.current_task()
         assert task is not None
         gone = False
+        finished = False
 
         async def watch() -> None:
             nonlocal gone
@@ -87,8 +94,13 @@ class EventStream:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         watcher = asyncio.create_task(watch())
         try:
-            async for chunk in self.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if self.first:
+                await send({"type": "http.response.body", "body": b"".join(map(sse_frame, self.first)),
+                            "more_body": True})
+            async for batch in self.events:
+                body = b"".join(map(sse_frame, batch)) if batch else HEARTBEAT
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:
@@ -96,7 +108,11 @@ class EventStream:
             task.uncancel()  # our own cancel: the client left, the response is simply over
         finally:
             watcher.cancel()
-            await self.body.aclose()  # type: ignore[attr-defined]
+            try:
+                if not finished and self.on_abandon is not None:
+                    await self.on_abandon()
+            finally:
+                await self.events.aclose()
 
 
 async def _first_batch(events: AsyncIterator[list[Event]], wait: float) -> list[Event]:
@@ -108,18 +124,3 @@ async def _first_batch(events: AsyncIterator[list[Event]], wait: float) -> list[
         batch = await anext(events)
         if batch or loop.time() >= deadline:
             return batch
-
-
-async def _body(engine: Engine, events: AsyncIterator[list[Event]], first: list[Event], turn_id: str,
-                cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
-    finished = False
-    try:
-        if first:
-            yield b"".join(map(sse_frame, first))
-        async for batch in events:
-            yield b"".join(map(sse_frame, batch)) if batch else HEARTBEAT
-        finished = True
-    finally:
-        if not finished and cancel_on_disconnect:
-            await engine.cancel_turn(turn_id)
-        await events.aclose()
