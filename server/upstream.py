@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anthropic
 import httpx2
 
 from .errors import UpstreamStreamError
+from .upstream_transport import body_reader
 
 _loads = json.loads
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
@@ -35,8 +36,9 @@ class UpstreamStream:
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         buffer = b""
         saw_stop = False
+        read = body_reader(self._response) or _reader(self._response.aiter_bytes())
         try:
-            async for chunk in self._response.aiter_bytes():
+            while chunk := await read():
                 buffer += chunk
                 if b"\r" in buffer:
                     buffer = buffer.replace(b"\r\n", b"\n")
@@ -62,6 +64,13 @@ class UpstreamStream:
             raise UpstreamStreamError("connection_error", type(exc).__name__, self.request_id) from exc
         if not saw_stop:
             raise UpstreamStreamError("connection_error", "stream ended early", self.request_id)
+
+
+def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
+    """`read()` over an async iterator of chunks (a body from another transport, or encoded)."""
+    async def read() -> bytes:
+        return await anext(chunks, b"")
+    return read
 
 
 def _parse_block(block: bytes) -> dict[str, Any] | None:

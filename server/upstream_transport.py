@@ -36,13 +36,13 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anthropic
 import httptools
 import httpx2
 
-__all__ = ["UpstreamTransport", "make_http_client"]
+__all__ = ["UpstreamTransport", "body_reader", "make_http_client"]
 
 HIGH_WATER = 256 * 1024  # pause reading above this many buffered body bytes
 DEFAULT_SWEEP_INTERVAL = 0.5  # timeout granularity, seconds
@@ -330,17 +330,23 @@ class ResponseBody(httpx2.AsyncByteStream):
         self._timeout = read_timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read():
+            yield chunk
+
+    async def read(self) -> bytes:
+        """The next piece of the body (all that is buffered), ``b""`` at its end. A plain
+        coroutine: a reader that calls it directly skips the async-generator layers of
+        ``Response.aiter_bytes`` (see :func:`body_reader`)."""
         conn = self._conn
         if conn is None:
             raise httpx2.StreamClosed()
         while True:
             if conn.chunks:
-                yield conn.take()
-            elif conn.complete:
-                return
-            else:
-                conn._raise_if_broken()
-                await conn._wait(self._timeout, httpx2.ReadTimeout)
+                return conn.take()
+            if conn.complete:
+                return b""
+            conn._raise_if_broken()
+            await conn._wait(self._timeout, httpx2.ReadTimeout)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -462,9 +468,10 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
             if self._slots is not None:
                 self._slots.release()
             raise
-        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn}
-        return httpx2.Response(conn.status, headers=conn.headers,
-                               stream=ResponseBody(self, conn, timeouts.get("read")), extensions=extensions)
+        body = ResponseBody(self, conn, timeouts.get("read"))
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn,
+                      "upstream_body": body}
+        return httpx2.Response(conn.status, headers=conn.headers, stream=body, extensions=extensions)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -488,6 +495,15 @@ async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:
     lines = [b"%b %b HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
     lines += [b"%b: %b" % (name, value) for name, value in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n", body
+
+
+def body_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]] | None:
+    """``read()`` of a response's body when it came from :class:`UpstreamTransport` with no
+    content-encoding (bytes as sent: no decoder needed), else None (use ``aiter_bytes``)."""
+    body = response.extensions.get("upstream_body")
+    if not isinstance(body, ResponseBody) or response.headers.get("content-encoding", "identity") != "identity":
+        return None
+    return body.read
 
 
 def make_http_client(*, timeout: float | httpx2.Timeout, max_connections: int = 1000,

@@ -408,3 +408,26 @@ async def test_tls(fake: FakeAnthropic, self_signed: tuple[Path, Path]) -> None:
     finally:
         relay.close()
         await relay.wait_closed()
+
+
+# -- server.upstream on top of it -------------------------------------------------------------
+async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnthropic) -> None:
+    import gzip
+
+    from server.upstream import UpstreamStream, open_stream
+    from server.upstream_transport import body_reader
+
+    fake.script({"tokens": 30, "pace_ms": 0})
+    client = sdk(fake.base_url)
+    async with open_stream(client, MSG) as upstream:
+        assert body_reader(upstream._response) is not None  # our transport, no encoding: direct reads
+        events = [e async for e in upstream.events()]
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    assert "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta") == expected_text(30)
+    assert fake.requests[-1].body["stream"] is True
+    await client.close()
+
+    sse = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events)
+    encoded = httpx2.Response(200, headers={"content-encoding": "gzip"}, content=gzip.compress(sse))
+    assert body_reader(encoded) is None  # decoded by httpx2 instead
+    assert [e async for e in UpstreamStream(encoded).events()] == events

@@ -65,9 +65,9 @@ class EventStream:
     """A `text/event-stream` response of a turn's event batches, without StreamingResponse's
     anyio task group or a body generator in between (one frame join and one send per batch).
 
-    The body is written from the request's own task; one small task waits for the client's
-    disconnect and cancels it (uvicorn silently drops writes to a closed connection, so
-    without it a stream would run on to its end for nobody). `on_abandon` runs when the
+    The body is written by a pump task of its own; one small task waits for the client's
+    disconnect and cancels the pump (uvicorn silently drops writes to a closed connection,
+    so without it a stream would run on to its end for nobody). `on_abandon` runs when the
     stream ends before the turn's terminal event (the client left, or the server stops)."""
 
     def __init__(self, events: AsyncGenerator[list[Event], None], first: list[Event], headers: dict[str, str],
@@ -79,20 +79,24 @@ class EventStream:
         self.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        gone = False
-        finished = False
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            task.cancel()
-
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        watcher = asyncio.create_task(watch())
+        # The body is pumped by its own task: waking it for each batch then resumes a
+        # three-frame stack instead of this request's ~18 (server, middleware, routing).
+        pump = asyncio.create_task(self._pump(send))
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, pump))
+        try:
+            await asyncio.wait((pump,))
+        except asyncio.CancelledError:  # this request was cancelled: stop the pump too
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            raise
+        finally:
+            watcher.cancel()
+        if not pump.cancelled() and (error := pump.exception()) is not None:
+            raise error
+
+    async def _pump(self, send: Send) -> None:
+        finished = False
         try:
             if self.first:
                 await send({"type": "http.response.body", "body": b"".join(map(sse_frame, self.first)),
@@ -102,17 +106,18 @@ class EventStream:
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             finished = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            task.uncancel()  # our own cancel: the client left, the response is simply over
         finally:
-            watcher.cancel()
             try:
                 if not finished and self.on_abandon is not None:
                     await self.on_abandon()
             finally:
                 await self.events.aclose()
+
+
+async def _cancel_on_disconnect(receive: Receive, pump: asyncio.Task[None]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    pump.cancel()  # the client left: the response is simply over
 
 
 async def _first_batch(events: AsyncIterator[list[Event]], wait: float) -> list[Event]:
