@@ -13,13 +13,19 @@ content mix of the conversation.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
+
+from .store.base import StoredMessage
 
 CACHE = {"type": "ephemeral"}
 DEFAULT_CHARS_PER_TOKEN = 3.5
 
 
-def message_chars(message: dict[str, Any]) -> int:
+def message_chars(message: Mapping[str, Any]) -> int:
+    if isinstance(message, StoredMessage) and b'"type":"image"' not in message.raw:
+        raw = message.raw  # its JSON's characters: close enough, and no parse
+        return len(raw) if raw.isascii() else len(raw.decode())
     content = message.get("content")
     if isinstance(content, str):
         return len(content) + 8
@@ -41,7 +47,7 @@ def chars_per_token(last_input_tokens: int, last_input_chars: int) -> float:
     return DEFAULT_CHARS_PER_TOKEN
 
 
-def opens_turn(message: dict[str, Any]) -> bool:
+def opens_turn(message: Mapping[str, Any]) -> bool:
     """A user message that is not a tool_result carrier: a safe first message."""
     if message.get("role") != "user":
         return False
@@ -51,7 +57,7 @@ def opens_turn(message: dict[str, Any]) -> bool:
     return not any(block.get("type") == "tool_result" for block in content or ())
 
 
-def window(messages: list[dict[str, Any]], fixed_chars: int, budget_tokens: int,
+def window(messages: list[Mapping[str, Any]], fixed_chars: int, budget_tokens: int,
            ratio: float) -> tuple[int, int]:
     """Index of the first message to send, and the estimated prompt characters.
 
@@ -74,8 +80,8 @@ def window(messages: list[dict[str, Any]], fixed_chars: int, budget_tokens: int,
     return start, total
 
 
-def with_breakpoints(system: str, tools: list[dict[str, Any]], messages: list[dict[str, Any]],
-                     caching: bool) -> tuple[list[dict[str, Any]] | str, list[dict[str, Any]], list[dict[str, Any]]]:
+def with_breakpoints(system: str, tools: list[dict[str, Any]], messages: list[Mapping[str, Any]],
+                     caching: bool) -> tuple[list[dict[str, Any]] | str, list[dict[str, Any]], list[Mapping[str, Any]]]:
     """Mark the cacheable prefix: last tool, system prompt, and the latest message (a rolling
     breakpoint the next call reads from). At most 3 of the API's 4 breakpoints; stored
     messages are copied, never modified."""

@@ -20,6 +20,7 @@ import anthropic
 import httpx2
 
 from .errors import UpstreamStreamError
+from .store.base import StoredMessage
 from .upstream_transport import body_reader
 
 _loads = json.loads
@@ -92,8 +93,11 @@ def _parse_block(block: bytes) -> dict[str, Any] | None:
 
 
 def encode_request(params: dict[str, Any]) -> bytes:
-    """The Messages API request body for a streamed call."""
-    return _dumps({**params, "stream": True}).encode()
+    """The Messages API request body for a streamed call. Stored history messages go in as
+    the JSON the store holds (no decode and re-encode of a long history per call)."""
+    head = _dumps({**{k: v for k, v in params.items() if k != "messages"}, "stream": True}).encode()
+    messages = b",".join([m.raw if type(m) is StoredMessage else _dumps(m).encode() for m in params["messages"]])
+    return b"%b,\"messages\":[%b]}" % (head[:-1], messages)
 
 
 @asynccontextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given, settings, strategies as st
 
 from server import context
@@ -82,3 +84,35 @@ def test_cache_tokens_are_priced_as_cache():
     assert prices.cost("m", usage) == 3.0 + 15.0 + 3.75 + 0.30
     assert prices.cost("m", Usage(cache_read_input_tokens=10_000)) == 0.003
     assert prices.cost("unknown", usage) == 0.0
+
+
+def stored(message: dict) -> "StoredMessage":
+    from server.store.base import StoredMessage
+
+    return StoredMessage(json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+@settings(max_examples=100, deadline=None)
+@given(histories(), st.integers(300, 6000))
+def test_stored_history_is_sized_and_sent_without_a_parse(messages, budget):
+    """Redis hands history back as JSON: windowing and the request body splice it as is,
+    and the result is what the plain messages would give."""
+    from server.upstream import encode_request
+
+    history = [stored(m) for m in messages[:-1]]
+    start, chars = context.window([*history, messages[-1]], 0, 10**9, 3.5)
+    assert start == 0 and all(m._value is None for m in history)  # sized without parsing
+    start, chars = context.window([*history, messages[-1]], 0, budget, 3.5)
+    sent = [*history, messages[-1]][start:]
+    assert context.opens_turn(sent[0])
+    body = encode_request({"model": "m", "max_tokens": 9, "messages": sent})
+    assert json.loads(body) == {"model": "m", "max_tokens": 9, "stream": True, "messages": messages[start:]}
+
+
+def test_stored_message_with_an_image_is_estimated_like_a_plain_one():
+    image = {"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 400_000}},
+        {"type": "text", "text": "what is this?"}]}
+    assert context.message_chars(stored(image)) == context.message_chars(image) < 10_000
+    text = {"role": "user", "content": "é" * 100}
+    assert context.message_chars(stored(text)) == len(json.dumps(text, ensure_ascii=False, separators=(",", ":")))

@@ -14,8 +14,10 @@ Guarantees every backend keeps:
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -53,11 +55,44 @@ class SessionMeta:
     last_input_chars: int = 0    # characters that produced them
 
 
+class StoredMessage(Mapping[str, Any]):
+    """A history message as the store holds it: its JSON, parsed only if someone looks inside.
+
+    The request body splices `raw` as it is (`server.upstream.encode_request`), so a long
+    history costs no decode and re-encode per turn; the context window reads `chars`, which
+    needs no parse either unless the message holds an image.
+    """
+
+    __slots__ = ("raw", "_value")
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self._value: dict[str, Any] | None = None
+
+    @property
+    def value(self) -> dict[str, Any]:
+        if self._value is None:
+            self._value = json.loads(self.raw)
+        return self._value
+
+    def __getitem__(self, key: str) -> Any:
+        return self.value[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.value)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __repr__(self) -> str:
+        return f"StoredMessage({self.raw[:60]!r})"
+
+
 @dataclass(slots=True)
 class Started:
     """The lock is ours; here is the history to build the request from."""
     meta: SessionMeta
-    history: list[dict[str, Any]]
+    history: list[Mapping[str, Any]]  # StoredMessage (redis) or plain dicts (memory)
     stale_turn_id: str | None = None  # a previous turn whose worker died without finishing
 
 

@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError, RedisError
 from ..events import Event
 from ..usage import Usage
 from .base import (BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
-                   SessionView, Started, TurnCommit)
+                   SessionView, Started, StoredMessage, TurnCommit)
 
 log = logging.getLogger("server.store")
 
@@ -155,7 +155,7 @@ class RedisStore:
         status = result[0].decode()
         if status == "started":
             meta = _meta_from_hash(result[1])
-            history = [json.loads(m) for m in result[2]]
+            history = [StoredMessage(m) for m in result[2]]
             stale = result[3].decode() or None
             return Started(meta=meta, history=history, stale_turn_id=stale)
         if status == "busy":
