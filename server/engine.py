@@ -327,7 +327,7 @@ class Engine:
         call_usage = Usage()
         await self.upstream_gate.acquire()  # ApiError("overloaded") after UPSTREAM_QUEUE_TIMEOUT_SECONDS
         try:
-            async with open_stream(self.client, params) as upstream:
+            async with open_stream(self.client, params, self.settings.stream_coalesce_ms / 1000) as upstream:
                 if upstream.request_id:
                     progress.request_ids.append(upstream.request_id)
                 if not turn.events:

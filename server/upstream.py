@@ -12,6 +12,7 @@ typed exceptions for error statuses.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -28,16 +29,23 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circu
 
 
 class UpstreamStream:
-    """An open streamed response: `request_id`, and `events()` yielding parsed event dicts."""
+    """An open streamed response: `request_id`, and `events()` yielding parsed event dicts.
 
-    def __init__(self, response: httpx2.Response):
+    With `coalesce` seconds > 0, once the first content delta is through, the body is read at
+    most once per `coalesce`: what arrived meanwhile is handled in one go, so the turn task
+    and each follower wake once per burst instead of once per token, and each client gets
+    one write per burst. The first token is never delayed."""
+
+    def __init__(self, response: httpx2.Response, coalesce: float = 0.0):
         self._response = response
+        self._coalesce = coalesce
         self.request_id: str | None = response.headers.get("request-id")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         buffer = b""
         saw_stop = False
         read = body_reader(self._response) or _reader(self._response.aiter_bytes())
+        coalescing = False
         try:
             while chunk := await read():
                 buffer += chunk
@@ -58,7 +66,11 @@ class UpstreamStream:
                                                   str(err.get("message") or ""), self.request_id)
                     if kind == "message_stop":
                         saw_stop = True
+                    elif kind == "content_block_delta":
+                        coalescing = self._coalesce > 0
                     yield event
+                if coalescing and not saw_stop:
+                    await asyncio.sleep(self._coalesce)
         except (anthropic.APITimeoutError, httpx2.TimeoutException) as exc:
             raise UpstreamStreamError("timeout_error", "read timeout", self.request_id) from exc
         except (anthropic.APIConnectionError, OSError, httpx2.TransportError) as exc:
@@ -101,12 +113,13 @@ def encode_request(params: dict[str, Any]) -> bytes:
 
 
 @asynccontextmanager
-async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any]) -> AsyncIterator[UpstreamStream]:
+async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any],
+                      coalesce: float = 0.0) -> AsyncIterator[UpstreamStream]:
     """Open the stream (SDK retries apply until the status line); close it on exit, which
     also cuts billing when a turn is cancelled mid-answer."""
     response = await client.post("/v1/messages", cast_to=httpx2.Response, content=encode_request(params),
                                  stream=True, stream_cls=None)
     try:
-        yield UpstreamStream(response)
+        yield UpstreamStream(response, coalesce)
     finally:
         await response.aclose()

@@ -431,3 +431,28 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
     encoded = httpx2.Response(200, headers={"content-encoding": "gzip"}, content=gzip.compress(sse))
     assert body_reader(encoded) is None  # decoded by httpx2 instead
     assert [e async for e in UpstreamStream(encoded).events()] == events
+
+
+async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic) -> None:
+    """STREAM_COALESCE_MS: after the first token the body is read once per window, so tokens
+    come out in bursts (one wake-up and one client write each) instead of one by one."""
+    from server.upstream import open_stream
+
+    fake.script({"tokens": 40, "pace_ms": 5, "times": 2})
+    client = sdk(fake.base_url)
+    loop = asyncio.get_running_loop()
+
+    async def bursts(coalesce: float) -> tuple[int, str]:
+        times, text = [], ""
+        async with open_stream(client, MSG, coalesce) as upstream:
+            async for event in upstream.events():
+                if event["type"] == "content_block_delta":
+                    times.append(loop.time())
+                    text += event["delta"]["text"]
+        return 1 + sum(b - a > 0.002 for a, b in zip(times, times[1:])), text
+
+    one_by_one, text = await bursts(0.0)
+    assert text == expected_text(40) and one_by_one > 20
+    coalesced, text = await bursts(0.05)
+    assert text == expected_text(40) and coalesced <= 8, coalesced
+    await client.close()
