@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+from redis.exceptions import RedisError
 
 from server.events import encode
 from server.store.base import Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id
@@ -119,3 +121,40 @@ async def test_delete(store):
     assert not await store.delete_session(sid, "mallory")
     assert await store.delete_session(sid, "o")
     assert await store.get_session(sid, "o") is None and not await store.has_log(sid, t1)
+
+
+async def test_redis_log_flush_edge_cases(redis_url):
+    """The hand-encoded flush pipeline: TTL on a first batch, a repeated entry (a retried
+    flush) ignored, NOSCRIPT after Redis lost its scripts, and a killed connection."""
+    import redis.asyncio as aioredis
+
+    store = RedisStore(redis_url, session_ttl=3600, lock_ttl=30, log_ttl=60, log_maxlen=1000,
+                       idempotency_ttl=60)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        sid, t1 = new_id(), new_id()
+        await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
+        first = LogBatch(sid, t1, [encode(t1, 1, "turn_start", {}), encode(t1, 2, "text_delta", {"text": "é"})],
+                         first=True)
+        assert await store.flush([first], [(sid, t1)]) == [True]
+        key = f"agent:{{{sid}}}:log:{t1}"
+        assert 60 < await admin.ttl(key) <= 3660
+        assert await store.flush([first], []) == []  # the same entry again: refused by Redis, ignored
+        assert [(e.seq, json.loads(e.data)) for e in await store.read_events(sid, t1, 0, 0)] == [
+            (1, {"type": "turn_start", "id": f"{t1}:1"}), (2, {"type": "text_delta", "id": f"{t1}:2", "text": "é"})]
+
+        await admin.script_flush()
+        assert await store.flush([], [(sid, t1), (sid, new_id())]) == [True, False]  # NOSCRIPT: reloaded
+
+        conn = await store.redis.connection_pool.get_connection()
+        await conn.send_command("CLIENT", "ID")
+        client_id = await conn.read_response()
+        await store.redis.connection_pool.release(conn)
+        await admin.client_kill_filter(_id=client_id)  # the pooled connection the next flush takes
+        with pytest.raises((RedisError, OSError)):  # this pass fails; the housekeeper retries the next
+            await store.flush([LogBatch(sid, t1, [encode(t1, 3, "text_delta", {"text": "x"})])], [])
+        await store.flush([LogBatch(sid, t1, [encode(t1, 3, "text_delta", {"text": "x"})])], [])
+        assert [e.seq for e in await store.read_events(sid, t1, 2, 0)] == [3]
+    finally:
+        await admin.aclose()
+        await store.close()
