@@ -13,6 +13,7 @@ typed exceptions for error statuses.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -42,21 +43,20 @@ class UpstreamStream:
         self.request_id: str | None = response.headers.get("request-id")
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        buffer = b""
+        decode = codecs.getincrementaldecoder("utf-8")().decode  # (a character may span two reads)
+        buffer = ""
         saw_stop = False
         read = body_reader(self._response) or _reader(self._response.aiter_bytes())
         coalescing = False
         try:
             while chunk := await read():
-                buffer += chunk
-                if b"\r" in buffer:
-                    buffer = buffer.replace(b"\r\n", b"\n")
-                while True:
-                    end = buffer.find(b"\n\n")
-                    if end < 0:
-                        break
-                    block, buffer = buffer[:end], buffer[end + 2:]
-                    event = _parse_block(block)
+                buffer += decode(chunk)
+                if "\r" in buffer:
+                    buffer = buffer.replace("\r\n", "\n")
+                start = 0
+                while (end := buffer.find("\n\n", start)) >= 0:
+                    event = _parse_block(buffer, start, end)
+                    start = end + 2
                     if event is None:
                         continue
                     kind = event.get("type")
@@ -69,6 +69,7 @@ class UpstreamStream:
                     elif kind == "content_block_delta":
                         coalescing = self._coalesce > 0
                     yield event
+                buffer = buffer[start:]
                 if coalescing and not saw_stop:
                     await asyncio.sleep(self._coalesce)
         except (anthropic.APITimeoutError, httpx2.TimeoutException) as exc:
@@ -86,19 +87,18 @@ def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
     return read
 
 
-def _parse_block(block: bytes) -> dict[str, Any] | None:
-    """An SSE block `event: x\\ndata: {...}`: return the data's JSON (its `type` names it)."""
-    if block.startswith(b"data:"):
-        start = 0
+def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | None:
+    """The SSE block `buffer[start:end]` (`event: x\ndata: {...}`): its data's JSON (whose
+    `type` names it), or None for a block without data (a comment, a ping)."""
+    if buffer.startswith("data:", start):
+        data = start + 5
     else:
-        start = block.find(b"\ndata:") + 1
-        if start == 0:
+        data = buffer.find("\ndata:", start, end)
+        if data < 0:
             return None
-    data = block[start + 5:]
-    if data.startswith(b" "):
-        data = data[1:]
+        data += 6
     try:
-        event = _loads(data)
+        event = _loads(buffer[data:end])  # (leading spaces are JSON whitespace)
     except ValueError:
         return None
     return event if isinstance(event, dict) else None

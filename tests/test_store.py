@@ -123,9 +123,9 @@ async def test_delete(store):
     assert await store.get_session(sid, "o") is None and not await store.has_log(sid, t1)
 
 
-async def test_redis_log_flush_edge_cases(redis_url):
-    """The hand-encoded flush pipeline: TTL on a first batch, a repeated entry (a retried
-    flush) ignored, NOSCRIPT after Redis lost its scripts, and a killed connection."""
+async def test_redis_hand_encoded_commands_edge_cases(redis_url):
+    """The hand-encoded flush pipeline and scripts: TTL on a first batch, a repeated entry (a
+    retried flush) ignored, NOSCRIPT after Redis lost its scripts, and a killed connection."""
     import redis.asyncio as aioredis
 
     store = RedisStore(redis_url, session_ttl=3600, lock_ttl=30, log_ttl=60, log_maxlen=1000,
@@ -145,6 +145,12 @@ async def test_redis_log_flush_edge_cases(redis_url):
 
         await admin.script_flush()
         assert await store.flush([], [(sid, t1), (sid, new_id())]) == [True, False]  # NOSCRIPT: reloaded
+        await admin.script_flush()
+        other, t2 = new_id(), new_id()
+        assert isinstance(await store.begin_turn(other, t2, owner="o", create=True, message_id=None), Started)
+        await admin.script_flush()
+        assert await store.finish_turn(other, t2, commit(t2, "ünïcode", 1))
+        assert [m["content"][0]["text"] for m in (await store.get_session(other, "o")).history] == ["q", "ünïcode"]
 
         conn = await store.redis.connection_pool.get_connection()
         await conn.send_command("CLIENT", "ID")

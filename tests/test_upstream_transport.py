@@ -456,3 +456,27 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic) -> None:
     coalesced, text = await bursts(0.05)
     assert text == expected_text(40) and coalesced <= 8, coalesced
     await client.close()
+
+
+async def test_sse_parsing_across_awkward_chunk_boundaries() -> None:
+    """Reads cut anywhere (inside a UTF-8 character, between \\r and \\n) give the same events."""
+    from server.upstream import UpstreamStream
+
+    events = [{"type": "message_start", "message": {"usage": {"input_tokens": 3}}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "héllo ✓"}},
+              {"type": "message_stop"}]
+    wire = b": a comment\r\n\r\nevent: ping\r\ndata: {\"type\": \"ping\"}\r\n\r\n"
+    wire += b"".join(b"event: %s\r\ndata: %s\r\n\r\n" % (e["type"].encode(), json.dumps(e, ensure_ascii=False).encode())
+                     for e in events)
+
+    class Pieces(httpx2.AsyncByteStream):
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for i in range(0, len(wire), self.size):
+                yield wire[i:i + self.size]
+
+    for size in (1, 2, 3, 7, 64, len(wire)):
+        got = [e async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(size))).events()]
+        assert got == [{"type": "ping"}, *events], size

@@ -125,6 +125,21 @@ def _k(session_id: str, name: str) -> str:
     return f"agent:{{{session_id}}}:{name}"
 
 
+def _arg(value: Any) -> bytes:
+    """A command argument as redis-py would encode it."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):  # (an int subclass; redis-py refuses it too)
+        raise TypeError("a bool is not a Redis argument")
+    if isinstance(value, int):
+        return b"%d" % value
+    if isinstance(value, float):
+        return repr(value).encode()
+    raise TypeError(f"not a Redis argument: {type(value).__name__}")
+
+
 def _command(*args: bytes) -> bytes:
     """One command in the Redis protocol (RESP): an array of bulk strings."""
     return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args])
@@ -158,7 +173,7 @@ class RedisStore:
                 _k(session_id, f"mid:{message_id or ''}"), _k(session_id, "turns")]
         args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
                 time.time(), int(message_id is not None)]
-        result = await self._begin(keys=keys, args=args)
+        result = await self._run_script(self._begin, keys, args)
         status = result[0].decode()
         if status == "started":
             meta = _meta_from_hash(result[1])
@@ -209,7 +224,19 @@ class RedisStore:
             return [await self.renew_lock(sid, tid) for sid, tid in renewals]
         return [not isinstance(r, Exception) and bool(r) for r in renewed]
 
-    async def _pipeline(self, commands: list[bytes]) -> list[Any]:
+    async def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA through `_pipeline` (the per-turn begin and commit): one encode, one timeout.
+        A Redis that lost its scripts (restart, SCRIPT FLUSH) gets them through redis-py."""
+        parts = [_arg(a) for a in (*keys, *args)]
+        (result,) = await self._pipeline([_command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *parts)],
+                                         check_health=True)
+        if isinstance(result, NoScriptError):
+            return await script(keys=keys, args=args)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _pipeline(self, commands: list[bytes], check_health: bool = False) -> list[Any]:
         """Send encoded commands in one write and read every reply (an error reply is
         returned, not raised). Any failure drops the connection: its replies are unknown."""
         if not commands:
@@ -218,7 +245,7 @@ class RedisStore:
         conn = await pool.get_connection()
         try:
             async with asyncio.timeout(PIPELINE_TIMEOUT):
-                await conn.send_packed_command(b"".join(commands), check_health=False)
+                await conn.send_packed_command(b"".join(commands), check_health=check_health)
                 results: list[Any] = []
                 for _ in commands:
                     try:
@@ -245,7 +272,7 @@ class RedisStore:
             events[0].seq, events[-1].seq, events[-1].type, b"\n".join(e.data for e in events),
         ]
         args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
-        return bool(await self._finish(keys=keys, args=args))
+        return bool(await self._run_script(self._finish, keys, args))
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
         keys = [_k(session_id, "meta"), _k(session_id, "lock"), _k(session_id, f"log:{turn_id}")]
