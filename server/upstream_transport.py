@@ -96,6 +96,11 @@ class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: the asyncio protocol, the httptools parser's callbacks and
     the state of the response being read (one at a time)."""
 
+    __slots__ = ("_loop", "_sweeper", "origin", "transport", "lost", "lost_exc", "idle_since", "requests",
+                 "_parser", "_head_method_request", "status", "reason", "headers", "head_done", "complete",
+                 "reusable_after", "received_any", "error", "chunks", "buffered", "_paused", "_waiter",
+                 "_deadline", "_timeout_exc", "_write_paused", "__weakref__")
+
     def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper, origin: tuple[bytes, bytes, int]) -> None:
         self._loop = loop
         self._sweeper = sweeper
@@ -324,6 +329,8 @@ class Connection(asyncio.Protocol):
 class ResponseBody(httpx2.AsyncByteStream):
     """The body of one response; closing it returns a finished keep-alive connection to the pool."""
 
+    __slots__ = ("_pool", "_conn", "_timeout")
+
     def __init__(self, pool: UpstreamTransport, conn: Connection, read_timeout: float | None) -> None:
         self._pool = pool
         self._conn: Connection | None = conn
@@ -468,6 +475,8 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
             if self._slots is not None:
                 self._slots.release()
             raise
+        if 200 <= conn.status < 300:
+            _forget_body(request)
         body = ResponseBody(self, conn, timeouts.get("read"))
         extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn,
                       "upstream_body": body}
@@ -480,6 +489,15 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
                 conn.close()
         self._idle.clear()
         self._idle_count = 0
+
+
+def _forget_body(request: httpx2.Request) -> None:
+    """A 2xx answer is never followed by a retry or a redirect: the request body (the whole
+    conversation) is not needed again, so a long stream does not keep a second copy alive
+    through ``response.request``."""
+    request.stream = httpx2.ByteStream(b"")
+    if getattr(request, "_content", None):
+        request._content = b""
 
 
 async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:

@@ -421,6 +421,7 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
     client = sdk(fake.base_url)
     async with open_stream(client, MSG) as upstream:
         assert body_reader(upstream._response) is not None  # our transport, no encoding: direct reads
+        assert upstream._response.request.content == b""  # the conversation is not held twice while streaming
         events = [e async for e in upstream.events()]
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
     assert "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta") == expected_text(30)
