@@ -502,10 +502,12 @@ def _forget_body(request: httpx2.Request) -> None:
 
 async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:
     """The request line and headers, and the body (chunk-encoded when its length is unknown)."""
-    parts = [b"".join([chunk async for chunk in request.stream])]  # type: ignore[union-attr]
+    try:
+        body = request.content  # the SDK's bodies are bytes, already read
+    except httpx2.RequestNotRead:
+        body = b"".join([chunk async for chunk in request.stream])  # type: ignore[union-attr]
     names = {name.lower() for name, _ in request.headers.raw}
     headers = request.headers.raw
-    body = parts[0]
     if b"transfer-encoding" in names:
         body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
     elif b"content-length" not in names and body:

@@ -481,3 +481,18 @@ async def test_sse_parsing_across_awkward_chunk_boundaries() -> None:
     for size in (1, 2, 3, 7, 64, len(wire)):
         got = [e async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(size))).events()]
         assert got == [{"type": "ping"}, *events], size
+
+
+async def test_a_streamed_request_body_goes_out_chunked(fake: FakeAnthropic) -> None:
+    fake.script({"text": "ok"})
+    payload = json.dumps(MSG).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 7):
+            yield payload[i:i + 7]
+
+    async with httpx2.AsyncClient(transport=UpstreamTransport()) as client:
+        response = await client.post(f"{fake.base_url}/v1/messages", content=pieces(),
+                                     headers={"x-api-key": "k", "content-type": "application/json"})
+    assert response.status_code == 200 and response.json()["content"][0]["text"] == "ok"
+    assert fake.requests[-1].body["model"] == MSG["model"]
