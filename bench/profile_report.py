@@ -54,7 +54,10 @@ def main() -> None:
     ap.add_argument("path")
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
-    stacks = load(a.path)
+    # An idle thread-pool worker blocked in its queue (work_queue.get) is sampled as busy by
+    # py-spy (its wait does not look idle); it does no work, so it is left out.
+    stacks = [(frames, n) for frames, n in load(a.path)
+              if not (frames and frames[-1][0] == "_worker" and frames[-1][1].endswith("concurrent/futures/thread.py"))]
     # drop the leading thread/process frames py-spy may add ("process 123:..." / "thread ...")
     total = sum(c for _, c in stacks)
     self_line: Counter[str] = Counter()
