@@ -496,3 +496,16 @@ async def test_a_streamed_request_body_goes_out_chunked(fake: FakeAnthropic) -> 
                                      headers={"x-api-key": "k", "content-type": "application/json"})
     assert response.status_code == 200 and response.json()["content"][0]["text"] == "ok"
     assert fake.requests[-1].body["model"] == MSG["model"]
+
+
+async def test_proxies_from_the_environment_keep_httpx2_proxy_transports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    client = make_http_client(timeout=30)
+    try:
+        assert isinstance(client._transport, UpstreamTransport)  # type: ignore[attr-defined]
+        proxied = client._transport_for_url(httpx2.URL("https://api.anthropic.com/v1/messages"))  # type: ignore[attr-defined]
+        assert not isinstance(proxied, UpstreamTransport)  # the proxy mount, not ours
+        direct = client._transport_for_url(httpx2.URL("http://127.0.0.1:8000/"))  # type: ignore[attr-defined]
+        assert isinstance(direct, UpstreamTransport)
+    finally:
+        await client.aclose()
