@@ -99,7 +99,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("_loop", "_sweeper", "origin", "transport", "lost", "lost_exc", "idle_since", "requests",
                  "_parser", "_head_method_request", "status", "reason", "headers", "head_done", "complete",
                  "reusable_after", "received_any", "error", "chunks", "buffered", "_paused", "_waiter",
-                 "_deadline", "_timeout_exc", "_write_paused", "__weakref__")
+                 "_deadline", "_timeout_exc", "_write_paused", "_until_close", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper, origin: tuple[bytes, bytes, int]) -> None:
         self._loop = loop
@@ -119,6 +119,7 @@ class Connection(asyncio.Protocol):
         self.head_done = False
         self.complete = False
         self.reusable_after = False  # the answer allows keep-alive (known once complete)
+        self._until_close = False  # a body with no length and no chunking: it ends with the connection
         self.received_any = False
         self.error: Exception | None = None  # a parse error
         self.chunks: deque[bytes] = deque()
@@ -153,14 +154,20 @@ class Connection(asyncio.Protocol):
                 pass
 
     def eof_received(self) -> bool | None:
-        self.lost = True
-        self._wake()
+        self._end_of_input(clean=True)
         return None  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
+        self._end_of_input(clean=exc is None)
         self.lost_exc = exc
         self._write_paused = False
+        self._wake()
+
+    def _end_of_input(self, clean: bool) -> None:
+        # (httptools has no "end of input" call: a body delimited by a clean close ends here)
+        if clean and self.head_done and not self.complete and self._until_close and self.error is None:
+            self.complete = True
+        self.lost = True
         self._wake()
 
     def pause_writing(self) -> None:
@@ -185,6 +192,8 @@ class Connection(asyncio.Protocol):
             return
         self.status = status
         self.head_done = True
+        self._until_close = not any(name.lower() in (b"content-length", b"transfer-encoding")
+                                    for name, _ in self.headers) and status not in (204, 304)
         if self._head_method_request:  # no body follows, whatever Content-Length says
             self.complete = True
             self._parser = None
@@ -266,7 +275,7 @@ class Connection(asyncio.Protocol):
             raise httpx2.WriteError("the connection is closed")
         self.requests += 1
         self.status, self.reason, self.headers = 0, b"", []
-        self.head_done = self.complete = self.received_any = self.reusable_after = False
+        self.head_done = self.complete = self.received_any = self.reusable_after = self._until_close = False
         self.chunks.clear()
         self.buffered = 0
         self._head_method_request = is_head

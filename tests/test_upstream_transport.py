@@ -299,6 +299,17 @@ async def test_a_connection_closed_while_idle_is_replaced() -> None:
         server.close()
 
 
+async def test_a_body_delimited_by_the_close() -> None:
+    server, _ = await closing_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
+    port = server.sockets[0].getsockname()[1]
+    client = httpx2.AsyncClient(transport=UpstreamTransport())
+    try:
+        assert (await client.get(f"http://127.0.0.1:{port}/")).text == "until the end"
+    finally:
+        await client.aclose()
+        server.close()
+
+
 async def test_malformed_answer_and_pool_timeout() -> None:
     server, _ = await closing_server(b"HTTP/1.1 2OO OK\r\n\r\n")
     port = server.sockets[0].getsockname()[1]
