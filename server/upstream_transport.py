@@ -13,7 +13,8 @@ the first byte, typed errors - because this is only the transport under its http
 Requests to proxied URLs (``HTTPS_PROXY`` & co.) still take httpx2's own proxy transports.
 
 * Pool: idle keep-alive connections per origin, newest first; a connection idle past
-  ``keepalive_expiry`` or closed by the peer is dropped when met. ``max_connections``
+  ``keepalive_expiry`` or closed by the peer is dropped when met (and the oldest one is
+  checked each time a connection comes back, so dead ones do not pile up). ``max_connections``
   bounds requests in flight (waiting up to the ``pool`` timeout, then ``PoolTimeout``).
   A reused connection that fails before any byte of the answer (the peer closed it while
   it sat idle) is retried once on a new one: the request cannot have been processed.
@@ -383,7 +384,7 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
         self._socket_options = list(socket_options or ())
         self._sweep_interval = sweep_interval
         self._slots = asyncio.Semaphore(max_connections) if max_connections else None
-        self._idle: dict[tuple[bytes, bytes, int], list[Connection]] = {}
+        self._idle: dict[tuple[bytes, bytes, int], deque[Connection]] = {}
         self._idle_count = 0
         self._sweeper: _Sweeper | None = None
         self._closed = False
@@ -408,8 +409,12 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
             conn.close()
             return
         conn._parser = None
-        conn.idle_since = conn._loop.time()
-        self._idle.setdefault(conn.origin, []).append(conn)
+        conn.idle_since = now = conn._loop.time()
+        idle = self._idle.setdefault(conn.origin, deque())
+        if idle and not idle[0].reusable(now, self._keepalive_expiry):  # prune the oldest
+            idle.popleft().close()
+            self._idle_count -= 1
+        idle.append(conn)
         self._idle_count += 1
 
     async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> Connection:

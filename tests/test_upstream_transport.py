@@ -520,3 +520,16 @@ async def test_proxies_from_the_environment_keep_httpx2_proxy_transports(monkeyp
         assert isinstance(direct, UpstreamTransport)
     finally:
         await client.aclose()
+
+
+async def test_keepalive_expiry(fake: FakeAnthropic) -> None:
+    transport = UpstreamTransport(keepalive_expiry=0.1)
+    async with httpx2.AsyncClient(transport=transport) as client:
+        for pause in (0, 0.2, 0):
+            await asyncio.sleep(pause)
+            assert (await client.get(f"{fake.base_url}/nothing-here")).status_code == 404
+        assert transport.connections_opened == 2  # reused at once, replaced after the expiry
+        await asyncio.gather(*(client.get(f"{fake.base_url}/nothing-here") for _ in range(5)))
+        await asyncio.sleep(0.2)
+        await client.get(f"{fake.base_url}/nothing-here")
+        assert transport._idle_count == 1  # the expired ones were dropped as they were met
