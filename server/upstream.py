@@ -23,7 +23,7 @@ import httpx2
 
 from .errors import UpstreamStreamError
 from .store.base import StoredMessage
-from .upstream_transport import body_reader
+from .upstream_transport import direct_body
 
 _loads = json.loads
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
@@ -35,7 +35,8 @@ class UpstreamStream:
     With `coalesce` seconds > 0, once the first content delta is through, the body is read at
     most once per `coalesce`: what arrived meanwhile is handled in one go, so the turn task
     and each follower wake once per burst instead of once per token, and each client gets
-    one write per burst. The first token is never delayed."""
+    one write per burst. The first token is never delayed, and the end of the answer
+    (`message_stop`) is read as soon as it arrives."""
 
     def __init__(self, response: httpx2.Response, coalesce: float = 0.0):
         self._response = response
@@ -46,7 +47,11 @@ class UpstreamStream:
         decode = codecs.getincrementaldecoder("utf-8")().decode  # (a character may span two reads)
         buffer = ""
         saw_stop = False
-        read = body_reader(self._response) or _reader(self._response.aiter_bytes())
+        body = direct_body(self._response)
+        if body is not None:
+            read, linger = body.read, body.linger
+        else:
+            read, linger = _reader(self._response.aiter_bytes()), _sleep
         coalescing = False
         try:
             while chunk := await read():
@@ -71,13 +76,18 @@ class UpstreamStream:
                     yield event
                 buffer = buffer[start:]
                 if coalescing and not saw_stop:
-                    await asyncio.sleep(self._coalesce)
+                    await linger(self._coalesce, b"message_stop")
         except (anthropic.APITimeoutError, httpx2.TimeoutException) as exc:
             raise UpstreamStreamError("timeout_error", "read timeout", self.request_id) from exc
         except (anthropic.APIConnectionError, OSError, httpx2.TransportError) as exc:
             raise UpstreamStreamError("connection_error", type(exc).__name__, self.request_id) from exc
         if not saw_stop:
             raise UpstreamStreamError("connection_error", "stream ended early", self.request_id)
+
+
+async def _sleep(seconds: float, marker: bytes) -> None:
+    """`linger()` for a body from another transport: a plain wait."""
+    await asyncio.sleep(seconds)
 
 
 def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:

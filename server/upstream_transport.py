@@ -43,7 +43,7 @@ import anthropic
 import httptools
 import httpx2
 
-__all__ = ["UpstreamTransport", "body_reader", "make_http_client"]
+__all__ = ["ResponseBody", "UpstreamTransport", "direct_body", "make_http_client"]
 
 HIGH_WATER = 256 * 1024  # pause reading above this many buffered body bytes
 DEFAULT_SWEEP_INTERVAL = 0.5  # timeout granularity, seconds
@@ -100,7 +100,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("_loop", "_sweeper", "origin", "transport", "lost", "lost_exc", "idle_since", "requests",
                  "_parser", "_head_method_request", "status", "reason", "headers", "head_done", "complete",
                  "reusable_after", "received_any", "error", "chunks", "buffered", "_paused", "_waiter",
-                 "_deadline", "_timeout_exc", "_write_paused", "_until_close", "__weakref__")
+                 "_deadline", "_timeout_exc", "_write_paused", "_until_close", "_wake_marker", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper, origin: tuple[bytes, bytes, int]) -> None:
         self._loop = loop
@@ -130,6 +130,7 @@ class Connection(asyncio.Protocol):
         self._deadline: float | None = None
         self._timeout_exc: type[Exception] = httpx2.ReadTimeout
         self._write_paused = False
+        self._wake_marker: bytes | None = None  # while lingering: only this wakes the reader early
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,7 +204,7 @@ class Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self._waiter is not None:
+        if self._waiter is not None and (self._wake_marker is None or self._wake_marker in body):
             self._wake()
 
     def on_message_complete(self) -> None:
@@ -297,6 +298,23 @@ class Connection(asyncio.Protocol):
             self._raise_if_broken()
             await self._wait(timeout, httpx2.ReadTimeout)
 
+    async def linger(self, seconds: float, marker: bytes) -> None:
+        """Let body data gather for `seconds`; return sooner if a piece holding `marker`
+        arrives (or is already here) or the body ends."""
+        if self.complete or self.lost or self.error is not None or any(marker in c for c in self.chunks):
+            return
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        self._wake_marker = marker
+        timer = self._loop.call_later(seconds, self._wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._wake_marker = None
+            if self._waiter is waiter:
+                self._waiter = None
+
     def take(self) -> bytes:
         """Everything buffered so far, as one piece."""
         chunks = self.chunks
@@ -353,7 +371,7 @@ class ResponseBody(httpx2.AsyncByteStream):
     async def read(self) -> bytes:
         """The next piece of the body (all that is buffered), ``b""`` at its end. A plain
         coroutine: a reader that calls it directly skips the async-generator layers of
-        ``Response.aiter_bytes`` (see :func:`body_reader`)."""
+        ``Response.aiter_bytes`` (see :func:`direct_body`)."""
         conn = self._conn
         if conn is None:
             raise httpx2.StreamClosed()
@@ -364,6 +382,11 @@ class ResponseBody(httpx2.AsyncByteStream):
                 return b""
             conn._raise_if_broken()
             await conn._wait(self._timeout, httpx2.ReadTimeout)
+
+    async def linger(self, seconds: float, marker: bytes) -> None:
+        """Wait up to `seconds` for more of the body to gather (see :meth:`Connection.linger`)."""
+        if self._conn is not None:
+            await self._conn.linger(seconds, marker)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -531,13 +554,14 @@ async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:
     return b"\r\n".join(lines) + b"\r\n\r\n", body
 
 
-def body_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]] | None:
-    """``read()`` of a response's body when it came from :class:`UpstreamTransport` with no
-    content-encoding (bytes as sent: no decoder needed), else None (use ``aiter_bytes``)."""
+def direct_body(response: httpx2.Response) -> ResponseBody | None:
+    """The body of a response that came from :class:`UpstreamTransport` with no
+    content-encoding (bytes as sent, no decoder needed): its ``read()`` and ``linger()`` skip
+    the async-generator layers of ``Response.aiter_bytes``. None otherwise."""
     body = response.extensions.get("upstream_body")
     if not isinstance(body, ResponseBody) or response.headers.get("content-encoding", "identity") != "identity":
         return None
-    return body.read
+    return body
 
 
 def make_http_client(*, timeout: float | httpx2.Timeout, max_connections: int = 1000,

@@ -426,12 +426,12 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
     import gzip
 
     from server.upstream import UpstreamStream, open_stream
-    from server.upstream_transport import body_reader
+    from server.upstream_transport import direct_body
 
     fake.script({"tokens": 30, "pace_ms": 0})
     client = sdk(fake.base_url)
     async with open_stream(client, MSG) as upstream:
-        assert body_reader(upstream._response) is not None  # our transport, no encoding: direct reads
+        assert direct_body(upstream._response) is not None  # our transport, no encoding: direct reads
         assert upstream._response.request.content == b""  # the conversation is not held twice while streaming
         events = [e async for e in upstream.events()]
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
@@ -441,7 +441,7 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
 
     sse = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events)
     encoded = httpx2.Response(200, headers={"content-encoding": "gzip"}, content=gzip.compress(sse))
-    assert body_reader(encoded) is None  # decoded by httpx2 instead
+    assert direct_body(encoded) is None  # decoded by httpx2 instead
     assert [e async for e in UpstreamStream(encoded).events()] == events
 
 
@@ -467,6 +467,13 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic) -> None:
     assert text == expected_text(40) and one_by_one > 20
     coalesced, text = await bursts(0.05)
     assert text == expected_text(40) and coalesced <= 8, coalesced
+
+    # The end of the answer is read as soon as it arrives, whatever the window.
+    fake.script({"tokens": 10, "pace_ms": 5})
+    started = loop.time()
+    coalesced, text = await bursts(2.0)
+    assert text == expected_text(10) and coalesced <= 2
+    assert loop.time() - started < 1.0
     await client.close()
 
 
