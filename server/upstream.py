@@ -36,22 +36,25 @@ class UpstreamStream:
     most once per `coalesce`: what arrived meanwhile is handled in one go, so the turn task
     and each follower wake once per burst instead of once per token, and each client gets
     one write per burst. The first token is never delayed, and the end of the answer
-    (`message_stop`) is read as soon as it arrives."""
+    (`message_stop`) is read as soon as it arrives.
+
+    A body from our transport is kept without its httpx2 response (request and response
+    objects and their headers: a few KB per open turn)."""
 
     def __init__(self, response: httpx2.Response, coalesce: float = 0.0):
-        self._response = response
         self._coalesce = coalesce
         self.request_id: str | None = response.headers.get("request-id")
+        body = direct_body(response)
+        if body is not None:
+            self._read, self._linger, self.aclose = body.read, body.linger, body.aclose
+        else:
+            self._read, self._linger, self.aclose = _reader(response.aiter_bytes()), _sleep, response.aclose
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         decode = codecs.getincrementaldecoder("utf-8")().decode  # (a character may span two reads)
         buffer = ""
         saw_stop = False
-        body = direct_body(self._response)
-        if body is not None:
-            read, linger = body.read, body.linger
-        else:
-            read, linger = _reader(self._response.aiter_bytes()), _sleep
+        read, linger = self._read, self._linger
         coalescing = False
         try:
             while chunk := await read():
@@ -129,7 +132,9 @@ async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any],
     also cuts billing when a turn is cancelled mid-answer."""
     response = await client.post("/v1/messages", cast_to=httpx2.Response, content=encode_request(params),
                                  stream=True, stream_cls=None)
+    stream = UpstreamStream(response, coalesce)
+    del response
     try:
-        yield UpstreamStream(response, coalesce)
+        yield stream
     finally:
-        await response.aclose()
+        await stream.aclose()

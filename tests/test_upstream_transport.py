@@ -428,11 +428,21 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
     from server.upstream import UpstreamStream, open_stream
     from server.upstream_transport import direct_body
 
+    import gc
+    import weakref
+
     fake.script({"tokens": 30, "pace_ms": 0})
-    client = sdk(fake.base_url)
+    seen: list[weakref.ref[httpx2.Response]] = []
+
+    async def keep_a_weak_ref(response: httpx2.Response) -> None:
+        assert direct_body(response) is not None  # our transport, no encoding: direct reads
+        seen.append(weakref.ref(response))
+
+    client = anthropic.AsyncAnthropic(api_key="k", base_url=fake.base_url, max_retries=0, http_client=make_http_client(
+        timeout=30, event_hooks={"response": [keep_a_weak_ref]}))
     async with open_stream(client, MSG) as upstream:
-        assert direct_body(upstream._response) is not None  # our transport, no encoding: direct reads
-        assert upstream._response.request.content == b""  # the conversation is not held twice while streaming
+        gc.collect()
+        assert seen and seen[0]() is None  # request, response and their headers are not held while streaming
         events = [e async for e in upstream.events()]
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
     assert "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta") == expected_text(30)
