@@ -51,7 +51,8 @@ class UpstreamStream:
             self._read, self._linger, self.aclose = _reader(response.aiter_bytes()), _sleep, response.aclose
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        decode = codecs.getincrementaldecoder("utf-8")().decode  # (a character may span two reads)
+        # (a character may span two reads; a malformed byte becomes U+FFFD, not a failed turn)
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         buffer = ""
         saw_stop = False
         read, linger = self._read, self._linger

@@ -510,6 +510,10 @@ async def test_sse_parsing_across_awkward_chunk_boundaries() -> None:
         got = [e async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(size))).events()]
         assert got == [{"type": "ping"}, *events], size
 
+    wire = wire.replace("✓".encode(), b"\xff")  # not UTF-8: replaced, the stream goes on
+    got = [e async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(5))).events()]
+    assert got[2]["delta"]["text"] == "héllo \ufffd" and got[-1] == {"type": "message_stop"}
+
 
 async def test_a_streamed_request_body_goes_out_chunked(fake: FakeAnthropic) -> None:
     fake.script({"text": "ok"})
