@@ -121,7 +121,9 @@ def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | None:
 def encode_request(params: dict[str, Any]) -> bytes:
     """The Messages API request body for a streamed call. Stored history messages go in as
     the JSON the store holds (no decode and re-encode of a long history per call)."""
-    head = _dumps({**{k: v for k, v in params.items() if k != "messages"}, "stream": True}).encode()
+    rest = {k: v for k, v in params.items() if k != "messages"}
+    rest["stream"] = True
+    head = _dumps(rest).encode()  # '{...}': the messages go in before its closing brace
     messages = b",".join([m.raw if type(m) is StoredMessage else _dumps(m).encode() for m in params["messages"]])
     return b"%b,\"messages\":[%b]}" % (head[:-1], messages)
 

@@ -37,7 +37,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
 import anthropic
 import httptools
@@ -97,7 +97,7 @@ class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: the asyncio protocol, the httptools parser's callbacks and
     the state of the response being read (one at a time)."""
 
-    __slots__ = ("_loop", "_sweeper", "origin", "transport", "lost", "lost_exc", "idle_since", "requests",
+    __slots__ = ("_loop", "_sweeper", "origin", "transport", "lost", "lost_exc", "idle_since",
                  "_parser", "_head_method_request", "status", "reason", "headers", "head_done", "complete",
                  "reusable_after", "received_any", "error", "chunks", "buffered", "_paused", "_waiter",
                  "_deadline", "_timeout_exc", "_write_paused", "_until_close", "_wake_marker", "__weakref__")
@@ -110,7 +110,6 @@ class Connection(asyncio.Protocol):
         self.lost = False
         self.lost_exc: BaseException | None = None
         self.idle_since = 0.0
-        self.requests = 0
         self._parser: httptools.HttpResponseParser | None = None
         self._head_method_request = False
         # the response in progress
@@ -275,7 +274,6 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self.lost or transport is None or transport.is_closing():
             raise httpx2.WriteError("the connection is closed")
-        self.requests += 1
         self.status, self.reason, self.headers = 0, b"", []
         self.head_done = self.complete = self.received_any = self.reusable_after = self._until_close = False
         self.chunks.clear()

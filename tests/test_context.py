@@ -7,6 +7,7 @@ import json
 from hypothesis import given, settings, strategies as st
 
 from server import context
+from server.store.base import StoredMessage
 from server.usage import PriceTable, Usage
 
 
@@ -86,9 +87,7 @@ def test_cache_tokens_are_priced_as_cache():
     assert prices.cost("unknown", usage) == 0.0
 
 
-def stored(message: dict) -> "StoredMessage":
-    from server.store.base import StoredMessage
-
+def stored(message: dict) -> StoredMessage:
     return StoredMessage(json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode())
 
 

@@ -185,7 +185,7 @@ async def test_procfile_style_uvicorn_workers_share_a_directory(upstream, redis_
     import subprocess
     import sys
 
-    from .harness import LOG_DIR, ROOT, free_port, server_env
+    from .harness import LOG_DIR, ROOT, server_env
 
     env = server_env(upstream, redis_url, WEB_CONCURRENCY=2)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -13,6 +13,7 @@ import shutil
 import ssl
 import subprocess
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -269,8 +270,10 @@ async def test_make_http_client_settings() -> None:
     await client.aclose()
 
 
-async def closing_server(answer: bytes) -> tuple[asyncio.Server, list[int]]:
-    """Answers every request on a connection with `answer`, then closes it without saying so."""
+@asynccontextmanager
+async def closing_server(answer: bytes) -> AsyncIterator[tuple[str, list[int]]]:
+    """A server that answers every request on a connection with `answer`, then closes it
+    without saying so; yields its URL and the requests it served."""
     served: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -281,55 +284,38 @@ async def closing_server(answer: bytes) -> tuple[asyncio.Server, list[int]]:
         await asyncio.sleep(0.05)
         writer.close()
 
-    return await asyncio.start_server(serve, "127.0.0.1", 0), served
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", served
+    finally:
+        server.close()
 
 
 async def test_a_connection_closed_while_idle_is_replaced() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    server, served = await closing_server(answer)
-    port = server.sockets[0].getsockname()[1]
-    client = httpx2.AsyncClient(transport=UpstreamTransport())
-    try:
+    async with closing_server(answer) as (url, served), httpx2.AsyncClient(transport=UpstreamTransport()) as client:
         for _ in range(3):
-            assert (await client.get(f"http://127.0.0.1:{port}/")).text == "ok"
+            assert (await client.get(url)).text == "ok"
             await asyncio.sleep(0.15)  # the server has closed the kept-alive connection by now
         assert len(served) == 3 and client._transport.connections_opened == 3  # type: ignore[attr-defined]
-    finally:
-        await client.aclose()
-        server.close()
 
 
 async def test_a_body_delimited_by_the_close() -> None:
-    server, _ = await closing_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
-    port = server.sockets[0].getsockname()[1]
-    client = httpx2.AsyncClient(transport=UpstreamTransport())
-    try:
-        assert (await client.get(f"http://127.0.0.1:{port}/")).text == "until the end"
-    finally:
-        await client.aclose()
-        server.close()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
+    async with closing_server(answer) as (url, _), httpx2.AsyncClient(transport=UpstreamTransport()) as client:
+        assert (await client.get(url)).text == "until the end"
 
 
-async def test_malformed_answer_and_pool_timeout() -> None:
-    server, _ = await closing_server(b"HTTP/1.1 2OO OK\r\n\r\n")
-    port = server.sockets[0].getsockname()[1]
-    client = httpx2.AsyncClient(transport=UpstreamTransport(max_connections=1))
-    try:
-        with pytest.raises(httpx2.RemoteProtocolError):
-            await client.get(f"http://127.0.0.1:{port}/")
-    finally:
-        server.close()
+async def test_malformed_answer_and_pool_timeout(fake: FakeAnthropic) -> None:
+    async with httpx2.AsyncClient(transport=UpstreamTransport(max_connections=1)) as client:
+        async with closing_server(b"HTTP/1.1 2OO OK\r\n\r\n") as (url, _):
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await client.get(url)
 
-    fake = FakeAnthropic()
-    await fake.start()
-    try:
         fake.script({"tokens": 3, "ttft_ms": 1000})
         async with client.stream("POST", f"{fake.base_url}/v1/messages", json={**MSG, "stream": True}):
             with pytest.raises(httpx2.PoolTimeout):  # the one connection is busy
                 await client.post(f"{fake.base_url}/v1/messages", json=MSG, timeout=httpx2.Timeout(5, pool=0.1))
-    finally:
-        await client.aclose()
-        await fake.stop()
 
 
 # -- uvloop -----------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ class StoredMessage(Mapping[str, Any]):
     """A history message as the store holds it: its JSON, parsed only if someone looks inside.
 
     The request body splices `raw` as it is (`server.upstream.encode_request`), so a long
-    history costs no decode and re-encode per turn; the context window reads `chars`, which
-    needs no parse either unless the message holds an image.
+    history costs no decode and re-encode per turn; `context.message_chars` sizes it from
+    `raw`, with no parse either unless the message holds an image.
     """
 
     __slots__ = ("raw", "_value")

@@ -145,6 +145,11 @@ def _command(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args])
 
 
+def _evalsha(script: Any, keys: list[str], args: list[Any]) -> bytes:
+    """EVALSHA of a registered script (its `sha`), encoded."""
+    return _command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *[_arg(a) for a in (*keys, *args)])
+
+
 class RedisStore:
     def __init__(self, url: str, *, session_ttl: int, lock_ttl: float, log_ttl: int, log_maxlen: int,
                  idempotency_ttl: int, max_connections: int = 200):
@@ -209,10 +214,8 @@ class RedisStore:
                 # While the turn runs its log outlives a session's patience; a crashed worker's
                 # log still expires. The commit sets the final TTL.
                 commands.append(_command(b"EXPIRE", key, first_ttl))
-        lock_ms = b"%d" % self.lock_ms
         for session_id, turn_id in renewals:
-            commands.append(_command(b"EVALSHA", self._renew.sha.encode(), b"1", _k(session_id, "lock").encode(),
-                                     turn_id.encode(), lock_ms))
+            commands.append(_evalsha(self._renew, [_k(session_id, "lock")], [turn_id, self.lock_ms]))
         results = await self._pipeline(commands)
         split = len(results) - len(renewals)
         for result in results[:split]:
@@ -227,9 +230,7 @@ class RedisStore:
     async def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA through `_pipeline` (the per-turn begin and commit): one encode, one timeout.
         A Redis that lost its scripts (restart, SCRIPT FLUSH) gets them through redis-py."""
-        parts = [_arg(a) for a in (*keys, *args)]
-        (result,) = await self._pipeline([_command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *parts)],
-                                         check_health=True)
+        (result,) = await self._pipeline([_evalsha(script, keys, args)], check_health=True)
         if isinstance(result, NoScriptError):
             return await script(keys=keys, args=args)
         if isinstance(result, Exception):
