@@ -29,7 +29,7 @@ from .tools import ToolSet
 from .housekeeping import Housekeeper
 from .turns import Turn
 from .ratelimit import UpstreamGate
-from .upstream import open_stream
+from .upstream import RawJSON, open_stream
 from .usage import PriceTable, Usage
 
 log = logging.getLogger("server.engine")
@@ -71,7 +71,12 @@ class Engine:
         self.tools = tools
         self.prices = prices
         self.turns: dict[str, Turn] = {}
-        self._tool_chars = sum(len(json.dumps(t)) for t in tools.definitions()) if tools else 0
+        tool_defs = tools.definitions() if tools else []
+        self._tool_chars = sum(len(json.dumps(t)) for t in tool_defs)
+        # The tool definitions (with their cache breakpoint) are the same on every call: encoded once.
+        _system, cached_tools, _ = context.with_breakpoints("", tool_defs, [], settings.prompt_caching)
+        self._tools_json = (RawJSON(json.dumps(cached_tools, ensure_ascii=False, separators=(",", ":")).encode())
+                            if tool_defs else None)
         self.housekeeper = Housekeeper(store, flush_interval=settings.event_log_flush_ms / 1000,
                                        lock_ttl=settings.turn_lock_ttl_seconds,
                                        heartbeat=settings.heartbeat_seconds)
@@ -264,7 +269,6 @@ class Engine:
         if req.response_schema is not None:
             system = f"{system}\n\n{structured.instruction(req.response_schema)}".strip()
         correction_at: int | None = None
-        tool_defs = self.tools.definitions() if self.tools else []
         ratio = context.chars_per_token(started.meta.last_input_tokens, started.meta.last_input_chars)
         fixed_chars = len(system) + self._tool_chars
         for iteration in range(s.max_tool_iterations):
@@ -276,12 +280,12 @@ class Engine:
                 if started.meta.usage.total + progress.usage.total + est_tokens > s.session_token_budget:
                     raise ApiError("budget_exceeded",
                                    f"This turn would exceed the session's {s.session_token_budget}-token budget.")
-            sys_param, tools_param, sent = context.with_breakpoints(system, tool_defs, sent, s.prompt_caching)
+            sys_param, _tools, sent = context.with_breakpoints(system, [], sent, s.prompt_caching)
             params: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens, "messages": sent}
             if sys_param:
                 params["system"] = sys_param
-            if tools_param:
-                params["tools"] = tools_param
+            if self._tools_json is not None:
+                params["tools"] = self._tools_json
             progress.blocks = []
             await self._call_model(turn, req, params, progress)
             progress.last_prompt_chars = est_chars

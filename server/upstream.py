@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import weakref
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -25,6 +26,7 @@ from .errors import UpstreamStreamError
 from .store.base import StoredMessage
 from .upstream_transport import direct_body
 
+_urls: weakref.WeakKeyDictionary[anthropic.AsyncAnthropic, httpx2.URL] = weakref.WeakKeyDictionary()
 _loads = json.loads
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
@@ -118,14 +120,34 @@ def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+class RawJSON(bytes):
+    """A request parameter already encoded as JSON (the tool definitions: the same bytes on
+    every call), spliced into the body as is."""
+
+
 def encode_request(params: dict[str, Any]) -> bytes:
-    """The Messages API request body for a streamed call. Stored history messages go in as
-    the JSON the store holds (no decode and re-encode of a long history per call)."""
-    rest = {k: v for k, v in params.items() if k != "messages"}
+    """The Messages API request body for a streamed call. Stored history messages and
+    `RawJSON` values go in as they are (no decode and re-encode of a long history, or of
+    the tool schemas, per call)."""
+    rest: dict[str, Any] = {}
+    spliced = b""
+    for key, value in params.items():
+        if type(value) is RawJSON:
+            spliced += b',"%b":%b' % (key.encode(), value)
+        elif key != "messages":
+            rest[key] = value
     rest["stream"] = True
-    head = _dumps(rest).encode()  # '{...}': the messages go in before its closing brace
+    head = _dumps(rest).encode()  # '{...}': the rest goes in before its closing brace
     messages = b",".join([m.raw if type(m) is StoredMessage else _dumps(m).encode() for m in params["messages"]])
-    return b"%b,\"messages\":[%b]}" % (head[:-1], messages)
+    return b"%b%b,\"messages\":[%b]}" % (head[:-1], spliced, messages)
+
+
+def messages_url(client: anthropic.AsyncAnthropic) -> httpx2.URL:
+    """The Messages API URL under the client's base URL (as the SDK joins them). Handed to
+    `client.post` as a URL: the SDK then skips parsing and re-joining a relative path on
+    every request (~70 µs of CPU per model call)."""
+    base = client.base_url
+    return base.copy_with(raw_path=base.raw_path + b"v1/messages")
 
 
 @asynccontextmanager
@@ -133,8 +155,11 @@ async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any],
                       coalesce: float = 0.0) -> AsyncIterator[UpstreamStream]:
     """Open the stream (SDK retries apply until the status line); close it on exit, which
     also cuts billing when a turn is cancelled mid-answer."""
-    response = await client.post("/v1/messages", cast_to=httpx2.Response, content=encode_request(params),
-                                 stream=True, stream_cls=None)
+    url = _urls.get(client)
+    if url is None:
+        url = _urls[client] = messages_url(client)
+    response = await client.post(url, cast_to=httpx2.Response,  # type: ignore[arg-type]
+                                 content=encode_request(params), stream=True, stream_cls=None)
     stream = UpstreamStream(response, coalesce)
     del response
     try:

@@ -108,6 +108,27 @@ def test_stored_history_is_sized_and_sent_without_a_parse(messages, budget):
     assert json.loads(body) == {"model": "m", "max_tokens": 9, "stream": True, "messages": messages[start:]}
 
 
+def test_pre_encoded_parameters_are_spliced_into_the_body():
+    from server.upstream import RawJSON, encode_request
+
+    tools = [{"name": "calc", "description": "é \"quoted\"", "input_schema": {"type": "object"}}]
+    params = {"model": "m", "max_tokens": 9, "tools": RawJSON(json.dumps(tools).encode()),
+              "system": "s", "messages": [stored({"role": "user", "content": "hi"})]}
+    assert json.loads(encode_request(params)) == {
+        "model": "m", "max_tokens": 9, "tools": tools, "system": "s", "stream": True,
+        "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_messages_url_is_the_one_the_sdk_would_build():
+    import anthropic
+
+    from server.upstream import messages_url
+
+    for base in ("http://127.0.0.1:9/", "https://gateway.example/anthropic", "https://h.example/a/b/?"):
+        client = anthropic.AsyncAnthropic(api_key="k", base_url=base)
+        assert messages_url(client) == client._prepare_url("/v1/messages")
+
+
 def test_stored_message_with_an_image_is_estimated_like_a_plain_one():
     image = {"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 400_000}},
