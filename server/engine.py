@@ -29,7 +29,7 @@ from .tools import ToolSet
 from .housekeeping import Housekeeper
 from .turns import Turn
 from .ratelimit import UpstreamGate
-from .upstream import RawJSON, open_stream
+from .upstream import RawJSON, TextDelta, open_stream
 from .usage import PriceTable, Usage
 
 log = logging.getLogger("server.engine")
@@ -338,19 +338,19 @@ class Engine:
                     turn.emit("turn_start", {"session_id": turn.session_id, "turn_id": turn.turn_id,
                                              "model": req.model, "max_tokens": req.max_tokens})
                 async for event in upstream.events():
+                    if type(event) is TextDelta:
+                        text = event.text
+                        text_parts[event.index].append(text)  # joined at block stop
+                        progress.text.append(text)
+                        if progress.first_token_at is None:
+                            progress.first_token_at = time.monotonic()
+                            metrics.first_token(progress.first_token_at - turn.started_at)
+                        turn.emit_text(text, event.json)
+                        continue
                     kind = event["type"]
                     if kind == "content_block_delta":
                         delta = event["delta"]
-                        dkind = delta.get("type")
-                        if dkind == "text_delta":
-                            text = delta["text"]
-                            text_parts[event["index"]].append(text)  # joined at block stop
-                            progress.text.append(text)
-                            if progress.first_token_at is None:
-                                progress.first_token_at = time.monotonic()
-                                metrics.first_token(progress.first_token_at - turn.started_at)
-                            turn.emit_text(text)
-                        elif dkind == "input_json_delta":
+                        if delta.get("type") == "input_json_delta":
                             json_parts.setdefault(event["index"], []).append(delta.get("partial_json", ""))
                     elif kind == "content_block_start":
                         block = dict(event["content_block"])

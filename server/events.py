@@ -36,11 +36,12 @@ def encode(turn_id: str, seq: int, type_: str, payload: dict[str, Any]) -> Event
     return Event(seq, type_, eid, _dumps({"type": type_, "id": eid, **payload}).encode())
 
 
-def text_delta(turn_id: str, seq: int, text: str) -> Event:
-    """The hot path: built by string formatting, not a dict round trip."""
+def text_delta(turn_id: str, seq: int, text: str, text_json: str | None = None) -> Event:
+    """The hot path: built by string formatting, not a dict round trip. `text_json` is the
+    text already as a JSON string (as the upstream sent it), reused as is."""
     eid = f"{turn_id}:{seq}"
     return Event(seq, "text_delta", eid,
-                 f'{{"type":"text_delta","id":"{eid}","text":{_dumps(text)}}}'.encode())
+                 f'{{"type":"text_delta","id":"{eid}","text":{text_json or _dumps(text)}}}'.encode())
 
 
 def parse_event_id(value: str | None) -> tuple[str, int] | None:

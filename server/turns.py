@@ -43,8 +43,8 @@ class Turn:
     def emit(self, type_: str, payload: dict) -> Event:
         return self.push(ev.encode(self.turn_id, len(self.events) + 1, type_, payload))
 
-    def emit_text(self, text: str) -> Event:
-        return self.push(ev.text_delta(self.turn_id, len(self.events) + 1, text))
+    def emit_text(self, text: str, text_json: str | None = None) -> Event:
+        return self.push(ev.text_delta(self.turn_id, len(self.events) + 1, text, text_json))
 
     def push(self, event: Event) -> Event:
         self.events.append(event)

@@ -17,7 +17,8 @@ import codecs
 import json
 import weakref
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from json.decoder import scanstring
+from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple
 
 import anthropic
 import httpx2
@@ -28,6 +29,18 @@ from .upstream_transport import direct_body
 
 _urls: weakref.WeakKeyDictionary[anthropic.AsyncAnthropic, httpx2.URL] = weakref.WeakKeyDictionary()
 _loads = json.loads
+# A text delta as the Messages API writes it: read without building its two dicts.
+_TEXT_DELTA_HEAD = '{"type":"content_block_delta","index":'
+_TEXT_DELTA_BODY = ',"delta":{"type":"text_delta","text":"'
+
+
+class TextDelta(NamedTuple):
+    """A `content_block_delta` event carrying text (the hot path): its block index, the text,
+    and the text as a JSON string (what the upstream sent, when it was in the usual form),
+    so the event we emit reuses it instead of encoding the text again."""
+    index: int
+    text: str
+    json: str | None
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
@@ -52,7 +65,8 @@ class UpstreamStream:
         else:
             self._read, self._linger, self.aclose = _reader(response.aiter_bytes()), _sleep, response.aclose
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self) -> AsyncIterator[dict[str, Any] | TextDelta]:
+        """The stream's events as dicts, except text deltas: `TextDelta`s."""
         # (a character may span two reads; a malformed byte becomes U+FFFD, not a failed turn)
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         buffer = ""
@@ -68,6 +82,10 @@ class UpstreamStream:
                 while (end := buffer.find("\n\n", start)) >= 0:
                     event = _parse_block(buffer, start, end)
                     start = end + 2
+                    if type(event) is TextDelta:
+                        coalescing = self._coalesce > 0
+                        yield event
+                        continue
                     if event is None:
                         continue
                     kind = event.get("type")
@@ -103,9 +121,10 @@ def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
     return read
 
 
-def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | None:
+def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | TextDelta | None:
     """The SSE block `buffer[start:end]` (`event: x\ndata: {...}`): its data's JSON (whose
-    `type` names it), or None for a block without data (a comment, a ping)."""
+    `type` names it), or None for a block without data (a comment, a ping). A text delta in
+    the API's usual form comes back as a `TextDelta` with only its string decoded."""
     if buffer.startswith("data:", start):
         data = start + 5
     else:
@@ -113,11 +132,32 @@ def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | None:
         if data < 0:
             return None
         data += 6
+    if buffer.startswith(" ", data):
+        data += 1
+    if buffer.startswith(_TEXT_DELTA_HEAD, data):
+        head_end = data + len(_TEXT_DELTA_HEAD)
+        body = buffer.find(_TEXT_DELTA_BODY, head_end, end)
+        if body > 0 and buffer[head_end:body].isdigit():
+            opening = body + len(_TEXT_DELTA_BODY)
+            try:  # (a raw newline is not allowed in a JSON string: it cannot run past `end`)
+                text, closing = scanstring(buffer, opening)
+            except ValueError:
+                closing = -1
+            if closing == end - 2 and buffer.startswith("}}", closing):
+                return TextDelta(int(buffer[head_end:body]), text, buffer[opening - 1:closing])
     try:
         event = _loads(buffer[data:end])  # (leading spaces are JSON whitespace)
     except ValueError:
         return None
-    return event if isinstance(event, dict) else None
+    if not isinstance(event, dict):
+        return None
+    if event.get("type") == "content_block_delta":  # a text delta in another form
+        delta, index = event.get("delta"), event.get("index")
+        if isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(index, int):
+            text = delta.get("text")
+            if isinstance(text, str):
+                return TextDelta(index, text, None)
+    return event
 
 
 class RawJSON(bytes):

@@ -20,6 +20,8 @@ from typing import Any, AsyncIterator
 import anthropic
 import httpx2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.fake_anthropic import FakeAnthropic
 from server.upstream_transport import Connection, UpstreamTransport, _Sweeper, make_http_client
@@ -35,6 +37,15 @@ def transport_of(client: anthropic.AsyncAnthropic) -> UpstreamTransport:
     transport = client._client._transport  # type: ignore[attr-defined]
     assert isinstance(transport, UpstreamTransport)
     return transport
+
+
+def as_dict(event: Any) -> dict[str, Any]:
+    """An event from `UpstreamStream.events()` in the API's own shape (text deltas come as `TextDelta`)."""
+    from server.upstream import TextDelta
+
+    if isinstance(event, TextDelta):
+        return {"type": "content_block_delta", "index": event.index, "delta": {"type": "text_delta", "text": event.text}}
+    return event
 
 
 def sse_text(raw: bytes) -> str:
@@ -429,7 +440,7 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
     async with open_stream(client, MSG) as upstream:
         gc.collect()
         assert seen and seen[0]() is None  # request, response and their headers are not held while streaming
-        events = [e async for e in upstream.events()]
+        events = [as_dict(e) async for e in upstream.events()]
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
     assert "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta") == expected_text(30)
     assert fake.requests[-1].body["stream"] is True
@@ -438,13 +449,13 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
     sse = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events)
     encoded = httpx2.Response(200, headers={"content-encoding": "gzip"}, content=gzip.compress(sse))
     assert direct_body(encoded) is None  # decoded by httpx2 instead
-    assert [e async for e in UpstreamStream(encoded).events()] == events
+    assert [as_dict(e) async for e in UpstreamStream(encoded).events()] == events
 
 
 async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic) -> None:
     """STREAM_COALESCE_MS: after the first token the body is read once per window, so tokens
     come out in bursts (one wake-up and one client write each) instead of one by one."""
-    from server.upstream import open_stream
+    from server.upstream import TextDelta, open_stream
 
     fake.script({"tokens": 40, "pace_ms": 5, "times": 2})
     client = sdk(fake.base_url)
@@ -454,9 +465,9 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic) -> None:
         times, text = [], ""
         async with open_stream(client, MSG, coalesce) as upstream:
             async for event in upstream.events():
-                if event["type"] == "content_block_delta":
+                if isinstance(event, TextDelta):
                     times.append(loop.time())
-                    text += event["delta"]["text"]
+                    text += event.text
         return 1 + sum(b - a > 0.002 for a, b in zip(times, times[1:])), text
 
     one_by_one, text = await bursts(0.0)
@@ -493,12 +504,53 @@ async def test_sse_parsing_across_awkward_chunk_boundaries() -> None:
                 yield wire[i:i + self.size]
 
     for size in (1, 2, 3, 7, 64, len(wire)):
-        got = [e async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(size))).events()]
+        got = [as_dict(e) async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(size))).events()]
         assert got == [{"type": "ping"}, *events], size
 
     wire = wire.replace("✓".encode(), b"\xff")  # not UTF-8: replaced, the stream goes on
-    got = [e async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(5))).events()]
+    got = [as_dict(e) async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(5))).events()]
     assert got[2]["delta"]["text"] == "héllo \ufffd" and got[-1] == {"type": "message_stop"}
+
+
+texts = st.text(st.characters(codec="utf-8"), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.integers(0, 12), st.booleans(), st.booleans(), st.sampled_from(["data: ", "data:", "event: x\ndata: "]))
+def test_text_deltas_read_without_a_parse_match_the_json(text: str, index: int, ascii_only: bool,
+                                                         compact: bool, prefix: str) -> None:
+    """A text delta in the API's usual form is read by a fast path; whatever the text and
+    the encoder's choices (escapes, spacing), it gives what a JSON parse gives, and the
+    event we emit from it is valid JSON carrying the same text."""
+    from server.events import text_delta
+    from server.upstream import TextDelta, _parse_block
+
+    event = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
+    data = json.dumps(event, ensure_ascii=ascii_only, separators=(",", ":") if compact else None)
+    buffer = f"{prefix}{data}\n\nevent: next\ndata: {{}}\n\n"
+    got = _parse_block(buffer, 0, buffer.index("\n\n"))
+    assert isinstance(got, TextDelta) and (got.index, got.text) == (index, text)
+    assert (got.json is not None) == compact  # the fast path takes the compact form only
+    emitted = json.loads(text_delta("T", 3, got.text, got.json).data)
+    assert emitted == {"type": "text_delta", "id": "T:3", "text": text}
+
+
+def test_text_delta_lookalikes_take_the_parsing_path() -> None:
+    from server.upstream import TextDelta, _parse_block
+
+    head = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
+    for data, expected in [
+        (head + '"a","extra":1}}', {"type": "content_block_delta", "index": 0,
+                                    "delta": {"type": "text_delta", "text": "a"}}),
+        (head + '"a\\u00e9"}, "more": 2}', {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": "aé"}}),
+        (head + '"unterminated}}', None),
+        ('{"type":"content_block_delta","index":x,"delta":{"type":"text_delta","text":"a"}}', None),
+    ]:
+        buffer = f"data: {data}\n\n"
+        got = _parse_block(buffer, 0, len(buffer) - 2)
+        assert not (isinstance(got, TextDelta) and got.json is not None), data
+        assert (as_dict(got) if got is not None else None) == expected, data
 
 
 async def test_a_streamed_request_body_goes_out_chunked(fake: FakeAnthropic) -> None:
