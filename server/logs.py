@@ -34,7 +34,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str) -> None:
-    """JSON lines on stderr for our loggers; uvicorn keeps its own access/error format."""
+    """JSON lines on stderr for our loggers; uvicorn keeps its own access/error format.
+
+    No line carries a source location, thread or process name, so the logging module is
+    told not to gather them (its documented optimisation: finding the caller walks the
+    whole, deep, async stack of every line)."""
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("server")
     if any(getattr(h, "_agent_json", False) for h in logger.handlers):
         logger.setLevel(level)

@@ -6,12 +6,15 @@ import asyncio
 import json
 
 import pytest
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from .harness import eventually
 
 from server.events import encode
 from server.store.base import Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id
 from server.store.memory import MemoryStore
-from server.store.redis import RedisStore
+from server.store.redis import RedisStore, _command
 from server.usage import Usage
 
 LOCK_TTL = 0.3
@@ -123,11 +126,58 @@ async def test_delete(store):
     assert await store.get_session(sid, "o") is None and not await store.has_log(sid, t1)
 
 
+async def test_redis_channel_shares_one_connection_in_order_and_recovers(redis_url):
+    """Concurrent callers on one connection get their own replies; a caller that gives up
+    (cancelled) leaves the order intact; a connection killed or silent mid-call fails the
+    callers waiting on it, and the next call gets a new one."""
+    from redis.exceptions import ResponseError
+
+    from server.store.redis_channel import CommandChannel
+
+    pool = aioredis.ConnectionPool.from_url(redis_url)
+    channel = CommandChannel(pool, timeout=1.0)
+    admin = aioredis.Redis.from_url(redis_url)
+    key = f"test:{new_id()}"
+    try:
+        async def incr(n: int) -> list:
+            return await channel.execute([_command(b"INCRBY", key.encode(), b"%d" % n), _command(b"GET", key.encode())])
+
+        got = await asyncio.gather(*[incr(1) for _ in range(200)])
+        assert sorted(int(r[0]) for r in got) == list(range(1, 201))  # each caller its own replies
+        assert all(int(r[1]) >= int(r[0]) for r in got)
+        ids = {int((await channel.execute([_command(b"CLIENT", b"ID")]))[0]) for _ in range(3)}
+        assert len(ids) == 1  # one connection
+
+        error, ok = (await channel.execute([_command(b"HSET", key.encode(), b"f", b"v"), _command(b"PING")]))
+        assert isinstance(error, ResponseError) and ok == b"PONG"  # an error reply is returned, not raised
+
+        blocked = asyncio.create_task(channel.execute([_command(b"BLPOP", f"{key}:l".encode(), b"0.3")]))
+        await asyncio.sleep(0.05)
+        blocked.cancel()  # its reply still arrives later and is dropped
+        assert await channel.execute([_command(b"ECHO", b"after")]) == [b"after"]
+
+        (client_id,) = await channel.execute([_command(b"CLIENT", b"ID")])
+        waiting = asyncio.create_task(channel.execute([_command(b"BLPOP", f"{key}:l".encode(), b"5")]))
+        await asyncio.sleep(0.1)
+        await admin.client_kill_filter(_id=client_id)
+        with pytest.raises(RedisError):
+            await waiting
+        assert await channel.execute([_command(b"ECHO", b"back")]) == [b"back"]
+
+        silent = asyncio.create_task(channel.execute([_command(b"BLPOP", f"{key}:l".encode(), b"5")]))
+        with pytest.raises(RedisError, match="did not answer"):  # the 1 s timeout, not the 5 s block
+            await asyncio.wait_for(silent, 3)
+        assert await channel.execute([_command(b"ECHO", b"fresh")]) == [b"fresh"]
+    finally:
+        await channel.close()
+        await admin.delete(key)
+        await admin.aclose()
+        await pool.aclose()
+
+
 async def test_redis_hand_encoded_commands_edge_cases(redis_url):
     """The hand-encoded flush pipeline and scripts: TTL on a first batch, a repeated entry (a
     retried flush) ignored, NOSCRIPT after Redis lost its scripts, and a killed connection."""
-    import redis.asyncio as aioredis
-
     store = RedisStore(redis_url, session_ttl=3600, lock_ttl=30, log_ttl=60, log_maxlen=1000,
                        idempotency_ttl=60)
     admin = aioredis.Redis.from_url(redis_url)
@@ -152,13 +202,10 @@ async def test_redis_hand_encoded_commands_edge_cases(redis_url):
         assert await store.finish_turn(other, t2, commit(t2, "ünïcode", 1))
         assert [m["content"][0]["text"] for m in (await store.get_session(other, "o")).history] == ["q", "ünïcode"]
 
-        conn = await store.redis.connection_pool.get_connection()
-        await conn.send_command("CLIENT", "ID")
-        client_id = await conn.read_response()
-        await store.redis.connection_pool.release(conn)
-        await admin.client_kill_filter(_id=client_id)  # the pooled connection the next flush takes
-        with pytest.raises((RedisError, OSError)):  # this pass fails; the housekeeper retries the next
-            await store.flush([LogBatch(sid, t1, [encode(t1, 3, "text_delta", {"text": "x"})])], [])
+        # The shared connection is killed while idle: noticed at once, replaced by the next call.
+        (client_id,) = await store._channel.execute([_command(b"CLIENT", b"ID")])
+        await admin.client_kill_filter(_id=client_id)
+        assert await eventually(lambda: store._channel._conn is None)
         await store.flush([LogBatch(sid, t1, [encode(t1, 3, "text_delta", {"text": "x"})])], [])
         assert [e.seq for e in await store.read_events(sid, t1, 2, 0)] == [3]
     finally:

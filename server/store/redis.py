@@ -23,22 +23,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..events import Event
 from ..usage import Usage
+from .redis_channel import CommandChannel
 from .base import (BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, StoredMessage, TurnCommit)
 
 log = logging.getLogger("server.store")
 
 CANCEL_CHANNEL = "agent:cancel"
-PIPELINE_TIMEOUT = 15.0  # as the pool's socket timeout: an unresponsive Redis fails the flush
+PIPELINE_TIMEOUT = 15.0  # as the pool's socket timeout: an unresponsive Redis fails the call
 
 # KEYS: meta msgs lock mid turns   ARGV: turn owner create lock_ms ttl idem_ttl now has_mid
 _BEGIN = """
@@ -161,6 +161,8 @@ class RedisStore:
                                                         health_check_interval=30, socket_timeout=15,
                                                         socket_connect_timeout=5)
         self.redis = aioredis.Redis(connection_pool=pool)
+        # The per-turn scripts and the event-log flush share one connection (see redis_channel).
+        self._channel = CommandChannel(pool, timeout=PIPELINE_TIMEOUT)
         self.session_ttl = session_ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.log_ttl = log_ttl
@@ -197,9 +199,9 @@ class RedisStore:
     async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
         """Every running turn's new events (one XADD each) and the due lock renewals, in one
         pipelined round trip. The hottest Redis path (every turn, every EVENT_LOG_FLUSH_MS),
-        so the commands are encoded here and written on one pooled connection: redis-py's
+        so the commands are encoded here and written on the shared channel: redis-py's
         pipeline costs an encoder pass per argument and a timer per reply (~10% of the
-        server's CPU at 400 streams); one timeout bounds the whole exchange instead."""
+        server's CPU at 400 streams)."""
         maxlen = b"%d" % self.log_maxlen
         first_ttl = b"%d" % (self.log_ttl + 3600)
         commands: list[bytes] = []
@@ -216,7 +218,7 @@ class RedisStore:
                 commands.append(_command(b"EXPIRE", key, first_ttl))
         for session_id, turn_id in renewals:
             commands.append(_evalsha(self._renew, [_k(session_id, "lock")], [turn_id, self.lock_ms]))
-        results = await self._pipeline(commands)
+        results = await self._channel.execute(commands) if commands else []
         split = len(results) - len(renewals)
         for result in results[:split]:
             # A retried flush may repeat an entry that did land: its id is refused, fine.
@@ -228,37 +230,14 @@ class RedisStore:
         return [not isinstance(r, Exception) and bool(r) for r in renewed]
 
     async def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA through `_pipeline` (the per-turn begin and commit): one encode, one timeout.
+        """EVALSHA on the shared channel (the per-turn begin and commit): one encode, no pool checkout.
         A Redis that lost its scripts (restart, SCRIPT FLUSH) gets them through redis-py."""
-        (result,) = await self._pipeline([_evalsha(script, keys, args)], check_health=True)
+        (result,) = await self._channel.execute([_evalsha(script, keys, args)])
         if isinstance(result, NoScriptError):
             return await script(keys=keys, args=args)
         if isinstance(result, Exception):
             raise result
         return result
-
-    async def _pipeline(self, commands: list[bytes], check_health: bool = False) -> list[Any]:
-        """Send encoded commands in one write and read every reply (an error reply is
-        returned, not raised). Any failure drops the connection: its replies are unknown."""
-        if not commands:
-            return []
-        pool = self.redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            async with asyncio.timeout(PIPELINE_TIMEOUT):
-                await conn.send_packed_command(b"".join(commands), check_health=check_health)
-                results: list[Any] = []
-                for _ in commands:
-                    try:
-                        results.append(await conn.read_response(disable_decoding=True, timeout=math.inf))
-                    except ResponseError as exc:
-                        results.append(exc)
-            return results
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
         keys = [_k(session_id, "meta"), _k(session_id, "msgs"), _k(session_id, "lock"),
@@ -376,6 +355,7 @@ class RedisStore:
                 await self._listener
             except (asyncio.CancelledError, RedisError, OSError):
                 pass
+        await self._channel.close()
         await self.redis.aclose()
 
 
