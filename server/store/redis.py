@@ -31,9 +31,9 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..events import Event
 from ..usage import Usage
-from .redis_channel import CommandChannel
 from .base import (BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, StoredMessage, TurnCommit)
+from .redis_channel import CommandChannel
 
 log = logging.getLogger("server.store")
 
