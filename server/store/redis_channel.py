@@ -94,7 +94,7 @@ class CommandChannel:
             except BaseException:
                 await conn.disconnect(nowait=True)
                 raise
-            self._conn = conn
+            self._conn, self._last_used = conn, now
             self._tasks = [asyncio.create_task(self._read(conn), name="redis-channel-reader"),
                            asyncio.create_task(self._watch(conn), name="redis-channel-watchdog")]
             return conn
