@@ -80,15 +80,22 @@ def window(messages: list[Mapping[str, Any]], fixed_chars: int, budget_tokens: i
     return start, total
 
 
-def with_breakpoints(system: str, tools: list[dict[str, Any]], messages: list[Mapping[str, Any]],
-                     caching: bool) -> tuple[list[dict[str, Any]] | str, list[dict[str, Any]], list[Mapping[str, Any]]]:
-    """Mark the cacheable prefix: last tool, system prompt, and the latest message (a rolling
-    breakpoint the next call reads from). At most 3 of the API's 4 breakpoints; stored
-    messages are copied, never modified."""
+def tool_definitions(tools: list[dict[str, Any]], caching: bool) -> list[dict[str, Any]]:
+    """The tool definitions to send: with caching, the last one carries a breakpoint (the
+    tools come first in the prompt, so they are part of every cached prefix). The given
+    definitions are copied, never modified."""
+    if caching and tools:
+        return [*tools[:-1], {**tools[-1], "cache_control": CACHE}]
+    return tools
+
+
+def with_breakpoints(system: str, messages: list[Mapping[str, Any]],
+                     caching: bool) -> tuple[list[dict[str, Any]] | str, list[Mapping[str, Any]]]:
+    """Mark the cacheable prefix: system prompt, and the latest message (a rolling breakpoint
+    the next call reads from). With the tools' (`tool_definitions`), at most 3 of the API's 4
+    breakpoints; stored messages are copied, never modified."""
     if not caching:
-        return system, tools, messages
-    if tools:
-        tools = [*tools[:-1], {**tools[-1], "cache_control": CACHE}]
+        return system, messages
     system_blocks: list[dict[str, Any]] | str = system
     if system:
         system_blocks = [{"type": "text", "text": system, "cache_control": CACHE}]
@@ -100,4 +107,4 @@ def with_breakpoints(system: str, tools: list[dict[str, Any]], messages: list[Ma
         if content:
             content = [*content[:-1], {**content[-1], "cache_control": CACHE}]
             messages = [*messages[:-1], {**last, "content": content}]
-    return system_blocks, tools, messages
+    return system_blocks, messages

@@ -74,8 +74,8 @@ class Engine:
         tool_defs = tools.definitions() if tools else []
         self._tool_chars = sum(len(json.dumps(t)) for t in tool_defs)
         # The tool definitions (with their cache breakpoint) are the same on every call: encoded once.
-        _system, cached_tools, _ = context.with_breakpoints("", tool_defs, [], settings.prompt_caching)
-        self._tools_json = (RawJSON(json.dumps(cached_tools, ensure_ascii=False, separators=(",", ":")).encode())
+        sent_tools = context.tool_definitions(tool_defs, settings.prompt_caching)
+        self._tools_json = (RawJSON(json.dumps(sent_tools, ensure_ascii=False, separators=(",", ":")).encode())
                             if tool_defs else None)
         self.housekeeper = Housekeeper(store, flush_interval=settings.event_log_flush_ms / 1000,
                                        lock_ttl=settings.turn_lock_ttl_seconds,
@@ -280,7 +280,7 @@ class Engine:
                 if started.meta.usage.total + progress.usage.total + est_tokens > s.session_token_budget:
                     raise ApiError("budget_exceeded",
                                    f"This turn would exceed the session's {s.session_token_budget}-token budget.")
-            sys_param, _tools, sent = context.with_breakpoints(system, [], sent, s.prompt_caching)
+            sys_param, sent = context.with_breakpoints(system, sent, s.prompt_caching)
             params: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens, "messages": sent}
             if sys_param:
                 params["system"] = sys_param

@@ -2,7 +2,8 @@
 
 We POST the request body as JSON bytes we encode ourselves through the SDK's public
 `client.post(..., cast_to=httpx2.Response, stream=True)`, and parse the SSE bytes
-ourselves: one `json.loads` per event and nothing else. The SDK's `messages.stream()` helper
+ourselves: at most one `json.loads` per event (a text delta, the bulk of a stream, needs
+only its string scanned). The SDK's `messages.stream()` helper
 rebuilds a snapshot of the whole message per event (and re-parses tool JSON), several times
 the CPU per token; `messages.create()` walks and copies the whole request (the history)
 looking for file inputs before encoding it, which our bodies never hold. The SDK still does
@@ -29,6 +30,7 @@ from .upstream_transport import direct_body
 
 _urls: weakref.WeakKeyDictionary[anthropic.AsyncAnthropic, httpx2.URL] = weakref.WeakKeyDictionary()
 _loads = json.loads
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 # A text delta as the Messages API writes it: read without building its two dicts.
 _TEXT_DELTA_HEAD = '{"type":"content_block_delta","index":'
 _TEXT_DELTA_BODY = ',"delta":{"type":"text_delta","text":"'
@@ -41,7 +43,6 @@ class TextDelta(NamedTuple):
     index: int
     text: str
     json: str | None
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
 class UpstreamStream:

@@ -65,12 +65,14 @@ def test_breakpoints_mark_tools_system_and_latest_message_without_mutating():
     tools = [{"name": "a"}, {"name": "b"}]
     messages = [{"role": "user", "content": "one"}, {"role": "assistant", "content": [{"type": "text", "text": "x"}]},
                 {"role": "user", "content": [{"type": "text", "text": "two"}]}]
-    system, t, m = context.with_breakpoints("sys", tools, messages, caching=True)
+    system, m = context.with_breakpoints("sys", messages, caching=True)
+    t = context.tool_definitions(tools, caching=True)
     assert system == [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}]
     assert "cache_control" not in t[0] and t[1]["cache_control"] == {"type": "ephemeral"}
     assert m[-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
     assert "cache_control" not in messages[-1]["content"][-1] and "cache_control" not in tools[1]
-    assert context.with_breakpoints("sys", tools, messages, caching=False) == ("sys", tools, messages)
+    assert context.with_breakpoints("sys", messages, caching=False) == ("sys", messages)
+    assert context.tool_definitions(tools, caching=False) == tools
 
 
 def test_calibrated_ratio():

@@ -133,8 +133,6 @@ class CommandChannel:
                     calls.popleft()
                     if not call.waiter.done():  # (a caller that gave up: dropped)
                         call.waiter.set_result(call.replies)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # noqa: BLE001 — the connection is gone: tell every caller
             if self._conn is conn:
                 self._drop(exc if isinstance(exc, RedisConnectionError)

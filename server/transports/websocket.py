@@ -84,7 +84,7 @@ class AgentSocket:
         except WebSocketDisconnect:
             pass
         finally:
-            self.pinger.sockets.discard(self)
+            self.pinger.remove(self)
             if self.forwarding is not None and not self.forwarding.done():
                 self.forwarding.cancel()
                 if self.cancel_on_disconnect and self.turn_id:
@@ -189,6 +189,9 @@ class Pinger:
         self.sockets.add(socket)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="ws-pinger")
+
+    def remove(self, socket: AgentSocket) -> None:
+        self.sockets.discard(socket)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
