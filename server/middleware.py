@@ -5,6 +5,10 @@ request id (`X-Request-ID`, validated, else generated), echoes it on the respons
 WebSocket accept), keeps it in a context variable for the logs, and feeds `GET /metrics`:
 requests by route template, method and status; open SSE responses (any `text/event-stream`
 answer) and open WebSockets, by route. Per request it costs a header scan and a counter.
+
+It also leaves its own `send` in the scope for `body_send`: once a response has started,
+the middleware inside it (CORS, security, Starlette's exception handling, this one) only
+pass body messages on, so a long stream can skip them for each of its writes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ def _route_of(scope: Scope) -> str:
     return path + "/{path}" if isinstance(route, Mount) else path
 
 
+_BODY_SEND = "body_send"
+
+
+def body_send(scope: Scope, send: Send) -> Send:
+    """Where to write the body of a response already started through `send`: past the
+    middleware that only look at `http.response.start` (four calls per write saved)."""
+    return scope.get("state", {}).get(_BODY_SEND, send)
+
+
 def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name.lower() == b"content-type":
@@ -55,7 +68,10 @@ class RequestContext:
                 incoming = value.decode("latin-1")
                 break
         rid = request_id.accept(incoming)
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        if kind == "http":
+            state[_BODY_SEND] = send
         token = request_id.request_id.set(rid)
         status: int | None = None
         live = None  # the gauge child counting this stream or socket while it is open

@@ -87,6 +87,7 @@ class Turn:
         """Batches of events after `after_seq` until the terminal one; `[]` is a heartbeat
         tick (no event for `HEARTBEAT_SECONDS`)."""
         i = max(after_seq, 0)
+        loop = asyncio.get_running_loop()  # (once: each call costs a getpid() system call on 3.11)
         while True:
             events = self.events
             if i < len(events):
@@ -98,7 +99,7 @@ class Turn:
                 continue
             if self.done:
                 return
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = loop.create_future()
             self._waiters.append(waiter)
             await waiter
             if i >= len(self.events) and not self.done:

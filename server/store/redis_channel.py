@@ -83,8 +83,10 @@ class CommandChannel:
                 return conn  # another caller connected meanwhile
             self._drop(RedisConnectionError("replaced"))
             # No socket timeout on the connection: reads wait for the reader task, and the
-            # watchdog bounds how long a caller waits.
-            conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None})
+            # watchdog bounds how long a caller waits. No health checks either (replacing an
+            # idle connection does their job): they cost a clock read per reply.
+            conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None,
+                                                  "health_check_interval": 0})
             try:
                 async with asyncio.timeout(self._timeout):
                     await conn.connect()  # (AUTH, SELECT, TLS as the URL says)

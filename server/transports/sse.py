@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from ..auth import principal_of
 from ..engine import Engine, valid_session_id
 from ..events import Event, parse_event_id, sse_frame
+from ..middleware import body_send
 from .http_api import engine_of, error_event_response, read_turn_request
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
@@ -81,8 +82,9 @@ class EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         # The body is pumped by its own task: waking it for each batch then resumes a
-        # three-frame stack instead of this request's ~18 (server, middleware, routing).
-        pump = asyncio.create_task(self._pump(send))
+        # three-frame stack instead of this request's ~18 (server, middleware, routing),
+        # and its writes skip the middleware that only look at the start.
+        pump = asyncio.create_task(self._pump(body_send(scope, send)))
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, pump))
         try:
             await asyncio.wait((pump,))
