@@ -51,8 +51,10 @@ class UpstreamStream:
     With `coalesce` seconds > 0, once the first content delta is through, the body is read at
     most once per `coalesce`: what arrived meanwhile is handled in one go, so the turn task
     and each follower wake once per burst instead of once per token, and each client gets
-    one write per burst. The first token is never delayed, and the end of the answer
-    (`message_stop`) is read as soon as it arrives.
+    one write per burst; from the second window on, our transport does not even read the
+    socket during a window (one read per burst instead of one per token). The first token
+    is never delayed; the end of the answer (`message_stop`) is read as soon as it arrives
+    within the first window, at most one window late after that.
 
     A body from our transport is kept without its httpx2 response (request and response
     objects and their headers: a few KB per open turn)."""

@@ -100,7 +100,8 @@ class Connection(asyncio.Protocol):
     __slots__ = ("_loop", "_sweeper", "origin", "transport", "lost", "lost_exc", "idle_since",
                  "_parser", "_head_method_request", "status", "reason", "headers", "head_done", "complete",
                  "reusable_after", "received_any", "error", "chunks", "buffered", "_paused", "_waiter",
-                 "_deadline", "_timeout_exc", "_write_paused", "_until_close", "_wake_marker", "__weakref__")
+                 "_deadline", "_timeout_exc", "_write_paused", "_until_close", "_wake_marker", "_steady",
+                 "_linger_paused", "_linger_timeout", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper, origin: tuple[bytes, bytes, int]) -> None:
         self._loop = loop
@@ -130,6 +131,9 @@ class Connection(asyncio.Protocol):
         self._timeout_exc: type[Exception] = httpx2.ReadTimeout
         self._write_paused = False
         self._wake_marker: bytes | None = None  # while lingering: only this wakes the reader early
+        self._steady = False  # the answer has been lingered over once: later windows pause reading
+        self._linger_paused = False
+        self._linger_timeout: float | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -279,6 +283,7 @@ class Connection(asyncio.Protocol):
         self.chunks.clear()
         self.buffered = 0
         self._head_method_request = is_head
+        self._steady = False
         self._parser = httptools.HttpResponseParser(self)
         try:
             transport.write(head + body if len(body) < 65536 else head)
@@ -296,22 +301,58 @@ class Connection(asyncio.Protocol):
             self._raise_if_broken()
             await self._wait(timeout, httpx2.ReadTimeout)
 
-    async def linger(self, seconds: float, marker: bytes) -> None:
-        """Let body data gather for `seconds`; return sooner if a piece holding `marker`
-        arrives (or is already here) or the body ends."""
+    async def linger(self, seconds: float, marker: bytes, timeout: float | None) -> None:
+        """Let body data gather for `seconds`, then return with the first piece after that (at
+        once if one is here); a piece holding `marker`, or the end of the body, ends it sooner.
+
+        From the second window of an answer on, the socket is not read during the window: the
+        kernel gathers the pieces and one read takes them all (instead of a wake-up, a read
+        and a parse call per piece). The marker is then only seen when the window is over."""
         if self.complete or self.lost or self.error is not None or any(marker in c for c in self.chunks):
             return
         waiter = self._loop.create_future()
         self._waiter = waiter
         self._wake_marker = marker
-        timer = self._loop.call_later(seconds, self._wake)
+        self._linger_timeout = timeout
+        timer = self._loop.call_later(seconds, self._linger_over)
+        if self._steady and not self._paused and self.transport is not None:
+            try:
+                self.transport.pause_reading()
+                self._linger_paused = True
+            except (RuntimeError, AttributeError):  # closing transport
+                pass
         try:
             await waiter
         finally:
             timer.cancel()
             self._wake_marker = None
+            self._deadline = None
             if self._waiter is waiter:
                 self._waiter = None
+            self._end_linger_pause()
+        self._steady = True
+
+    def _linger_over(self) -> None:
+        """The window is over: read again; return what is here, else wait for the next piece
+        as a read would (with its timeout)."""
+        self._end_linger_pause()
+        if self.chunks or self.complete or self.lost or self.error is not None:
+            self._wake()
+            return
+        self._wake_marker = None  # any piece ends the wait now
+        if self._linger_timeout is not None:
+            self._deadline = self._loop.time() + self._linger_timeout
+            self._timeout_exc = httpx2.ReadTimeout
+            self._sweeper.watch(self)
+
+    def _end_linger_pause(self) -> None:
+        if self._linger_paused:
+            self._linger_paused = False
+            if self.transport is not None and not self.lost:
+                try:
+                    self.transport.resume_reading()
+                except (RuntimeError, AttributeError):
+                    pass
 
     def take(self) -> bytes:
         """Everything buffered so far, as one piece."""
@@ -379,9 +420,9 @@ class ResponseBody(httpx2.AsyncByteStream):
             await conn._wait(self._timeout, httpx2.ReadTimeout)
 
     async def linger(self, seconds: float, marker: bytes) -> None:
-        """Wait up to `seconds` for more of the body to gather (see :meth:`Connection.linger`)."""
+        """Let more of the body gather for `seconds` (see :meth:`Connection.linger`)."""
         if self._conn is not None:
-            await self._conn.linger(seconds, marker)
+            await self._conn.linger(seconds, marker, self._timeout)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None

@@ -452,17 +452,28 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
     assert [as_dict(e) async for e in UpstreamStream(encoded).events()] == events
 
 
-async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic) -> None:
+async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch) -> None:
     """STREAM_COALESCE_MS: after the first token the body is read once per window, so tokens
-    come out in bursts (one wake-up and one client write each) instead of one by one."""
+    come out in bursts (one wake-up and one client write each) instead of one by one; from
+    the second window on the socket itself is read once per window."""
     from server.upstream import TextDelta, open_stream
 
+    pieces = 0
+    received = Connection.data_received
+
+    def counting(self: Connection, data: bytes) -> None:
+        nonlocal pieces
+        pieces += 1
+        received(self, data)
+
+    monkeypatch.setattr(Connection, "data_received", counting)
     fake.script({"tokens": 40, "pace_ms": 5, "times": 2})
     client = sdk(fake.base_url)
     loop = asyncio.get_running_loop()
 
     async def bursts(coalesce: float) -> tuple[int, str]:
-        times, text = [], ""
+        nonlocal pieces
+        times, text, pieces = [], "", 0
         async with open_stream(client, MSG, coalesce) as upstream:
             async for event in upstream.events():
                 if isinstance(event, TextDelta):
@@ -471,16 +482,40 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic) -> None:
         return 1 + sum(b - a > 0.002 for a, b in zip(times, times[1:])), text
 
     one_by_one, text = await bursts(0.0)
-    assert text == expected_text(40) and one_by_one > 20
+    assert text == expected_text(40) and one_by_one > 20 and pieces > 20
     coalesced, text = await bursts(0.05)
     assert text == expected_text(40) and coalesced <= 8, coalesced
+    assert pieces <= 20, pieces  # the first window's ~10 pieces one by one, then one read per window
 
-    # The end of the answer is read as soon as it arrives, whatever the window.
+    # An answer that ends within the first window is read as soon as its end arrives...
     fake.script({"tokens": 10, "pace_ms": 5})
     started = loop.time()
     coalesced, text = await bursts(2.0)
     assert text == expected_text(10) and coalesced <= 2
     assert loop.time() - started < 1.0
+    # ... a longer one at most one window after its end.
+    fake.script({"tokens": 30, "pace_ms": 10})
+    started = loop.time()
+    coalesced, text = await bursts(0.1)
+    assert text == expected_text(30) and coalesced <= 5, coalesced
+    assert loop.time() - started < 0.3 + 0.1 + 0.3
+    await client.close()
+
+
+async def test_a_stall_after_a_window_is_a_read_timeout(fake: FakeAnthropic) -> None:
+    """Waiting past a coalescing window for the next piece keeps the read timeout."""
+    from server.errors import UpstreamStreamError
+    from server.upstream import open_stream
+
+    fake.script({"tokens": 3, "pace_ms": 3000})
+    client = sdk(fake.base_url, timeout=httpx2.Timeout(5, read=0.3))
+    started = time.monotonic()
+    with pytest.raises(UpstreamStreamError) as caught:
+        async with open_stream(client, MSG, 0.05) as upstream:
+            async for _event in upstream.events():
+                pass
+    assert caught.value.error_type == "timeout_error"
+    assert time.monotonic() - started < 2.0
     await client.close()
 
 
