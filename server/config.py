@@ -63,7 +63,7 @@ class Settings:
     event_log_ttl_seconds: int = 600
     event_log_maxlen: int = 20_000
     event_log_flush_ms: int = 50
-    stream_coalesce_ms: int = 40
+    stream_coalesce_ms: int = 80
     heartbeat_seconds: float = 15.0
     ws_ping_seconds: float = 20.0
     ws_compression: bool = False
@@ -133,7 +133,7 @@ class Settings:
             event_log_ttl_seconds=r.get("EVENT_LOG_TTL_SECONDS", _int_range(10, 7 * 86400), 600),
             event_log_maxlen=r.get("EVENT_LOG_MAXLEN", _int_range(100, 10_000_000), 20_000),
             event_log_flush_ms=r.get("EVENT_LOG_FLUSH_MS", _int_range(0, 50), 50),
-            stream_coalesce_ms=r.get("STREAM_COALESCE_MS", _int_range(0, 200), 40),
+            stream_coalesce_ms=r.get("STREAM_COALESCE_MS", _int_range(0, 200), 80),
             heartbeat_seconds=r.get("HEARTBEAT_SECONDS", _float_range(0.05, 3600), 15.0),
             ws_ping_seconds=r.get("WS_PING_SECONDS", _float_range(0.05, 3600), 20.0),
             ws_compression=r.get("WS_COMPRESSION", _parse_bool, False),
