@@ -34,6 +34,9 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circu
 # A text delta as the Messages API writes it: read without building its two dicts.
 _TEXT_DELTA_HEAD = '{"type":"content_block_delta","index":'
 _TEXT_DELTA_BODY = ',"delta":{"type":"text_delta","text":"'
+_TEXT_DELTA_BLOCK = "event: content_block_delta\ndata: " + _TEXT_DELTA_HEAD
+_TEXT_DELTA_DATA = len("event: content_block_delta\ndata: ")
+_TEXT_DELTA_INDEX = len(_TEXT_DELTA_BLOCK)
 
 
 class TextDelta(NamedTuple):
@@ -128,17 +131,21 @@ def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | TextDelt
     """The SSE block `buffer[start:end]` (`event: x\ndata: {...}`): its data's JSON (whose
     `type` names it), or None for a block without data (a comment, a ping). A text delta in
     the API's usual form comes back as a `TextDelta` with only its string decoded."""
-    if buffer.startswith("data:", start):
-        data = start + 5
+    if buffer.startswith(_TEXT_DELTA_BLOCK, start):  # the usual text delta: straight to its index
+        data = start + _TEXT_DELTA_DATA
+        head_end = start + _TEXT_DELTA_INDEX
     else:
-        data = buffer.find("\ndata:", start, end)
-        if data < 0:
-            return None
-        data += 6
-    if buffer.startswith(" ", data):
-        data += 1
-    if buffer.startswith(_TEXT_DELTA_HEAD, data):
-        head_end = data + len(_TEXT_DELTA_HEAD)
+        if buffer.startswith("data:", start):
+            data = start + 5
+        else:
+            data = buffer.find("\ndata:", start, end)
+            if data < 0:
+                return None
+            data += 6
+        if buffer.startswith(" ", data):
+            data += 1
+        head_end = data + len(_TEXT_DELTA_HEAD) if buffer.startswith(_TEXT_DELTA_HEAD, data) else 0
+    if head_end:
         body = buffer.find(_TEXT_DELTA_BODY, head_end, end)
         if body > 0 and buffer[head_end:body].isdigit():
             opening = body + len(_TEXT_DELTA_BODY)

@@ -145,6 +145,16 @@ def _command(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args])
 
 
+def _xadd(key: bytes, maxlen: bytes, seq: int, first_seq: int, type_: bytes, data: bytes) -> bytes:
+    """`XADD key MAXLEN ~ maxlen 0-seq f first_seq t type d data`, encoded in one formatting
+    step (the flush writes one per running turn, every EVENT_LOG_FLUSH_MS)."""
+    entry_id, first = b"0-%d" % seq, b"%d" % first_seq
+    return (b"*12\r\n$4\r\nXADD\r\n$%d\r\n%b\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+            b"$1\r\nf\r\n$%d\r\n%b\r\n$1\r\nt\r\n$%d\r\n%b\r\n$1\r\nd\r\n$%d\r\n%b\r\n"
+            % (len(key), key, len(maxlen), maxlen, len(entry_id), entry_id, len(first), first,
+               len(type_), type_, len(data), data))
+
+
 def _evalsha(script: Any, keys: list[str], args: list[Any]) -> bytes:
     """EVALSHA of a registered script (its `sha`), encoded."""
     return _command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *[_arg(a) for a in (*keys, *args)])
@@ -209,9 +219,8 @@ class RedisStore:
             key = _k(b.session_id, f"log:{b.turn_id}").encode()
             events = b.events
             last = events[-1]
-            commands.append(_command(b"XADD", key, b"MAXLEN", b"~", maxlen, b"0-%d" % last.seq,
-                                     b"f", b"%d" % events[0].seq, b"t", last.type.encode(),
-                                     b"d", b"\n".join([e.data for e in events])))
+            commands.append(_xadd(key, maxlen, last.seq, events[0].seq, last.type.encode(),
+                                  b"\n".join([e.data for e in events])))
             if b.first:
                 # While the turn runs its log outlives a session's patience; a crashed worker's
                 # log still expires. The commit sets the final TTL.
