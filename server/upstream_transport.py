@@ -551,7 +551,8 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
         body = ResponseBody(self, conn, timeouts.get("read"))
         extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn,
                       "upstream_body": body}
-        return httpx2.Response(conn.status, headers=conn.headers, stream=body, extensions=extensions)
+        headers, conn.headers = conn.headers, []  # (the response owns them: a long stream does not keep two copies)
+        return httpx2.Response(conn.status, headers=headers, stream=body, extensions=extensions)
 
     async def aclose(self) -> None:
         self._closed = True

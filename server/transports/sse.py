@@ -101,19 +101,31 @@ class EventStream:
         finished = False
         try:
             if self.first:
-                await send({"type": "http.response.body", "body": b"".join(map(sse_frame, self.first)),
-                            "more_body": True})
-            async for batch in self.events:
-                body = b"".join(map(sse_frame, batch)) if batch else HEARTBEAT
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            finished = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finished = await _write(send, self.first)
+            if not finished:
+                async for batch in self.events:
+                    if await _write(send, batch):
+                        break
+                else:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finished = True
         finally:
             try:
                 if not finished and self.on_abandon is not None:
                     await self.on_abandon()
             finally:
                 await self.events.aclose()
+
+
+async def _write(send: Send, batch: list[Event]) -> bool:
+    """One write of a batch of events (an empty one is a heartbeat). A batch that ends with
+    the terminal event also ends the body, in the same write; True when it did."""
+    if not batch:
+        await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+        return False
+    last = batch[-1].terminal
+    await send({"type": "http.response.body", "body": b"".join(map(sse_frame, batch)), "more_body": not last})
+    return last
 
 
 async def _cancel_on_disconnect(receive: Receive, pump: asyncio.Task[None]) -> None:
