@@ -25,6 +25,9 @@ Requests to proxied URLs (``HTTPS_PROXY`` & co.) still take httpx2's own proxy t
   are minutes long.
 * Read-side flow control: above ``HIGH_WATER`` buffered body bytes the socket is paused,
   resumed when the reader takes them. Writes wait for ``resume_writing``.
+* ``linger`` (``STREAM_COALESCE_MS``): the reader lets tokens gather for a window; from the
+  second window of an answer on the socket is paused meanwhile, so the kernel gathers them
+  and one read takes a whole window's worth.
 * Errors are httpx2's: ConnectError/ConnectTimeout, WriteError/WriteTimeout,
   ReadError/ReadTimeout, RemoteProtocolError (a malformed answer or a body cut short),
   PoolTimeout - what the SDK and ``server.upstream`` already handle.
@@ -151,12 +154,8 @@ class Connection(asyncio.Protocol):
             self._fail(httpx2.RemoteProtocolError("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(httpx2.RemoteProtocolError(f"malformed answer from the upstream: {exc}"))
-        if self.buffered > HIGH_WATER and not self._paused and self.transport is not None:
-            try:
-                self.transport.pause_reading()
-                self._paused = True
-            except (RuntimeError, AttributeError):  # closing transport
-                pass
+        if self.buffered > HIGH_WATER and not self._paused:
+            self._paused = self._pause_reading()
 
     def eof_received(self) -> bool | None:
         self._end_of_input(clean=True)
@@ -315,12 +314,8 @@ class Connection(asyncio.Protocol):
         self._wake_marker = marker
         self._linger_timeout = timeout
         timer = self._loop.call_later(seconds, self._linger_over)
-        if self._steady and not self._paused and self.transport is not None:
-            try:
-                self.transport.pause_reading()
-                self._linger_paused = True
-            except (RuntimeError, AttributeError):  # closing transport
-                pass
+        if self._steady and not self._paused:
+            self._linger_paused = self._pause_reading()
         try:
             await waiter
         finally:
@@ -348,11 +343,24 @@ class Connection(asyncio.Protocol):
     def _end_linger_pause(self) -> None:
         if self._linger_paused:
             self._linger_paused = False
-            if self.transport is not None and not self.lost:
-                try:
-                    self.transport.resume_reading()
-                except (RuntimeError, AttributeError):
-                    pass
+            self._resume_reading()
+
+    def _pause_reading(self) -> bool:
+        """Stop reading the socket; False if it could not (a closing transport)."""
+        if self.transport is None:
+            return False
+        try:
+            self.transport.pause_reading()
+        except (RuntimeError, AttributeError):
+            return False
+        return True
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.lost:
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
 
     def take(self) -> bytes:
         """Everything buffered so far, as one piece."""
@@ -362,11 +370,7 @@ class Connection(asyncio.Protocol):
         self.buffered = 0
         if self._paused:
             self._paused = False
-            if self.transport is not None and not self.lost:
-                try:
-                    self.transport.resume_reading()
-                except (RuntimeError, AttributeError):
-                    pass
+            self._resume_reading()
         return data
 
     def keep_alive(self) -> bool:
