@@ -34,8 +34,9 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circu
 # A text delta as the Messages API writes it: read without building its two dicts.
 _TEXT_DELTA_HEAD = '{"type":"content_block_delta","index":'
 _TEXT_DELTA_BODY = ',"delta":{"type":"text_delta","text":"'
-_TEXT_DELTA_BLOCK = "event: content_block_delta\ndata: " + _TEXT_DELTA_HEAD
-_TEXT_DELTA_DATA = len("event: content_block_delta\ndata: ")
+_TEXT_DELTA_EVENT = "event: content_block_delta\ndata: "  # (the block's lines as the API writes them)
+_TEXT_DELTA_BLOCK = _TEXT_DELTA_EVENT + _TEXT_DELTA_HEAD
+_TEXT_DELTA_DATA = len(_TEXT_DELTA_EVENT)
 _TEXT_DELTA_INDEX = len(_TEXT_DELTA_BLOCK)
 
 

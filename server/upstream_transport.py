@@ -104,7 +104,7 @@ class Connection(asyncio.Protocol):
                  "_parser", "_head_method_request", "status", "reason", "headers", "head_done", "complete",
                  "reusable_after", "received_any", "error", "chunks", "buffered", "_paused", "_waiter",
                  "_deadline", "_timeout_exc", "_write_paused", "_until_close", "_wake_marker", "_steady",
-                 "_linger_paused", "_linger_timeout", "__weakref__")
+                 "_linger_paused", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper, origin: tuple[bytes, bytes, int]) -> None:
         self._loop = loop
@@ -136,7 +136,6 @@ class Connection(asyncio.Protocol):
         self._wake_marker: bytes | None = None  # while lingering: only this wakes the reader early
         self._steady = False  # the answer has been lingered over once: later windows pause reading
         self._linger_paused = False
-        self._linger_timeout: float | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -248,15 +247,19 @@ class Connection(asyncio.Protocol):
             if timeout <= 0:
                 self._waiter = None
                 raise exc("timed out waiting for the upstream")
-            self._deadline = self._loop.time() + timeout
-            self._timeout_exc = exc
-            self._sweeper.watch(self)
+            self._arm_deadline(timeout, exc)
         try:
             await waiter
         finally:
             if self._waiter is waiter:
                 self._waiter = None
             self._deadline = None
+
+    def _arm_deadline(self, timeout: float, exc: type[Exception]) -> None:
+        """The waiting read fails with `exc` after `timeout` seconds (see :class:`_Sweeper`)."""
+        self._deadline = self._loop.time() + timeout
+        self._timeout_exc = exc
+        self._sweeper.watch(self)
 
     def _raise_if_broken(self) -> None:
         if self.error is not None:
@@ -312,8 +315,7 @@ class Connection(asyncio.Protocol):
         waiter = self._loop.create_future()
         self._waiter = waiter
         self._wake_marker = marker
-        self._linger_timeout = timeout
-        timer = self._loop.call_later(seconds, self._linger_over)
+        timer = self._loop.call_later(seconds, self._linger_over, timeout)
         if self._steady and not self._paused:
             self._linger_paused = self._pause_reading()
         try:
@@ -327,7 +329,7 @@ class Connection(asyncio.Protocol):
             self._end_linger_pause()
         self._steady = True
 
-    def _linger_over(self) -> None:
+    def _linger_over(self, timeout: float | None) -> None:
         """The window is over: read again; return what is here, else wait for the next piece
         as a read would (with its timeout)."""
         self._end_linger_pause()
@@ -335,10 +337,8 @@ class Connection(asyncio.Protocol):
             self._wake()
             return
         self._wake_marker = None  # any piece ends the wait now
-        if self._linger_timeout is not None:
-            self._deadline = self._loop.time() + self._linger_timeout
-            self._timeout_exc = httpx2.ReadTimeout
-            self._sweeper.watch(self)
+        if timeout is not None:
+            self._arm_deadline(timeout, httpx2.ReadTimeout)
 
     def _end_linger_pause(self) -> None:
         if self._linger_paused:
@@ -555,7 +555,7 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
         body = ResponseBody(self, conn, timeouts.get("read"))
         extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn,
                       "upstream_body": body}
-        headers, conn.headers = conn.headers, []  # (the response owns them: a long stream does not keep two copies)
+        headers, conn.headers = conn.headers, []  # (handed over: the connection does not hold them all stream long)
         return httpx2.Response(conn.status, headers=headers, stream=body, extensions=extensions)
 
     async def aclose(self) -> None:
