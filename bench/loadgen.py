@@ -35,19 +35,20 @@ now = time.perf_counter
 
 
 # -- /proc -------------------------------------------------------------------------------
-def proc_cpu(pid: int) -> float:
-    """utime + stime of one process in seconds (0 if it is gone)."""
+def proc_cpu(pid: int, user: bool = True) -> float:
+    """utime + stime (stime alone with `user=False`) of one process in seconds (0 if it is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except OSError:
         return 0.0
     fields = raw[raw.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return ((int(fields[11]) if user else 0) + int(fields[12])) / CLK_TCK
 
 
 def cpu_snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
     snap = {name: sum(proc_cpu(p) for p in pids) for name, pids in groups.items()}
+    snap["server_kernel"] = sum(proc_cpu(p, user=False) for p in groups.get("server", []))
     ru = resource.getrusage(resource.RUSAGE_SELF)
     snap["loadgen"] = ru.ru_utime + ru.ru_stime
     with open("/proc/stat") as f:

@@ -499,8 +499,8 @@ class Bench:
                 cores = c["box_total"] / s["wall"] if s["wall"] else 0
                 out.append(f"[1/2 {name:5}] {s['streams']} streams, {s['events']} text events of {s['expected']} "
                            f"expected, {s['failed']} failed, {s['short']} short; {s['wall']:.1f} s wall; CPU s: "
-                           f"server {c['server']:.2f}, fake {c.get('fake', 0):.2f}, redis {c.get('redis', 0):.2f}, "
-                           f"loadgen {c['loadgen']:.2f}, other {max(other, 0):.2f} "
+                           f"server {c['server']:.2f} (kernel {c.get('server_kernel', 0):.2f}), fake {c.get('fake', 0):.2f}, "
+                           f"redis {c.get('redis', 0):.2f}, loadgen {c['loadgen']:.2f}, other {max(other, 0):.2f} "
                            f"(box {c['box_busy'] / s['wall'] * 100 / max(cores, 1):.0f}% busy)"
                            + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
                 if s["errors"]:
