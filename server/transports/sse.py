@@ -23,6 +23,9 @@ from ..middleware import body_send
 from .http_api import engine_of, error_event_response, read_turn_request
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+# The response head as ASGI wants it, encoded once; a stream adds its session and turn ids.
+_RAW_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                *[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SSE_HEADERS.items()]]
 HEARTBEAT = b": keep-alive\n\n"
 
 
@@ -57,7 +60,7 @@ async def stream_turn(engine: Engine, session_id: str, turn_id: str, after_seq: 
     if first and first[0].type == "error" and after_seq == 0 and not replay:
         await events.aclose()
         return error_event_response(json.loads(first[0].data), session_id, turn_id)
-    headers = {**SSE_HEADERS, "X-Session-ID": session_id, "X-Turn-ID": turn_id}
+    headers = [*_RAW_HEADERS, (b"x-session-id", session_id.encode()), (b"x-turn-id", turn_id.encode())]
     on_abandon = (lambda: engine.cancel_turn(turn_id)) if cancel_on_disconnect else None
     return EventStream(events, first, headers, on_abandon)
 
@@ -71,13 +74,12 @@ class EventStream:
     so without it a stream would run on to its end for nobody). `on_abandon` runs when the
     stream ends before the turn's terminal event (the client left, or the server stops)."""
 
-    def __init__(self, events: AsyncGenerator[list[Event], None], first: list[Event], headers: dict[str, str],
-                 on_abandon: Callable[[], Awaitable[None]] | None = None):
+    def __init__(self, events: AsyncGenerator[list[Event], None], first: list[Event],
+                 headers: list[tuple[bytes, bytes]], on_abandon: Callable[[], Awaitable[None]] | None = None):
         self.events = events
         self.first = first
         self.on_abandon = on_abandon
-        self.headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
-        self.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.headers = headers  # (raw ASGI headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
