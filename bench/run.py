@@ -473,12 +473,15 @@ class Bench:
                     "(floor column: raw TTFT; ratios of raw TTFT)")
         mem = getattr(self, "memory", None)
         if mem:
-            for key, lab in (("ws", "memory per idle WebSocket"), ("sse_turn", "memory per open SSE (own live turn)"),
-                             ("sse_resume", "memory per open SSE (resume follower)")):
+            # The target is per connection (an idle WebSocket, an open SSE stream); the last row
+            # is a stream plus the running turn it started (its task and upstream connection).
+            for key, lab, target in (("ws", "memory per idle WebSocket", "≤30 KB"),
+                                     ("sse_resume", "memory per open SSE (resume follower)", "≤30 KB"),
+                                     ("sse_turn", "memory per SSE + its own live turn", "(no target)")):
                 if key in mem:
                     m = mem[key]
                     row("5", lab, [fmt(m["rss_kb"], " KB"), "—", "—"], ["", ""],
-                        f"≤30 KB   (Pss {fmt(m['pss_kb'], ' KB')}, n={m['open']})")
+                        f"{target}   (Pss {fmt(m['pss_kb'], ' KB')}, n={m['open']})")
         rr = getattr(self, "redis_rows", None)
         if rr:
             trips = [r for r in rr if r["h"]]
@@ -555,10 +558,11 @@ class Bench:
         out.append("    non-streaming /v1/messages), incl. session load + commit in Redis for ours.")
         out.append(" 4  TTFT = request sent -> first text event; 'added' = target percentile - direct percentile.")
         out.append(" 5  RSS delta of the server process(es) / count, after a 20-item warm-up that is released first.")
-        out.append("    'own live turn': each stream is a POST /agent/stream whose turn stays open (the fake waits")
-        out.append("    600 s between tokens), so it includes the turn task, its upstream HTTP connection and Redis")
-        out.append("    lock renewal; 'resume follower': GET /sessions/{id}/stream on 10 live turns = the per-stream")
-        out.append("    transport cost alone. The idle WebSockets are connected and silent.")
+        out.append("    The idle WebSockets are connected and silent; 'resume follower': GET /sessions/{id}/stream")
+        out.append("    on 10 live turns = the per-stream transport cost alone (the target's 'open SSE stream', as")
+        out.append("    the idle WebSocket has no turn either); '+ its own live turn': each stream is a POST")
+        out.append("    /agent/stream whose turn stays open (the fake waits 600 s between tokens), so it adds a")
+        out.append("    running conversation: the turn task, its upstream HTTP connection, its Redis lock renewal.")
         out.append(" 6  trips = server->Redis round trips (a pipeline or an EVALSHA is one), counted by a TCP proxy;")
         out.append("    sent = commands on the wire; all = INFO commandstats delta, incl. commands run inside Lua.")
         for n in self.notes:
