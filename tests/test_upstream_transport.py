@@ -24,7 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.fake_anthropic import FakeAnthropic
-from server.upstream_transport import Connection, UpstreamTransport, _Sweeper, make_http_client
+from server.upstream_transport import (
+    LINGER_TICK,
+    Connection,
+    UpstreamTransport,
+    _Sweeper,
+    make_http_client,
+    window_end,
+)
 
 MSG: dict[str, Any] = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -500,6 +507,21 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic, monkeypa
     assert text == expected_text(30) and coalesced <= 5, coalesced
     assert loop.time() - started < 0.3 + 0.1 + 0.3
     await client.close()
+
+
+@given(now=st.floats(min_value=0, max_value=1e6), later=st.floats(min_value=0, max_value=1),
+       seconds=st.sampled_from([0.02, 0.04, 0.05, 0.08, 0.1, 0.2]))
+def test_coalescing_windows_end_on_a_shared_grid(now: float, later: float, seconds: float) -> None:
+    """Windows end on the LINGER_TICK grid, never early and at most a tick late, so the
+    windows of streams opened within one tick of each other end together (one wake-up of
+    the worker for all of them)."""
+    end = window_end(now, seconds)
+    assert now + seconds - 1e-6 <= end < now + seconds + LINGER_TICK + 1e-6
+    assert abs(end / LINGER_TICK - round(end / LINGER_TICK)) < 1e-6
+    other = now + later * LINGER_TICK  # opened up to one tick later: the same end, or the next tick
+    ticks = round(window_end(other, seconds) / LINGER_TICK) - round(end / LINGER_TICK)
+    assert ticks in (0, 1)
+    assert other + seconds - 1e-6 <= window_end(other, seconds)
 
 
 async def test_a_stall_after_a_window_is_a_read_timeout(fake: FakeAnthropic) -> None:
