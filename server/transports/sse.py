@@ -89,15 +89,14 @@ class EventStream:
         pump = asyncio.create_task(self._pump(body_send(scope, send)))
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, pump))
         try:
-            await asyncio.wait((pump,))
-        except asyncio.CancelledError:  # this request was cancelled: stop the pump too
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-            raise
+            await pump  # (cancelling this request cancels the pump, which ends before we resume)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this request was cancelled
+            # only the pump was: the client left, and the response is simply over
         finally:
             watcher.cancel()
-        if not pump.cancelled() and (error := pump.exception()) is not None:
-            raise error
 
     async def _pump(self, send: Send) -> None:
         finished = False
