@@ -307,9 +307,9 @@ class Connection(asyncio.Protocol):
             await self._wait(timeout, httpx2.ReadTimeout)
 
     async def linger(self, seconds: float, marker: bytes, timeout: float | None) -> None:
-        """Let body data gather for `seconds` (up to the next `LINGER_TICK`), then return with
-        the first piece after that (at once if one is here); a piece holding `marker`, or the
-        end of the body, ends it sooner.
+        """Let body data gather for `seconds` (rounded up to a tick of the shared grid, see
+        `window_end`), then return with the first piece after that (at once if one is here);
+        a piece holding `marker`, or the end of the body, ends it sooner.
 
         From the second window of an answer on, the socket is not read during the window: the
         kernel gathers the pieces and one read takes them all (instead of a wake-up, a read
