@@ -34,7 +34,9 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"]
 
 # As in the Procfile. uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (which
-# proxies' X-Forwarded-For to trust) from the environment. On SIGTERM the app drains turns for
-# GRACEFUL_SHUTDOWN_SECONDS (25) within uvicorn's 30 s; give the container more than that
+# proxies' X-Forwarded-For/-Proto to trust) from the environment; `--http` names uvicorn's
+# httptools protocol with a request-head deadline (HEADER_TIMEOUT_SECONDS). On SIGTERM the app
+# drains turns for GRACEFUL_SHUTDOWN_SECONDS (25), then uvicorn closes the connections (its
+# 30 s bound the streams still open); give the container more than that
 # (docker stop -t 40, Kubernetes terminationGracePeriodSeconds: 40, fly.toml kill_timeout).
-CMD ["sh", "-c", "exec uvicorn server.app:app --host \"$HOST\" --port \"$PORT\" --loop uvloop --http httptools --ws-per-message-deflate false --timeout-graceful-shutdown 30 --proxy-headers"]
+CMD ["sh", "-c", "exec uvicorn server.app:app --host \"$HOST\" --port \"$PORT\" --loop uvloop --http server.http_protocol:HeadDeadlineProtocol --ws-per-message-deflate false --timeout-graceful-shutdown 30 --proxy-headers"]

@@ -37,7 +37,7 @@ def main() -> int:
         port=settings.port,
         workers=settings.web_concurrency,
         loop="uvloop",
-        http="httptools",
+        http="server.http_protocol:HeadDeadlineProtocol",  # httptools + HEADER_TIMEOUT_SECONDS
         ws_per_message_deflate=settings.ws_compression,
         ws_max_size=settings.max_ws_frame_bytes,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds) + 5,

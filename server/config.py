@@ -49,6 +49,8 @@ class Settings:
     max_message_chars: int = 100_000
     max_session_messages: int = 1000
     max_ws_frame_bytes: int = 8 * 1024 * 1024
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
     # tools and the turn engine
     enabled_tools: tuple[str, ...] = ("calculator", "current_time")
     max_tool_iterations: int = 5
@@ -121,6 +123,8 @@ class Settings:
             max_message_chars=r.get("MAX_MESSAGE_CHARS", _int_range(1, 10_000_000), 100_000),
             max_session_messages=r.get("MAX_SESSION_MESSAGES", _int_range(2, 1_000_000), 1000),
             max_ws_frame_bytes=r.get("MAX_WS_FRAME_BYTES", _int_range(1024, 64 * 1024 * 1024), 8 * 1024 * 1024),
+            header_timeout_seconds=r.get("HEADER_TIMEOUT_SECONDS", _float_range(0.1, 3600), 10.0),
+            body_timeout_seconds=r.get("BODY_TIMEOUT_SECONDS", _float_range(0.1, 3600), 30.0),
             enabled_tools=r.get("ENABLED_TOOLS", _parse_list, ("calculator", "current_time")),
             max_tool_iterations=r.get("MAX_TOOL_ITERATIONS", _int_range(1, 100), 5),
             tool_timeout_seconds=r.get("TOOL_TIMEOUT_SECONDS", _float_range(0.01, 600), 10.0),

@@ -20,10 +20,10 @@ import anthropic
 from . import context, structured
 from . import metrics
 from .config import Settings
-from .errors import ApiError, from_upstream
-from .events import Event, encode
+from .errors import ApiError, from_exception, from_upstream, store_unavailable
+from .events import Event, encode, unlogged
 from .requests import TurnRequest
-from .store.base import (Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store, TurnCommit,
+from .store.base import (ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store, TurnCommit,
                          new_id, valid_id)
 from .tools import ToolSet
 from .housekeeping import Housekeeper
@@ -133,15 +133,22 @@ class Engine:
 
     async def _follow_remote(self, session_id: str, turn_id: str, after_seq: int) -> AsyncGenerator[list[Event], None]:
         last_seq = after_seq
-        async for batch in self._follow_log(session_id, turn_id, after_seq):
-            if batch:
-                last_seq = batch[-1].seq
-            yield batch
+        try:
+            async for batch in self._follow_log(session_id, turn_id, after_seq):
+                if batch:
+                    last_seq = batch[-1].seq
+                yield batch
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            # The log cannot be read now: the client resumes from its last event later.
+            yield [unlogged(last_seq, "error", from_exception(exc).payload())]
+            return
         if self.stopping:
             # This worker is shutting down while another one runs the turn: tell the client
-            # to reconnect (to any worker) and resume. The id repeats the last real one, so
-            # a client that resumes from it misses nothing.
-            yield [encode(turn_id, last_seq, "error", ApiError("server_restarting").payload())]
+            # to reconnect (to any worker) and resume. The notice has no id of its own (it is
+            # not in the turn's log): a client resumes after the last real event it saw.
+            yield [unlogged(last_seq, "error", ApiError("server_restarting").payload())]
 
     async def cancel(self, session_id: str, principal: str) -> str | None:
         """Cancel the session's running turn wherever it runs; returns its id (or None)."""
@@ -179,8 +186,13 @@ class Engine:
         return view
 
     async def delete(self, session_id: str, principal: str) -> None:
-        if not await self.store.delete_session(session_id, principal):
+        """Forget the session; a turn still running on it is cancelled (wherever it runs)."""
+        state = await self.store.last_turn(session_id, principal)
+        if state is None or not await self.store.delete_session(session_id, principal):
             raise ApiError("session_not_found")
+        turn_id, running = state
+        if running and turn_id is not None:
+            await self.cancel_turn(turn_id)
 
     async def drain(self, grace: float) -> None:
         """Stop taking turns, give running ones `grace` seconds, then stop them."""
@@ -248,9 +260,10 @@ class Engine:
             progress.request_ids.append(upstream_id)
         try:
             await self._finish(turn, req, progress, outcome, error, principal)
-        except Exception:
-            log.exception("turn %s could not be committed", turn.turn_id)
-            turn.publish_final(turn.terminal_event("error", ApiError("internal").payload()))
+        except Exception as exc:  # the commit itself failed: the store did not answer (or a bug)
+            failure = from_exception(exc)
+            log.warning("turn %s could not be committed (%s)", turn.turn_id, failure.code)
+            turn.publish_final(turn.terminal_event("error", failure.payload()))
         finally:
             self.turns.pop(turn.turn_id, None)
 
@@ -447,7 +460,7 @@ class Engine:
             if unsent:
                 await self.store.flush([LogBatch(turn.session_id, turn.turn_id, unsent)], [])
             await self.store.abandon_turn(turn.session_id, turn.turn_id, INTERRUPTED_FIELDS)
-            final = turn.terminal_event("error", ApiError("interrupted").payload())
+            final = encode(turn.turn_id, ABANDONED_SEQ, "error", ApiError("interrupted").payload())
             outcome = "interrupted"
         for listener in self.turn_listeners:
             listener(principal, progress.usage)

@@ -10,9 +10,11 @@ internal ids or request details that are not the client's business.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anthropic
+from redis import exceptions as redis_exceptions
 
 log = logging.getLogger("server.errors")
 
@@ -30,6 +32,7 @@ ERRORS: dict[str, tuple[int, bool, str]] = {
     "session_not_found": (404, False, "No such session."),
     "not_found": (404, False, "Not found."),
     "method_not_allowed": (405, False, "Method not allowed."),
+    "request_timeout": (408, True, "The request did not arrive in time."),
     "session_busy": (409, True, "A turn is already running on this session."),
     "body_too_large": (413, False, "The request body is too large."),
     "message_too_long": (413, False, "The message is too long."),
@@ -43,6 +46,7 @@ ERRORS: dict[str, tuple[int, bool, str]] = {
     "upstream_overloaded": (503, True, "The model service is overloaded."),
     "overloaded": (503, True, "The server is at capacity."),
     "server_restarting": (503, True, "The server is restarting; retry shortly."),
+    "store_unavailable": (503, True, "Session storage is unreachable; retry shortly."),
     "interrupted": (503, True, "The turn was interrupted (the worker running it stopped)."),
     "upstream_timeout": (504, True, "The model service timed out."),
     "bad_request": (400, False, "The model service rejected the request."),
@@ -99,6 +103,40 @@ def from_upstream(exc: BaseException) -> ApiError:
         return _from_status(200, exc.error_type, exc.message, None, exc.request_id)
     log.exception("unexpected upstream failure", exc_info=exc)
     return ApiError("internal")
+
+
+# Redis error replies that mean "not now" rather than "never": a restart, a failover, memory.
+STORE_WARNING_EVERY = 30.0
+_store_warned_at = -STORE_WARNING_EVERY
+_STORE_BUSY_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM", "BUSY ")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` is the session store (Redis) failing to answer: retryable, never a 500."""
+    if isinstance(exc, (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError)):
+        return True
+    return isinstance(exc, redis_exceptions.ResponseError) and str(exc).startswith(_STORE_BUSY_REPLIES)
+
+
+def from_exception(exc: BaseException) -> ApiError:
+    """Any failure outside the model call, as the client sees it: ours as it is, the store
+    not answering as a retryable `store_unavailable`, anything else `internal` (logged here
+    with its traceback, the only place an unexpected error is)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if store_unavailable(exc):
+        global _store_warned_at
+        now = time.monotonic()
+        if now - _store_warned_at >= STORE_WARNING_EVERY:  # one line per outage, not per request
+            _store_warned_at = now
+            log.warning("session store unavailable: %s", _describe(exc))
+        return ApiError("store_unavailable")
+    log.error("unexpected error", exc_info=exc)
+    return ApiError("internal")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class UpstreamStreamError(Exception):

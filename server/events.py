@@ -36,6 +36,13 @@ def encode(turn_id: str, seq: int, type_: str, payload: dict[str, Any]) -> Event
     return Event(seq, type_, eid, _dumps({"type": type_, "id": eid, **payload}).encode())
 
 
+def unlogged(seq: int, type_: str, payload: dict[str, Any]) -> Event:
+    """A notice from this worker that is not one of the turn's logged events (a follower
+    told to reconnect elsewhere): no id, so a client's Last-Event-ID stays on the last
+    real event. `seq` only orders it for the transports."""
+    return Event(seq, type_, "", _dumps({"type": type_, **payload}).encode())
+
+
 def text_delta(turn_id: str, seq: int, text: str, text_json: str | None = None) -> Event:
     """The hot path: built by string formatting, not a dict round trip. `text_json` is the
     text already as a JSON string (as the upstream sent it), reused as is."""
@@ -44,16 +51,19 @@ def text_delta(turn_id: str, seq: int, text: str, text_json: str | None = None) 
                  f'{{"type":"text_delta","id":"{eid}","text":{text_json or _dumps(text)}}}'.encode())
 
 
-def parse_event_id(value: str | None) -> tuple[str, int] | None:
-    """`<turn_id>:<seq>` -> (turn_id, seq); None for anything else."""
-    if not value or ":" not in value:
+def parse_event_id(value: object) -> tuple[str, int] | None:
+    """`<turn_id>:<seq>` -> (turn_id, seq); None for anything else (also a non-string, as
+    a WebSocket frame can carry, and non-ASCII digits such as "²", which int() refuses)."""
+    if not isinstance(value, str) or ":" not in value:
         return None
     turn_id, _, seq = value.rpartition(":")
-    if not seq.isdigit() or not turn_id or len(seq) > 9:
+    if not seq.isascii() or not seq.isdigit() or not turn_id or len(seq) > 9:
         return None
     return turn_id, int(seq)
 
 
 def sse_frame(event: Event) -> bytes:
     """One Server-Sent Event; `id` lets a client resume with Last-Event-ID."""
+    if not event.id:  # (an unlogged notice: the client's Last-Event-ID must not change)
+        return b"data: " + event.data + b"\n\n"
     return b"id: " + event.id.encode() + b"\ndata: " + event.data + b"\n\n"

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("server.housekeeping")
 
+FAILURE_LOG_EVERY = 30.0
+
 
 class Housekeeper:
     def __init__(self, store: Store, *, flush_interval: float, lock_ttl: float, heartbeat: float):
@@ -37,6 +39,8 @@ class Housekeeper:
         self._inflight: asyncio.Future[None] | None = None
         self._inflight_turns: set[Turn] = set()
         self._task: asyncio.Task[None] | None = None
+        self._failures = 0  # passes in a row whose write failed
+        self._failure_logged_at = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="housekeeper")
@@ -65,6 +69,16 @@ class Housekeeper:
             await asyncio.shield(self._inflight)
         unsent, turn.pending = turn.pending, []
         return unsent
+
+    def _failed(self, exc: Exception) -> None:
+        """A failed write is retried every pass: say so once per outage (and every
+        FAILURE_LOG_EVERY seconds while it lasts), not once per pass."""
+        now = time.monotonic()
+        if not self._failures or now - self._failure_logged_at >= FAILURE_LOG_EVERY:
+            self._failure_logged_at = now
+            log.warning("event log writes failing (%s: %s; %d passes so far); retrying every pass",
+                        type(exc).__name__, str(exc)[:200], self._failures + 1)
+        self._failures += 1
 
     async def _run(self) -> None:
         while True:
@@ -102,8 +116,8 @@ class Housekeeper:
         self._inflight_turns = set(writing)
         try:
             renewed = await self.store.flush(batches, [(t.session_id, t.turn_id) for t in renewing])
-        except Exception:
-            log.warning("event log flush failed; retrying next pass", exc_info=True)
+        except Exception as exc:
+            self._failed(exc)
             for turn, batch in zip(writing, batches):
                 turn.pending[:0] = batch.events
                 self.dirty.add(turn)
@@ -111,6 +125,9 @@ class Housekeeper:
         finally:
             self._inflight.set_result(None)
             self._inflight, self._inflight_turns = None, set()
+        if self._failures:
+            log.info("event log writes recovered after %d failed passes", self._failures)
+            self._failures = 0
         for turn in writing:
             turn.logged = True
         for turn, ok in zip(renewing, renewed):

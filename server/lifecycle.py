@@ -2,8 +2,8 @@
 
 SIGTERM (a deploy, `fly deploy`, Ctrl-C under a supervisor): stop taking turns, give the
 running ones `GRACEFUL_SHUTDOWN_SECONDS`, then stop them with a retryable
-`server_restarting` event. uvicorn's own `--timeout-graceful-shutdown` must be longer, so the
-streams can carry that last event before the connections are cut.
+`server_restarting` event; only then is uvicorn told to shut down (it closes WebSockets with
+1012 at once, so telling it first would cut the sockets following those turns).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ log = logging.getLogger("server.lifecycle")
 # again and again); with the startup heap frozen and this threshold, under 1%.
 GC_YOUNG_THRESHOLD = 50_000
 _gc_tuned = False
+# After a drain that had turns: time for their followers to write the terminal event before
+# uvicorn closes the sockets (a local follower needs a few loop iterations).
+FOLLOWER_FLUSH_SECONDS = 0.25
 
 
 def make_store(settings: Settings) -> Store:
@@ -103,19 +106,41 @@ def _tune_gc() -> None:
 
 
 def _drain_on_sigterm(engine: Engine, grace: float):
-    """Chain a drain in front of uvicorn's own SIGTERM handler; returns an undo function."""
+    """Drain first, then hand SIGTERM to uvicorn; returns an undo function.
+
+    uvicorn's shutdown waits for HTTP responses in progress (SSE) but closes every WebSocket
+    with 1012 within ~0.1 s, and its lifespan shutdown then stops whatever still runs. So the
+    signal reaches uvicorn only once the drain is over: no new turns from the first moment
+    (`/ready` says so; a new turn gets 503 `server_restarting`), running turns (whatever
+    transport started them) get `grace` seconds, and their followers (SSE or WebSocket) get
+    the last event; then uvicorn stops listening and closes the connections (1012). A
+    repeated SIGTERM (a supervisor relaying it) changes nothing; SIGINT goes to uvicorn."""
     loop = asyncio.get_running_loop()
     try:
         previous = signal.getsignal(signal.SIGTERM)
     except ValueError:  # not the main thread (e.g. under a test runner's thread)
         return lambda: None
     tasks: list[asyncio.Task[None]] = []
+    signalled = False
+
+    async def drain_then_exit(signum: int) -> None:
+        try:
+            busy = bool(engine.turns)
+            await engine.drain(grace)
+            if busy:  # the turns' followers write their last event before uvicorn closes them
+                await asyncio.sleep(FOLLOWER_FLUSH_SECONDS)
+        finally:
+            log.info("drained: shutting down")
+            if callable(previous):
+                previous(signum, None)
 
     def on_sigterm(signum, frame):  # type: ignore[no-untyped-def]
+        nonlocal signalled
+        if signalled:
+            return
+        signalled = True
         log.info("SIGTERM: draining (grace %.0f s)", grace)
-        loop.call_soon_threadsafe(lambda: tasks.append(loop.create_task(engine.drain(grace))))
-        if callable(previous):
-            previous(signum, frame)
+        loop.call_soon_threadsafe(lambda: tasks.append(loop.create_task(drain_then_exit(signum))))
 
     try:
         signal.signal(signal.SIGTERM, on_sigterm)

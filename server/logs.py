@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 
 from . import request_id
 
@@ -53,3 +54,25 @@ def configure(level: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+# -- refused WebSocket handshakes --------------------------------------------------------
+# Refusing a handshake with an HTTP status (server/security.py `_deny_websocket`) makes
+# uvicorn log "ASGI callable returned without completing handshake." at ERROR: anyone could
+# fill the error log with it. The refusal is marked in the connection's task context, and
+# that one line is dropped for it (uvicorn's INFO line `"WebSocket /path" 401` remains).
+_handshake_refused: ContextVar[bool] = ContextVar("handshake_refused", default=False)
+_UNFINISHED_HANDSHAKE = frozenset({
+    "ASGI callable returned without completing handshake.",  # websockets-sansio, wsproto
+    "ASGI callable returned without sending handshake.",     # websockets (legacy)
+})
+
+
+def handshake_refused() -> None:
+    """Called by the app when it answers a WebSocket handshake with an HTTP refusal."""
+    _handshake_refused.set(True)
+
+
+class QuietRefusedHandshakes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg in _UNFINISHED_HANDSHAKE and _handshake_refused.get())

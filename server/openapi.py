@@ -252,7 +252,8 @@ _TURN_ERRORS = {
     "413": _error("Too large (`body_too_large`, `message_too_long`, `session_full`, ...)."),
     "429": _error("`rate_limited` (ours or the model service's); see Retry-After."),
     "502": _error("The model service failed or rejected our configuration."),
-    "503": _error("`server_restarting`, `overloaded`, `upstream_overloaded` or `interrupted`: retry."),
+    "503": _error("`server_restarting`, `overloaded`, `upstream_overloaded`, `interrupted` or "
+                  "`store_unavailable`: retry."),
     "504": _error("`upstream_timeout`."),
 }
 _SESSION_ERRORS = {k: _TURN_ERRORS[k] for k in ("400", "401", "404")}

@@ -92,9 +92,10 @@ class Limiter(Protocol):
 
 
 class RedisLimiter:
-    def __init__(self, url: str):
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
-                                             health_check_interval=30)
+    """The counters in Redis, on a client it is given (the store's, with its pool)."""
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
         self._gcra = self.redis.register_script(_GCRA)
         self._take = self.redis.register_script(_SLOT_TAKE)
         self._renew = self.redis.register_script(_SLOT_RENEW)
@@ -116,7 +117,7 @@ class RedisLimiter:
         return bool(await self.redis.set(f"agent:ticket:{{{name}}}", b"1", nx=True, ex=max(1, ttl_seconds)))
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        pass  # the client belongs to the store
 
 
 class MemoryLimiter:

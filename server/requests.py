@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,14 @@ from .store.base import valid_id, valid_message_id
 
 IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 ON_BUSY = {"reject", "interrupt"}
+MAX_SCHEMA_DEPTH = 64  # nesting levels of `response_schema` (jsonschema recurses ~5 frames per level)
+
+# A lone surrogate (U+D800-U+DFFF) is not Unicode text: it cannot be encoded as UTF-8, so it
+# would fail later (Redis, the upstream request, a hash, a WebSocket frame). json.loads makes
+# one from a `\uD800` escape. Every client string the server keeps is checked where it is
+# taken (`check_text`): O(1) for ASCII text (str.isascii reads a flag), one C scan otherwise.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(slots=True)
@@ -41,14 +50,46 @@ class TurnRequest:
         return {"role": "user", "content": content}
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
+def parse_json_body(raw: bytes | str) -> dict[str, Any]:
+    """A JSON object from a request body (UTF-8 bytes) or a WebSocket text frame (str).
+
+    Bytes that are not UTF-8 (RFC 8259) or not JSON, and nesting too deep for the parser, are
+    `invalid_json`; anything but an object is `invalid_request`."""
+    if isinstance(raw, str):
+        text = raw
+    else:
+        try:  # strict: json.loads(bytes) would let encoded surrogates through ("surrogatepass")
+            text = raw.decode("utf-8") if not raw.startswith(_BOM) else raw[3:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError("invalid_json", "The request body is not valid UTF-8 text.") from None
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(text)
+    except ValueError:
         raise ApiError("invalid_json") from None
+    except RecursionError:
+        raise ApiError("invalid_json", "The JSON is nested too deeply.") from None
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "The body must be a JSON object.")
     return body
+
+
+def strict_id(value: object) -> bool:
+    """store.valid_id without the trailing newline its `$` lets through: such an id would
+    reach a response header (x-session-id) and break the response."""
+    return valid_id(value) and not value.endswith("\n")  # type: ignore[union-attr]
+
+
+def valid_text(value: str) -> bool:
+    """False when `value` holds a lone surrogate (not encodable as UTF-8)."""
+    return value.isascii() or _SURROGATE.search(value) is None
+
+
+def check_text(value: str, where: str, field: str) -> str:
+    """`value`, or `invalid_request` naming `where` when it is not valid Unicode text."""
+    if not (value.isascii() or _SURROGATE.search(value) is None):
+        raise ApiError("invalid_request", f"{where} contains a lone surrogate (U+D800-U+DFFF): "
+                       "text must be valid Unicode.", field=field)
+    return value
 
 
 def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
@@ -57,12 +98,13 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
     if session_id is not None:
         if not isinstance(session_id, str):
             raise ApiError("invalid_request", "`session_id` must be a string.", field="session_id")
-        if not valid_id(session_id):
+        if not strict_id(session_id):
             raise ApiError("invalid_session_id")
     system = body.get("system")
     if system is not None:
         if not isinstance(system, str):
             raise ApiError("invalid_request", "`system` must be a string.", field="system")
+        check_text(system, "`system`", "system")
         if not settings.allow_client_system_prompt:
             raise ApiError("system_prompt_not_allowed")
         if len(system) > settings.max_message_chars:
@@ -79,7 +121,7 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
         raise ApiError("invalid_request", "`message_id` must be 1-128 characters of [A-Za-z0-9._:-].",
                        field="message_id")
     on_busy = body.get("on_busy", "reject")
-    if on_busy not in ON_BUSY:
+    if not isinstance(on_busy, str) or on_busy not in ON_BUSY:
         raise ApiError("invalid_request", "`on_busy` must be 'reject' or 'interrupt'.", field="on_busy")
     cancel_on_disconnect = body.get("cancel_on_disconnect", False)
     if not isinstance(cancel_on_disconnect, bool):
@@ -90,6 +132,7 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
         if not isinstance(schema, dict):
             raise ApiError("invalid_request", "`response_schema` must be a JSON Schema object.",
                            field="response_schema")
+        _check_schema_tree(schema)
         structured.check_schema(schema)
     return TurnRequest(content=content, session_id=session_id, system=system, model=model,
                        max_tokens=min(max_tokens, settings.max_output_tokens), message_id=message_id,
@@ -107,7 +150,7 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
             raise ApiError("message_too_long",
                            f"`message` is longer than {settings.max_message_chars} characters.",
                            field="message")
-        return message
+        return check_text(message, "`message`", "message")
     if not isinstance(message, list) or not message:
         raise ApiError("invalid_request",
                        "`message` must be a string or a non-empty list of content blocks.", field="message")
@@ -122,6 +165,7 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
             if not isinstance(text, str) or not text.strip():
                 raise ApiError("invalid_request", f"`message[{i}].text` must be a non-empty string.",
                                field="message")
+            check_text(text, f"`message[{i}].text`", "message")
             chars += len(text)
             blocks.append({"type": "text", "text": text})
         elif kind == "image":
@@ -149,11 +193,12 @@ def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
         url = source.get("url")
         if not isinstance(url, str) or not url.startswith("https://") or len(url) > 2048:
             raise ApiError("invalid_image", f"{where}.url must be an https:// URL.")
+        check_text(url, f"{where}.url", "message")
         return {"type": "image", "source": {"type": "url", "url": url}}
     if kind != "base64":
         raise ApiError("invalid_image", f"{where}.type must be 'base64' or 'url'.")
     media_type = source.get("media_type")
-    if media_type not in IMAGE_MEDIA_TYPES:
+    if not isinstance(media_type, str) or media_type not in IMAGE_MEDIA_TYPES:
         raise ApiError("invalid_image",
                        f"{where}.media_type must be one of {', '.join(sorted(IMAGE_MEDIA_TYPES))}.")
     data = source.get("data")
@@ -171,6 +216,27 @@ def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
     if not _magic_matches(raw, media_type):
         raise ApiError("invalid_image", f"{where}.data is not a {media_type} image.")
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def _check_schema_tree(schema: dict[str, Any]) -> None:
+    """`response_schema` is kept and sent on: no lone surrogate in any key or string, and no
+    deeper than MAX_SCHEMA_DEPTH (jsonschema and json.dumps recurse). Iterative."""
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            check_text(item, "A string in `response_schema`", "response_schema")
+            continue
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ApiError("invalid_request", f"`response_schema` is nested deeper than {MAX_SCHEMA_DEPTH} levels.",
+                           field="response_schema")
+        if isinstance(item, dict):
+            for key, value in item.items():
+                check_text(key, "A key in `response_schema`", "response_schema")
+                if isinstance(value, (str, dict, list)):
+                    stack.append((value, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (str, dict, list)))
 
 
 def _magic_matches(raw: bytes, media_type: str) -> bool:

@@ -26,7 +26,9 @@ import re
 import secrets
 import time
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from typing import Any, AsyncIterator
+from urllib.parse import unquote_plus, urlsplit
 
 from redis.exceptions import RedisError
 from starlette.datastructures import Headers, MutableHeaders, QueryParams
@@ -40,6 +42,7 @@ from .auth import (ANONYMOUS, BEARER_SUBPROTOCOL_PREFIX, SCOPE_KEY, WS_SUBPROTOC
 from . import metrics
 from .config import Settings
 from .errors import ApiError
+from .logs import QuietRefusedHandshakes, handshake_refused
 from .ratelimit import SLOT_TTL_MS, Limiter, MemoryLimiter, RedisLimiter, bucket_key
 
 log = logging.getLogger("server.security")
@@ -49,29 +52,61 @@ PUBLIC_PATHS = frozenset({"/health", "/ready", "/", "/openapi.json"})
 PUBLIC_PREFIXES = ("/static/",)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 _SECRET_RE = re.compile(r"(?i)(bearer[ .]|ticket=)[^\s,;&\"']+")
+# Query parameters whose value is a credential (names compared lower-cased, percent-decoded).
+SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "api-key", "x-api-key", "token", "access_token",
+                           "refresh_token", "id_token", "auth", "authorization", "ticket", "password", "secret"})
+_PARAM_RE = re.compile(r"([?&;])([^=&;#?\s\"']+)=([^&;#\s\"']*)")
+_FRAME_LINES = frozenset({"< %s", "> %s"})  # websockets' frame lines (at DEBUG, on uvicorn.error)
+
+
+def _redact_param(m: re.Match[str]) -> str:
+    return f"{m[1]}{m[2]}=<redacted>" if unquote_plus(m[2]).lower() in SECRET_PARAMS else m[0]
+
+
+def redact(text: str) -> str:
+    """`text` with bearer tokens and the values of secret query parameters blanked."""
+    if "=" in text:
+        text = _PARAM_RE.sub(_redact_param, text)
+    return _SECRET_RE.sub(r"\1<redacted>", text)
+
+
+def _frame_summary(frame: Any) -> str:
+    """A WebSocket frame without its payload: `TEXT [51 bytes]` (a close keeps its code)."""
+    kind = getattr(frame.opcode, "name", str(frame.opcode))
+    return str(frame) if kind == "CLOSE" else f"{kind} [{len(frame.data)} bytes]"
 
 
 class RedactSecrets(logging.Filter):
     """At DEBUG uvicorn logs handshake headers (`Authorization`, `Sec-WebSocket-Protocol:
-    bearer.<key>`), and access logs carry `?ticket=`: blank the secret part of such lines."""
+    bearer.<key>`) and every WebSocket frame; access logs carry the query string. Blank the
+    secret part of such lines (bearer tokens, `?ticket=`, `?key=`, `?token=`... values), and
+    log frames without their payload: message contents are never logged, at any level."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
         if isinstance(record.msg, str):
-            record.msg = _SECRET_RE.sub(r"\1<redacted>", record.msg)
-        if isinstance(record.args, tuple) and len(record.args) == 2 and str(record.args[0]).lower() in (
+            if record.msg in _FRAME_LINES and isinstance(args, tuple) and len(args) == 1 \
+                    and hasattr(args[0], "opcode") and hasattr(args[0], "data"):
+                record.args = (_frame_summary(args[0]),)
+                return True
+            record.msg = redact(record.msg)
+        if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() in (
                 "authorization", "proxy-authorization", "cookie", "x-api-key"):
-            record.args = (record.args[0], "<redacted>")  # websockets' "< %s: %s" header lines
-        elif isinstance(record.args, tuple):
-            record.args = tuple(_SECRET_RE.sub(r"\1<redacted>", a) if isinstance(a, str) else a
-                                for a in record.args)
+            record.args = (args[0], "<redacted>")  # websockets' "< %s: %s" header lines
+        elif isinstance(args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in args)
         return True
 
 
 def install_log_redaction() -> None:
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "websockets.server"):
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "websockets",
+                 "websockets.server", "websockets.protocol"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())
+    errors = logging.getLogger("uvicorn.error")  # (a refused handshake is not a server error)
+    if not any(isinstance(f, QuietRefusedHandshakes) for f in errors.filters):
+        errors.addFilter(QuietRefusedHandshakes())
 
 
 def cors_options(settings: Settings) -> dict[str, Any]:
@@ -126,7 +161,9 @@ class Guard:
     async def attached(self, engine: Any) -> AsyncIterator["Guard"]:
         """Share counters through Redis when configured; charge finished turns' tokens."""
         if self.settings.redis_url:
-            self.limiter = RedisLimiter(self.settings.redis_url)
+            # The store's client: one connection pool per worker, sized for every request
+            # it serves (a burst waits for a connection instead of failing open).
+            self.limiter = RedisLimiter(engine.store.redis)
         engine.turn_listeners.append(self.charge_tokens)
         self._log_mode()
         try:
@@ -175,8 +212,7 @@ class Guard:
             presented = subprotocol_key(scope.get("subprotocols") or [])
         else:
             ticket = self.tickets.verify(QueryParams(scope.get("query_string", b"")).get("ticket"))
-            if ticket is None or not await self._safe(
-                    self.limiter.claim_once(ticket.nonce, self.tickets.ttl + 5), True):
+            if ticket is None or not await self._claim(ticket.nonce):
                 raise ApiError("unauthorized", "A valid API key or an unused, unexpired ticket is required.")
             return ticket.principal
         principal = self.keys.authenticate(presented)
@@ -184,12 +220,18 @@ class Guard:
             raise ApiError("unauthorized")
         return principal
 
-    def check_origin(self, headers: Headers) -> None:
+    def check_origin(self, headers: Headers, scope: Scope) -> None:
+        """A browser's Origin must be in ALLOWED_ORIGINS (scheme, host and port), or be this
+        server's own origin: the scheme the request came in by (X-Forwarded-Proto from a
+        trusted proxy, as uvicorn's --proxy-headers put it in the scope; ws/wss count as
+        http/https) and the Host header's host and port (the built-in chat page)."""
         origin = headers.get("origin")
-        if origin is None or "*" in self.origins or origin.rstrip("/") in self.origins:
+        if origin is None or "*" in self.origins:
             return
-        if origin.partition("://")[2].rstrip("/") == headers.get("host"):
-            return  # same origin: the built-in chat page served by this server
+        key = _origin_key(origin)
+        if key is not None and (key in _origin_keys(self.origins)
+                                or key == _request_origin(scope, headers.get("host"))):
+            return
         raise ApiError("forbidden_origin", "This origin is not allowed (ALLOWED_ORIGINS).")
 
     def identity(self, scope: Scope, principal: str) -> str:
@@ -254,14 +296,26 @@ class Guard:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _claim(self, nonce: str) -> bool:
+        """A ticket is single use: while Redis cannot say whether it was used, it is refused
+        (fails closed), unlike the counters below."""
+        try:
+            return await self.limiter.claim_once(nonce, self.tickets.ttl + 5)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            raise ApiError("store_unavailable") from None
+
     async def _safe(self, coro: Any, default: Any) -> Any:
+        """Rate limits and stream slots fail open while Redis does not answer: every route
+        they guard needs the same Redis for its session and answers `store_unavailable`
+        then, so nothing gets through that could spend tokens."""
         try:
             return await coro
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             now = time.monotonic()
             if now - self._warned_at > 10:
                 self._warned_at = now
-                log.warning("rate limiter unavailable (%s); letting requests through", type(exc).__name__)
+                log.warning("rate limiter cannot reach Redis (%s); counters paused until it answers",
+                            type(exc).__name__)
             return default
 
     # -- POST /ws-ticket -------------------------------------------------------------------
@@ -286,6 +340,38 @@ def _is_loopback_client(scope: Scope) -> bool:
         return ipaddress.ip_address(client[0]).is_loopback
     except ValueError:
         return client[0] == "localhost"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_WS_SCHEMES = {"ws": "http", "wss": "https"}
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin, the port made explicit; None if it is not an
+    http(s) origin (`null`, a path, credentials, garbage)."""
+    try:
+        parts = urlsplit(origin.strip().rstrip("/"))
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc or parts.path \
+            or parts.query or parts.fragment:
+        return None
+    return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme]
+
+
+@lru_cache(maxsize=8)
+def _origin_keys(origins: frozenset[str]) -> frozenset[tuple[str, str, int]]:
+    return frozenset(k for k in map(_origin_key, origins) if k is not None)
+
+
+def _request_origin(scope: Scope, host: str | None) -> tuple[str, str, int] | None:
+    """The origin this request was addressed to: its scheme and its Host header."""
+    if not host or "/" in host:
+        return None
+    scheme = str(scope.get("scheme") or "http").lower()
+    return _origin_key(f"{_WS_SCHEMES.get(scheme, scheme)}://{host}")
 
 
 def _is_loopback_host(host: str | None) -> bool:
@@ -346,10 +432,11 @@ class SecurityMiddleware:
         headers = Headers(scope=scope)
         try:
             if guard.mode != "keys":
-                guard.check_origin(headers)  # no key: a foreign web page must not act for the user
+                guard.check_origin(headers, scope)  # no key: a foreign web page must not act for the user
             scope[SCOPE_KEY] = guard.principal_for_http(scope, headers)
             await guard.admit(scope, turn=_is_turn_start(method, path))
-            receive = _limit_body(headers, receive, guard.settings.max_body_bytes)
+            receive, send = _limit_body(headers, receive, send, guard.settings.max_body_bytes,
+                                        guard.settings.body_timeout_seconds)
             slot = await guard.take_stream_slot(scope) if _is_stream(method, path) else None
         except ApiError as exc:
             await error_response(exc)(scope, receive, send)
@@ -361,7 +448,7 @@ class SecurityMiddleware:
         guard = self.guard
         headers = Headers(scope=scope)
         try:
-            guard.check_origin(headers)
+            guard.check_origin(headers, scope)
             scope[SCOPE_KEY] = await guard.principal_for_ws(scope, headers)
             await guard.admit(scope, turn=False)
             slot = await guard.take_stream_slot(scope)
@@ -382,8 +469,18 @@ class SecurityMiddleware:
             await self.app(scope, receive, send_with_subprotocol)
 
 
-def _limit_body(headers: Headers, receive: Receive, limit: int) -> Receive:
-    """413 `body_too_large` as JSON: from Content-Length up front, or while reading."""
+def request_timeout(part: str, seconds: float) -> ApiError:
+    """408 for a request head or body that did not arrive in time (HEADER_TIMEOUT_SECONDS in
+    server/http_protocol.py, BODY_TIMEOUT_SECONDS below)."""
+    return ApiError("request_timeout", f"The request {part} did not arrive within {seconds:g} s.")
+
+
+def _limit_body(headers: Headers, receive: Receive, send: Send, limit: int,
+                timeout: float) -> tuple[Receive, Send]:
+    """413 `body_too_large` as JSON: from Content-Length up front, or while reading; 408
+    `request_timeout` (and the connection closed) when the body is not all there `timeout`
+    seconds after its head. Only the body counts: once it is complete, `receive` (an SSE
+    answer waiting for the client to leave) waits as long as it likes."""
     length = headers.get("content-length")
     if length is not None:
         try:
@@ -392,22 +489,44 @@ def _limit_body(headers: Headers, receive: Receive, limit: int) -> Receive:
         except ValueError:
             raise ApiError("invalid_request", "Content-Length is not a number.") from None
     total = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    # No Content-Length and not chunked: no body to wait for.
+    complete = length in (None, "0") and "transfer-encoding" not in headers
+    timed_out = False
 
     async def limited() -> Message:
-        nonlocal total
-        message = await receive()
+        nonlocal total, complete, timed_out
+        if complete:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):  # (no timer fires when the body is already in)
+                    message = await receive()
+            except TimeoutError:
+                timed_out = True
+                raise request_timeout("body", timeout) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
         if message["type"] == "http.request":
             total += len(message.get("body", b""))
             if total > limit:
                 raise ApiError("body_too_large", f"The request body is larger than {limit} bytes.")
         return message
 
-    return limited
+    async def closing(message: Message) -> None:
+        if timed_out and message["type"] == "http.response.start":  # the rest may never come
+            message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        await send(message)
+
+    return limited, (send if complete else closing)
 
 
 async def _deny_websocket(scope: Scope, send: Send, exc: ApiError) -> None:
     """Refuse the handshake with a real HTTP status and our JSON error body; servers without
-    the denial-response extension get a close (HTTP 403)."""
+    the denial-response extension get a close (HTTP 403). Anyone can be refused: that is
+    worth an INFO line (uvicorn's `"WebSocket /path" 401`), never an ERROR one."""
+    log.debug("WebSocket handshake refused: %s", exc.code)
+    handshake_refused()  # (uvicorn would log the unfinished handshake as an ERROR)
     if "websocket.http.response" not in (scope.get("extensions") or {}):
         await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
         return

@@ -3,25 +3,233 @@
 The schema is checked when the request arrives (a broken schema is the client's 400, not
 a failed turn). The answer is parsed and validated at the end of the turn; the engine plays
 one validation failure back to the model and asks again before giving up.
+
+The schema is the client's and validation runs inside the event loop, so no schema may make
+it backtrack, fetch, or run long:
+- `pattern`, `patternProperties` (also as `additionalProperties` sees them) and `propertyNames`
+  patterns are matched by RE2 (google-re2), never by Python's `re`:
+  RE2 is linear in the input, so no pattern can backtrack. JSON Schema patterns are ECMA-262;
+  RE2's syntax is close (`\\uXXXX` is translated; `\\d`, `\\w`, `\\b` are ASCII in both; RE2's
+  `\\s` lacks `\\v` and Unicode spaces). What RE2 cannot run (backreferences, lookaround,
+  `\\cX`, ...) is refused with a 400 naming its location, as is `unevaluatedProperties` next
+  to `patternProperties` (jsonschema matches those with `re` internally).
+- `$ref` resolves only inside the schema: jsonschema's default registry would fetch unknown
+  http(s) URIs with a blocking `urlopen` (SSRF from the loop). Nothing is ever retrieved.
+- The schema is at most MAX_SCHEMA_BYTES of JSON nested MAX_SCHEMA_DEPTH deep, `uniqueItems`
+  is linear, and checking one answer stops after a deadline that grows with the answer's
+  length (checked before each keyword), which bounds `$ref`/`allOf` fan-out ("billion laughs").
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+import re
+import time
+from contextvars import ContextVar
+from functools import lru_cache
+from typing import Any, Callable, Iterator
 
 import jsonschema
-from jsonschema.exceptions import SchemaError, best_match
+import re2
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
+from jsonschema.exceptions import ValidationError, best_match
 
 from .errors import ApiError
 
+MAX_SCHEMA_BYTES = 64 * 1024   # compact UTF-8 JSON; the schema is also sent in the system prompt
+MAX_SCHEMA_DEPTH = 64          # nested objects and arrays
+# Time one answer's check may take: legitimate checks run at ~1-1.5 µs per character of answer.
+CHECK_SECONDS = 0.05
+CHECK_SECONDS_PER_CHAR = 5e-6
+
+_NO_FETCH: referencing.Registry[Any] = referencing.Registry()  # retrieving anything fails
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False   # a refused pattern is the client's 400, not a line on stderr
+_RE2_OPTIONS.max_mem = 1 << 20    # per compiled pattern: bounds the cache below to ~128 MiB
+_RE2_OPTIONS.never_capture = True
+_ESCAPE = re.compile(r"\\(u([0-9A-Fa-f]{4})|.)", re.DOTALL)  # one escape at a time: linear
+
+
+@lru_cache(maxsize=128)
+def _compile(pattern: str) -> Any:
+    """The RE2 program for a JSON Schema pattern (raises re2.error); cached by pattern."""
+    return re2.compile(_ESCAPE.sub(lambda m: f"\\x{{{m[2]}}}" if m[2] else m[0], pattern), _RE2_OPTIONS)
+
+
+def _search(pattern: str, text: str) -> bool:
+    """JSON Schema semantics: unanchored search."""
+    return _compile(pattern).search(text) is not None
+
+
+# jsonschema's keywords that use `re` (or are quadratic), redone on RE2 with the same messages.
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any,
+                        schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "object"):
+        for pattern, subschema in patterns.items():
+            for key, value in instance.items():
+                if _search(pattern, key):
+                    yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+def _additional_properties(validator: Any, extra: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    known, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
+    extras = sorted(k for k in instance if k not in known and not any(_search(p, k) for p in patterns))
+    if validator.is_type(extra, "object"):
+        for key in extras:
+            yield from validator.descend(instance[key], extra, path=key)
+    elif not extra and extras:
+        names = ", ".join(repr(k) for k in extras)
+        if patterns:
+            regexes = ", ".join(repr(p) for p in sorted(patterns))
+            yield ValidationError(f"{names} {'does' if len(extras) == 1 else 'do'} not match any of "
+                                  f"the regexes: {regexes}")
+        else:
+            yield ValidationError(f"Additional properties are not allowed ({names} "
+                                  f"{'was' if len(extras) == 1 else 'were'} unexpected)")
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """Hashing, not jsonschema's pairwise compare (quadratic: 1,000 objects took 1.4 s)."""
+    if unique and validator.is_type(instance, "array") and len({_key(v) for v in instance}) < len(instance):
+        yield ValidationError(f"{instance!r} has non-unique elements")
+
+
+def _key(value: Any) -> Any:
+    """Hashable, and equal exactly when JSON Schema says equal: 1 == 1.0, true != 1, keys unordered."""
+    if isinstance(value, dict):
+        return "object", frozenset((k, _key(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return "array", tuple(_key(v) for v in value)
+    return ("boolean" if isinstance(value, bool) else "scalar"), value
+
+
+_KEYWORDS = {"pattern": _pattern, "patternProperties": _pattern_properties,
+             "additionalProperties": _additional_properties, "uniqueItems": _unique_items}
+_deadline: ContextVar[float] = ContextVar("structured_deadline", default=math.inf)
+
+
+class _TooSlow(Exception):
+    """The check of one answer ran past its deadline."""
+
+
+def _timed(keyword: Callable[..., Any]) -> Callable[..., Any]:
+    """The keyword, refusing to start past the deadline parse() set (none outside parse)."""
+    def run(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        if time.monotonic() > _deadline.get():
+            raise _TooSlow
+        return keyword(validator, value, instance, schema)
+    return run
+
+
+@lru_cache(maxsize=None)
+def _validator_class(base: Any) -> Any:
+    """The dialect's validator with RE2 keywords, every keyword behind the deadline (one per dialect)."""
+    keywords = {**base.VALIDATORS, **{k: f for k, f in _KEYWORDS.items() if k in base.VALIDATORS}}
+    return jsonschema.validators.extend(base, {k: _timed(f) for k, f in keywords.items()})
+
+
+def _dialect(schema: dict[str, Any]) -> Any:
+    """The schema's `$schema` dialect; the latest one when absent or unknown (as before, minus the warning)."""
+    return jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError("invalid_request", message, field="response_schema")
+
 
 def check_schema(schema: dict[str, Any]) -> None:
+    """Refuse (400) a schema that is invalid, too big, refers outside itself, or uses a pattern
+    RE2 cannot run, so that validating answers against it later is bounded."""
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        raise ApiError("invalid_request", f"`response_schema` is not a valid JSON Schema: {exc.message}",
-                       field="response_schema") from None
+        size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
+    except RecursionError:
+        size = math.inf
+    if size > MAX_SCHEMA_BYTES:
+        raise _invalid(f"`response_schema` is larger than {MAX_SCHEMA_BYTES} bytes of JSON.")
+    paths = _paths(schema)
+    if not isinstance(schema.get("$schema", ""), str):
+        raise _invalid("`response_schema` `$schema` must be a string.")
+    cls = _dialect(schema)
+    # jsonschema's check_schema, on our keywords: its stock `uniqueItems` took 69 s on a draft-04
+    # `enum` of 6,000 objects, and `format: regex` would compile with `re` (RE2's job, below).
+    meta = _validator_class(_dialect(cls.META_SCHEMA))(cls.META_SCHEMA, registry=_NO_FETCH)
+    error = next(meta.iter_errors(schema), None)
+    if error is not None:
+        raise _invalid(f"`response_schema` is not a valid JSON Schema: {error.message}")
+    seen: set[str] = set()
+    for where, sub in _reachable(cls, schema, paths):
+        seen.update(sub)
+        regexes = [("/pattern", sub["pattern"])] if isinstance(sub.get("pattern"), str) else []
+        if isinstance(sub.get("patternProperties"), dict):
+            regexes += [("/patternProperties/" + _escape(p), p) for p in sub["patternProperties"]]
+        for at, pattern in regexes:
+            try:
+                _compile(pattern)
+            except re2.error as exc:
+                reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+                raise _invalid(f"`response_schema` pattern {pattern!r} at {where}{at} is not supported "
+                               f"({reason}); patterns are matched by RE2: no backreferences or "
+                               "lookaround.") from None
+    if {"unevaluatedProperties", "patternProperties"} <= seen and "unevaluatedProperties" in cls.VALIDATORS:
+        raise _invalid("`response_schema` cannot use `unevaluatedProperties` together with "
+                       "`patternProperties` (those patterns would not run on RE2).")
+
+
+def _paths(schema: dict[str, Any]) -> dict[int, str]:
+    """The JSON Pointer of every object and array in the schema (by id), for messages; refuses
+    nesting deeper than MAX_SCHEMA_DEPTH."""
+    paths: dict[int, str] = {}
+    todo: list[tuple[Any, str, int]] = [(schema, "", 1)]
+    while todo:
+        node, path, depth = todo.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise _invalid(f"`response_schema` is nested deeper than {MAX_SCHEMA_DEPTH} levels.")
+        paths[id(node)] = path
+        for key, child in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(child, (dict, list)):
+                todo.append((child, f"{path}/{_escape(str(key))}", depth + 1))
+    return paths
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _reachable(cls: Any, schema: dict[str, Any], paths: dict[int, str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(JSON Pointer, subschema) for every subschema validation can reach through keywords and
+    `$ref`s, each once; a reference that does not resolve inside the schema is a 400."""
+    spec = referencing.jsonschema.specification_with(cls.ID_OF(cls.META_SCHEMA))
+    root = spec.create_resource(schema)
+    todo = [(_NO_FETCH.resolver_with_root(root), root)]
+    done: set[int] = set()
+    while todo:
+        resolver, resource = todo.pop()
+        sub = resource.contents
+        if not isinstance(sub, dict) or id(sub) in done:
+            continue
+        done.add(id(sub))
+        where = "#" + paths.get(id(sub), "?")
+        yield where, sub
+        todo += [(resolver.in_subresource(s), s) for s in resource.subresources()]
+        for keyword in ("$ref", "$dynamicRef", "$recursiveRef"):
+            if isinstance(sub.get(keyword), str):
+                try:
+                    resolved = resolver.lookup(sub[keyword])
+                except (referencing.exceptions.Unresolvable, ValueError):
+                    raise _invalid(f"`response_schema` `{keyword}` {sub[keyword]!r} at {where} does not "
+                                   "point inside the schema (nothing is fetched).") from None
+                todo.append((resolved.resolver, spec.create_resource(resolved.contents)))
 
 
 def instruction(schema: dict[str, Any]) -> str:
@@ -30,7 +238,8 @@ def instruction(schema: dict[str, Any]) -> str:
 
 
 def parse(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
-    """(value, None) when the answer is valid JSON matching the schema, else (None, problem)."""
+    """(value, None) when the answer is valid JSON matching the schema, else (None, problem).
+    `schema` must have passed check_schema."""
     raw = text.strip()
     if raw.startswith("```"):
         raw = raw.split("\n", 1)[1] if "\n" in raw else ""
@@ -39,8 +248,19 @@ def parse(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         value = json.loads(raw)
     except ValueError as exc:
         return None, f"the answer is not valid JSON ({exc.msg} at position {exc.pos})"
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    error = best_match(validator.iter_errors(value))
+    except RecursionError:
+        return None, "the answer is nested too deeply"
+    validator = _validator_class(_dialect(schema))(schema, registry=_NO_FETCH)
+    budget = CHECK_SECONDS + CHECK_SECONDS_PER_CHAR * len(raw)
+    token = _deadline.set(time.monotonic() + budget)
+    try:
+        error = best_match(validator.iter_errors(value))
+    except _TooSlow:
+        return None, f"checking the answer against the schema took longer than {budget:.2f} s"
+    except (referencing.exceptions.Unresolvable, re2.error, RecursionError, ValueError) as exc:
+        return None, f"the answer could not be checked against the schema ({exc})"
+    finally:
+        _deadline.reset(token)
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "the top level"
         return None, f"{error.message} (at {where})"

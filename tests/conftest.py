@@ -38,12 +38,14 @@ def upstream(fake: FakeUpstream) -> FakeUpstream:
 
 @pytest.fixture
 def start_server(upstream: FakeUpstream, redis_url: str) -> Iterator[Callable[..., Server]]:
-    """start_server(workers=1, redis=True, **env) -> a running Server; stopped after the test."""
+    """start_server(workers=1, redis=True, name=..., module="server", **env) -> a running Server
+    (`module`: what `python -m` runs); stopped after the test."""
     servers: list[Server] = []
 
-    def start(workers: int = 1, redis: bool = True, name: str = "server", **env: Any) -> Server:
+    def start(workers: int = 1, redis: bool = True, name: str = "server", module: str = "server",
+              **env: Any) -> Server:
         server = Server(server_env(upstream, redis_url if redis else None, WEB_CONCURRENCY=workers, **env),
-                        name=name)
+                        name=name, module=module)
         servers.append(server.start())
         return server
 

@@ -63,9 +63,10 @@ class FakeUpstream:
 class Server:
     """`python -m server` with its own port; env overrides on top of the test defaults."""
 
-    def __init__(self, env: dict[str, str], name: str = "server"):
+    def __init__(self, env: dict[str, str], name: str = "server", module: str = "server"):
         self.env = env
         self.name = name
+        self.module = module  # what `python -m` runs: the server, or a test launcher of it
         self.port = int(env["PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -75,7 +76,7 @@ class Server:
     def start(self, timeout: float = 20.0) -> "Server":
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -266,21 +266,70 @@ async def test_sigterm_finishes_short_turns_and_ends_long_streams(start_server, 
     async with httpx.AsyncClient(timeout=30) as client:
         long_head = await read_sse(client, "POST", server.url + "/agent/stream", json={"message": "long"}, limit=3)
         long_sid = long_head[0]["session_id"]
-        async with websockets.connect(f"{server.ws_url}/agent/ws") as ws:
+        async with websockets.connect(f"{server.ws_url}/agent/ws") as ws, \
+                websockets.connect(f"{server.ws_url}/agent/ws?session_id={long_sid}") as long_ws:
             short = asyncio.create_task(read_sse(client, "POST", server.url + "/agent/stream",
                                                  json={"message": "short"}))
             long_tail = asyncio.create_task(read_sse(client, "GET", f"{server.url}/sessions/{long_sid}/stream",
                                                      headers={"Last-Event-ID": long_head[-1]["id"]}))
+            await long_ws.send(json.dumps({"type": "resume", "last_event_id": long_head[-1]["id"]}))
             await asyncio.sleep(0.3)
             server.send_signal(signal.SIGTERM)
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
             assert closed.value.rcvd.code == 1012
+            # A WebSocket following the long turn gets its end too, then the 1012 close.
+            ws_events = []
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    ws_events.append(json.loads(await asyncio.wait_for(long_ws.recv(), 10)))
+            assert closed.value.rcvd.code == 1012
+            last = [e for e in ws_events if e["type"] not in ("ping", "pong")][-1]
+            assert last["type"] == "error" and last["code"] == "server_restarting" and last["retryable"]
         short_events = await asyncio.wait_for(short, 10)
         assert short_events[-1]["type"] == "turn_end", "a turn shorter than the grace period completes"
         tail = await asyncio.wait_for(long_tail, 10)
         assert tail[-1]["type"] == "error" and tail[-1]["code"] == "server_restarting" and tail[-1]["retryable"]
     assert server.proc.wait(15) is not None
+
+
+async def test_sigterm_gives_websocket_turns_their_grace(start_server, upstream):
+    """A worker whose only client is a WebSocket running a slow turn: SIGTERM still gives
+    the turn GRACEFUL_SHUTDOWN_SECONDS, the socket carries it to `turn_end`, then 1012."""
+    server = start_server(GRACEFUL_SHUTDOWN_SECONDS=10)
+    upstream.script({"tokens": 40, "pace_ms": 50})
+
+    async def next_event(ws):
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 15))
+            if event["type"] not in ("ping", "pong"):
+                return event
+
+    async with websockets.connect(f"{server.ws_url}/agent/ws") as ws, \
+            websockets.connect(f"{server.ws_url}/agent/ws") as idle:
+        await ws.send(json.dumps({"type": "message", "message": "slow"}))
+        events = [await next_event(ws)]
+        while events[-1]["type"] != "text_delta":
+            events.append(await next_event(ws))
+        server.send_signal(signal.SIGTERM)
+        async with httpx.AsyncClient(timeout=5) as client:  # draining: no longer ready
+            assert await eventually(lambda: _not_ready(client, server), timeout=5)
+        await idle.send(json.dumps({"type": "message", "message": "too late"}))
+        refused = await next_event(idle)
+        assert refused["type"] == "error" and refused["code"] == "server_restarting", refused
+        while events[-1]["type"] not in ("turn_end", "error"):
+            events.append(await next_event(ws))
+        assert events[-1]["type"] == "turn_end", events[-1]
+        assert not events[-1]["cancelled"] and text_of(events) == FULL_40
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 15)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert server.proc.wait(15) is not None
+
+
+async def _not_ready(client, server):
+    r = await client.get(server.url + "/ready")
+    return r.status_code == 503 and not r.json()["accepting_turns"]
 
 
 async def test_heartbeats_keep_quiet_streams_alive(start_server, upstream):

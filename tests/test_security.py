@@ -548,3 +548,108 @@ async def test_secrets_never_leak(start_server, upstream):
         for text in seen:
             assert secret not in text, f"{secret[:8]}... leaked into a response"
     assert not re.search(r"sk-ant-[A-Za-z0-9-]{10,}", "".join(seen))
+
+
+# -- logs and origins ---------------------------------------------------------------------
+KEY_L = new_key()
+
+
+@pytest.fixture(scope="module")
+def logged(fake, redis_url):
+    """A keyed server logging at DEBUG (the most talkative level operators use)."""
+    env = server_env(fake, redis_url, AGENT_API_KEYS=KEY_L, ALLOWED_ORIGINS=ORIGIN, LOG_LEVEL="DEBUG",
+                     RATE_LIMIT_RPM=0, RATE_LIMIT_TPM=0, MAX_CONCURRENT_STREAMS_PER_PRINCIPAL=0)
+    server = Server(env, name="logged").start()
+    yield server
+    server.stop()
+
+
+def log_size(server: Server) -> int:
+    return server.log_path.stat().st_size
+
+
+async def log_since(server: Server, offset: int) -> str:
+    await asyncio.sleep(0.3)  # (the worker writes its lines unbuffered; give it a moment)
+    with open(server.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+async def test_query_string_credentials_are_redacted_in_every_log_line(logged):
+    secrets_ = {name: f"{name.upper()}-{secrets.token_hex(8)}"
+                for name in ("key", "api_key", "Token", "ACCESS_TOKEN", "authorization", "ticket", "apiKey")}
+    query = "&".join(f"{name}={value}" for name, value in secrets_.items()) + "&session_hint=visible-value"
+    offset = log_size(logged)
+    async with httpx.AsyncClient(base_url=logged.url, timeout=30) as client:
+        assert (await client.get(f"/sessions/{SID}?{query}", headers=auth(KEY_L))).status_code == 404
+        assert (await client.get(f"/sessions/{SID}?{query}")).status_code == 401
+    assert (await ws_status(f"{logged.ws_url}/agent/ws?{query}", additional_headers=auth(KEY_L)))[0] == 101
+    assert (await ws_status(f"{logged.ws_url}/agent/ws?{query}"))[0] == 401
+    log = await log_since(logged, offset)
+    assert f"/sessions/{SID}?" in log and "/agent/ws?" in log, "the lines are there"
+    for value in secrets_.values():
+        assert value not in log, f"{value} leaked into the server log"
+    assert "key=<redacted>" in log and "visible-value" in log, "only credential values are blanked"
+
+
+async def test_refused_websocket_handshakes_are_not_errors(logged):
+    offset = log_size(logged)
+    refused = [
+        (f"{logged.ws_url}/agent/ws", {}),
+        (f"{logged.ws_url}/agent/ws?ticket=forged.ticket", {}),
+        (f"{logged.ws_url}/agent/ws", {"subprotocols": ["agent", "bearer.wrong-key-0123456789"]}),
+        (f"{logged.ws_url}/agent/ws", {"origin": EVIL, "additional_headers": auth(KEY_L)}),
+        (f"{logged.ws_url}/api/chat/ws", {}),
+    ]
+    for url, kwargs in refused:
+        assert (await ws_status(url, **kwargs))[0] in (401, 403)
+    log = await log_since(logged, offset)
+    assert '"WebSocket /agent/ws" 401' in log and '"WebSocket /agent/ws" 403' in log, "refusals are logged"
+    errors = [line for line in log.splitlines() if line.startswith("ERROR") or '"level": "error"' in line]
+    assert errors == []
+
+
+async def test_websocket_message_contents_are_never_logged(logged, upstream):
+    said, answered = f"PRIVATE-{secrets.token_hex(8)}", f"ANSWER-{secrets.token_hex(8)}"
+    upstream.script({"text": f"{answered} rest of the answer"}, {"text": f"{answered} again"})
+    offset = log_size(logged)
+    async with websockets.connect(f"{logged.ws_url}/agent/ws", subprotocols=["agent", f"bearer.{KEY_L}"]) as ws:
+        events = await ws_turn(ws, said)
+        assert events[-1]["type"] == "turn_end" and answered in events[-1]["text"]
+    async with websockets.connect(f"{logged.ws_url}/api/chat/ws", subprotocols=["agent", f"bearer.{KEY_L}"]) as ws:
+        await ws.send(json.dumps({"type": "send", "requestId": "r1", "id": f"chat-{secrets.token_hex(6)}",
+                                  "trigger": "submit-message", "messages": [
+                                      {"id": "m1", "role": "user", "parts": [{"type": "text", "text": said}]}]}))
+        while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "end":
+            pass
+    log = await log_since(logged, offset)
+    assert said not in log and answered not in log
+    assert "< TEXT [" in log and "> TEXT [" in log, "frames are still logged at DEBUG, without payload"
+
+
+async def test_same_origin_means_same_scheme_host_and_port(start_server, upstream):
+    allowed = "https://app.example:8443"
+    server = start_server(ALLOWED_ORIGINS=allowed)  # no keys: the Origin is checked on HTTP too
+    port = server.port
+    https_self, other_port = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"
+    behind_tls = {"X-Forwarded-Proto": "https"}  # from a trusted proxy (FORWARDED_ALLOW_IPS: loopback)
+
+    async def status(origin: str, **headers: str) -> int:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return (await client.get(f"/sessions/{SID}", headers={"Origin": origin, **headers})).status_code
+
+    assert await status(server.url) == 404, "the server's own origin"
+    assert await status(https_self) == 403, "same host:port, other scheme"
+    assert await status(other_port) == 403
+    assert await status(https_self, **behind_tls) == 404, "the scheme the proxy was reached by"
+    assert await status(server.url, **behind_tls) == 403
+    assert await status(allowed) == 404 and await status("https://APP.example:8443/") == 404
+    for foreign in ("http://app.example:8443", "https://app.example", "https://app.example:443", "null"):
+        assert await status(foreign) == 403, foreign
+    url = f"{server.ws_url}/agent/ws"
+    assert (await ws_status(url, origin=server.url))[0] == 101
+    assert (await ws_status(url, origin=https_self))[0] == 403
+    assert (await ws_status(url, origin=https_self, additional_headers=behind_tls))[0] == 101
+    assert (await ws_status(url, origin=server.url, additional_headers=behind_tls))[0] == 403
+    assert (await ws_status(url, origin=allowed))[0] == 101
+    assert (await ws_status(url, origin="http://app.example:8443"))[0] == 403

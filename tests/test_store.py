@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from .harness import eventually
 
 from server.events import encode
-from server.store.base import Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id
+from server.store.base import ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id
 from server.store.memory import MemoryStore
 from server.store.redis import RedisStore, _command
 from server.usage import Usage
@@ -86,6 +86,18 @@ async def test_idempotent_message_id(store):
     assert isinstance(dup, Duplicate) and dup.turn_id == t1
 
 
+async def test_message_id_answers_only_its_owner(store):
+    sid, t1, t2, t3 = new_id(), new_id(), new_id(), new_id()
+    await store.begin_turn(sid, t1, owner="o", create=True, message_id="m-1")
+    for create in (True, False):  # another principal: as if the session did not exist
+        other = await store.begin_turn(sid, t2, owner="intruder", create=create, message_id="m-1")
+        assert isinstance(other, NotFound)
+    assert await store.delete_session(sid, "o")
+    # The same id again creates a new session: the deleted one's message ids are gone.
+    again = await store.begin_turn(sid, t3, owner="o", create=True, message_id="m-1")
+    assert isinstance(again, Started) and again.history == []
+
+
 async def test_event_log_read_block_and_abandon(store):
     sid, t1 = new_id(), new_id()
     await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
@@ -99,11 +111,13 @@ async def test_event_log_read_block_and_abandon(store):
     assert not await store.abandon_turn(sid, t1, '"code":"interrupted"'), "still locked: alive"
     await asyncio.sleep(LOCK_TTL + 0.2)
     assert await store.abandon_turn(sid, t1, '"code":"interrupted","message":"m","retryable":true')
-    # Several events in one log entry: a reader after seq 1 gets only what follows it.
-    assert [e.seq for e in await store.read_events(sid, t1, 1, 0)] == [2, 3]
-    tail = await store.read_events(sid, t1, 2, 0)
-    assert [(e.seq, e.type) for e in tail] == [(3, "error")] and tail[0].terminal
-    assert b'"id":"%s:3"' % t1.encode() in tail[0].data
+    # Several events in one log entry: a reader after seq 1 gets only what follows it. The
+    # crash's error sits above any real event: a client the dead worker served further than
+    # its log (here, up to seq 7) still gets it, under an id no other event has.
+    assert [e.seq for e in await store.read_events(sid, t1, 1, 0)] == [2, ABANDONED_SEQ]
+    tail = await store.read_events(sid, t1, 7, 0)
+    assert [(e.seq, e.type) for e in tail] == [(ABANDONED_SEQ, "error")] and tail[0].terminal
+    assert b'"id":"%s:%d"' % (t1.encode(), ABANDONED_SEQ) in tail[0].data
     assert not await store.abandon_turn(sid, t1, '"code":"interrupted"'), "already terminal"
     state = await store.last_turn(sid, "o")
     assert state == (t1, False) and await store.has_log(sid, t1)
@@ -211,3 +225,10 @@ async def test_redis_hand_encoded_commands_edge_cases(redis_url):
     finally:
         await admin.aclose()
         await store.close()
+
+
+def test_new_ids_never_start_with_a_dash():
+    """A pasted id must not look like a command-line option (1 in 64 random ids would)."""
+    ids = [new_id() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == 5000 and all(len(i) == 22 for i in ids)

@@ -24,13 +24,23 @@ from typing import Any, Awaitable, Callable, Protocol
 from ..events import Event
 from ..usage import Usage
 
+# The sequence number of the `error` event that ends a turn whose worker died: above any
+# real event's (a turn never emits that many), so its id never names another event, and
+# every client that resumes, however far its dead worker had served it, still receives it.
+# (Nine digits: the longest sequence an event id may carry, see events.parse_event_id.)
+ABANDONED_SEQ = 999_999_999
+
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _MESSAGE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def new_id() -> str:
-    """128 random bits, URL-safe: session and turn ids."""
-    return secrets.token_urlsafe(16)
+    """128 random bits, URL-safe: session and turn ids. Never starting with `-`, which a
+    command line would take for an option when a user pastes the id."""
+    while True:
+        value = secrets.token_urlsafe(16)
+        if value[0] != "-":
+            return value
 
 
 def valid_id(value: object) -> bool:
@@ -160,7 +170,8 @@ class Store(Protocol):
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
         """If the turn's lock is gone and its log has no terminal event, append an `error`
-        event (`error_fields`: the JSON members after `type` and `id`). True if appended."""
+        event at `ABANDONED_SEQ` (`error_fields`: the JSON members after `type` and `id`).
+        True if appended."""
 
     async def read_events(self, session_id: str, turn_id: str, after_seq: int,
                           block_ms: int) -> list[Event]: ...

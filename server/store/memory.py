@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event
-from .base import (BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
+from .base import (ABANDONED_SEQ, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, TurnCommit)
 
 
@@ -43,7 +43,7 @@ class MemoryStore:
         self.idempotency_ttl = idempotency_ttl
         self._sessions: dict[str, _Session] = {}
         self._logs: dict[tuple[str, str], _Log] = {}
-        self._message_ids: dict[tuple[str, str], tuple[str, float]] = {}
+        self._message_ids: dict[str, dict[str, tuple[str, float]]] = {}  # session -> id -> (turn, expiry)
         self._on_cancel: CancelHandler | None = None
         self._finished = 0
 
@@ -84,18 +84,20 @@ class MemoryStore:
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
                          message_id: str | None) -> BeginResult:
         now = time.monotonic()
-        if message_id is not None:
-            seen = self._message_ids.get((session_id, message_id))
-            if seen and seen[1] > now:
-                return Duplicate(seen[0])
+        # Ownership first: another principal's message_id answers as a missing session.
         if create:
-            if session_id in self._sessions:
+            if self._session(session_id) is not None:
                 return NotFound()
+            self._message_ids.pop(session_id, None)  # of a session that expired or was deleted
             s = self._sessions[session_id] = _Session(SessionMeta(owner=owner, created_at=time.time()))
         else:
             s = self._session(session_id, owner)
             if s is None:
                 return NotFound()
+        if message_id is not None:
+            seen = self._message_ids.get(session_id, {}).get(message_id)
+            if seen and seen[1] > now:
+                return Duplicate(seen[0])
         holder = self._holder(s)
         if holder is not None:
             return Busy(holder)
@@ -105,7 +107,7 @@ class MemoryStore:
         s.meta.last_turn_id = turn_id
         s.expires_at = now + self.session_ttl
         if message_id is not None:
-            self._message_ids[(session_id, message_id)] = (turn_id, now + self.idempotency_ttl)
+            self._message_ids.setdefault(session_id, {})[message_id] = (turn_id, now + self.idempotency_ttl)
         self._log(session_id, turn_id, create=True)
         return Started(meta=_copy_meta(s.meta), history=list(s.history), stale_turn_id=stale)
 
@@ -157,8 +159,8 @@ class MemoryStore:
             del self._sessions[sid]
         for key in [k for k, log in self._logs.items() if log.expires_at < now]:
             del self._logs[key]
-        for key in [k for k, (_, exp) in self._message_ids.items() if exp < now]:
-            del self._message_ids[key]
+        for sid in [k for k in self._message_ids if k not in self._sessions]:
+            del self._message_ids[sid]
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
         s = self._session(session_id)
@@ -168,10 +170,9 @@ class MemoryStore:
         assert log is not None
         if log.events and log.events[-1].terminal:
             return False
-        seq = log.events[-1].seq + 1 if log.events else 1
-        eid = f"{turn_id}:{seq}"
+        eid = f"{turn_id}:{ABANDONED_SEQ}"
         data = f'{{"type":"error","id":"{eid}",{error_fields}}}'.encode()
-        self._append(log, [Event(seq, "error", eid, data)])
+        self._append(log, [Event(ABANDONED_SEQ, "error", eid, data)])
         log.expires_at = time.monotonic() + self.log_ttl
         if s is not None and s.meta.active_turn_id == turn_id:
             s.meta.active_turn_id = None
@@ -218,6 +219,7 @@ class MemoryStore:
         del self._sessions[session_id]
         for key in [k for k in self._logs if k[0] == session_id]:
             del self._logs[key]
+        self._message_ids.pop(session_id, None)
         return True
 
     async def publish_cancel(self, turn_id: str) -> None:

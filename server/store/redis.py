@@ -10,7 +10,7 @@ in one Redis Cluster slot and the Lua scripts below stay legal there.
     agent:{sid}:log:{turn}    stream  the turn's events in batches: entry id 0-<last seq>, fields
                                       f (first seq), t (type of the last event), d (the events'
                                       JSON joined by newlines)
-    agent:{sid}:mid:{id}      string  turn started by a client message_id (idempotency)
+    agent:{sid}:mids          hash    client message_id -> "<turn id> <expiry (unix s)>" (idempotency)
     agent:cancel              channel turn ids to cancel, heard by every worker
 
 Round trips per turn: one to begin (lock + history), one to finish (fenced commit + final
@@ -27,11 +27,14 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from ..events import Event
 from ..usage import Usage
-from .base import (BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
+from .base import (ABANDONED_SEQ, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, StoredMessage, TurnCommit)
 from .redis_channel import CommandChannel
 
@@ -40,24 +43,35 @@ log = logging.getLogger("server.store")
 CANCEL_CHANNEL = "agent:cancel"
 PIPELINE_TIMEOUT = 15.0  # as the pool's socket timeout: an unresponsive Redis fails the call
 
-# KEYS: meta msgs lock mid turns   ARGV: turn owner create lock_ms ttl idem_ttl now has_mid
+# KEYS: meta msgs lock mids turns   ARGV: turn owner create lock_ms ttl idem_ttl now message_id
+# Ownership is checked before anything else: a `message_id` of another principal's session
+# must answer exactly as a session that does not exist (no turn, no hint that it exists).
 _BEGIN = """
-if ARGV[8] == '1' then
-  local seen = redis.call('GET', KEYS[4])
-  if seen then return {'duplicate', seen} end
-end
+local owner = redis.call('HGET', KEYS[1], 'owner')
 if ARGV[3] == '1' then
-  if redis.call('EXISTS', KEYS[1]) == 1 then return {'not_found'} end
+  if owner then return {'not_found'} end
+  redis.call('DEL', KEYS[4])
   redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created', ARGV[7])
-elseif redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
+elseif owner ~= ARGV[2] then
   return {'not_found'}
 end
+if ARGV[8] ~= '' then
+  local seen = redis.call('HGET', KEYS[4], ARGV[8])
+  if seen then
+    local turn, expires = string.match(seen, '^(%S+) (%S+)$')
+    if tonumber(expires) > tonumber(ARGV[7]) then return {'duplicate', turn} end
+  end
+end
 local holder = redis.call('GET', KEYS[3])
-if holder then return {'busy', holder} end
+if holder and holder ~= ARGV[1] then return {'busy', holder} end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
 local stale = redis.call('HGET', KEYS[1], 'active') or ''
+if stale == ARGV[1] then stale = '' end
 redis.call('HSET', KEYS[1], 'active', ARGV[1], 'last', ARGV[1])
-if ARGV[8] == '1' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[6]) end
+if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[8], ARGV[1] .. ' ' .. (tonumber(ARGV[7]) + tonumber(ARGV[6])))
+  redis.call('EXPIRE', KEYS[4], ARGV[5])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('EXPIRE', KEYS[5], ARGV[5])
@@ -76,7 +90,18 @@ return 0
 # ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen
 #       first_seq last_seq last_type data msg*nmsgs
 _FINISH = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  -- Not (or no longer) ours. A call retried after its reply was lost finds its own final
+  -- event on top of the log: it did commit.
+  local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
+  if top[1] and top[1][1] == '0-' .. ARGV[15] then
+    local fields = top[1][2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 't' and fields[j + 1] == ARGV[16] then return 1 end
+    end
+  end
+  return 0
+end
 local nmsgs = tonumber(ARGV[2])
 for i = 18, 17 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('RPUSH', KEYS[4], ARGV[3])
@@ -101,23 +126,24 @@ for k = 1, 4 do if k ~= 3 then redis.call('EXPIRE', KEYS[k], ARGV[11]) end end
 return 1
 """
 
-# KEYS: meta lock log   ARGV: turn error_fields log_ttl
+# KEYS: meta lock log   ARGV: turn error_fields log_ttl seq
+# The error goes at a fixed sequence number above any real event's (`ABANDONED_SEQ`): the
+# dead worker may have handed events to its own followers that never reached the log, so
+# "the next number after the log's last" could name an event a client already has.
 _ABANDON = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-local seq = 1
 if last[1] then
   local fields = last[1][2]
   for j = 1, #fields, 2 do
     if fields[j] == 't' and (fields[j + 1] == 'turn_end' or fields[j + 1] == 'error') then return 0 end
   end
-  seq = tonumber(string.match(last[1][1], '-(%d+)$')) + 1
 end
-local data = '{"type":"error","id":"' .. ARGV[1] .. ':' .. seq .. '",' .. ARGV[2] .. '}'
-redis.call('XADD', KEYS[3], '0-' .. seq, 'f', seq, 't', 'error', 'd', data)
+local data = '{"type":"error","id":"' .. ARGV[1] .. ':' .. ARGV[4] .. '",' .. ARGV[2] .. '}'
+redis.call('XADD', KEYS[3], '0-' .. ARGV[4], 'f', ARGV[4], 't', 'error', 'd', data)
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then redis.call('HDEL', KEYS[1], 'active') end
-return seq
+return 1
 """
 
 
@@ -167,9 +193,15 @@ class RedisStore:
         # failing (a burst of commits must not turn into "Too many connections" errors).
         # Socket timeouts: an unresponsive Redis fails a request instead of hanging a commit
         # (longer than the 1 s XREAD BLOCK followers use).
+        # A connection that broke (Redis restarted, a proxy cut it) is retried on a fresh one
+        # instead of failing its caller: every command we send through the pool is idempotent
+        # (the scripts included: a begin, commit or abandon that did run answers the same).
+        # Timeouts are not retried: an unresponsive Redis fails the request in one timeout.
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2,
+                      supported_errors=(RedisConnectionError,))
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20,
                                                         health_check_interval=30, socket_timeout=15,
-                                                        socket_connect_timeout=5)
+                                                        socket_connect_timeout=5, retry=retry)
         self.redis = aioredis.Redis(connection_pool=pool)
         # The per-turn scripts and the event-log flush share one connection (see redis_channel).
         self._channel = CommandChannel(pool, timeout=PIPELINE_TIMEOUT)
@@ -187,9 +219,9 @@ class RedisStore:
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
                          message_id: str | None) -> BeginResult:
         keys = [_k(session_id, "meta"), _k(session_id, "msgs"), _k(session_id, "lock"),
-                _k(session_id, f"mid:{message_id or ''}"), _k(session_id, "turns")]
+                _k(session_id, "mids"), _k(session_id, "turns")]
         args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
-                time.time(), int(message_id is not None)]
+                time.time(), message_id or ""]
         result = await self._run_script(self._begin, keys, args)
         status = result[0].decode()
         if status == "started":
@@ -265,7 +297,7 @@ class RedisStore:
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
         keys = [_k(session_id, "meta"), _k(session_id, "lock"), _k(session_id, f"log:{turn_id}")]
-        return bool(await self._abandon(keys=keys, args=[turn_id, error_fields, self.log_ttl]))
+        return bool(await self._abandon(keys=keys, args=[turn_id, error_fields, self.log_ttl, ABANDONED_SEQ]))
 
     async def read_events(self, session_id: str, turn_id: str, after_seq: int,
                           block_ms: int) -> list[Event]:
@@ -316,7 +348,8 @@ class RedisStore:
         found = await self.redis.hget(meta_key, "owner")
         if found is None or found.decode() != owner:
             return False
-        keys = [meta_key, _k(session_id, "msgs"), _k(session_id, "turns"), _k(session_id, "lock")]
+        keys = [meta_key, _k(session_id, "msgs"), _k(session_id, "turns"), _k(session_id, "lock"),
+                _k(session_id, "mids")]
         async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500):
             keys.append(key)
         await self.redis.delete(*keys)
@@ -331,8 +364,13 @@ class RedisStore:
         await pubsub.subscribe(CANCEL_CHANNEL)
 
         async def listen() -> None:
+            lost = False  # said once per outage
             while True:
                 try:
+                    if lost:
+                        await pubsub.subscribe(CANCEL_CHANNEL)
+                        log.info("cancel listener subscribed again")
+                        lost = False
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             result = on_cancel(message["data"].decode())
@@ -342,12 +380,11 @@ class RedisStore:
                     await pubsub.aclose()
                     raise
                 except (RedisError, OSError) as exc:
-                    log.warning("cancel listener lost Redis (%s); resubscribing", type(exc).__name__)
+                    if not lost:
+                        log.warning("cancel listener lost Redis (%s); resubscribing every second",
+                                    type(exc).__name__)
+                    lost = True
                     await asyncio.sleep(1.0)
-                    try:
-                        await pubsub.subscribe(CANCEL_CHANNEL)
-                    except (RedisError, OSError):
-                        pass
 
         self._listener = asyncio.create_task(listen(), name="cancel-listener")
 

@@ -38,8 +38,8 @@ from ..config import Settings
 from ..engine import Engine
 from ..errors import ApiError
 from ..events import Event
-from ..requests import TurnRequest, parse_json_body, parse_turn_request
-from ..store.base import valid_id, valid_message_id
+from ..requests import TurnRequest, check_text, parse_json_body, parse_turn_request, strict_id
+from ..store.base import valid_message_id
 from .http_api import engine_of
 
 # `UI_MESSAGE_STREAM_HEADERS` of the `ai` package, verbatim.
@@ -69,7 +69,8 @@ def session_for_chat(chat_id: Any, principal: str) -> str:
     if not isinstance(chat_id, str) or not chat_id or len(chat_id) > MAX_CHAT_ID_CHARS:
         raise ApiError("invalid_request", f"`id` (the chat id) must be a string of 1-{MAX_CHAT_ID_CHARS} "
                        "characters.", field="id")
-    if valid_id(chat_id):
+    check_text(chat_id, "`id` (the chat id)", "id")
+    if strict_id(chat_id):
         return chat_id
     digest = hashlib.sha256(f"{principal}:{chat_id}".encode()).digest()
     return base64.urlsafe_b64encode(digest).decode()[:22]
@@ -105,12 +106,13 @@ def _content(parts: Any) -> str | list[dict[str, Any]]:
     if not isinstance(parts, list):
         raise ApiError("invalid_request", "The last message has no `parts`.", field="messages")
     blocks: list[dict[str, Any]] = []
-    for part in parts:
+    for i, part in enumerate(parts):
         if not isinstance(part, dict):
             continue
         kind = part.get("type")
         if kind == "text" and isinstance(part.get("text"), str) and part["text"].strip():
-            blocks.append({"type": "text", "text": part["text"]})
+            blocks.append({"type": "text", "text": check_text(part["text"], f"`messages[-1].parts[{i}].text`",
+                                                              "messages")})
         elif kind == "file":
             blocks.append(_image(part))
         # step-start, data-*, reasoning...: nothing the model should see from a user message

@@ -29,13 +29,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..auth import principal_of
 from ..engine import Engine
 from ..errors import ApiError
+from ..requests import parse_json_body, valid_text
 from ..security import admit_turn
 from .ai_sdk import UIChunks, chat_turn_request, session_for_chat
+from .errors import internal_error
 
 log = logging.getLogger("server.ai_sdk_ws")
 
@@ -87,11 +89,12 @@ class ChatSocket:
 
     async def _handle(self, raw: str) -> None:
         try:
-            frame = json.loads(raw)
-        except ValueError:
-            frame = None
-        request_id = frame.get("requestId") if isinstance(frame, dict) else None
-        if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+            frame: Any = parse_json_body(raw)
+        except ApiError:
+            frame = None  # not a JSON object (or nested too deep to read): no requestId to answer
+        request_id = frame.get("requestId") if frame is not None else None
+        if (not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID_CHARS
+                or not valid_text(request_id)):
             log.info("dropped a WebSocket chat frame without a usable requestId")
             return  # nothing to answer to: the client could not correlate it
         kind = frame.get("type")
@@ -107,6 +110,18 @@ class ChatSocket:
                 raise ApiError("invalid_request", "Frame `type` must be one of: send, resume, abort.")
         except ApiError as exc:
             await self.send(_dumps({"type": "error", "requestId": request_id, "errorText": exc.message}))
+        except WebSocketDisconnect:
+            raise  # the client left: the receive loop ends
+        except Exception as exc:  # noqa: BLE001 — one bad frame must never end the connection
+            if isinstance(exc, (RuntimeError, OSError)) and self.ws.application_state != WebSocketState.CONNECTED:
+                return  # a send raced the socket closing: nothing to answer, nothing wrong
+            error = internal_error(exc)
+            if error.code == "internal":
+                log.exception("unexpected error handling a WebSocket chat frame")
+            try:
+                await self.send(_dumps({"type": "error", "requestId": request_id, "errorText": error.message}))
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                pass  # the socket went away meanwhile; the receive loop sees the disconnect
 
     def _check_capacity(self, request_id: str) -> None:
         old = self.active.pop(request_id, None)

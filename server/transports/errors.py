@@ -8,7 +8,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import ApiError
+from redis.exceptions import RedisError
+
+from ..errors import ApiError, from_exception, store_unavailable
 from .http_api import error_response
 
 log = logging.getLogger("server.errors")
@@ -30,9 +32,29 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(code))
 
 
+async def store_error(request: Request, exc: Exception) -> Response:
+    """Redis not answering: a retryable 503 (handled here, so no traceback per request)."""
+    return error_response(from_exception(exc))
+
+
+def internal_error(exc: BaseException) -> ApiError:
+    """The error for an exception nothing mapped (the caller logs it): the store not answering
+    stays its retryable `store_unavailable`; anything else is `internal`, retryable only for
+    I/O (OSError: sockets, timeouts). A TypeError, UnicodeError, RecursionError... is a bug
+    the same request hits again, so it must not invite the client to retry."""
+    if isinstance(exc, ApiError):
+        return exc
+    if store_unavailable(exc):
+        return from_exception(exc)
+    error = ApiError("internal")
+    error.retryable = isinstance(exc, OSError)
+    return error
+
+
 async def unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(ApiError("internal"))
+    return error_response(internal_error(exc))
 
 
-EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, Exception: unexpected}
+EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, RedisError: store_error,
+                      Exception: unexpected}

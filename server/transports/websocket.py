@@ -28,6 +28,7 @@ from ..events import parse_event_id
 from ..requests import parse_json_body, parse_turn_request
 from ..security import admit_turn
 from ..store.base import valid_id
+from .errors import internal_error
 
 log = logging.getLogger("server.ws")
 
@@ -91,8 +92,10 @@ class AgentSocket:
                     await self.engine.cancel_turn(self.turn_id)
 
     async def _handle(self, raw: str) -> None:
+        """One client frame. A bad one is answered with an `error` frame (its stable code); an
+        unexpected failure is logged once and answered `internal`: never the end of the socket."""
         try:
-            frame = parse_json_body(raw.encode())
+            frame = parse_json_body(raw)
             kind = frame.get("type")
             if kind == "message":
                 await self._message(frame)
@@ -109,6 +112,18 @@ class AgentSocket:
                                "Frame `type` must be one of: message, cancel, resume, ping.")
         except ApiError as exc:
             await self.send_error(exc)
+        except WebSocketDisconnect:
+            raise  # the client left: the receive loop ends
+        except Exception as exc:  # noqa: BLE001 — one bad frame must never end the connection
+            if isinstance(exc, (RuntimeError, OSError)) and self.ws.application_state != WebSocketState.CONNECTED:
+                return  # a send raced the socket closing: nothing to answer, nothing wrong
+            error = internal_error(exc)
+            if error.code == "internal":
+                log.exception("unexpected error handling a WebSocket frame")
+            try:
+                await self.send_error(error)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                pass  # the socket went away meanwhile; the receive loop sees the disconnect
 
     async def _message(self, frame: dict[str, Any]) -> None:
         await admit_turn(self.ws)  # per-minute limits, as for POST /agent
@@ -135,6 +150,10 @@ class AgentSocket:
             await self.send(json.dumps({"type": "cancel_result", "cancelled_turn_id": None}))
 
     async def _resume(self, frame: dict[str, Any]) -> None:
+        last_event_id = frame.get("last_event_id")
+        if last_event_id is not None and not isinstance(last_event_id, str):
+            raise ApiError("invalid_request", "`last_event_id` must be a string `<turn_id>:<seq>`.",
+                           field="last_event_id")
         session_id = frame.get("session_id", self.session_id)
         if not valid_id(session_id):
             raise ApiError("invalid_session_id")
@@ -145,7 +164,7 @@ class AgentSocket:
         if turn_id is None:
             await self.send(json.dumps({"type": "no_active_turn", "session_id": session_id}))
             return
-        last = parse_event_id(frame.get("last_event_id"))
+        last = parse_event_id(last_event_id)
         after = last[1] if last and last[0] == turn_id else 0
         self._forward(turn_id, after)
 
