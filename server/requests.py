@@ -20,7 +20,6 @@ from .store.base import valid_id, valid_message_id
 
 IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 ON_BUSY = {"reject", "interrupt"}
-MAX_SCHEMA_DEPTH = 64  # nesting levels of `response_schema` (jsonschema recurses ~5 frames per level)
 
 # A lone surrogate (U+D800-U+DFFF) is not Unicode text: it cannot be encoded as UTF-8, so it
 # would fail later (Redis, the upstream request, a hash, a WebSocket frame). json.loads makes
@@ -73,12 +72,6 @@ def parse_json_body(raw: bytes | str) -> dict[str, Any]:
     return body
 
 
-def strict_id(value: object) -> bool:
-    """store.valid_id without the trailing newline its `$` lets through: such an id would
-    reach a response header (x-session-id) and break the response."""
-    return valid_id(value) and not value.endswith("\n")  # type: ignore[union-attr]
-
-
 def valid_text(value: str) -> bool:
     """False when `value` holds a lone surrogate (not encodable as UTF-8)."""
     return value.isascii() or _SURROGATE.search(value) is None
@@ -98,7 +91,7 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
     if session_id is not None:
         if not isinstance(session_id, str):
             raise ApiError("invalid_request", "`session_id` must be a string.", field="session_id")
-        if not strict_id(session_id):
+        if not valid_id(session_id):
             raise ApiError("invalid_session_id")
     system = body.get("system")
     if system is not None:
@@ -220,15 +213,15 @@ def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
 
 def _check_schema_tree(schema: dict[str, Any]) -> None:
     """`response_schema` is kept and sent on: no lone surrogate in any key or string, and no
-    deeper than MAX_SCHEMA_DEPTH (jsonschema and json.dumps recurse). Iterative."""
+    deeper than MAX_SCHEMA_DEPTH (structured.MAX_SCHEMA_DEPTH: jsonschema and json.dumps recurse). Iterative."""
     stack: list[tuple[Any, int]] = [(schema, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):
             check_text(item, "A string in `response_schema`", "response_schema")
             continue
-        if depth > MAX_SCHEMA_DEPTH:
-            raise ApiError("invalid_request", f"`response_schema` is nested deeper than {MAX_SCHEMA_DEPTH} levels.",
+        if depth > structured.MAX_SCHEMA_DEPTH:
+            raise ApiError("invalid_request", f"`response_schema` is nested deeper than {structured.MAX_SCHEMA_DEPTH} levels.",
                            field="response_schema")
         if isinstance(item, dict):
             for key, value in item.items():

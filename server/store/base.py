@@ -30,8 +30,8 @@ from ..usage import Usage
 # (Nine digits: the longest sequence an event id may carry, see events.parse_event_id.)
 ABANDONED_SEQ = 999_999_999
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-_MESSAGE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")  # fullmatch: `$` would let "…\n" through
+_MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def new_id() -> str:
@@ -44,11 +44,11 @@ def new_id() -> str:
 
 
 def valid_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID_RE.match(value))
+    return isinstance(value, str) and bool(_ID_RE.fullmatch(value))
 
 
 def valid_message_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_MESSAGE_ID_RE.match(value))
+    return isinstance(value, str) and bool(_MESSAGE_ID_RE.fullmatch(value))
 
 
 @dataclass(slots=True)

@@ -38,8 +38,8 @@ from ..config import Settings
 from ..engine import Engine
 from ..errors import ApiError
 from ..events import Event
-from ..requests import TurnRequest, check_text, parse_json_body, parse_turn_request, strict_id
-from ..store.base import valid_message_id
+from ..requests import TurnRequest, check_text, parse_json_body, parse_turn_request
+from ..store.base import valid_id, valid_message_id
 from .http_api import engine_of
 
 # `UI_MESSAGE_STREAM_HEADERS` of the `ai` package, verbatim.
@@ -70,7 +70,7 @@ def session_for_chat(chat_id: Any, principal: str) -> str:
         raise ApiError("invalid_request", f"`id` (the chat id) must be a string of 1-{MAX_CHAT_ID_CHARS} "
                        "characters.", field="id")
     check_text(chat_id, "`id` (the chat id)", "id")
-    if strict_id(chat_id):
+    if valid_id(chat_id):
         return chat_id
     digest = hashlib.sha256(f"{principal}:{chat_id}".encode()).digest()
     return base64.urlsafe_b64encode(digest).decode()[:22]

@@ -37,7 +37,7 @@ from ..errors import ApiError
 from ..requests import parse_json_body, valid_text
 from ..security import admit_turn
 from .ai_sdk import UIChunks, chat_turn_request, session_for_chat
-from .errors import internal_error
+from .errors import frame_failure
 
 log = logging.getLogger("server.ai_sdk_ws")
 
@@ -113,11 +113,9 @@ class ChatSocket:
         except WebSocketDisconnect:
             raise  # the client left: the receive loop ends
         except Exception as exc:  # noqa: BLE001 — one bad frame must never end the connection
-            if isinstance(exc, (RuntimeError, OSError)) and self.ws.application_state != WebSocketState.CONNECTED:
-                return  # a send raced the socket closing: nothing to answer, nothing wrong
-            error = internal_error(exc)
-            if error.code == "internal":
-                log.exception("unexpected error handling a WebSocket chat frame")
+            error = frame_failure(exc, self.ws.application_state == WebSocketState.CONNECTED, "WebSocket chat")
+            if error is None:
+                return
             try:
                 await self.send(_dumps({"type": "error", "requestId": request_id, "errorText": error.message}))
             except (WebSocketDisconnect, RuntimeError, OSError):

@@ -28,7 +28,7 @@ from ..events import parse_event_id
 from ..requests import parse_json_body, parse_turn_request
 from ..security import admit_turn
 from ..store.base import valid_id
-from .errors import internal_error
+from .errors import frame_failure
 
 log = logging.getLogger("server.ws")
 
@@ -115,11 +115,9 @@ class AgentSocket:
         except WebSocketDisconnect:
             raise  # the client left: the receive loop ends
         except Exception as exc:  # noqa: BLE001 — one bad frame must never end the connection
-            if isinstance(exc, (RuntimeError, OSError)) and self.ws.application_state != WebSocketState.CONNECTED:
-                return  # a send raced the socket closing: nothing to answer, nothing wrong
-            error = internal_error(exc)
-            if error.code == "internal":
-                log.exception("unexpected error handling a WebSocket frame")
+            error = frame_failure(exc, self.ws.application_state == WebSocketState.CONNECTED, "WebSocket")
+            if error is None:
+                return
             try:
                 await self.send_error(error)
             except (WebSocketDisconnect, RuntimeError, OSError):
