@@ -113,7 +113,8 @@ class ChatSocket:
         except WebSocketDisconnect:
             raise  # the client left: the receive loop ends
         except Exception as exc:  # noqa: BLE001 — one bad frame must never end the connection
-            error = frame_failure(exc, self.ws.application_state == WebSocketState.CONNECTED, "WebSocket chat")
+            error = frame_failure(exc, self.ws.application_state == WebSocketState.CONNECTED, "WebSocket chat",
+                                  log)
             if error is None:
                 return
             try:

@@ -60,12 +60,12 @@ EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, RedisError
                       Exception: unexpected}
 
 
-def frame_failure(exc: Exception, socket_open: bool, where: str) -> ApiError | None:
+def frame_failure(exc: Exception, socket_open: bool, where: str, logger: logging.Logger) -> ApiError | None:
     """What to answer for an unexpected exception while handling one WebSocket frame (the
     connection lives on), or None when a send merely raced the socket closing."""
     if isinstance(exc, (RuntimeError, OSError)) and not socket_open:
         return None
     error = internal_error(exc)
     if error.code == "internal":
-        log.exception("unexpected error handling a %s frame", where, exc_info=exc)
+        logger.exception(f"unexpected error handling a {where} frame", exc_info=exc)
     return error

@@ -115,7 +115,7 @@ class AgentSocket:
         except WebSocketDisconnect:
             raise  # the client left: the receive loop ends
         except Exception as exc:  # noqa: BLE001 — one bad frame must never end the connection
-            error = frame_failure(exc, self.ws.application_state == WebSocketState.CONNECTED, "WebSocket")
+            error = frame_failure(exc, self.ws.application_state == WebSocketState.CONNECTED, "WebSocket", log)
             if error is None:
                 return
             try:
