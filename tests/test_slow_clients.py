@@ -69,6 +69,15 @@ def assert_request_timeout(status: int, headers: dict[str, str], body: dict) -> 
     assert error["code"] == "request_timeout" and error["retryable"] is True and error["message"]
 
 
+async def read_while_sending(reader: asyncio.StreamReader, send) -> bytes:  # type: ignore[no-untyped-def]
+    """Everything the server writes until it closes, while `send()` dribbles the request."""
+    sender = asyncio.create_task(send())
+    try:
+        return await read_until_closed(reader, TIMEOUT + SLACK)
+    finally:
+        sender.cancel()
+
+
 async def test_a_stalled_request_head_gets_408_and_is_closed(server):
     reader, writer = await connect(server)
     writer.write(b"POST /agent HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
@@ -89,11 +98,7 @@ async def test_a_trickled_request_head_is_bounded_too(server):
             await writer.drain()
             await asyncio.sleep(0.05)
 
-    sender = asyncio.create_task(trickle())
-    try:
-        raw = await read_until_closed(reader, TIMEOUT + SLACK)
-    finally:
-        sender.cancel()
+    raw = await read_while_sending(reader, trickle)
     assert time.monotonic() - started < TIMEOUT + SLACK
     assert_request_timeout(*parse(raw))
     writer.close()
@@ -118,11 +123,7 @@ async def test_a_stalled_or_trickled_body_gets_408(server, trickle):
             await writer.drain()
             await asyncio.sleep(0.1)
 
-    sender = asyncio.create_task(send_slowly())
-    try:
-        raw = await read_until_closed(reader, TIMEOUT + SLACK)
-    finally:
-        sender.cancel()
+    raw = await read_while_sending(reader, send_slowly)
     assert_request_timeout(*parse(raw))
     writer.close()
 
