@@ -28,7 +28,6 @@ from .store.base import (ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, Ses
 from .tools import ToolSet
 from .housekeeping import Housekeeper
 from .turns import Turn
-from .ratelimit import UpstreamGate
 from .upstream import RawJSON, TextDelta, open_stream
 from .usage import PriceTable, Usage
 
@@ -38,6 +37,40 @@ turn_log = logging.getLogger("server.turn")
 INTERRUPTED_FIELDS = '"code":"interrupted","message":"The turn was interrupted (the worker running it stopped); send the message again.","retryable":true'
 INTERRUPT_WAIT_SECONDS = 10.0
 REMOTE_POLL_MS = 1000
+
+
+class UpstreamGate:
+    """At most `limit` model calls at once in this worker; a caller waits up to `timeout`
+    seconds for a free place, then gets `overloaded` (503, retryable). Protects the quota."""
+
+    def __init__(self, limit: int, timeout: float):
+        self.limit = limit
+        self.timeout = timeout
+        self._sem = asyncio.Semaphore(limit)
+
+    @property
+    def in_use(self) -> int:
+        return self.limit - self._sem._value  # noqa: SLF001 — for metrics/tests only
+
+    async def acquire(self) -> None:
+        if not self._sem.locked():
+            await self._sem.acquire()
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise ApiError("overloaded", "The server is at capacity (too many model calls in progress); "
+                           "retry shortly.", retry_after=1) from None
+
+    def release(self) -> None:
+        self._sem.release()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass(slots=True)

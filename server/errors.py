@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 from redis import exceptions as redis_exceptions
+from starlette.responses import JSONResponse
 
 log = logging.getLogger("server.errors")
 
@@ -82,6 +83,14 @@ class ApiError(Exception):
         if self.retry_after is None:
             return {}
         return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """The JSON answer for an error raised before a response started."""
+    headers = exc.headers()
+    if exc.code == "unauthorized":
+        headers["WWW-Authenticate"] = 'Bearer realm="agent"'
+    return JSONResponse({"error": exc.payload()}, status_code=exc.status, headers=headers)
 
 
 def status_of(code: str) -> int:

@@ -1,4 +1,4 @@
-"""Rate limits, stream slots and the per-worker upstream gate.
+"""Rate limits and stream slots.
 
 Requests and tokens per minute use GCRA (the generic cell rate algorithm: a leaky bucket
 kept as one number, the "theoretical arrival time"): a limit of N per minute admits a burst
@@ -19,13 +19,11 @@ Without Redis the same algorithms run in this process's memory.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from .errors import ApiError
 
 PERIOD_MS = 60_000
 SLOT_TTL_MS = 30_000  # a stream slot not renewed for this long is free again
@@ -183,37 +181,3 @@ class MemoryLimiter:
 
     async def close(self) -> None:
         pass
-
-
-class UpstreamGate:
-    """At most `limit` model calls at once in this worker; a caller waits up to `timeout`
-    seconds for a free place, then gets `overloaded` (503, retryable). Protects the quota."""
-
-    def __init__(self, limit: int, timeout: float):
-        self.limit = limit
-        self.timeout = timeout
-        self._sem = asyncio.Semaphore(limit)
-
-    @property
-    def in_use(self) -> int:
-        return self.limit - self._sem._value  # noqa: SLF001 — for metrics/tests only
-
-    async def acquire(self) -> None:
-        if not self._sem.locked():
-            await self._sem.acquire()
-            return
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._sem.acquire()
-        except TimeoutError:
-            raise ApiError("overloaded", "The server is at capacity (too many model calls in progress); "
-                           "retry shortly.", retry_after=1) from None
-
-    def release(self) -> None:
-        self._sem.release()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()

@@ -41,7 +41,7 @@ from .auth import (ANONYMOUS, BEARER_SUBPROTOCOL_PREFIX, SCOPE_KEY, WS_SUBPROTOC
                    bearer_token, principal_of, subprotocol_key, ticket_secret)
 from . import metrics
 from .config import Settings
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .logs import QuietRefusedHandshakes, handshake_refused
 from .ratelimit import SLOT_TTL_MS, Limiter, MemoryLimiter, RedisLimiter, bucket_key
 
@@ -400,13 +400,6 @@ def _is_stream(method: str, path: str) -> bool:
     """SSE responses: they hold a stream slot while open."""
     return (method == "POST" and path in STREAM_STARTS) or (
         method == "GET" and path.startswith(("/sessions/", "/api/chat/")) and path.endswith("/stream"))
-
-
-def error_response(exc: ApiError) -> Response:
-    headers = exc.headers()
-    if exc.code == "unauthorized":
-        headers["WWW-Authenticate"] = 'Bearer realm="agent"'
-    return JSONResponse({"error": exc.payload()}, status_code=exc.status, headers=headers)
 
 
 class SecurityMiddleware:

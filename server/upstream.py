@@ -117,8 +117,11 @@ class UpstreamStream:
 
 
 async def _sleep(seconds: float, marker: bytes) -> None:
-    """`linger()` for a body from another transport: a plain wait."""
-    await asyncio.sleep(seconds)
+    """`linger()` for a body from another transport: a wait until the shared grid's tick."""
+    from .upstream_transport import window_end
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    await asyncio.sleep(window_end(now, seconds) - now)
 
 
 def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:

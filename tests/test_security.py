@@ -26,7 +26,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from server.auth import KeyRing, TicketSigner, principal_for_digest
 from server.config import ConfigError, Settings
 from server.errors import ApiError
-from server.ratelimit import MemoryLimiter, UpstreamGate
+from server.engine import UpstreamGate
+from server.ratelimit import MemoryLimiter
 
 from .harness import ROOT, Server, eventually, server_env, ws_turn
 

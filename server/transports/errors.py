@@ -10,8 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from redis.exceptions import RedisError
 
-from ..errors import ApiError, from_exception, store_unavailable
-from .http_api import error_response
+from ..errors import ApiError, error_response, from_exception, store_unavailable
 
 log = logging.getLogger("server.errors")
 

@@ -18,10 +18,6 @@ def engine_of(request: Any) -> Engine:
     return request.app.state.engine
 
 
-def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.payload()}, status_code=exc.status, headers=exc.headers())
-
-
 def error_event_response(event: dict[str, Any], session_id: str, turn_id: str) -> JSONResponse:
     """A turn's `error` event, answered before anything was streamed: its HTTP status and body."""
     error = {k: v for k, v in event.items() if k not in ("type", "id")}
