@@ -254,12 +254,12 @@ class Server:
                     # the per-worker upstream cap (default 32) would queue the load under test
                     "MAX_CONCURRENT_UPSTREAM": str(UPSTREAM_CAP),
                     "PYTHONUNBUFFERED": "1"})
-        if redis_url and kind == "ours":
+        if redis_url and kind in ("ours", "aiohttp"):
             env["REDIS_URL"] = redis_url
         env.update(extra_env or {})
         name = f"{kind}{tag}-{self.port}"
-        if kind == "ours":
-            argv = [sys.executable, "-m", "server"]
+        if kind in ("ours", "aiohttp"):  # (aiohttp: ours on the SDK's aiohttp client, one worker)
+            argv = [sys.executable, "-m", "server" if kind == "ours" else "bench.aiohttp_server"]
         else:
             argv = [sys.executable, "-m", "uvicorn", "bench.seed_app:app", "--host", "127.0.0.1",
                     "--port", str(self.port), "--loop", "uvloop", "--http", "httptools",

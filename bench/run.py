@@ -436,7 +436,9 @@ class Bench:
                    f"{a.turn_rounds} turns (5 tokens, sessions of {a.session_turns} turns); TTFT: {a.ttft_clients} "
                    f"concurrent x {a.ttft_rounds} ({a.ttft_events}-event streams)")
         out.append("ours = python -m server; seed = bench/seed_app.py (SDK messages.stream(), dict history, no "
-                   "Redis); floor = the fake upstream read directly")
+                   "Redis); floor = the fake upstream read directly"
+                   + ("; aiohttp = ours with the SDK's DefaultAioHttpClient instead of our upstream transport"
+                      if "aiohttp" in T else ""))
         out.append("")
         hdr = f"{'#':<2} {'metric':<40} {'ours':>10} {'seed':>10} {'floor':>10} {'ours/seed':>9} {'ours/floor':>10}  target"
         out += [hdr, "-" * len(hdr)]
@@ -471,6 +473,14 @@ class Bench:
                 vals.append(f"({base:.1f} ms)" if base is not None else "—")
                 row("4", f"TTFT added over direct, {p}", vals, [ratio(raw[0], raw[1]), ratio(raw[0], raw[2])],
                     "(floor column: raw TTFT; ratios of raw TTFT)")
+        if "aiohttp" in T:  # the upstream HTTP client weighed: ours vs the SDK's aiohttp one
+            for sec, key, lab, unit, digits in (("stream", "us_per_event", "server CPU per event", " µs", 1),
+                                                ("turn", "ms_per_turn", "server CPU per short turn", " ms", 2)):
+                v = [get("ours", sec, key), get("aiohttp", sec, key)]
+                if v[1] is not None:
+                    row("1" if sec == "stream" else "3", f"{lab}, SDK aiohttp",
+                        [fmt(v[1], unit, digits), "—", "—"], [ratio(v[1], v[0]) + " ours", ""],
+                        "switch if within 1.15x of ours")
         mem = getattr(self, "memory", None)
         if mem:
             # The target is per connection (an idle WebSocket, an open SSE stream); the last row
@@ -494,13 +504,13 @@ class Bench:
         out.append("")
 
         # details
-        for name in ("ours", "seed", "floor"):
+        for name in ("ours", "aiohttp", "seed", "floor"):
             s = T[name].results.get("stream") if name in T else None
             if s:
                 c = s["cpu"]
                 other = c["box_busy"] - sum(c.get(k, 0) for k in ("server", "fake", "redis", "loadgen"))
                 cores = c["box_total"] / s["wall"] if s["wall"] else 0
-                out.append(f"[1/2 {name:5}] {s['streams']} streams, {s['events']} text events of {s['expected']} "
+                out.append(f"[1/2 {name:7}] {s['streams']} streams, {s['events']} text events of {s['expected']} "
                            f"expected, {s['failed']} failed, {s['short']} short; {s['wall']:.1f} s wall; CPU s: "
                            f"server {c['server']:.2f} (kernel {c.get('server_kernel', 0):.2f}), fake {c.get('fake', 0):.2f}, "
                            f"redis {c.get('redis', 0):.2f}, loadgen {c['loadgen']:.2f}, other {max(other, 0):.2f} "
@@ -508,11 +518,11 @@ class Bench:
                            + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
                 if s["errors"]:
                     out.append(f"             errors: {s['errors']}")
-        for name in ("ours", "seed", "floor"):
+        for name in ("ours", "aiohttp", "seed", "floor"):
             s = T[name].results.get("turn") if name in T else None
             if s:
                 c = s["cpu"]
-                out.append(f"[3   {name:5}] {s['turns']} turns, {s['failed']} failed, {s['rate']:.0f} turns/s; CPU s: "
+                out.append(f"[3   {name:7}] {s['turns']} turns, {s['failed']} failed, {s['rate']:.0f} turns/s; CPU s: "
                            f"server {c['server']:.2f}, fake {c.get('fake', 0):.2f}, redis {c.get('redis', 0):.2f}, "
                            f"loadgen {c['loadgen']:.2f}" + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
                 if s["errors"]:
@@ -581,7 +591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY) for ours and seed")
     p.add_argument("--only", default="", help="sections, e.g. 1,3 or stream,memory (1-7; 7 = seed/floor columns)")
     p.add_argument("--targets", default=None,
-                   help="columns for sections 1-4: ours,seed,floor (default: all when section 7 runs, else ours)")
+                   help="columns for sections 1-4: ours,aiohttp,seed,floor (default: ours,seed,floor when "
+                        "section 7 runs, else ours); aiohttp = ours on the SDK's DefaultAioHttpClient")
     p.add_argument("--mem-count", type=int, help="WebSockets / SSE streams held open (default 1000; quick 200)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of a private redis-server")
     p.add_argument("--profile", action="store_true",
@@ -622,7 +633,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         targets = ["ours", "seed", "floor"] if "7" in a.sections else ["ours"]
     if "4" in a.sections and "floor" not in targets:
         targets.append("floor")  # the TTFT baseline
-    a.targets = [t for t in ("ours", "seed", "floor") if t in targets]
+    a.targets = [t for t in ("ours", "aiohttp", "seed", "floor") if t in targets]
     return a
 
 

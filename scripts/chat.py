@@ -1,7 +1,7 @@
 """A terminal chat with the agent server: `scripts/chat [--sse] [--url URL]`.
 
 Streams each answer as it is written, over the WebSocket (default) or Server-Sent Events
-(`--sse`); keeps one session across lines (`--session ID` to continue an old one). Ctrl-C
+(`--sse`); keeps one session across lines (`--session=ID` to continue an old one). Ctrl-C
 while an answer streams cancels that turn (the partial answer is kept); Ctrl-C or Ctrl-D at
 the prompt quits. A dropped connection is resumed where it left off. Needs only the standard
 library and `websockets` (installed with uvicorn[standard] from requirements.txt).
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=os.environ.get("AGENT_URL", "http://127.0.0.1:8000"),
                         help="server base URL (env AGENT_URL; default %(default)s)")
     parser.add_argument("--sse", action="store_true", help="stream over Server-Sent Events, not the WebSocket")
-    parser.add_argument("--session", help="continue this session id")
+    parser.add_argument("--session", help="continue this session id (--session=ID also takes an id starting with '-')")
     parser.add_argument("--api-key", default=os.environ.get("AGENT_API_KEY"),
                         help="sent as Authorization: Bearer (env AGENT_API_KEY)")
     parser.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'",
