@@ -1,4 +1,4 @@
-"""The ASGI app: every route, the middleware and the lifespan, on one screen.
+"""The ASGI app: every route with its security policy, the middleware and the lifespan, on one screen.
 
 Run it with `scripts/run` (development) or `uvicorn server.app:app` (Procfile). One
 AsyncAnthropic client and one store (Redis pool) per worker process, closed at shutdown.
@@ -17,7 +17,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from . import lifecycle, logs
 from .config import ConfigError, Settings
-from .security import AllowlistCORS, Guard, SecurityMiddleware, cors_options
+from .security import AllowlistCORS, Guard, SecurityMiddleware, cors_options, opens_stream, public, starts_turn
 from .transports.http_api import agent, cancel_session, delete_session, get_session, health, ready
 from .transports.sse import agent_stream, resume_stream
 from .transports.websocket import agent_ws
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         except ConfigError as exc:
             raise SystemExit(f"configuration error: {exc}") from None
     logs.configure(settings.log_level)
-    guard = Guard(settings)  # auth, origins, rate limits, stream slots (server/security.py)
+    guard = Guard(settings)  # auth, origins, rate limits, stream slots (server/security/)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -47,30 +47,32 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.engine = engine
             yield
 
+    # Unmarked routes need a key (or a loopback client without keys) and count as requests;
+    # `starts_turn` also needs tokens left this minute, `opens_stream` holds a stream slot.
     routes = [
-        Route("/agent", agent, methods=["POST"]),
-        Route("/agent/stream", agent_stream, methods=["POST"]),
-        WebSocketRoute("/agent/ws", agent_ws),
+        starts_turn(Route("/agent", agent, methods=["POST"])),
+        starts_turn(opens_stream(Route("/agent/stream", agent_stream, methods=["POST"]))),
+        opens_stream(WebSocketRoute("/agent/ws", agent_ws)),
         Route("/sessions/{session_id}", get_session, methods=["GET"]),
         Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
-        Route("/sessions/{session_id}/stream", resume_stream, methods=["GET"]),
+        opens_stream(Route("/sessions/{session_id}/stream", resume_stream, methods=["GET"])),
         Route("/sessions/{session_id}/cancel", cancel_session, methods=["POST"]),
         Route("/ws-ticket", guard.ws_ticket, methods=["POST"]),
         # Vercel AI SDK `useChat` (UI message stream protocol v1; WebSocketChatTransport)
-        Route("/api/chat", chat, methods=["POST"]),
-        WebSocketRoute("/api/chat/ws", chat_ws),
-        Route("/api/chat/{chat_id}/stream", chat_resume, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
+        starts_turn(opens_stream(Route("/api/chat", chat, methods=["POST"]))),
+        opens_stream(WebSocketRoute("/api/chat/ws", chat_ws)),
+        opens_stream(Route("/api/chat/{chat_id}/stream", chat_resume, methods=["GET"])),
+        public(Route("/health", health, methods=["GET"])),
+        public(Route("/ready", ready, methods=["GET"])),
         # The built-in chat page, Prometheus metrics and the OpenAPI description
-        Route("/", static.chat_page, methods=["GET"]),
-        static.mount(),
+        public(Route("/", static.chat_page, methods=["GET"])),
+        public(static.mount()),
         Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", openapi.openapi_endpoint, methods=["GET"]),
+        public(Route("/openapi.json", openapi.openapi_endpoint, methods=["GET"])),
     ]
     middleware = [
         Middleware(AllowlistCORS, **cors_options(settings)),  # outermost: errors carry CORS headers too
-        Middleware(SecurityMiddleware, guard=guard),          # /health and /ready stay public
+        Middleware(SecurityMiddleware, guard=guard),          # each route's policy, marked above
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers=EXCEPTION_HANDLERS)

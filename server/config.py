@@ -1,17 +1,17 @@
 """Settings read once from the environment (and `.env`), validated before the app starts.
 
-Every variable is documented in `.env.example`. A bad value raises `ConfigError` naming the
-variable, so a typo stops the deploy instead of surfacing as a strange runtime error.
+Each setting is declared once, in `Settings`: its default, its parser and (when it is not the
+field's name in capitals) its variable. A bad value raises `ConfigError` naming the variable,
+so a typo stops the deploy instead of surfacing as a strange runtime error. `env_defaults()`
+lists every variable with its default, for the docs (README.md, `.env.example`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, TypeVar
-
-T = TypeVar("T")
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Callable, Mapping
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -28,159 +28,12 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 }
 
 
-@dataclass(frozen=True)
-class Settings:
-    anthropic_api_key: str | None = field(default=None, repr=False)
-    anthropic_base_url: str | None = None
-    anthropic_max_retries: int = 2
-    upstream_timeout_seconds: float = 120.0
-    redis_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    web_concurrency: int = 1
-    default_model: str = "claude-sonnet-4-5"
-    allowed_models: tuple[str, ...] = ()
-    model_prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
-    system_prompt: str = "You are a helpful assistant."
-    allow_client_system_prompt: bool = True
-    max_output_tokens: int = 4096
-    session_ttl_seconds: int = 7 * 24 * 3600
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_message_chars: int = 100_000
-    max_session_messages: int = 1000
-    max_ws_frame_bytes: int = 8 * 1024 * 1024
-    header_timeout_seconds: float = 10.0
-    body_timeout_seconds: float = 30.0
-    # tools and the turn engine
-    enabled_tools: tuple[str, ...] = ("calculator", "current_time")
-    max_tool_iterations: int = 5
-    tool_timeout_seconds: float = 10.0
-    prompt_caching: bool = True
-    context_token_budget: int = 150_000
-    session_token_budget: int = 0
-    max_image_bytes: int = 5 * 1024 * 1024
-    max_images: int = 20
-    # turn lifecycle
-    turn_lock_ttl_seconds: float = 10.0
-    event_log_ttl_seconds: int = 600
-    event_log_maxlen: int = 20_000
-    event_log_flush_ms: int = 50
-    stream_coalesce_ms: int = 80
-    heartbeat_seconds: float = 15.0
-    ws_ping_seconds: float = 20.0
-    ws_compression: bool = False
-    graceful_shutdown_seconds: float = 25.0
-    idempotency_ttl_seconds: int = 600
-    # offline model pacing (ms between streamed events) when no API key is set
-    offline_pace_ms: float = 15.0
-    log_level: str = "INFO"
-    # security and limits (server/security.py); 0 turns a limit off
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    auth_disabled: bool = False
-    ticket_secret: str | None = field(default=None, repr=False)
-    ws_ticket_ttl_seconds: int = 60
-    allowed_origins: tuple[str, ...] = ()
-    rate_limit_rpm: int = 0
-    rate_limit_tpm: int = 0
-    max_concurrent_streams_per_principal: int = 0
-    max_concurrent_upstream: int = 32
-    upstream_queue_timeout_seconds: float = 10.0
-
-    @property
-    def offline(self) -> bool:
-        """No API key and no explicit upstream: the bundled fake model answers."""
-        return not self.anthropic_api_key and not self.anthropic_base_url
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        env = os.environ if env is None else env
-        r = _Reader(env)
-        default_model = r.get("DEFAULT_MODEL", str, cls.default_model, nonempty=True)
-        prices = dict(DEFAULT_PRICES)
-        prices.update(r.get("MODEL_PRICES", _parse_prices, {}))
-        allowed = r.get("ALLOWED_MODELS", _parse_list, ())
-        if not allowed:
-            allowed = tuple(dict.fromkeys([default_model, *prices]))
-        if default_model not in allowed:
-            raise ConfigError(f"DEFAULT_MODEL: {default_model!r} is not in ALLOWED_MODELS")
-        settings = cls(
-            anthropic_api_key=r.get("ANTHROPIC_API_KEY", str, None) or None,
-            anthropic_base_url=r.get("ANTHROPIC_BASE_URL", _parse_url, None),
-            anthropic_max_retries=r.get("ANTHROPIC_MAX_RETRIES", _int_range(0, 10), 2),
-            upstream_timeout_seconds=r.get("UPSTREAM_TIMEOUT_SECONDS", _float_range(1, 3600), 120.0),
-            redis_url=r.get("REDIS_URL", _parse_redis_url, None),
-            host=r.get("HOST", str, "127.0.0.1", nonempty=True),
-            port=r.get("PORT", _int_range(0, 65535), 8000),
-            web_concurrency=r.get("WEB_CONCURRENCY", _int_range(1, 256), 1),
-            default_model=default_model,
-            allowed_models=tuple(allowed),
-            model_prices=prices,
-            system_prompt=r.get("SYSTEM_PROMPT", str, cls.system_prompt),
-            allow_client_system_prompt=r.get("ALLOW_CLIENT_SYSTEM_PROMPT", _parse_bool, True),
-            max_output_tokens=r.get("MAX_OUTPUT_TOKENS", _int_range(1, 128_000), 4096),
-            session_ttl_seconds=r.get("SESSION_TTL_SECONDS", _int_range(60, 10 * 365 * 86400), 7 * 86400),
-            max_body_bytes=r.get("MAX_BODY_BYTES", _int_range(1024, 64 * 1024 * 1024), 8 * 1024 * 1024),
-            max_message_chars=r.get("MAX_MESSAGE_CHARS", _int_range(1, 10_000_000), 100_000),
-            max_session_messages=r.get("MAX_SESSION_MESSAGES", _int_range(2, 1_000_000), 1000),
-            max_ws_frame_bytes=r.get("MAX_WS_FRAME_BYTES", _int_range(1024, 64 * 1024 * 1024), 8 * 1024 * 1024),
-            header_timeout_seconds=r.get("HEADER_TIMEOUT_SECONDS", _float_range(0.1, 3600), 10.0),
-            body_timeout_seconds=r.get("BODY_TIMEOUT_SECONDS", _float_range(0.1, 3600), 30.0),
-            enabled_tools=r.get("ENABLED_TOOLS", _parse_list, ("calculator", "current_time")),
-            max_tool_iterations=r.get("MAX_TOOL_ITERATIONS", _int_range(1, 100), 5),
-            tool_timeout_seconds=r.get("TOOL_TIMEOUT_SECONDS", _float_range(0.01, 600), 10.0),
-            prompt_caching=r.get("PROMPT_CACHING", _parse_bool, True),
-            context_token_budget=r.get("CONTEXT_TOKEN_BUDGET", _int_range(1000, 10_000_000), 150_000),
-            session_token_budget=r.get("SESSION_TOKEN_BUDGET", _int_range(0, 10**12), 0),
-            max_image_bytes=r.get("MAX_IMAGE_BYTES", _int_range(1024, 64 * 1024 * 1024), 5 * 1024 * 1024),
-            max_images=r.get("MAX_IMAGES", _int_range(0, 100), 20),
-            turn_lock_ttl_seconds=r.get("TURN_LOCK_TTL_SECONDS", _float_range(1, 3600), 10.0),
-            event_log_ttl_seconds=r.get("EVENT_LOG_TTL_SECONDS", _int_range(10, 7 * 86400), 600),
-            event_log_maxlen=r.get("EVENT_LOG_MAXLEN", _int_range(100, 10_000_000), 20_000),
-            event_log_flush_ms=r.get("EVENT_LOG_FLUSH_MS", _int_range(0, 50), 50),
-            stream_coalesce_ms=r.get("STREAM_COALESCE_MS", _int_range(0, 200), 80),
-            heartbeat_seconds=r.get("HEARTBEAT_SECONDS", _float_range(0.05, 3600), 15.0),
-            ws_ping_seconds=r.get("WS_PING_SECONDS", _float_range(0.05, 3600), 20.0),
-            ws_compression=r.get("WS_COMPRESSION", _parse_bool, False),
-            graceful_shutdown_seconds=r.get("GRACEFUL_SHUTDOWN_SECONDS", _float_range(0, 3600), 25.0),
-            idempotency_ttl_seconds=r.get("IDEMPOTENCY_TTL_SECONDS", _int_range(1, 7 * 86400), 600),
-            offline_pace_ms=r.get("OFFLINE_PACE_MS", _float_range(0, 10_000), 15.0),
-            log_level=r.get("LOG_LEVEL", _parse_log_level, "INFO"),
-            **_security_settings(r),
-        )
-        if settings.web_concurrency > 1 and not settings.redis_url:
-            raise ConfigError(
-                "WEB_CONCURRENCY: more than one worker needs REDIS_URL; with in-memory sessions "
-                "each worker would keep its own history and conversations would split"
-            )
-        _check_tools(settings.enabled_tools)
-        return settings
-
-
-class _Reader:
-    """Reads one variable, converting it and naming it in any error."""
-
-    def __init__(self, env: Mapping[str, str]):
-        self.env = env
-
-    def get(self, name: str, parse: Callable[[str], T], default: T, nonempty: bool = False) -> T:
-        raw = self.env.get(name)
-        if raw is None or (raw.strip() == "" and not nonempty):
-            return default
-        raw = raw.strip()
-        if nonempty and not raw:
-            raise ConfigError(f"{name}: must not be empty")
+def _number(kind: type, expected: str, lo: float, hi: float) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
         try:
-            return parse(raw)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{name}: {exc}") from None
-
-
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
+            value = kind(raw)
         except ValueError:
-            raise ValueError(f"expected a whole number, got {raw!r}") from None
+            raise ValueError(f"expected {expected}, got {raw!r}") from None
         if not lo <= value <= hi:
             raise ValueError(f"{value} is outside {lo}..{hi}")
         return value
@@ -188,17 +41,12 @@ def _int_range(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _float_range(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"expected a number, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"{value} is outside {lo}..{hi}")
-        return value
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    return _number(int, "a whole number", lo, hi)
 
-    return parse
+
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    return _number(float, "a number", lo, hi)
 
 
 def _parse_bool(raw: str) -> bool:
@@ -249,49 +97,16 @@ def _parse_prices(raw: str) -> dict[str, dict[str, float]]:
     return {m: {k: float(v) for k, v in p.items()} for m, p in table.items()}
 
 
-def _security_settings(r: _Reader) -> dict:
-    """Auth, CORS and limits. Secure by default: without keys only a loopback HOST is allowed
-    (unless AUTH_DISABLED=true); once exposed, the limits default on (off for loopback dev)."""
-    from .auth import parse_key_entry
+def _parse_keys(raw: str) -> tuple[str, ...]:
+    from .security.keys import parse_key_entry
 
-    keys = r.get("AGENT_API_KEYS", _parse_list, ())
+    keys = _parse_list(raw)
     for i, key in enumerate(keys):
         try:
             parse_key_entry(key)
         except ValueError as exc:  # never echo the key itself
-            raise ConfigError(f"AGENT_API_KEYS: entry {i + 1}: {exc}") from None
-    disabled = r.get("AUTH_DISABLED", _parse_bool, False)
-    host = r.get("HOST", str, "127.0.0.1", nonempty=True)
-    if disabled and keys:
-        raise ConfigError("AUTH_DISABLED: cannot be true while AGENT_API_KEYS is set")
-    if not keys and not disabled and not _is_loopback(host):
-        raise ConfigError(f"AGENT_API_KEYS: required when HOST={host} is not a loopback address "
-                          "(or set AUTH_DISABLED=true to serve anyone who can reach it)")
-    exposed = bool(keys) or disabled
-    return dict(
-        api_keys=tuple(keys),
-        auth_disabled=disabled,
-        ticket_secret=r.get("AGENT_TICKET_SECRET", _parse_secret, None),
-        ws_ticket_ttl_seconds=r.get("WS_TICKET_TTL_SECONDS", _int_range(5, 600), 60),
-        allowed_origins=r.get("ALLOWED_ORIGINS", _parse_origins, ()),
-        rate_limit_rpm=r.get("RATE_LIMIT_RPM", _int_range(0, 10_000_000), 60 if exposed else 0),
-        rate_limit_tpm=r.get("RATE_LIMIT_TPM", _int_range(0, 10**12), 200_000 if exposed else 0),
-        max_concurrent_streams_per_principal=r.get(
-            "MAX_CONCURRENT_STREAMS_PER_PRINCIPAL", _int_range(0, 100_000), 8 if exposed else 0),
-        max_concurrent_upstream=r.get("MAX_CONCURRENT_UPSTREAM", _int_range(1, 100_000), 32),
-        upstream_queue_timeout_seconds=r.get("UPSTREAM_QUEUE_TIMEOUT_SECONDS", _float_range(0, 600), 10.0),
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host in LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+            raise ValueError(f"entry {i + 1}: {exc}") from None
+    return keys
 
 
 def _parse_secret(raw: str) -> str:
@@ -309,6 +124,159 @@ def _parse_origins(raw: str) -> tuple[str, ...]:
         if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
             raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port]")
     return origins
+
+
+def _env(default: Any, parse: Callable[[str], Any], *, env: str | None = None, nonempty: bool = False,
+         exposed: Any = None, secret: bool = False) -> Any:
+    """A setting: its default and parser; `env` when the variable is not the field's name in
+    capitals; `exposed`: the default once the server is exposed (API keys or AUTH_DISABLED)."""
+    meta = {"parse": parse, "env": env, "nonempty": nonempty, "exposed": exposed}
+    return field(default=default, metadata=meta, repr=not secret)
+
+
+@dataclass(frozen=True)
+class Settings:
+    anthropic_api_key: str | None = _env(None, str, secret=True)
+    anthropic_base_url: str | None = _env(None, _parse_url)
+    anthropic_max_retries: int = _env(2, _int(0, 10))
+    upstream_timeout_seconds: float = _env(120.0, _float(1, 3600))
+    redis_url: str | None = _env(None, _parse_redis_url)
+    host: str = _env("127.0.0.1", str, nonempty=True)
+    port: int = _env(8000, _int(0, 65535))
+    web_concurrency: int = _env(1, _int(1, 256))
+    default_model: str = _env("claude-sonnet-4-5", str, nonempty=True)
+    allowed_models: tuple[str, ...] = _env((), _parse_list)  # (): DEFAULT_MODEL and the priced models
+    # the environment's table is merged over DEFAULT_PRICES
+    model_prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES),
+                                                      metadata={"parse": _parse_prices})
+    system_prompt: str = _env("You are a helpful assistant.", str)
+    allow_client_system_prompt: bool = _env(True, _parse_bool)
+    max_output_tokens: int = _env(4096, _int(1, 128_000))
+    session_ttl_seconds: int = _env(7 * 24 * 3600, _int(60, 10 * 365 * 86400))
+    max_body_bytes: int = _env(8 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
+    max_message_chars: int = _env(100_000, _int(1, 10_000_000))
+    max_session_messages: int = _env(1000, _int(2, 1_000_000))
+    max_ws_frame_bytes: int = _env(8 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
+    header_timeout_seconds: float = _env(10.0, _float(0.1, 3600))
+    body_timeout_seconds: float = _env(30.0, _float(0.1, 3600))
+    # tools and the turn engine
+    enabled_tools: tuple[str, ...] = _env(("calculator", "current_time"), _parse_list)
+    max_tool_iterations: int = _env(5, _int(1, 100))
+    tool_timeout_seconds: float = _env(10.0, _float(0.01, 600))
+    prompt_caching: bool = _env(True, _parse_bool)
+    context_token_budget: int = _env(150_000, _int(1000, 10_000_000))
+    session_token_budget: int = _env(0, _int(0, 10**12))
+    max_image_bytes: int = _env(5 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
+    max_images: int = _env(20, _int(0, 100))
+    # turn lifecycle
+    turn_lock_ttl_seconds: float = _env(10.0, _float(1, 3600))
+    event_log_ttl_seconds: int = _env(600, _int(10, 7 * 86400))
+    event_log_maxlen: int = _env(20_000, _int(100, 10_000_000))
+    event_log_flush_ms: int = _env(50, _int(0, 50))
+    stream_coalesce_ms: int = _env(80, _int(0, 200))
+    heartbeat_seconds: float = _env(15.0, _float(0.05, 3600))
+    ws_ping_seconds: float = _env(20.0, _float(0.05, 3600))
+    ws_compression: bool = _env(False, _parse_bool)
+    graceful_shutdown_seconds: float = _env(25.0, _float(0, 3600))
+    idempotency_ttl_seconds: int = _env(600, _int(1, 7 * 86400))
+    # offline model pacing (ms between streamed events) when no API key is set
+    offline_pace_ms: float = _env(15.0, _float(0, 10_000))
+    log_level: str = _env("INFO", _parse_log_level)
+    # security and limits (server/security/); 0 turns a limit off. Secure by default: without
+    # keys only a loopback HOST is allowed (unless AUTH_DISABLED=true); once exposed, the
+    # limits default on (off for loopback development).
+    api_keys: tuple[str, ...] = _env((), _parse_keys, env="AGENT_API_KEYS", secret=True)
+    auth_disabled: bool = _env(False, _parse_bool)
+    ticket_secret: str | None = _env(None, _parse_secret, env="AGENT_TICKET_SECRET", secret=True)
+    ws_ticket_ttl_seconds: int = _env(60, _int(5, 600))
+    allowed_origins: tuple[str, ...] = _env((), _parse_origins)
+    rate_limit_rpm: int = _env(0, _int(0, 10_000_000), exposed=60)
+    rate_limit_tpm: int = _env(0, _int(0, 10**12), exposed=200_000)
+    max_concurrent_streams_per_principal: int = _env(0, _int(0, 100_000), exposed=8)
+    max_concurrent_upstream: int = _env(32, _int(1, 100_000))
+    upstream_queue_timeout_seconds: float = _env(10.0, _float(0, 600))
+
+    @property
+    def offline(self) -> bool:
+        """No API key and no explicit upstream: the bundled fake model answers."""
+        return not self.anthropic_api_key and not self.anthropic_base_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        values = {f.name: _read(env, f) for f in fields(cls)}
+        values["model_prices"] = prices = {**DEFAULT_PRICES, **(values["model_prices"] or {})}
+        default_model = values["default_model"]
+        if not values["allowed_models"]:
+            values["allowed_models"] = tuple(dict.fromkeys([default_model, *prices]))
+        if default_model not in values["allowed_models"]:
+            raise ConfigError(f"DEFAULT_MODEL: {default_model!r} is not in ALLOWED_MODELS")
+        keys, disabled, host = values["api_keys"], values["auth_disabled"], values["host"]
+        if disabled and keys:
+            raise ConfigError("AUTH_DISABLED: cannot be true while AGENT_API_KEYS is set")
+        if not keys and not disabled and not is_loopback(host):
+            raise ConfigError(f"AGENT_API_KEYS: required when HOST={host} is not a loopback address "
+                              "(or set AUTH_DISABLED=true to serve anyone who can reach it)")
+        if keys or disabled:
+            for f in fields(cls):
+                if f.metadata.get("exposed") is not None and not env.get(_name(f), "").strip():
+                    values[f.name] = f.metadata["exposed"]
+        settings = cls(**values)
+        if settings.web_concurrency > 1 and not settings.redis_url:
+            raise ConfigError(
+                "WEB_CONCURRENCY: more than one worker needs REDIS_URL; with in-memory sessions "
+                "each worker would keep its own history and conversations would split"
+            )
+        _check_tools(settings.enabled_tools)
+        return settings
+
+
+def _name(f: Field) -> str:
+    return f.metadata.get("env") or f.name.upper()
+
+
+def _read(env: Mapping[str, str], f: Field) -> Any:
+    """One variable, parsed (its default when unset or blank), named in any error."""
+    name, raw = _name(f), env.get(_name(f))
+    if raw is None or not raw.strip():
+        if raw is not None and f.metadata.get("nonempty"):
+            raise ConfigError(f"{name}: must not be empty")
+        return None if f.default is MISSING else f.default
+    try:
+        return f.metadata["parse"](raw.strip())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def env_defaults() -> list[tuple[str, str]]:
+    """(variable, default as the docs write it) for every setting, in declaration order; ""
+    when there is none: unset, or derived from other settings."""
+    out = []
+    for f in fields(Settings):
+        value = None if f.default is MISSING or f.metadata.get("exposed") is not None else f.default
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        elif isinstance(value, float) and value.is_integer():
+            text = str(int(value))
+        else:
+            text = "" if value is None else str(value)
+        out.append((_name(f), text))
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback name or address: HOST here, a client address or a Host header's name in the
+    security guard (server/security/guard.py). The one loopback check."""
+    import ipaddress
+
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_tools(enabled: tuple[str, ...]) -> None:

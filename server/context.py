@@ -1,13 +1,10 @@
 """What each model call sends: the context window and the prompt-cache breakpoints.
 
 Stored history is never shortened; only the window sent shrinks when the estimate exceeds
-`CONTEXT_TOKEN_BUDGET`. A window always starts at a user message that opens a turn (plain
-user content, never a `tool_result`), so a tool_use is never separated from its result and
-the window never starts with an assistant message.
-
-Token estimates are character counts divided by a ratio calibrated from the last call's
-reported prompt tokens for this session: cheap, and self-correcting for the language and
-content mix of the conversation.
+`CONTEXT_TOKEN_BUDGET`. A window starts at a user message that opens a turn (never a
+`tool_result`), so a tool_use keeps its result and no window starts with the assistant.
+Token estimates are characters divided by a ratio calibrated from the session's last call
+(its reported prompt tokens): cheap, and self-correcting for the conversation's language.
 """
 
 from __future__ import annotations
@@ -59,10 +56,8 @@ def opens_turn(message: Mapping[str, Any]) -> bool:
 
 def window(messages: list[Mapping[str, Any]], fixed_chars: int, budget_tokens: int,
            ratio: float) -> tuple[int, int]:
-    """Index of the first message to send, and the estimated prompt characters.
-
-    Drops whole turns from the front until the estimate fits; always keeps the latest turn.
-    """
+    """Index of the first message to send, and the estimated prompt characters: whole turns
+    are dropped from the front until the estimate fits; the latest turn is always kept."""
     sizes = [message_chars(m) for m in messages]
     total = fixed_chars + sum(sizes)
     budget_chars = int(budget_tokens * ratio)
@@ -71,19 +66,16 @@ def window(messages: list[Mapping[str, Any]], fixed_chars: int, budget_tokens: i
     starts = [i for i, m in enumerate(messages) if opens_turn(m)]
     if not starts:
         return 0, total
-    start = 0
-    for candidate in starts:
-        start = candidate
-        total = fixed_chars + sum(sizes[candidate:])
+    for start in starts:
+        total = fixed_chars + sum(sizes[start:])
         if total <= budget_chars:
             break
     return start, total
 
 
 def tool_definitions(tools: list[dict[str, Any]], caching: bool) -> list[dict[str, Any]]:
-    """The tool definitions to send: with caching, the last one carries a breakpoint (the
-    tools come first in the prompt, so they are part of every cached prefix). The given
-    definitions are copied, never modified."""
+    """The tool definitions to send (copies): with caching, the last one carries a breakpoint
+    (tools come first in the prompt: part of every cached prefix)."""
     if caching and tools:
         return [*tools[:-1], {**tools[-1], "cache_control": CACHE}]
     return tools
@@ -91,9 +83,8 @@ def tool_definitions(tools: list[dict[str, Any]], caching: bool) -> list[dict[st
 
 def with_breakpoints(system: str, messages: list[Mapping[str, Any]],
                      caching: bool) -> tuple[list[dict[str, Any]] | str, list[Mapping[str, Any]]]:
-    """Mark the cacheable prefix: system prompt, and the latest message (a rolling breakpoint
-    the next call reads from). With the tools' (`tool_definitions`), at most 3 of the API's 4
-    breakpoints; stored messages are copied, never modified."""
+    """Mark the cacheable prefix: system prompt and latest message (a rolling breakpoint the
+    next call reads from); with the tools', 3 of the API's 4. Stored messages are copied."""
     if not caching:
         return system, messages
     system_blocks: list[dict[str, Any]] | str = system

@@ -13,12 +13,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, Callable
 
 import anthropic
 
-from . import context, structured
-from . import metrics
+from . import context, metrics, structured
 from .config import Settings
 from .errors import ApiError, from_exception, from_upstream, store_unavailable
 from .events import Event, encode, unlogged
@@ -66,12 +65,6 @@ class UpstreamGate:
     def release(self) -> None:
         self._sem.release()
 
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
 
 @dataclass(slots=True)
 class TurnHandle:
@@ -104,6 +97,7 @@ class Engine:
         self.tools = tools
         self.prices = prices
         self.turns: dict[str, Turn] = {}
+        metrics.setup()  # (at worker startup: the engine is built in the lifespan)
         tool_defs = tools.definitions() if tools else []
         self._tool_chars = sum(len(json.dumps(t)) for t in tool_defs)
         # The tool definitions (with their cache breakpoint) are the same on every call: encoded once.
@@ -115,9 +109,8 @@ class Engine:
                                        heartbeat=settings.heartbeat_seconds)
         self.accepting = True
         self.stopping = False  # set once draining is over: remote followers end too
-        # per-worker cap on concurrent model calls; listeners get (principal, usage) per finished turn
         self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
-        self.turn_listeners: list[Callable[[str, Usage], None]] = []
+        self.turn_listeners: list[Callable[[str, Usage], None]] = []  # (principal, usage) per finished turn
 
     # -- public API ----------------------------------------------------------------------
     async def start(self, req: TurnRequest, principal: str) -> TurnHandle:
@@ -165,30 +158,42 @@ class Engine:
         return self._follow_remote(session_id, turn_id, after_seq)
 
     async def _follow_remote(self, session_id: str, turn_id: str, after_seq: int) -> AsyncGenerator[list[Event], None]:
-        last_seq = after_seq
+        block_ms = int(min(self.settings.heartbeat_seconds * 1000, REMOTE_POLL_MS))
+        quiet_since = time.monotonic()
         try:
-            async for batch in self._follow_log(session_id, turn_id, after_seq):
+            while not self.stopping:
+                batch = await self.store.read_events(session_id, turn_id, after_seq, block_ms)
                 if batch:
-                    last_seq = batch[-1].seq
-                yield batch
+                    quiet_since = time.monotonic()
+                    after_seq = batch[-1].seq
+                    yield batch
+                    if batch[-1].terminal:
+                        break
+                    continue
+                if await self.store.lock_holder(session_id) != turn_id:
+                    # Finished (its terminal event is in the log by now) or its worker died.
+                    if await self.store.read_events(session_id, turn_id, after_seq, 0):
+                        continue
+                    if not await self.store.abandon_turn(session_id, turn_id, INTERRUPTED_FIELDS):
+                        break  # the log already ends with its terminal event: nothing after `after_seq`
+                    continue
+                if time.monotonic() - quiet_since >= self.settings.heartbeat_seconds:
+                    quiet_since = time.monotonic()
+                    yield []
         except Exception as exc:
             if not store_unavailable(exc):
                 raise
             # The log cannot be read now: the client resumes from its last event later.
-            yield [unlogged(last_seq, "error", from_exception(exc).payload())]
+            yield [unlogged(after_seq, "error", from_exception(exc).payload())]
             return
         if self.stopping:
-            # This worker is shutting down while another one runs the turn: tell the client
-            # to reconnect (to any worker) and resume. The notice has no id of its own (it is
-            # not in the turn's log): a client resumes after the last real event it saw.
-            yield [unlogged(last_seq, "error", ApiError("server_restarting").payload())]
+            # Shutting down while another worker runs the turn: the client resumes elsewhere,
+            # after the last real event it saw (the notice has no id: it is not in the log).
+            yield [unlogged(after_seq, "error", ApiError("server_restarting").payload())]
 
     async def cancel(self, session_id: str, principal: str) -> str | None:
         """Cancel the session's running turn wherever it runs; returns its id (or None)."""
-        state = await self.store.last_turn(session_id, principal)
-        if state is None:
-            raise ApiError("session_not_found")
-        turn_id, running = state
+        turn_id, running = await self._last_turn(session_id, principal)
         if not running or turn_id is None:
             return None
         await self.cancel_turn(turn_id)
@@ -204,13 +209,16 @@ class Engine:
 
     async def resumable_turn(self, session_id: str, principal: str) -> tuple[str | None, bool]:
         """The session's running or recent turn (its log not yet expired), and whether it runs."""
-        state = await self.store.last_turn(session_id, principal)
-        if state is None:
-            raise ApiError("session_not_found")
-        turn_id, running = state
+        turn_id, running = await self._last_turn(session_id, principal)
         if turn_id is not None and not running and not await self.store.has_log(session_id, turn_id):
             return None, False
         return turn_id, running
+
+    async def _last_turn(self, session_id: str, principal: str) -> tuple[str | None, bool]:
+        state = await self.store.last_turn(session_id, principal)
+        if state is None:
+            raise ApiError("session_not_found")
+        return state
 
     async def session(self, session_id: str, principal: str) -> SessionView:
         view = await self.store.get_session(session_id, principal)
@@ -240,31 +248,6 @@ class Engine:
             await asyncio.wait(tasks, timeout=5.0)
         self.stopping = True
 
-    # -- following another worker's turn -------------------------------------------------
-    async def _follow_log(self, session_id: str, turn_id: str, after_seq: int) -> AsyncIterator[list[Event]]:
-        block_ms = int(min(self.settings.heartbeat_seconds * 1000, REMOTE_POLL_MS))
-        quiet_since = time.monotonic()
-        while not self.stopping:
-            batch = await self.store.read_events(session_id, turn_id, after_seq, block_ms)
-            if batch:
-                quiet_since = time.monotonic()
-                after_seq = batch[-1].seq
-                yield batch
-                if batch[-1].terminal:
-                    return
-                continue
-            if await self.store.lock_holder(session_id) != turn_id:
-                # Finished (its terminal event is in the log by now) or its worker died.
-                batch = await self.store.read_events(session_id, turn_id, after_seq, 0)
-                if batch:
-                    continue
-                if not await self.store.abandon_turn(session_id, turn_id, INTERRUPTED_FIELDS):
-                    return  # the log already ends with its terminal event: nothing after `after_seq`
-                continue
-            if time.monotonic() - quiet_since >= self.settings.heartbeat_seconds:
-                quiet_since = time.monotonic()
-                yield []
-
     def _cancel_local(self, turn_id: str, reason: str) -> bool:
         turn = self.turns.get(turn_id)
         if turn is None or turn.task is None or turn.done or turn.finishing:
@@ -279,7 +262,6 @@ class Engine:
         progress = _Progress(messages=[req.user_message()])
         outcome, error = "completed", None
         try:
-            self._check_limits(started, req)
             await self._loop(turn, req, started, progress)
         except asyncio.CancelledError:
             outcome = turn.cancel_reason or "cancelled"
@@ -300,7 +282,7 @@ class Engine:
         finally:
             self.turns.pop(turn.turn_id, None)
 
-    def _check_limits(self, started: Started, req: TurnRequest) -> None:
+    async def _loop(self, turn: Turn, req: TurnRequest, started: Started, progress: _Progress) -> None:
         s = self.settings
         if started.meta.message_count + 2 > s.max_session_messages:
             raise ApiError("session_full")
@@ -308,9 +290,6 @@ class Engine:
             raise ApiError("budget_exceeded",
                            f"This session has used {started.meta.usage.total} of its "
                            f"{s.session_token_budget} tokens.")
-
-    async def _loop(self, turn: Turn, req: TurnRequest, started: Started, progress: _Progress) -> None:
-        s = self.settings
         system = req.system if req.system is not None else s.system_prompt
         if req.response_schema is not None:
             system = f"{system}\n\n{structured.instruction(req.response_schema)}".strip()
@@ -454,9 +433,10 @@ class Engine:
         messages = self._messages_to_commit(progress, outcome, error)
         cost = self.prices.cost(req.model, progress.usage)
         duration = time.monotonic() - turn.started_at
-        record = {"turn_id": turn.turn_id, "status": outcome, "stop_reason": progress.stop_reason,
-                  "model": req.model, "usage": progress.usage.to_dict(), "estimated_cost_usd": cost,
-                  "model_calls": progress.model_calls, "request_ids": progress.request_ids,
+        usage = progress.usage.to_dict()
+        common = {"model": req.model, "usage": usage, "estimated_cost_usd": cost,
+                  "model_calls": progress.model_calls, "request_ids": progress.request_ids}
+        record = {"turn_id": turn.turn_id, "status": outcome, "stop_reason": progress.stop_reason, **common,
                   "messages": len(messages), "finished_at": time.time()}
         if error is not None:
             record["error"] = error.code
@@ -466,7 +446,7 @@ class Engine:
             payload: dict[str, Any] = {
                 "session_id": turn.session_id, "turn_id": turn.turn_id, "stop_reason": stop_reason,
                 "truncated": progress.stop_reason == "max_tokens", "cancelled": outcome == "cancelled",
-                "text": "".join(progress.text), "usage": progress.usage.to_dict(),
+                "text": "".join(progress.text), "usage": usage,
                 "estimated_cost_usd": cost, "model": req.model, "model_calls": progress.model_calls,
                 "request_id": progress.request_ids[-1] if progress.request_ids else None,
                 "request_ids": progress.request_ids,
@@ -500,10 +480,8 @@ class Engine:
         turn.publish_final(final)
         turn_log.info("turn %s", outcome, extra={"fields": {
             "event": "turn", "session_id": turn.session_id, "turn_id": turn.turn_id,
-            "principal": principal, "model": req.model, "outcome": outcome,
-            "error": error.code if error else None, "stop_reason": progress.stop_reason,
-            "model_calls": progress.model_calls, "request_ids": progress.request_ids,
-            "usage": progress.usage.to_dict(), "estimated_cost_usd": cost,
+            "principal": principal, "outcome": outcome, "error": error.code if error else None,
+            "stop_reason": progress.stop_reason, **common,
             "ttft_ms": round((progress.first_token_at - turn.started_at) * 1000, 1)
             if progress.first_token_at else None,
             "duration_ms": round(duration * 1000, 1),

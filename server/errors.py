@@ -1,9 +1,8 @@
 """Our error codes, and the one place that maps upstream (SDK) failures onto them.
 
-Every error a client sees carries a stable `code`, a human `message` and `retryable`
-(whether sending the same request again can help). Before the first byte of a response the
-code maps to an HTTP status; after it, the same payload travels as an `error` event.
-Upstream messages are never passed through verbatim: they can name our key's organisation,
+Every error a client sees carries a stable `code`, a human `message` and `retryable`. Before
+a response starts the code maps to an HTTP status; after, the same payload is an `error`
+event. Upstream messages are never passed through: they can name our key's organisation,
 internal ids or request details that are not the client's business.
 """
 
@@ -62,12 +61,10 @@ class ApiError(Exception):
 
     def __init__(self, code: str, message: str | None = None, *, retry_after: float | None = None,
                  **extra: Any) -> None:
-        status, retryable, default = ERRORS[code]
-        super().__init__(message or default)
+        self.status, self.retryable, default = ERRORS[code]
         self.code = code
         self.message = message or default
-        self.status = status
-        self.retryable = retryable
+        super().__init__(self.message)
         self.retry_after = retry_after
         self.extra = extra
 
@@ -106,7 +103,8 @@ def from_upstream(exc: BaseException) -> ApiError:
     if isinstance(exc, anthropic.APIConnectionError):
         return ApiError("upstream_unavailable", "The model service is unreachable.")
     if isinstance(exc, anthropic.APIStatusError):
-        return _from_status(exc.status_code, _error_type(exc), _error_message(exc),
+        error_type = _error_field(exc, "type") or getattr(exc, "type", None)
+        return _from_status(exc.status_code, error_type, _error_field(exc, "message") or "",
                             _retry_after(exc), getattr(exc, "request_id", None))
     if isinstance(exc, UpstreamStreamError):
         return _from_status(200, exc.error_type, exc.message, None, exc.request_id)
@@ -138,14 +136,10 @@ def from_exception(exc: BaseException) -> ApiError:
         now = time.monotonic()
         if now - _store_warned_at >= STORE_WARNING_EVERY:  # one line per outage, not per request
             _store_warned_at = now
-            log.warning("session store unavailable: %s", _describe(exc))
+            log.warning("session store unavailable: %s: %s", type(exc).__name__, str(exc)[:200])
         return ApiError("store_unavailable")
     log.error("unexpected error", exc_info=exc)
     return ApiError("internal")
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class UpstreamStreamError(Exception):
@@ -185,22 +179,11 @@ def _from_status(status: int, error_type: str | None, message: str, retry_after:
     return ApiError("upstream_unavailable", **extra)
 
 
-def _error_type(exc: anthropic.APIStatusError) -> str | None:
-    body = exc.body
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and isinstance(err.get("type"), str):
-            return err["type"]
-    return getattr(exc, "type", None)
-
-
-def _error_message(exc: anthropic.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"]
-    return ""
+def _error_field(exc: anthropic.APIStatusError, key: str) -> str | None:
+    """`error.<key>` of the upstream's error body, when it is a string."""
+    err = exc.body.get("error") if isinstance(exc.body, dict) else None
+    value = err.get(key) if isinstance(err, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _retry_after(exc: anthropic.APIStatusError) -> float | None:

@@ -51,6 +51,16 @@ def text_delta(turn_id: str, seq: int, text: str, text_json: str | None = None) 
                  f'{{"type":"text_delta","id":"{eid}","text":{text_json or _dumps(text)}}}'.encode())
 
 
+def text_literal(event: Event) -> str:
+    """The JSON string literal of a text_delta's text, sliced out of the encoded event (as
+    `text_delta` writes it) without parsing it."""
+    raw = event.data.decode()
+    prefix = f'{{"type":"text_delta","id":"{event.id}","text":'
+    if raw.startswith(prefix) and raw.endswith('"}'):
+        return raw[len(prefix):-1]
+    return _dumps(json.loads(raw)["text"])
+
+
 def parse_event_id(value: object) -> tuple[str, int] | None:
     """`<turn_id>:<seq>` -> (turn_id, seq); None for anything else (also a non-string, as
     a WebSocket frame can carry, and non-ASCII digits such as "²", which int() refuses)."""
@@ -60,6 +70,13 @@ def parse_event_id(value: object) -> tuple[str, int] | None:
     if not seq.isascii() or not seq.isdigit() or not turn_id or len(seq) > 9:
         return None
     return turn_id, int(seq)
+
+
+def resume_after(last_event_id: object, turn_id: str | None) -> int:
+    """Where a client resuming `turn_id` with `last_event_id` continues: after that event
+    when it is one of this turn's, else from the turn's start."""
+    last = parse_event_id(last_event_id)
+    return last[1] if last and last[0] == turn_id else 0
 
 
 def sse_frame(event: Event) -> bytes:

@@ -1,13 +1,10 @@
 """One task per worker that does every running turn's periodic work, in batches.
 
 Per-turn background tasks (a log writer, a lock renewer, a heartbeat timer per follower)
-cost a wakeup and a Redis round trip each; with hundreds of streams that dominated the
-server's CPU. Instead, every `EVENT_LOG_FLUSH_MS` this task:
-- writes the events every turn emitted since the last pass, one log entry per turn, all in
-  ONE pipelined Redis round trip (together with any due lock renewals);
-- renews the session lock of turns that are due (every TTL/3);
-- wakes the followers of turns that were quiet for `HEARTBEAT_SECONDS`, so transports can
-  send a keep-alive.
+would cost a wakeup and a Redis round trip each. Instead, every `EVENT_LOG_FLUSH_MS` this task
+writes the events every turn emitted since the last pass (one log entry per turn) and renews
+the session locks that are due (every TTL/3), all in ONE pipelined round trip, and wakes the
+followers of turns quiet for `HEARTBEAT_SECONDS` so transports can send a keep-alive.
 """
 
 from __future__ import annotations
@@ -33,8 +30,9 @@ class Housekeeper:
         self.flush_interval = flush_interval
         self.renew_every = max(lock_ttl / 3, 0.05)
         self.heartbeat = heartbeat
-        self.turns: set[Turn] = set()
+        self.turns: dict[Turn, float] = {}  # running turn -> when its lock is due for renewal
         self.dirty: set[Turn] = set()
+        self.logged: set[Turn] = set()  # turns whose log has its first entry (and TTL)
         self._dirty_signal = asyncio.Event()
         self._inflight: asyncio.Future[None] | None = None
         self._inflight_turns: set[Turn] = set()
@@ -51,8 +49,7 @@ class Housekeeper:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def add(self, turn: Turn) -> None:
-        turn.renew_at = time.monotonic() + self.renew_every
-        self.turns.add(turn)
+        self.turns[turn] = time.monotonic() + self.renew_every
 
     def mark(self, turn: Turn) -> None:
         """The turn has new events to write (called per event: a set insert)."""
@@ -63,12 +60,12 @@ class Housekeeper:
     async def release(self, turn: Turn) -> list:
         """Forget the turn; return its events not yet written (they go with its commit).
         Waits for a write in flight that carries its events, so the log keeps its order."""
-        self.turns.discard(turn)
+        self.turns.pop(turn, None)
         self.dirty.discard(turn)
         while turn in self._inflight_turns and self._inflight is not None:
             await asyncio.shield(self._inflight)
-        unsent, turn.pending = turn.pending, []
-        return unsent
+        self.logged.discard(turn)
+        return turn.take_pending()
 
     def _failed(self, exc: Exception) -> None:
         """A failed write is retried every pass: say so once per outage (and every
@@ -103,15 +100,13 @@ class Housekeeper:
                 turn.tick(now)
         writing = [t for t in self.dirty if t.pending]
         self.dirty.clear()
-        renewing = [t for t in self.turns if t.renew_at <= now]
+        renewing = [t for t, due in self.turns.items() if due <= now]
         if not writing and not renewing:
             return
-        batches = []
-        for turn in writing:
-            batches.append(LogBatch(turn.session_id, turn.turn_id, turn.pending, first=not turn.logged))
-            turn.pending = []
+        batches = [LogBatch(t.session_id, t.turn_id, t.take_pending(), first=t not in self.logged)
+                   for t in writing]
         for turn in renewing:
-            turn.renew_at = now + self.renew_every
+            self.turns[turn] = now + self.renew_every
         self._inflight = asyncio.get_running_loop().create_future()
         self._inflight_turns = set(writing)
         try:
@@ -119,7 +114,7 @@ class Housekeeper:
         except Exception as exc:
             self._failed(exc)
             for turn, batch in zip(writing, batches):
-                turn.pending[:0] = batch.events
+                turn.requeue(batch.events)
                 self.dirty.add(turn)
             return
         finally:
@@ -128,8 +123,7 @@ class Housekeeper:
         if self._failures:
             log.info("event log writes recovered after %d failed passes", self._failures)
             self._failures = 0
-        for turn in writing:
-            turn.logged = True
+        self.logged.update(writing)
         for turn, ok in zip(renewing, renewed):
             if not ok and turn in self.turns:
                 log.warning("turn %s lost its session lock", turn.turn_id)

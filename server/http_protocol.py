@@ -1,14 +1,11 @@
 """A deadline for the request head (`HEADER_TIMEOUT_SECONDS`), which uvicorn does not have.
 
-uvicorn's own timers cover an idle keep-alive connection, not a client that opens a
-connection and sends nothing, or trickles a request head byte by byte: such connections
-were held forever. This is uvicorn's httptools protocol plus one timer: armed when the
-connection opens and when a request's first byte arrives on a kept-alive connection,
-disarmed once the head is complete (and armed again, after a response, for the rest of a
-body the app refused without reading it). When it fires, a connection that has sent part of
-a head gets a 408 `request_timeout` (our JSON error shape); any other is simply closed.
-Everything after the head (the body: `BODY_TIMEOUT_SECONDS` in server/security.py; SSE
-answers; WebSockets, which leave this protocol at the upgrade) is not timed here.
+uvicorn's timers cover an idle keep-alive connection, not a client that connects and sends
+nothing or trickles a head byte by byte. This is uvicorn's httptools protocol plus one timer,
+armed when the connection opens or a kept-alive connection's next request begins (and, after
+a response, for the rest of a body the app refused unread), disarmed once the head is in.
+When it fires, a partly sent head gets a 408 `request_timeout`; an idle connection is closed.
+Bodies (`BODY_TIMEOUT_SECONDS`, server/security), answers and WebSockets are not timed here.
 
 Used by `python -m server` and the Procfile (`--http server.http_protocol:HeadDeadlineProtocol`).
 """
@@ -39,14 +36,13 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_timer = self.loop.call_later(head_timeout(), self._head_timed_out)
+        self._arm_head_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_begun = True
-        if self._head_timer is None:  # a kept-alive connection's next request (the first
-            # request's clock started with the connection)
-            self._head_timer = self.loop.call_later(head_timeout(), self._head_timed_out)
+        if self._head_timer is None:  # a kept-alive connection's next request
+            self._arm_head_timer()  # (the first request's clock started with the connection)
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
@@ -63,11 +59,14 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
                 and not self.transport.is_closing():
             # Answered before its body was all in (a refusal: 401, 403, 413): the rest of the
             # body stands between the connection and its next request head; time it as one.
-            self._head_timer = self.loop.call_later(head_timeout(), self._head_timed_out)
+            self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
         super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(head_timeout(), self._head_timed_out)
 
     def _disarm_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -81,7 +80,7 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             # A response is still being written (a pipelined head arrives behind a long
             # stream): that response is not ours to cut; the head gets another period.
-            self._head_timer = self.loop.call_later(head_timeout(), self._head_timed_out)
+            self._arm_head_timer()
             return
         client = "%s:%d" % self.client if self.client else "-"
         if self._head_begun:

@@ -13,14 +13,13 @@ import gc
 import logging
 import signal
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import anthropic
 
 from . import metrics
 from .config import Settings
 from .engine import Engine
-from .fake_anthropic import FakeAnthropic
 from .store.base import Store
 from .store.memory import MemoryStore
 from .store.redis import RedisStore
@@ -28,12 +27,13 @@ from .tools import load_toolset
 from .upstream_transport import make_http_client
 from .usage import PriceTable
 
+if TYPE_CHECKING:
+    from .fake_anthropic import FakeAnthropic
+
 log = logging.getLogger("server.lifecycle")
 
-# Young-generation threshold for the cyclic GC (CPython's default is 700). Streaming
-# allocates a few small dicts/strings per event; at 400 streams the default thresholds
-# spent ~11% of the worker's CPU in collections (most of it scanning long-lived objects
-# again and again); with the startup heap frozen and this threshold, under 1%.
+# Young-generation threshold for the cyclic GC (CPython's default is 700): streaming allocates
+# a few small objects per event, and the default collects (and rescans long-lived objects) often.
 GC_YOUNG_THRESHOLD = 50_000
 _gc_tuned = False
 # After a drain that had turns: time for their followers to write the terminal event before
@@ -56,6 +56,8 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     fake: FakeAnthropic | None = None
     base_url, api_key = settings.anthropic_base_url, settings.anthropic_api_key
     if settings.offline:
+        from .fake_anthropic import FakeAnthropic  # only the offline model needs the fake API
+
         fake = FakeAnthropic(pace_ms=settings.offline_pace_ms)
         base_url, api_key = await fake.start(), "offline-model"
         log.warning("OFFLINE MODE: ANTHROPIC_API_KEY is not set; answers come from the bundled "
@@ -63,8 +65,7 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     client = anthropic.AsyncAnthropic(api_key=api_key or "no-key", base_url=base_url,
                                       max_retries=settings.anthropic_max_retries,
                                       timeout=settings.upstream_timeout_seconds,
-                                      # asyncio-native socket I/O (upstream_transport); counts
-                                      # requests and SDK retries for /metrics
+                                      # our transport, counting requests and retries for /metrics
                                       http_client=metrics.instrumented_http_client(
                                           make_http_client, timeout=settings.upstream_timeout_seconds))
     store = make_store(settings)
@@ -91,10 +92,9 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
 
 
 def _tune_gc() -> None:
-    """Once per process, after startup: move everything alive now (modules, the SDK's
-    models, settings) out of the collector's sight, and collect young objects less often.
-    Objects are still freed by reference counting the moment they are dropped; only
-    cyclic garbage waits a little longer."""
+    """Once per process, after startup: freeze what is alive now (modules, the SDK's models,
+    settings) out of the collector's sight, and collect young objects less often (only
+    cyclic garbage waits longer: reference counting still frees the rest at once)."""
     global _gc_tuned
     if _gc_tuned:
         return
@@ -106,15 +106,10 @@ def _tune_gc() -> None:
 
 
 def _drain_on_sigterm(engine: Engine, grace: float):
-    """Drain first, then hand SIGTERM to uvicorn; returns an undo function.
-
-    uvicorn's shutdown waits for HTTP responses in progress (SSE) but closes every WebSocket
-    with 1012 within ~0.1 s, and its lifespan shutdown then stops whatever still runs. So the
-    signal reaches uvicorn only once the drain is over: no new turns from the first moment
-    (`/ready` says so; a new turn gets 503 `server_restarting`), running turns (whatever
-    transport started them) get `grace` seconds, and their followers (SSE or WebSocket) get
-    the last event; then uvicorn stops listening and closes the connections (1012). A
-    repeated SIGTERM (a supervisor relaying it) changes nothing; SIGINT goes to uvicorn."""
+    """Drain first, then hand SIGTERM to uvicorn (which closes WebSockets at once); returns
+    an undo function. From the signal on, no new turns (`/ready` says so, a new turn gets
+    503 `server_restarting`); running turns get `grace` seconds and their followers the last
+    event. A repeated SIGTERM changes nothing; SIGINT goes to uvicorn."""
     loop = asyncio.get_running_loop()
     try:
         previous = signal.getsignal(signal.SIGTERM)

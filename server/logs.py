@@ -2,17 +2,30 @@
 
 Loggers under `server.` pass structured fields as `extra={"fields": {...}}`; they are merged
 into the line. Never log request bodies, keys or per-token events.
+
+Every line also carries the request id (server/middleware.py): it lives in a context
+variable, and tasks started while handling a request (a turn, a WebSocket's forwarding task)
+copy the context, so their lines carry the id of the request that started them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 from contextvars import ContextVar
 
-from . import request_id
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# Letters, digits and a few separators: nothing that could split a log line or a header.
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's `X-Request-ID` if it is 1-128 safe characters, else a new random one."""
+    return value if value and _SAFE_ID.fullmatch(value) else uuid.uuid4().hex
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,7 +36,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        rid = request_id.current()
+        rid = request_id.get()
         if rid is not None:
             line["request_id"] = rid
         fields = getattr(record, "fields", None)
@@ -54,25 +67,3 @@ def configure(level: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-
-
-# -- refused WebSocket handshakes --------------------------------------------------------
-# Refusing a handshake with an HTTP status (server/security.py `_deny_websocket`) makes
-# uvicorn log "ASGI callable returned without completing handshake." at ERROR: anyone could
-# fill the error log with it. The refusal is marked in the connection's task context, and
-# that one line is dropped for it (uvicorn's INFO line `"WebSocket /path" 401` remains).
-_handshake_refused: ContextVar[bool] = ContextVar("handshake_refused", default=False)
-_UNFINISHED_HANDSHAKE = frozenset({
-    "ASGI callable returned without completing handshake.",  # websockets-sansio, wsproto
-    "ASGI callable returned without sending handshake.",     # websockets (legacy)
-})
-
-
-def handshake_refused() -> None:
-    """Called by the app when it answers a WebSocket handshake with an HTTP refusal."""
-    _handshake_refused.set(True)
-
-
-class QuietRefusedHandshakes(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg in _UNFINISHED_HANDSHAKE and _handshake_refused.get())

@@ -1,11 +1,18 @@
-"""Where prometheus-client's multiprocess files go (see server/metrics.py for the why).
+"""Where prometheus-client's multiprocess files go (`PROMETHEUS_MULTIPROC_DIR`).
 
-Kept apart from metrics.py, and free of prometheus-client imports, so that the supervisor
-(`python -m server`) can prepare the directory before anything writes to it.
+The directory must be the same for every worker of one server and empty when it starts:
+- `python -m server` (scripts/run) calls `prepare_supervisor` before uvicorn starts the
+  workers: it wipes the operator's directory, or creates a fresh one for several workers;
+- a worker of `uvicorn --workers N` started directly (Procfile, Dockerfile) with no
+  directory given uses `$TMPDIR/agent-metrics-w-<supervisor pid>-<its start time>`: uvicorn
+  spawns its workers, so they agree on it through their common parent, and a new supervisor
+  starts from zero.
+Free of prometheus-client imports: the supervisor never loads it.
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import multiprocessing
 import os
@@ -21,8 +28,7 @@ def _start_time(pid: int) -> str:
     """The process's start time in clock ticks since boot (Linux); '' elsewhere."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-        return stat.rsplit(")", 1)[1].split()[19]
+            return f.read().decode(errors="replace").rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return ""
 
@@ -33,14 +39,13 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
 def _configured() -> str | None:
-    """The operator's directory. Set but empty (`PROMETHEUS_MULTIPROC_DIR=` from a copied
-    .env.example) counts as unset and is removed: prometheus-client would otherwise switch to
-    multiprocess mode on the variable's mere presence and write its files to the cwd."""
+    """The operator's directory. Set but empty (from a copied .env.example) counts as unset
+    and is removed: prometheus-client would take its mere presence for multiprocess mode."""
     path = os.environ.get(ENV)
     if path is not None and not path.strip():
         del os.environ[ENV]
@@ -49,7 +54,7 @@ def _configured() -> str | None:
 
 
 def worker_dir() -> str | None:
-    """The directory this process writes to, or None for the in-memory registry."""
+    """The directory this worker writes to (created), or None for the in-memory registry."""
     path = _configured()
     if path:
         os.makedirs(path, exist_ok=True)
@@ -59,8 +64,7 @@ def worker_dir() -> str | None:
     ppid = os.getppid()
     base = tempfile.gettempdir()
     path = os.path.join(base, f"{_DIR_PREFIX}w-{ppid}-{_start_time(ppid) or 'x'}")
-    # Dirs of supervisors that are gone (pid not running) are leftovers: remove them.
-    for old in glob.glob(os.path.join(base, f"{_DIR_PREFIX}w-*")):
+    for old in glob.glob(os.path.join(base, f"{_DIR_PREFIX}w-*")):  # of supervisors now gone
         match = re.fullmatch(r".*-w-(\d+)-[0-9x]+", old)
         if match and old != path and not alive(int(match.group(1))):
             shutil.rmtree(old, ignore_errors=True)
@@ -70,8 +74,8 @@ def worker_dir() -> str | None:
 
 
 def prepare_supervisor(workers: int) -> str | None:
-    """Called by `python -m server` before uvicorn starts its workers: give them one empty
-    directory (a fresh temporary one, removed at exit, unless the operator named one)."""
+    """Before uvicorn starts the workers: one empty directory for them (the operator's, wiped,
+    or for several workers a fresh temporary one, removed at exit)."""
     path = _configured()
     if path:
         os.makedirs(path, exist_ok=True)
@@ -82,7 +86,5 @@ def prepare_supervisor(workers: int) -> str | None:
         return None
     path = tempfile.mkdtemp(prefix=_DIR_PREFIX + "main-")
     os.environ[ENV] = path
-    import atexit
-
     atexit.register(shutil.rmtree, path, True)
     return path

@@ -13,31 +13,37 @@ pass body messages on, so a long stream can skip them for each of its writes.
 
 from __future__ import annotations
 
-from starlette.routing import Match, Mount
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics, request_id
+from . import metrics
+from .logs import accept_request_id, request_id
 
-_HEADER = request_id.HEADER.encode()
+_HEADER = b"x-request-id"
+_BODY_SEND = "body_send"
+
+
+def match_route(scope: Scope) -> tuple[BaseRoute | None, bool]:
+    """The route the router will take, before routing (for the security policy and for the
+    metrics of refused requests): the first full match, else the first partial one (a wrong
+    method: the router's 405), and whether it matched fully."""
+    partial = None
+    for route in getattr(scope.get("app"), "routes", ()):
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return route, True
+        if match == Match.PARTIAL and partial is None:
+            partial = route
+    return partial, False
 
 
 def _route_of(scope: Scope) -> str:
     """The route template (bounded label values), also for requests refused before routing."""
-    route = scope.get("route")
-    if route is None:
-        app = scope.get("app")
-        for candidate in getattr(app, "routes", ()):
-            match, _ = candidate.matches(scope)
-            if match != Match.NONE:
-                route = candidate
-                break
+    route = scope.get("route") or match_route(scope)[0]
     path = getattr(route, "path", None)
     if path is None:
         return "<unmatched>"
     return path + "/{path}" if isinstance(route, Mount) else path
-
-
-_BODY_SEND = "body_send"
 
 
 def body_send(scope: Scope, send: Send) -> Send:
@@ -62,17 +68,13 @@ class RequestContext:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        incoming = None
-        for name, value in scope.get("headers", ()):
-            if name == _HEADER:
-                incoming = value.decode("latin-1")
-                break
-        rid = request_id.accept(incoming)
+        incoming = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == _HEADER), None)
+        rid = accept_request_id(incoming)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
         if kind == "http":
             state[_BODY_SEND] = send
-        token = request_id.request_id.set(rid)
+        token = request_id.set(rid)
         status: int | None = None
         live = None  # the gauge child counting this stream or socket while it is open
         header = (_HEADER, rid.encode())
@@ -80,23 +82,17 @@ class RequestContext:
         async def send_with_id(message: Message) -> None:
             nonlocal status, live
             mtype = message["type"]
-            if mtype == "http.response.start":
-                status = message["status"]
-                headers = [*message.get("headers", ()), header]
-                message = {**message, "headers": headers}
-                if status == 200 and _is_event_stream(headers):
-                    live = metrics.active_streams.labels(_route_of(scope))
-                    live.inc()
-            elif mtype == "websocket.accept":
-                status = 101
+            if mtype in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 message = {**message, "headers": [*message.get("headers", ()), header]}
-                live = metrics.active_websockets.labels(_route_of(scope))
-                live.inc()
+                status = message.get("status", 101)
+                if mtype == "websocket.accept":
+                    live = metrics.live_connection(True, _route_of(scope))
+                    live.inc()
+                elif mtype == "http.response.start" and status == 200 and _is_event_stream(message["headers"]):
+                    live = metrics.live_connection(False, _route_of(scope))
+                    live.inc()
             elif mtype == "websocket.close" and status is None:
                 status = 403  # refused before the handshake completed
-            elif mtype == "websocket.http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), header]}
             await send(message)
 
         try:
@@ -115,6 +111,6 @@ class RequestContext:
         finally:
             if live is not None:
                 live.dec()
-            request_id.request_id.reset(token)
+            request_id.reset(token)
             metrics.http_request("WS" if kind == "websocket" else scope.get("method", ""),
                                  _route_of(scope), status or 500)

@@ -1,8 +1,5 @@
-"""Validation of a turn request, shared by every transport.
-
-Everything a client can send is checked here, before any lock is taken or any API call is
-made, and rejected with a stable error code. Nothing invalid reaches the store.
-"""
+"""Validation of a turn request, shared by every transport: everything a client sends is
+checked before any lock is taken or any API call made, and refused with a stable error code."""
 
 from __future__ import annotations
 
@@ -13,20 +10,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings
 from . import structured
+from .config import Settings
 from .errors import ApiError
 from .store.base import valid_id, valid_message_id
 
 IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 ON_BUSY = {"reject", "interrupt"}
 
-# A lone surrogate (U+D800-U+DFFF) is not Unicode text: it cannot be encoded as UTF-8, so it
-# would fail later (Redis, the upstream request, a hash, a WebSocket frame). json.loads makes
-# one from a `\uD800` escape. Every client string the server keeps is checked where it is
-# taken (`check_text`): O(1) for ASCII text (str.isascii reads a flag), one C scan otherwise.
+# A lone surrogate (U+D800-U+DFFF), which json.loads makes from a `\uD800` escape, cannot be
+# encoded as UTF-8 and would fail later (Redis, the upstream request, a WebSocket frame): every
+# client string the server keeps is checked where it is taken (`check_text`).
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_BOM = b"\xef\xbb\xbf"
+_MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": (b"GIF87a", b"GIF89a")}
 
 
 @dataclass(slots=True)
@@ -50,17 +46,12 @@ class TurnRequest:
 
 
 def parse_json_body(raw: bytes | str) -> dict[str, Any]:
-    """A JSON object from a request body (UTF-8 bytes) or a WebSocket text frame (str).
-
-    Bytes that are not UTF-8 (RFC 8259) or not JSON, and nesting too deep for the parser, are
-    `invalid_json`; anything but an object is `invalid_request`."""
-    if isinstance(raw, str):
-        text = raw
-    else:
-        try:  # strict: json.loads(bytes) would let encoded surrogates through ("surrogatepass")
-            text = raw.decode("utf-8") if not raw.startswith(_BOM) else raw[3:].decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError("invalid_json", "The request body is not valid UTF-8 text.") from None
+    """A JSON object from a request body (UTF-8 bytes) or a WebSocket text frame (str): not
+    UTF-8, not JSON or nested too deep is `invalid_json`; not an object, `invalid_request`."""
+    try:  # strict: json.loads(bytes) would let encoded surrogates through ("surrogatepass")
+        text = raw if isinstance(raw, str) else raw.decode("utf-8-sig")  # (a leading BOM is dropped)
+    except UnicodeDecodeError:
+        raise ApiError("invalid_json", "The request body is not valid UTF-8 text.") from None
     try:
         body = json.loads(text)
     except ValueError:
@@ -72,6 +63,10 @@ def parse_json_body(raw: bytes | str) -> dict[str, Any]:
     return body
 
 
+def _invalid(message: str, field: str) -> ApiError:
+    return ApiError("invalid_request", message, field=field)
+
+
 def valid_text(value: str) -> bool:
     """False when `value` holds a lone surrogate (not encodable as UTF-8)."""
     return value.isascii() or _SURROGATE.search(value) is None
@@ -79,9 +74,8 @@ def valid_text(value: str) -> bool:
 
 def check_text(value: str, where: str, field: str) -> str:
     """`value`, or `invalid_request` naming `where` when it is not valid Unicode text."""
-    if not (value.isascii() or _SURROGATE.search(value) is None):
-        raise ApiError("invalid_request", f"{where} contains a lone surrogate (U+D800-U+DFFF): "
-                       "text must be valid Unicode.", field=field)
+    if not valid_text(value):
+        raise _invalid(f"{where} contains a lone surrogate (U+D800-U+DFFF): text must be valid Unicode.", field)
     return value
 
 
@@ -90,13 +84,13 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
     session_id = body.get("session_id")
     if session_id is not None:
         if not isinstance(session_id, str):
-            raise ApiError("invalid_request", "`session_id` must be a string.", field="session_id")
+            raise _invalid("`session_id` must be a string.", "session_id")
         if not valid_id(session_id):
             raise ApiError("invalid_session_id")
     system = body.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise ApiError("invalid_request", "`system` must be a string.", field="system")
+            raise _invalid("`system` must be a string.", "system")
         check_text(system, "`system`", "system")
         if not settings.allow_client_system_prompt:
             raise ApiError("system_prompt_not_allowed")
@@ -108,23 +102,20 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
                        f"`model` must be one of: {', '.join(settings.allowed_models)}.", field="model")
     max_tokens = body.get("max_tokens", settings.max_output_tokens)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ApiError("invalid_request", "`max_tokens` must be a positive integer.", field="max_tokens")
+        raise _invalid("`max_tokens` must be a positive integer.", "max_tokens")
     message_id = body.get("message_id")
     if message_id is not None and not valid_message_id(message_id):
-        raise ApiError("invalid_request", "`message_id` must be 1-128 characters of [A-Za-z0-9._:-].",
-                       field="message_id")
+        raise _invalid("`message_id` must be 1-128 characters of [A-Za-z0-9._:-].", "message_id")
     on_busy = body.get("on_busy", "reject")
     if not isinstance(on_busy, str) or on_busy not in ON_BUSY:
-        raise ApiError("invalid_request", "`on_busy` must be 'reject' or 'interrupt'.", field="on_busy")
+        raise _invalid("`on_busy` must be 'reject' or 'interrupt'.", "on_busy")
     cancel_on_disconnect = body.get("cancel_on_disconnect", False)
     if not isinstance(cancel_on_disconnect, bool):
-        raise ApiError("invalid_request", "`cancel_on_disconnect` must be a boolean.",
-                       field="cancel_on_disconnect")
+        raise _invalid("`cancel_on_disconnect` must be a boolean.", "cancel_on_disconnect")
     schema = body.get("response_schema")
     if schema is not None:
         if not isinstance(schema, dict):
-            raise ApiError("invalid_request", "`response_schema` must be a JSON Schema object.",
-                           field="response_schema")
+            raise _invalid("`response_schema` must be a JSON Schema object.", "response_schema")
         _check_schema_tree(schema)
         structured.check_schema(schema)
     return TurnRequest(content=content, session_id=session_id, system=system, model=model,
@@ -135,29 +126,27 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
 
 def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
     if message is None:
-        raise ApiError("invalid_request", "`message` is required.", field="message")
+        raise _invalid("`message` is required.", "message")
     if isinstance(message, str):
         if not message.strip():
-            raise ApiError("invalid_request", "`message` must not be empty.", field="message")
+            raise _invalid("`message` must not be empty.", "message")
         if len(message) > settings.max_message_chars:
             raise ApiError("message_too_long",
                            f"`message` is longer than {settings.max_message_chars} characters.",
                            field="message")
         return check_text(message, "`message`", "message")
     if not isinstance(message, list) or not message:
-        raise ApiError("invalid_request",
-                       "`message` must be a string or a non-empty list of content blocks.", field="message")
+        raise _invalid("`message` must be a string or a non-empty list of content blocks.", "message")
     blocks: list[dict[str, Any]] = []
     chars = images = 0
     for i, block in enumerate(message):
         if not isinstance(block, dict):
-            raise ApiError("invalid_request", f"`message[{i}]` must be an object.", field="message")
+            raise _invalid(f"`message[{i}]` must be an object.", "message")
         kind = block.get("type")
         if kind == "text":
             text = block.get("text")
             if not isinstance(text, str) or not text.strip():
-                raise ApiError("invalid_request", f"`message[{i}].text` must be a non-empty string.",
-                               field="message")
+                raise _invalid(f"`message[{i}].text` must be a non-empty string.", "message")
             check_text(text, f"`message[{i}].text`", "message")
             chars += len(text)
             blocks.append({"type": "text", "text": text})
@@ -167,13 +156,12 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
                 raise ApiError("too_many_images", f"At most {settings.max_images} images per message.")
             blocks.append(_image(block.get("source"), i, settings))
         else:
-            raise ApiError("invalid_request", f"`message[{i}].type` must be 'text' or 'image'.",
-                           field="message")
+            raise _invalid(f"`message[{i}].type` must be 'text' or 'image'.", "message")
     if chars > settings.max_message_chars:
         raise ApiError("message_too_long",
                        f"`message` is longer than {settings.max_message_chars} characters.", field="message")
     if not any(b["type"] == "text" for b in blocks) and not images:
-        raise ApiError("invalid_request", "`message` has no content.", field="message")
+        raise _invalid("`message` has no content.", "message")
     return blocks
 
 
@@ -213,7 +201,7 @@ def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
 
 def _check_schema_tree(schema: dict[str, Any]) -> None:
     """`response_schema` is kept and sent on: no lone surrogate in any key or string, and no
-    deeper than MAX_SCHEMA_DEPTH (structured.MAX_SCHEMA_DEPTH: jsonschema and json.dumps recurse). Iterative."""
+    deeper than structured.MAX_SCHEMA_DEPTH (jsonschema and json.dumps recurse). Iterative."""
     stack: list[tuple[Any, int]] = [(schema, 1)]
     while stack:
         item, depth = stack.pop()
@@ -221,8 +209,8 @@ def _check_schema_tree(schema: dict[str, Any]) -> None:
             check_text(item, "A string in `response_schema`", "response_schema")
             continue
         if depth > structured.MAX_SCHEMA_DEPTH:
-            raise ApiError("invalid_request", f"`response_schema` is nested deeper than {structured.MAX_SCHEMA_DEPTH} levels.",
-                           field="response_schema")
+            raise _invalid(f"`response_schema` is nested deeper than {structured.MAX_SCHEMA_DEPTH} levels.",
+                           "response_schema")
         if isinstance(item, dict):
             for key, value in item.items():
                 check_text(key, "A key in `response_schema`", "response_schema")
@@ -233,10 +221,6 @@ def _check_schema_tree(schema: dict[str, Any]) -> None:
 
 
 def _magic_matches(raw: bytes, media_type: str) -> bool:
-    if media_type == "image/png":
-        return raw.startswith(b"\x89PNG\r\n\x1a\n")
-    if media_type == "image/jpeg":
-        return raw.startswith(b"\xff\xd8\xff")
-    if media_type == "image/gif":
-        return raw.startswith((b"GIF87a", b"GIF89a"))
-    return raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"
+    if media_type == "image/webp":
+        return raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"
+    return raw.startswith(_MAGIC[media_type])

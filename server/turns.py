@@ -1,12 +1,11 @@
 """A running turn inside this worker: its events and its local followers.
 
-Events go three ways, none of them costing a Redis round trip per token:
-- into `events`, which local followers on this worker read straight from memory;
-- into `pending`, which the worker's Housekeeper writes to the store's event log with every
-  other turn's events in one pipelined round trip per `EVENT_LOG_FLUSH_MS`;
-- whatever is still pending when the turn ends goes out with the fenced commit.
-A turn has no background task of its own: the Housekeeper also renews its lock and wakes
-its followers for heartbeats.
+Events go three ways, none of them costing a Redis round trip per token: into `events`, which
+local followers on this worker read straight from memory; into `pending`, which the worker's
+Housekeeper writes to the store's event log with every other turn's events in one round trip
+per `EVENT_LOG_FLUSH_MS`; what is still pending when the turn ends goes out with its commit.
+A turn has no task of its own: the Housekeeper also renews its lock and wakes its followers
+for heartbeats, through the methods below.
 """
 
 from __future__ import annotations
@@ -29,13 +28,11 @@ class Turn:
         self.turn_id = turn_id
         self.events: list[Event] = []
         self.pending: list[Event] = []
-        self.logged = False       # a first batch reached the log (its TTL is set)
         self.done = False
         self.finishing = False
         self.cancel_reason: str | None = None  # "cancelled" | "server_restarting" | "interrupted"
         self.task: asyncio.Task[None] | None = None
         self.started_at = self.last_activity = time.monotonic()
-        self.renew_at = 0.0
         self._waiters: list[asyncio.Future[None]] = []  # followers waiting for news
         housekeeper.add(self)
 
@@ -57,6 +54,16 @@ class Turn:
     def terminal_event(self, type_: str, payload: dict) -> Event:
         """Build (but do not publish) the last event: it is committed with the turn."""
         return ev.encode(self.turn_id, len(self.events) + 1, type_, payload)
+
+    # -- for the Housekeeper -------------------------------------------------------------
+    def take_pending(self) -> list[Event]:
+        """The events not yet written to the log; they are no longer pending."""
+        events, self.pending = self.pending, []
+        return events
+
+    def requeue(self, events: list[Event]) -> None:
+        """A write of `events` failed: they go first in the next one."""
+        self.pending[:0] = events
 
     def tick(self, now: float) -> None:
         """Heartbeat from the Housekeeper: followers wake and see nothing new."""
@@ -87,7 +94,7 @@ class Turn:
         """Batches of events after `after_seq` until the terminal one; `[]` is a heartbeat
         tick (no event for `HEARTBEAT_SECONDS`)."""
         i = max(after_seq, 0)
-        loop = asyncio.get_running_loop()  # (once: each call costs a getpid() system call on 3.11)
+        loop = asyncio.get_running_loop()  # (once: each call costs a system call)
         while True:
             events = self.events
             if i < len(events):

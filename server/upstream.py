@@ -1,32 +1,30 @@
 """One streamed call to the Messages API, as raw event dicts.
 
-We POST the request body as JSON bytes we encode ourselves through the SDK's public
-`client.post(..., cast_to=httpx2.Response, stream=True)`, and parse the SSE bytes
-ourselves: at most one `json.loads` per event (a text delta, the bulk of a stream, needs
-only its string scanned). The SDK's `messages.stream()` helper
-rebuilds a snapshot of the whole message per event (and re-parses tool JSON), several times
-the CPU per token; `messages.create()` walks and copies the whole request (the history)
-looking for file inputs before encoding it, which our bodies never hold. The SDK still does
-what it is good at: auth headers, retries with `retry-after` before the first byte, and
-typed exceptions for error statuses.
+The request body is JSON we encode ourselves, POSTed through the SDK's public
+`client.post(..., cast_to=httpx2.Response, stream=True)` (so the SDK still adds auth, retries
+before the first byte and typed errors), and the SSE bytes are parsed here with at most one
+`json.loads` per event; a text delta needs only its string scanned. `messages.stream()`
+rebuilds a snapshot of the message per event, and `messages.create()` walks the whole
+request looking for files before encoding it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import json
 import weakref
 from contextlib import asynccontextmanager
 from json.decoder import scanstring
-from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple
+from typing import Any, AsyncIterator, NamedTuple
 
 import anthropic
 import httpx2
 
 from .errors import UpstreamStreamError
 from .store.base import StoredMessage
-from .upstream_transport import direct_body
+from .upstream_transport import direct_body, window_end
 
 _urls: weakref.WeakKeyDictionary[anthropic.AsyncAnthropic, httpx2.URL] = weakref.WeakKeyDictionary()
 _loads = json.loads
@@ -41,9 +39,8 @@ _TEXT_DELTA_INDEX = len(_TEXT_DELTA_BLOCK)
 
 
 class TextDelta(NamedTuple):
-    """A `content_block_delta` event carrying text (the hot path): its block index, the text,
-    and the text as a JSON string (what the upstream sent, when it was in the usual form),
-    so the event we emit reuses it instead of encoding the text again."""
+    """A `content_block_delta` carrying text (the hot path): block index, text, and the text
+    as the JSON string the upstream sent (when in the usual form), reused by the event we emit."""
     index: int
     text: str
     json: str | None
@@ -52,16 +49,11 @@ class TextDelta(NamedTuple):
 class UpstreamStream:
     """An open streamed response: `request_id`, and `events()` yielding parsed event dicts.
 
-    With `coalesce` seconds > 0, once the first content delta is through, the body is read at
-    most once per `coalesce`: what arrived meanwhile is handled in one go, so the turn task
-    and each follower wake once per burst instead of once per token, and each client gets
-    one write per burst; from the second window on, our transport does not even read the
-    socket during a window (one read per burst instead of one per token). The first token
-    is never delayed; the end of the answer (`message_stop`) is read as soon as it arrives
-    within the first window, at most one window late after that.
-
-    A body from our transport is kept without its httpx2 response (request and response
-    objects and their headers: a few KB per open turn)."""
+    With `coalesce` seconds > 0, after the first content delta the body is read at most once
+    per window, so the turn task, its followers and each client's writes handle a burst of
+    tokens at a time. The first token is never delayed; `message_stop` ends a window early
+    in the first window, later ones at most one window late. A body from our transport is
+    kept without its httpx2 response (request, response and headers are not held)."""
 
     def __init__(self, response: httpx2.Response, coalesce: float = 0.0):
         self._coalesce = coalesce
@@ -70,7 +62,8 @@ class UpstreamStream:
         if body is not None:
             self._read, self._linger, self.aclose = body.read, body.linger, body.aclose
         else:
-            self._read, self._linger, self.aclose = _reader(response.aiter_bytes()), _sleep, response.aclose
+            self._read = functools.partial(anext, response.aiter_bytes(), b"")
+            self._linger, self.aclose = _sleep, response.aclose
 
     async def events(self) -> AsyncIterator[dict[str, Any] | TextDelta]:
         """The stream's events as dicts, except text deltas: `TextDelta`s."""
@@ -118,23 +111,14 @@ class UpstreamStream:
 
 async def _sleep(seconds: float, marker: bytes) -> None:
     """`linger()` for a body from another transport: a wait until the shared grid's tick."""
-    from .upstream_transport import window_end
     loop = asyncio.get_running_loop()
     now = loop.time()
     await asyncio.sleep(window_end(now, seconds) - now)
 
 
-def _reader(chunks: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes]]:
-    """`read()` over an async iterator of chunks (a body from another transport, or encoded)."""
-    async def read() -> bytes:
-        return await anext(chunks, b"")
-    return read
-
-
 def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | TextDelta | None:
-    """The SSE block `buffer[start:end]` (`event: x\ndata: {...}`): its data's JSON (whose
-    `type` names it), or None for a block without data (a comment, a ping). A text delta in
-    the API's usual form comes back as a `TextDelta` with only its string decoded."""
+    """The SSE block `buffer[start:end]`: its data's JSON, None for a block without data, or
+    a `TextDelta` for a text delta (in the API's usual form, only its string is decoded)."""
     if buffer.startswith(_TEXT_DELTA_BLOCK, start):  # the usual text delta: straight to its index
         data = start + _TEXT_DELTA_DATA
         head_end = start + _TEXT_DELTA_INDEX
@@ -175,14 +159,12 @@ def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | TextDelt
 
 
 class RawJSON(bytes):
-    """A request parameter already encoded as JSON (the tool definitions: the same bytes on
-    every call), spliced into the body as is."""
+    """A request parameter already encoded as JSON (the tool definitions), spliced in as is."""
 
 
 def encode_request(params: dict[str, Any]) -> bytes:
-    """The Messages API request body for a streamed call. Stored history messages and
-    `RawJSON` values go in as they are (no decode and re-encode of a long history, or of
-    the tool schemas, per call)."""
+    """The Messages API request body for a streamed call; stored history messages and
+    `RawJSON` values go in as they are, not decoded and encoded again per call."""
     rest: dict[str, Any] = {}
     spliced = b""
     for key, value in params.items():
@@ -197,9 +179,8 @@ def encode_request(params: dict[str, Any]) -> bytes:
 
 
 def messages_url(client: anthropic.AsyncAnthropic) -> httpx2.URL:
-    """The Messages API URL under the client's base URL (as the SDK joins them). Handed to
-    `client.post` as a URL: the SDK then skips parsing and re-joining a relative path on
-    every request (~70 µs of CPU per model call)."""
+    """The Messages API URL under the client's base URL, as the SDK joins them; given as a
+    URL, the SDK does not parse and join a relative path on every request."""
     base = client.base_url
     return base.copy_with(raw_path=base.raw_path + b"v1/messages")
 
@@ -207,8 +188,8 @@ def messages_url(client: anthropic.AsyncAnthropic) -> httpx2.URL:
 @asynccontextmanager
 async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any],
                       coalesce: float = 0.0) -> AsyncIterator[UpstreamStream]:
-    """Open the stream (SDK retries apply until the status line); close it on exit, which
-    also cuts billing when a turn is cancelled mid-answer."""
+    """Open the stream (SDK retries apply until the status line); closing it on exit also
+    stops billing when a turn is cancelled mid-answer."""
     url = _urls.get(client)
     if url is None:
         url = _urls[client] = messages_url(client)

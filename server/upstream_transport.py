@@ -1,37 +1,19 @@
 """The SDK's HTTP/1.1 transport to the Messages API: asyncio protocols plus httptools.
 
-Why: with httpx2's default transport every SSE event of an upstream stream crosses
-httpcore2's connection and pool bookkeeping, h11's pure-Python chunked reader and state
-machine, and four nested async generators, each under an exception-mapping context
-manager. Profiled at 400 paced streams that was about 35% of the server's CPU, plus a pool
-scan over every open connection per request. Here a response is parsed by httptools (C, the
-parser uvicorn uses) inside ``data_received``; a streamed body is a list of chunks that
-the reader drains without a timer, a task look-up or a checkpoint per chunk.
+Why: httpx2's default transport runs every SSE event through httpcore2's pool bookkeeping,
+h11's pure-Python parser and nested async generators. Here httptools parses in
+``data_received`` and a body is a list of chunks the reader drains with no timer or
+checkpoint per chunk; the SDK above still does auth, retries and typed errors (httpx2's).
 
-The SDK keeps doing what it is good at - auth headers, retries with ``retry-after`` before
-the first byte, typed errors - because this is only the transport under its httpx2 client.
-Requests to proxied URLs (``HTTPS_PROXY`` & co.) still take httpx2's own proxy transports.
-
-* Pool: idle keep-alive connections per origin, newest first; a connection idle past
-  ``keepalive_expiry`` or closed by the peer is dropped when met (and the oldest one is
-  checked each time a connection comes back, so dead ones do not pile up). ``max_connections``
-  bounds requests in flight (waiting up to the ``pool`` timeout, then ``PoolTimeout``).
-  A reused connection that fails before any byte of the answer (the peer closed it while
-  it sat idle) is retried once on a new one: the request cannot have been processed.
-* Timeouts without a timer per read: a waiting read stores a deadline and registers with a
-  per-loop :class:`_Sweeper`, one repeating ``call_later`` (only while something waits)
-  that fails overdue waits every ``sweep_interval`` seconds. A read timeout of ``T`` fires
-  after ``T`` to ``T + sweep_interval`` seconds (0.5 s by default); upstream read timeouts
-  are minutes long.
-* Read-side flow control: above ``HIGH_WATER`` buffered body bytes the socket is paused,
-  resumed when the reader takes them. Writes wait for ``resume_writing``.
-* ``linger`` (``STREAM_COALESCE_MS``): the reader lets tokens gather for a window; from the
-  second window of an answer on the socket is paused meanwhile, so the kernel gathers them
-  and one read takes a whole window's worth. Windows end on a grid shared by every stream
-  (``window_end``: 10 ms ticks), so the worker wakes once per tick for all the windows ending.
-* Errors are httpx2's: ConnectError/ConnectTimeout, WriteError/WriteTimeout,
-  ReadError/ReadTimeout, RemoteProtocolError (a malformed answer or a body cut short),
-  PoolTimeout - what the SDK and ``server.upstream`` already handle.
+* Pool: idle keep-alive connections per origin, newest first; ``max_connections`` bounds
+  requests in flight. A reused connection that fails before any byte of the answer is
+  retried once on a new one (the request cannot have been processed).
+* Connect: all resolved addresses, IPv6 and IPv4 interleaved (Happy Eyeballs).
+* Timeouts: a waiting read stores a deadline; one timer per loop (:class:`_Sweeper`) fails
+  overdue ones, up to ``sweep_interval`` late.
+* ``linger`` (``STREAM_COALESCE_MS``): tokens gather until a tick of a grid every stream
+  shares (:func:`window_end`); from an answer's second window on the socket is not read
+  meanwhile, so one read takes a whole window's worth.
 """
 
 from __future__ import annotations
@@ -40,27 +22,30 @@ import asyncio
 import math
 import socket
 import ssl
+import urllib.request
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, AsyncIterator
 
+import aiohappyeyeballs
 import anthropic
 import httptools
 import httpx2
 
-__all__ = ["ResponseBody", "UpstreamTransport", "direct_body", "make_http_client"]
+__all__ = ["ResponseBody", "UpstreamTransport", "direct_body", "make_http_client", "window_end"]
 
 HIGH_WATER = 256 * 1024  # pause reading above this many buffered body bytes
 DEFAULT_SWEEP_INTERVAL = 0.5  # timeout granularity, seconds
 LINGER_TICK = 0.01  # coalescing windows end on this grid, seconds (see window_end)
 SSL_SHUTDOWN_TIMEOUT = 5.0  # bound on waiting for the peer's close_notify
+HAPPY_EYEBALLS_DELAY = 0.25  # before trying the next address (RFC 8305's recommendation)
 DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
 SocketOption = tuple[int, int, Any]
 
 
 def keepalive_socket_options() -> list[SocketOption]:
-    """TCP keep-alive as the SDK's default client sets it (a dead peer is noticed in ~6 min)."""
+    """TCP keep-alive as the SDK's default client sets it: a dead peer is noticed in minutes."""
     options: list[SocketOption] = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)]
     for name, value in (("TCP_KEEPINTVL", 60), ("TCP_KEEPCNT", 5), ("TCP_KEEPIDLE", 60)):
         if hasattr(socket, name):
@@ -68,13 +53,17 @@ def keepalive_socket_options() -> list[SocketOption]:
     return options
 
 
-class _Sweeper:
-    """Fails overdue waits of one event loop, once per ``interval`` seconds.
+def window_end(now: float, seconds: float) -> float:
+    """When a coalescing window of `seconds` opened at `now` ends: the first tick at least
+    `seconds` away on a grid shared by every stream, so one wake-up of the worker serves all
+    windows ending at that tick. The tick is `LINGER_TICK`, or an eighth of a shorter window."""
+    tick = min(LINGER_TICK, seconds / 8) or LINGER_TICK
+    return math.ceil((now + seconds) / tick - 1e-6) * tick  # (- 1e-6: not a tick late on a rounding error)
 
-    Connections are added when they start a timed wait (adding one already in the set is a
-    no-op) and dropped lazily by the sweep once they no longer wait, so a steady stream of
-    waits costs one set look-up each. The timer runs only while the set is not empty.
-    """
+
+class _Sweeper:
+    """Fails the overdue waits of one event loop every ``interval`` seconds; it runs only
+    while some connection waits (dropped by the sweep once it no longer does)."""
 
     __slots__ = ("loop", "interval", "waiting", "_handle")
 
@@ -129,7 +118,7 @@ class Connection(asyncio.Protocol):
         self._until_close = False  # a body with no length and no chunking: it ends with the connection
         self.received_any = False
         self.error: Exception | None = None  # a parse error
-        self.chunks: list[bytes] = []  # (a deque would cost ~700 bytes per connection)
+        self.chunks: list[bytes] = []  # (a list: a deque costs more memory per connection)
         self.buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
@@ -193,7 +182,7 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200:  # an informational answer (we never send Expect): skip it
+        if 100 <= status < 200:  # an interim answer (103 Early Hints, 100 Continue): the real one follows
             self.reason, self.headers = b"", []
             return
         self.status = status
@@ -212,6 +201,8 @@ class Connection(asyncio.Protocol):
             self._wake()
 
     def on_message_complete(self) -> None:
+        if not self.head_done:  # the end of an interim answer, not of the response
+            return
         self.complete = True
         assert self._parser is not None
         self.reusable_after = self._parser.should_keep_alive()  # (llhttp forgets it on return)
@@ -259,7 +250,6 @@ class Connection(asyncio.Protocol):
             self._deadline = None
 
     def _arm_deadline(self, timeout: float, exc: type[Exception]) -> None:
-        """The waiting read fails with `exc` after `timeout` seconds (see :class:`_Sweeper`)."""
         self._deadline = self._loop.time() + timeout
         self._timeout_exc = exc
         self._sweeper.watch(self)
@@ -307,13 +297,11 @@ class Connection(asyncio.Protocol):
             await self._wait(timeout, httpx2.ReadTimeout)
 
     async def linger(self, seconds: float, marker: bytes, timeout: float | None) -> None:
-        """Let body data gather for `seconds` (rounded up to a tick of the shared grid, see
-        `window_end`), then return with the first piece after that (at once if one is here);
-        a piece holding `marker`, or the end of the body, ends it sooner.
-
-        From the second window of an answer on, the socket is not read during the window: the
-        kernel gathers the pieces and one read takes them all (instead of a wake-up, a read
-        and a parse call per piece). The marker is then only seen when the window is over."""
+        """Let body data gather until `window_end(now, seconds)`, then return with the first
+        piece after that (at once if one is here); a piece holding `marker`, or the end of
+        the body, ends it sooner. From the second window of an answer on, the socket is not
+        read during the window (the kernel gathers the pieces for one read), so the marker
+        is then only seen when the window is over."""
         if self.complete or self.lost or self.error is not None or any(marker in c for c in self.chunks):
             return
         waiter = self._loop.create_future()
@@ -350,11 +338,9 @@ class Connection(asyncio.Protocol):
             self._resume_reading()
 
     def _pause_reading(self) -> bool:
-        """Stop reading the socket; False if it could not (a closing transport)."""
-        if self.transport is None:
-            return False
+        """Stop reading the socket; False if it could not (no transport, or a closing one)."""
         try:
-            self.transport.pause_reading()
+            self.transport.pause_reading()  # type: ignore[union-attr]
         except (RuntimeError, AttributeError):
             return False
         return True
@@ -391,31 +377,19 @@ class Connection(asyncio.Protocol):
 
     def get_extra_info(self, info: str) -> Any:
         """httpcore-style extras for ``response.extensions["network_stream"]``."""
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return None
-        names = {"client_addr": "sockname", "server_addr": "peername"}
-        return transport.get_extra_info(names.get(info, info))
-
-
-def window_end(now: float, seconds: float) -> float:
-    """When a coalescing window of `seconds` opened at `now` ends: the first tick of a grid
-    at least `seconds` away. The windows of all streams then end on a shared grid, and one
-    wake-up of the worker serves every stream whose window ends at that tick (timers at
-    scattered instants cost a wake-up each: −12–18% CPU per streamed event at 400 streams).
-    The tick is `LINGER_TICK`, or an eighth of a shorter window's length, so a window is at
-    most 12.5% and 10 ms longer than asked."""
-    tick = min(LINGER_TICK, seconds / 8) or LINGER_TICK
-    return math.ceil((now + seconds) / tick) * tick
+        return self.transport.get_extra_info({"client_addr": "sockname", "server_addr": "peername"}.get(info, info))
 
 
 class ResponseBody(httpx2.AsyncByteStream):
-    """The body of one response; closing it returns a finished keep-alive connection to the pool."""
+    """The body of one response; closing it returns a finished keep-alive connection to
+    `pool`, the transport it came from."""
 
-    __slots__ = ("_pool", "_conn", "_timeout")
+    __slots__ = ("pool", "_conn", "_timeout")
 
     def __init__(self, pool: UpstreamTransport, conn: Connection, read_timeout: float | None) -> None:
-        self._pool = pool
+        self.pool = pool
         self._conn: Connection | None = conn
         self._timeout = read_timeout
 
@@ -424,9 +398,7 @@ class ResponseBody(httpx2.AsyncByteStream):
             yield chunk
 
     async def read(self) -> bytes:
-        """The next piece of the body (all that is buffered), ``b""`` at its end. A plain
-        coroutine: a reader that calls it directly skips the async-generator layers of
-        ``Response.aiter_bytes`` (see :func:`direct_body`)."""
+        """The next piece of the body (all that is buffered), ``b""`` at its end."""
         conn = self._conn
         if conn is None:
             raise httpx2.StreamClosed()
@@ -446,7 +418,7 @@ class ResponseBody(httpx2.AsyncByteStream):
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._pool._release(conn)
+            self.pool._release(conn)
 
 
 class UpstreamTransport(httpx2.AsyncBaseTransport):
@@ -500,31 +472,33 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
         sweeper = self._sweeper
         if sweeper is None or sweeper.loop is not loop:
             sweeper = self._sweeper = _Sweeper(loop, self._sweep_interval)
-        scheme, host, port = origin
         conn = Connection(loop, sweeper, origin)
-        host_str = host.decode("ascii")
-        kwargs: dict[str, Any] = {}
-        if scheme == b"https":
-            kwargs = {"ssl": self._ssl_context or httpx2.create_ssl_context(),
-                      "server_hostname": host_str.strip("[]"), "ssl_shutdown_timeout": SSL_SHUTDOWN_TIMEOUT}
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: conn, host_str.strip("[]"), port, **kwargs),
-                                   timeout)
+            await asyncio.wait_for(self._open(loop, conn), timeout)
         except TimeoutError as exc:
             conn.close()
             raise httpx2.ConnectTimeout("timed out connecting to the upstream") from exc
         except (OSError, EOFError, RuntimeError) as exc:  # incl. socket.gaierror and ssl.SSLError
             conn.close()
             raise httpx2.ConnectError(str(exc) or repr(exc)) from exc
-        sock = conn.get_extra_info("socket")
-        if sock is not None:
-            for option in self._socket_options:
-                try:
-                    sock.setsockopt(*option)
-                except OSError:  # pragma: no cover - an option this platform lacks
-                    pass
         self.connections_opened += 1
         return conn
+
+    async def _open(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
+        scheme, host, port = conn.origin
+        hostname = host.decode("ascii").strip("[]")
+        addresses = await loop.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+        sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, loop=loop)
+        for option in self._socket_options:
+            try:
+                sock.setsockopt(*option)
+            except OSError:  # pragma: no cover - an option this platform lacks
+                pass
+        tls: dict[str, Any] = {}
+        if scheme == b"https":
+            tls = {"ssl": self._ssl_context or httpx2.create_ssl_context(), "server_hostname": hostname,
+                   "ssl_shutdown_timeout": SSL_SHUTDOWN_TIMEOUT}
+        await loop.create_connection(lambda: conn, sock=sock, **tls)
 
     # -- httpx2.AsyncBaseTransport ---------------------------------------------------------
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -570,7 +544,7 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
         body = ResponseBody(self, conn, timeouts.get("read"))
         extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn,
                       "upstream_body": body}
-        headers, conn.headers = conn.headers, []  # (handed over: the connection does not hold them all stream long)
+        headers, conn.headers = conn.headers, []  # (handed over: not held by the connection all stream long)
         return httpx2.Response(conn.status, headers=headers, stream=body, extensions=extensions)
 
     async def aclose(self) -> None:
@@ -600,9 +574,8 @@ async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:
 
 
 def direct_body(response: httpx2.Response) -> ResponseBody | None:
-    """The body of a response that came from :class:`UpstreamTransport` with no
-    content-encoding (bytes as sent, no decoder needed): its ``read()`` and ``linger()`` skip
-    the async-generator layers of ``Response.aiter_bytes``. None otherwise."""
+    """The body of a response from :class:`UpstreamTransport` with no content-encoding, whose
+    ``read()`` and ``linger()`` a reader can call directly; None otherwise."""
     body = response.extensions.get("upstream_body")
     if not isinstance(body, ResponseBody) or response.headers.get("content-encoding", "identity") != "identity":
         return None
@@ -611,26 +584,23 @@ def direct_body(response: httpx2.Response) -> ResponseBody | None:
 
 def make_http_client(*, timeout: float | httpx2.Timeout, max_connections: int = 1000,
                      max_keepalive: int = 1000, **kwargs: Any) -> httpx2.AsyncClient:
-    """The SDK's http client (``anthropic.DefaultAsyncHttpxClient``: redirects, proxies from
-    the environment, ``verify``/``cert``) with :class:`UpstreamTransport` for direct requests.
-
-    ``DefaultAsyncHttpxClient`` refuses a ``transport=`` and a transport given to httpx2
-    disables proxies from the environment, so the client is built as usual and its default
-    transport swapped for ours (the proxy mounts stay). A number ``timeout`` keeps the SDK's
-    5 s connect timeout, as ``anthropic.DEFAULT_TIMEOUT`` does.
-    """
+    """The SDK's http client (``anthropic.DefaultAsyncHttpxClient``: redirects, ``verify``,
+    ``cert``) on :class:`UpstreamTransport`; when the environment names a proxy
+    (``HTTPS_PROXY``, ``ALL_PROXY``...), the SDK's client as it comes, whose httpx2 transports
+    handle proxies and ``NO_PROXY``. A number ``timeout`` keeps the SDK's connect timeout."""
     if not isinstance(timeout, httpx2.Timeout):
         timeout = httpx2.Timeout(timeout, connect=min(float(timeout), anthropic.DEFAULT_TIMEOUT.connect or 5.0))
     expiry = anthropic.DEFAULT_CONNECTION_LIMITS.keepalive_expiry
     limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive,
                            keepalive_expiry=expiry)
     verify, cert = kwargs.pop("verify", True), kwargs.pop("cert", None)
-    trust_env = kwargs.get("trust_env", True)
     if kwargs.get("http2"):
         raise ValueError("the upstream transport speaks HTTP/1.1 only")
-    client = anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits, verify=verify, cert=cert, **kwargs)
-    ssl_context = httpx2.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
-    client._transport = UpstreamTransport(ssl_context=ssl_context, max_connections=max_connections,
-                                          max_keepalive=max_keepalive, keepalive_expiry=expiry,
-                                          socket_options=keepalive_socket_options())
-    return client
+    proxies = urllib.request.getproxies()  # (as httpx2 reads them)
+    if kwargs.get("trust_env", True) and any(proxies.get(scheme) for scheme in ("http", "https", "all")):
+        return anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits, verify=verify, cert=cert, **kwargs)
+    ssl_context = httpx2.create_ssl_context(verify=verify, cert=cert, trust_env=kwargs.get("trust_env", True))
+    transport = UpstreamTransport(ssl_context=ssl_context, max_connections=max_connections,
+                                  max_keepalive=max_keepalive, keepalive_expiry=expiry,
+                                  socket_options=keepalive_socket_options())
+    return anthropic.DefaultAsyncHttpxClient(transport=transport, timeout=timeout, **kwargs)

@@ -1,14 +1,16 @@
 """Token usage and its price.
 
-Cache writes and reads are priced separately from plain input: a cache read costs a tenth
-of input, a 5-minute cache write a quarter more. Getting this wrong over-reports cost by up
-to 10x on cached conversations.
+Cache writes and reads are priced apart from plain input (a cache read costs a tenth of
+input, a 5-minute cache write a quarter more): pricing them as input misstates the cost of
+cached conversations several times over.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 @dataclass(slots=True)
@@ -19,15 +21,12 @@ class Usage:
     cache_read_input_tokens: int = 0
 
     def add(self, other: "Usage") -> None:
-        self.input_tokens += other.input_tokens
-        self.output_tokens += other.output_tokens
-        self.cache_creation_input_tokens += other.cache_creation_input_tokens
-        self.cache_read_input_tokens += other.cache_read_input_tokens
+        for name in FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def total(self) -> int:
-        return (self.input_tokens + self.output_tokens + self.cache_creation_input_tokens
-                + self.cache_read_input_tokens)
+        return self.output_tokens + self.prompt_tokens
 
     @property
     def prompt_tokens(self) -> int:
@@ -35,29 +34,19 @@ class Usage:
         return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
     def to_dict(self) -> dict[str, int]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cache_creation_input_tokens": self.cache_creation_input_tokens,
-                "cache_read_input_tokens": self.cache_read_input_tokens}
+        return {name: getattr(self, name) for name in FIELDS}
 
     @classmethod
     def from_api(cls, usage: Mapping[str, Any] | None) -> "Usage":
         usage = usage or {}
-        return cls(
-            input_tokens=int(usage.get("input_tokens") or 0),
-            output_tokens=int(usage.get("output_tokens") or 0),
-            cache_creation_input_tokens=int(usage.get("cache_creation_input_tokens") or 0),
-            cache_read_input_tokens=int(usage.get("cache_read_input_tokens") or 0),
-        )
+        return cls(*(int(usage.get(name) or 0) for name in FIELDS))
 
 
 class PriceTable:
-    """USD per million tokens, per model; unknown models cost 0 and are flagged."""
+    """USD per million tokens, per model; unknown models cost 0."""
 
     def __init__(self, prices: Mapping[str, Mapping[str, float]]):
         self.prices = {model: dict(p) for model, p in prices.items()}
-
-    def knows(self, model: str) -> bool:
-        return model in self.prices
 
     def cost(self, model: str, usage: Usage) -> float:
         p = self.prices.get(model)

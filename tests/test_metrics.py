@@ -304,3 +304,39 @@ def test_an_empty_multiproc_dir_variable_means_unset(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None"
     assert list(tmp_path.iterdir()) == []
+
+
+_SPAWNED_WORKER = """
+import importlib, multiprocessing, sys
+import server.metrics
+if sys.argv[1] == "setup":
+    target, args = server.metrics.setup, ()
+else:
+    target, args = importlib.import_module, ("server.metrics",)
+worker = multiprocessing.get_context("spawn").Process(target=target, args=args)
+worker.start()
+worker.join()
+sys.exit(worker.exitcode)
+"""
+
+
+@pytest.mark.parametrize("given_dir", [False, True])
+def test_importing_metrics_touches_no_files(tmp_path, given_dir):
+    """The multiprocess directory is set up at worker startup, not at import: even in a spawned
+    worker (where startup picks a directory) importing server.metrics creates no file."""
+    import subprocess
+    import sys
+
+    from .harness import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    if given_dir:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
+    for step in ("import", "setup"):
+        done = subprocess.run([sys.executable, "-c", _SPAWNED_WORKER, step], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        if step == "import":
+            assert list(tmp_path.iterdir()) == [], "importing server.metrics touched no file"
+    assert list(tmp_path.iterdir()) != [], "setup() (worker startup) does create the directory"

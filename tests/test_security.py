@@ -23,11 +23,11 @@ import redis
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.auth import KeyRing, TicketSigner, principal_for_digest
+from server.security.keys import KeyRing, TicketSigner, principal_for_digest
 from server.config import ConfigError, Settings
 from server.errors import ApiError
 from server.engine import UpstreamGate
-from server.ratelimit import MemoryLimiter
+from server.security.limits import MemoryLimiter
 
 from .harness import ROOT, Server, eventually, server_env, ws_turn
 

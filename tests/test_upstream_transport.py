@@ -1,21 +1,26 @@
 """The SDK's upstream transport (server/upstream_transport.py) under the real SDK.
 
-Everything runs in-process against the fake upstream; one test repeats the key paths
-under uvloop (what the server runs on), and a TLS test puts a TLS-terminating relay with
-a throwaway self-signed certificate in front of the fake.
+Everything runs in-process against the fake upstream or small raw servers over real sockets;
+one test repeats the key paths under uvloop (what the server runs on), and the TLS tests put
+a TLS-terminating relay with a throwaway self-signed certificate in front of the fake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import gzip
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import time
+import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anthropic
 import httpx2
@@ -23,33 +28,41 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.errors import UpstreamStreamError
+from server.events import text_delta
 from server.fake_anthropic import FakeAnthropic
+from server.upstream import TextDelta, UpstreamStream, _parse_block, open_stream
 from server.upstream_transport import (
     LINGER_TICK,
     Connection,
     UpstreamTransport,
     _Sweeper,
+    direct_body,
     make_http_client,
     window_end,
 )
 
 MSG: dict[str, Any] = {"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
 def expected_text(n: int) -> str:
     return "".join(f"tok{i}" if i == n - 1 else f"tok{i} " for i in range(n))
 
 
-def transport_of(client: anthropic.AsyncAnthropic) -> UpstreamTransport:
-    transport = client._client._transport  # type: ignore[attr-defined]
-    assert isinstance(transport, UpstreamTransport)
-    return transport
+def port_of(fake: FakeAnthropic) -> int:
+    return int(fake.base_url.rsplit(":", 1)[1])
+
+
+def transport_of(response: httpx2.Response) -> UpstreamTransport:
+    """The transport a response came through (ours, or the test fails)."""
+    body = direct_body(response)
+    assert body is not None
+    return body.pool
 
 
 def as_dict(event: Any) -> dict[str, Any]:
     """An event from `UpstreamStream.events()` in the API's own shape (text deltas come as `TextDelta`)."""
-    from server.upstream import TextDelta
-
     if isinstance(event, TextDelta):
         return {"type": "content_block_delta", "index": event.index, "delta": {"type": "text_delta", "text": event.text}}
     return event
@@ -65,6 +78,14 @@ def sse_text(raw: bytes) -> str:
     return text
 
 
+@pytest.fixture(autouse=True)
+def no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy from the environment unless a test sets one."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeAnthropic]:
     upstream = FakeAnthropic()
@@ -75,6 +96,7 @@ async def fake() -> AsyncIterator[FakeAnthropic]:
 
 def sdk(base_url: str, timeout: float | httpx2.Timeout = 30.0, max_retries: int = 0,
         **http: Any) -> anthropic.AsyncAnthropic:
+    """An SDK client on `make_http_client` (use it as `async with`: closed at the end)."""
     return anthropic.AsyncAnthropic(api_key="k", base_url=base_url, max_retries=max_retries, timeout=timeout,
                                     http_client=make_http_client(timeout=timeout, **http))
 
@@ -88,109 +110,145 @@ async def read_stream(client: anthropic.AsyncAnthropic) -> str:
     return text
 
 
+async def read_events(client: anthropic.AsyncAnthropic, coalesce: float = 0.0) -> list[dict[str, Any] | TextDelta]:
+    async with open_stream(client, MSG, coalesce) as upstream:
+        return [event async for event in upstream.events()]
+
+
+@asynccontextmanager
+async def raw_server(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                     host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """A plain asyncio server running `serve` per connection; yields its base URL."""
+    server = await asyncio.start_server(serve, host, 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
 # -- the happy paths --------------------------------------------------------------------------
 async def test_raw_stream_arrives_complete(fake: FakeAnthropic) -> None:
     fake.script({"tokens": 200, "pace_ms": 1})
-    client = sdk(fake.base_url)
-    async with client.messages.with_streaming_response.create(**MSG, stream=True) as response:
-        raw = b"".join([chunk async for chunk in response.http_response.aiter_bytes()])
-    assert sse_text(raw) == expected_text(200)
-    assert b"message_stop" in raw
-    assert transport_of(client).connections_opened == 1
-    await client.close()
+    async with sdk(fake.base_url) as client:
+        async with client.messages.with_streaming_response.create(**MSG, stream=True) as response:
+            raw = b"".join([chunk async for chunk in response.http_response.aiter_bytes()])
+        assert sse_text(raw) == expected_text(200)
+        assert b"message_stop" in raw
+        assert transport_of(response.http_response).connections_opened == 1
 
 
 async def test_sdk_stream_and_non_stream(fake: FakeAnthropic) -> None:
     fake.script({"tokens": 50, "pace_ms": 0}, {"text": "a whole answer"})
-    client = sdk(fake.base_url)
-    assert await read_stream(client) == expected_text(50)
-    message = await client.messages.create(**MSG)
-    assert message.content[0].text == "a whole answer"  # type: ignore[union-attr]
-    await client.close()
+    async with sdk(fake.base_url) as client:
+        assert await read_stream(client) == expected_text(50)
+        message = await client.messages.create(**MSG)
+        assert message.content[0].text == "a whole answer"  # type: ignore[union-attr]
 
 
 async def test_keep_alive_reuses_one_connection(fake: FakeAnthropic) -> None:
     fake.script({"tokens": 5, "times": 4})
-    client = sdk(fake.base_url)
-    for _ in range(3):
-        assert await read_stream(client) == expected_text(5)
-    await client.messages.create(**MSG)
-    assert transport_of(client).connections_opened == 1
-    await client.close()
+    async with sdk(fake.base_url) as client:
+        for _ in range(3):
+            assert await read_stream(client) == expected_text(5)
+        response = await client.messages.with_raw_response.create(**MSG)
+        assert transport_of(response.http_response).connections_opened == 1
 
 
 async def test_concurrent_streams(fake: FakeAnthropic) -> None:
     fake.script({"tokens": 30, "pace_ms": 2, "times": 40})
-    client = sdk(fake.base_url)
-    texts = await asyncio.gather(*(read_stream(client) for _ in range(40)))
+    async with sdk(fake.base_url) as client:
+        texts = await asyncio.gather(*(read_stream(client) for _ in range(40)))
     assert texts == [expected_text(30)] * 40
-    await client.close()
 
 
 async def test_overloaded_then_success_is_retried(fake: FakeAnthropic) -> None:
     fake.script({"status": 529, "retry_after_ms": 1, "times": 2}, {"text": "third time lucky"})
-    client = sdk(fake.base_url, max_retries=2)
-    message = await client.messages.create(**MSG)
+    async with sdk(fake.base_url, max_retries=2) as client:
+        message = await client.messages.create(**MSG)
     assert message.content[0].text == "third time lucky"  # type: ignore[union-attr]
     assert [r.status for r in fake.requests] == [529, 529, 200]
-    await client.close()
+
+
+async def test_interim_answers_are_skipped() -> None:
+    """A `103 Early Hints` or `100 Continue` before the answer: the whole body that follows
+    is read, through the transport and through a turn's event stream."""
+    events = [{"type": "message_start", "message": {"usage": {"input_tokens": 3}}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "early"}},
+              {"type": "message_stop"}]
+    sse = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):  # (the client is gone)
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)  # the interim answers and the answer in separate reads
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                await asyncio.sleep(0.02)
+                for i in range(0, len(sse), 40):
+                    writer.write(chunk(sse[i:i + 40]))
+                writer.write(b"0\r\n\r\n")
+
+    async with raw_server(serve) as url, sdk(url) as client:
+        async with client.messages.with_streaming_response.create(**MSG, stream=True) as response:
+            assert response.http_response.status_code == 200
+            assert "link" not in response.http_response.headers  # (the hints' headers are not the answer's)
+            assert await response.http_response.aread() == sse
+        assert [as_dict(e) for e in await read_events(client, 0.01)] == events
+        assert transport_of(response.http_response).connections_opened == 1  # kept alive through both
 
 
 # -- failures ---------------------------------------------------------------------------------
 async def test_dropped_connection_is_a_transport_error(fake: FakeAnthropic) -> None:
     fake.script({"tokens": 20, "pace_ms": 1, "drop_after": 3})
-    client = sdk(fake.base_url)
-    with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
-        async with client.messages.with_streaming_response.create(**MSG, stream=True) as response:
-            async for _ in response.http_response.aiter_bytes():
-                pass
-    await client.close()
+    async with sdk(fake.base_url) as client:
+        with pytest.raises((httpx2.RemoteProtocolError, httpx2.ReadError)):
+            async with client.messages.with_streaming_response.create(**MSG, stream=True) as response:
+                async for _ in response.http_response.aiter_bytes():
+                    pass
 
 
 async def test_read_timeout(fake: FakeAnthropic) -> None:
     fake.script({"ttft_ms": 2000, "tokens": 3})
-    client = sdk(fake.base_url, timeout=httpx2.Timeout(5, read=0.3))
-    started = time.monotonic()
-    with pytest.raises((httpx2.ReadTimeout, anthropic.APITimeoutError)):
-        await read_stream(client)
+    async with sdk(fake.base_url, timeout=httpx2.Timeout(5, read=0.3)) as client:
+        started = time.monotonic()
+        with pytest.raises((httpx2.ReadTimeout, anthropic.APITimeoutError)):
+            await read_stream(client)
     elapsed = time.monotonic() - started
     assert 0.3 <= elapsed < 1.5, elapsed
-    await client.close()
 
 
 async def test_connect_error() -> None:
-    import socket
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
-    client = sdk(f"http://127.0.0.1:{port}")
-    with pytest.raises(anthropic.APIConnectionError) as info:
-        await client.messages.create(**MSG)
+    async with sdk(f"http://127.0.0.1:{port}") as client:
+        with pytest.raises(anthropic.APIConnectionError) as info:
+            await client.messages.create(**MSG)
     assert isinstance(info.value.__cause__, httpx2.ConnectError)
-    await client.close()
 
 
 async def test_closing_a_stream_early_reaches_the_upstream(fake: FakeAnthropic) -> None:
     fake.script({"tokens": 500, "pace_ms": 10})
-    client = sdk(fake.base_url)
-    stream = await client.messages.create(**MSG, stream=True)
-    seen = 0
-    async for event in stream:
-        seen += event.type == "content_block_delta"
-        if seen == 3:
-            break
-    await stream.close()
-    deadline = time.monotonic() + 3
-    while not fake.requests[-1].closed_early and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    async with sdk(fake.base_url) as client:
+        stream = await client.messages.create(**MSG, stream=True)
+        seen = 0
+        async for event in stream:
+            seen += event.type == "content_block_delta"
+            if seen == 3:
+                break
+        await stream.close()
+        deadline = time.monotonic() + 3
+        while not fake.requests[-1].closed_early and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
     assert fake.requests[-1].closed_early
     assert not fake.requests[-1].finished
-    await client.close()
 
 
-# -- the stream on its own --------------------------------------------------------------------
+# -- the connection on its own ----------------------------------------------------------------
 class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
@@ -221,12 +279,17 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-async def test_connection_parsing_flow_control_and_errors() -> None:
+async def sent_request(head: bytes = b"GET / HTTP/1.1\r\n\r\n", body: bytes = b"") -> tuple[Connection, _Transport]:
+    """A connection on a fake socket that has sent one request."""
     loop = asyncio.get_running_loop()
-    conn = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80))
-    transport = _Transport()
+    conn, transport = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80)), _Transport()
     conn.connection_made(transport)
-    await conn.send(b"POST /v1/messages HTTP/1.1\r\nHost: example\r\n\r\n", b"{}", False, timeout=1)
+    await conn.send(head, body, False, timeout=1)
+    return conn, transport
+
+
+async def test_connection_parsing_flow_control_and_errors() -> None:
+    conn, transport = await sent_request(b"POST /v1/messages HTTP/1.1\r\nHost: example\r\n\r\n", b"{}")
     assert transport.written == [b"POST /v1/messages HTTP/1.1\r\nHost: example\r\n\r\n{}"]
 
     head = asyncio.ensure_future(conn.receive_head(timeout=5))
@@ -250,9 +313,7 @@ async def test_connection_parsing_flow_control_and_errors() -> None:
     conn.data_received(b"0\r\n\r\n")
     assert conn.complete and conn.keep_alive()  # reusable for the next request
 
-    broken = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80))
-    broken.connection_made(_Transport())
-    await broken.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, timeout=1)
+    broken, _ = await sent_request()
     waiting = asyncio.ensure_future(broken.receive_head(timeout=5))
     await asyncio.sleep(0)
     broken.data_received(b"NOT HTTP AT ALL\r\n\r\n")
@@ -260,9 +321,7 @@ async def test_connection_parsing_flow_control_and_errors() -> None:
         await waiting
     assert not broken.keep_alive()
 
-    cut = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80))
-    cut.connection_made(_Transport())
-    await cut.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, timeout=1)
+    cut, _ = await sent_request()
     cut.data_received(HEAD + chunk(b"part"))
     await cut.receive_head(timeout=1)
     cut.connection_lost(ConnectionResetError("reset by peer"))
@@ -272,20 +331,27 @@ async def test_connection_parsing_flow_control_and_errors() -> None:
     with pytest.raises(httpx2.WriteError):
         await cut.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, timeout=1)
 
+    hinted, _ = await sent_request()  # an interim answer in the same read as the answer
+    hinted.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + HEAD + chunk(b"body"))
+    await hinted.receive_head(timeout=1)
+    assert hinted.status == 200 and not hinted.complete and hinted.take() == b"body"
+    assert (b"Link", b"</a>") not in hinted.headers and hinted.reason == b"OK"
+    hinted.data_received(b"0\r\n\r\n")
+    assert hinted.complete and hinted.keep_alive()
 
-async def test_make_http_client_settings() -> None:
+
+async def test_make_http_client_settings(fake: FakeAnthropic) -> None:
     hook_calls: list[str] = []
 
     async def hook(request: httpx2.Request) -> None:
         hook_calls.append(request.url.path)
 
-    client = make_http_client(timeout=120, event_hooks={"request": [hook]})
-    assert client.timeout == httpx2.Timeout(120, connect=5.0)
-    transport = client._transport  # type: ignore[attr-defined]
-    assert isinstance(transport, UpstreamTransport)
-    assert transport._max_keepalive == 1000 and transport._slots is not None and transport._slots._value == 1000
-    assert client.event_hooks["request"] == [hook]
-    await client.aclose()
+    async with make_http_client(timeout=120, event_hooks={"request": [hook]}) as client:
+        assert client.timeout == httpx2.Timeout(120, connect=5.0)
+        assert client.event_hooks["request"] == [hook]
+        transport = transport_of(await client.get(f"{fake.base_url}/nothing-here"))
+        assert transport._max_keepalive == 1000 and transport._slots is not None and transport._slots._value == 1000
+        assert hook_calls == ["/nothing-here"]
 
 
 @asynccontextmanager
@@ -302,20 +368,18 @@ async def closing_server(answer: bytes) -> AsyncIterator[tuple[str, list[int]]]:
         await asyncio.sleep(0.05)
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/", served
-    finally:
-        server.close()
+    async with raw_server(serve) as url:
+        yield url + "/", served
 
 
 async def test_a_connection_closed_while_idle_is_replaced() -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    async with closing_server(answer) as (url, served), httpx2.AsyncClient(transport=UpstreamTransport()) as client:
+    transport = UpstreamTransport()
+    async with closing_server(answer) as (url, served), httpx2.AsyncClient(transport=transport) as client:
         for _ in range(3):
             assert (await client.get(url)).text == "ok"
             await asyncio.sleep(0.15)  # the server has closed the kept-alive connection by now
-        assert len(served) == 3 and client._transport.connections_opened == 3  # type: ignore[attr-defined]
+        assert len(served) == 3 and transport.connections_opened == 3
 
 
 async def test_a_body_delimited_by_the_close() -> None:
@@ -336,6 +400,34 @@ async def test_malformed_answer_and_pool_timeout(fake: FakeAnthropic) -> None:
                 await client.post(f"{fake.base_url}/v1/messages", json=MSG, timeout=httpx2.Timeout(5, pool=0.1))
 
 
+async def test_a_streamed_request_body_goes_out_chunked(fake: FakeAnthropic) -> None:
+    fake.script({"text": "ok"})
+    payload = json.dumps(MSG).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 7):
+            yield payload[i:i + 7]
+
+    async with httpx2.AsyncClient(transport=UpstreamTransport()) as client:
+        response = await client.post(f"{fake.base_url}/v1/messages", content=pieces(),
+                                     headers={"x-api-key": "k", "content-type": "application/json"})
+    assert response.status_code == 200 and response.json()["content"][0]["text"] == "ok"
+    assert fake.requests[-1].body["model"] == MSG["model"]
+
+
+async def test_keepalive_expiry(fake: FakeAnthropic) -> None:
+    transport = UpstreamTransport(keepalive_expiry=0.1)
+    async with httpx2.AsyncClient(transport=transport) as client:
+        for pause in (0, 0.2, 0):
+            await asyncio.sleep(pause)
+            assert (await client.get(f"{fake.base_url}/nothing-here")).status_code == 404
+        assert transport.connections_opened == 2  # reused at once, replaced after the expiry
+        await asyncio.gather(*(client.get(f"{fake.base_url}/nothing-here") for _ in range(5)))
+        await asyncio.sleep(0.2)
+        await client.get(f"{fake.base_url}/nothing-here")
+        assert transport._idle_count == 1  # the expired ones were dropped as they were met
+
+
 # -- uvloop -----------------------------------------------------------------------------------
 def test_under_uvloop() -> None:
     uvloop = pytest.importorskip("uvloop")
@@ -343,24 +435,21 @@ def test_under_uvloop() -> None:
     async def scenario() -> None:
         upstream = FakeAnthropic()
         await upstream.start()
-        try:
-            upstream.script({"tokens": 40, "pace_ms": 1, "times": 3}, {"ttft_ms": 2000, "tokens": 3})
-            client = sdk(upstream.base_url)
+        upstream.script({"tokens": 40, "pace_ms": 1, "times": 3}, {"ttft_ms": 2000, "tokens": 3})
+        async with sdk(upstream.base_url) as client:
             assert await asyncio.gather(*(read_stream(client) for _ in range(3))) == [expected_text(40)] * 3
             slow = client.with_options(timeout=httpx2.Timeout(5, read=0.3))
             started = time.monotonic()
             with pytest.raises((httpx2.ReadTimeout, anthropic.APITimeoutError)):
                 await read_stream(slow)
             assert time.monotonic() - started < 1.5
-            await client.close()
-        finally:
-            await upstream.stop()
+        await upstream.stop()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(scenario())
 
 
-# -- TLS --------------------------------------------------------------------------------------
+# -- TLS and proxies --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
@@ -379,62 +468,111 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-async def tls_relay(cert: Path, key: Path, target_port: int) -> asyncio.Server:
-    """A TLS-terminating relay in front of the plain-HTTP fake."""
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+@asynccontextmanager
+async def tls_relay(cert: Path, key: Path, target_port: int) -> AsyncIterator[int]:
+    """A TLS-terminating relay in front of the plain-HTTP fake; yields its port."""
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
-    return await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
-
-
-async def test_tls(fake: FakeAnthropic, self_signed: tuple[Path, Path]) -> None:
-    cert, key = self_signed
-    relay = await tls_relay(cert, key, int(fake.base_url.rsplit(":", 1)[1]))
-    port = relay.sockets[0].getsockname()[1]
+    relay = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
     try:
-        fake.script({"tokens": 100, "pace_ms": 1}, {"text": "over tls"})
-        client = sdk(f"https://localhost:{port}", verify=ssl.create_default_context(cafile=str(cert)))
-        assert await read_stream(client) == expected_text(100)
-        async with client.messages.with_streaming_response.create(**MSG) as response:
-            assert response.http_response.extensions["network_stream"].get_extra_info("ssl_object") is not None
-            assert "over tls" in (await response.http_response.aread()).decode()
-        assert transport_of(client).connections_opened == 1
-        await client.close()
-
-        untrusting = sdk(f"https://localhost:{port}")  # the system CAs do not know our certificate
-        with pytest.raises(anthropic.APIConnectionError) as info:
-            await untrusting.messages.create(**MSG)
-        assert isinstance(info.value.__cause__, httpx2.ConnectError)
-        await untrusting.close()
+        yield relay.sockets[0].getsockname()[1]
     finally:
         relay.close()
         await relay.wait_closed()
 
 
+async def test_tls(fake: FakeAnthropic, self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    async with tls_relay(cert, key, port_of(fake)) as port:
+        fake.script({"tokens": 100, "pace_ms": 1}, {"text": "over tls"})
+        async with sdk(f"https://localhost:{port}", verify=ssl.create_default_context(cafile=str(cert))) as client:
+            assert await read_stream(client) == expected_text(100)
+            async with client.messages.with_streaming_response.create(**MSG) as response:
+                assert response.http_response.extensions["network_stream"].get_extra_info("ssl_object") is not None
+                assert "over tls" in (await response.http_response.aread()).decode()
+            assert transport_of(response.http_response).connections_opened == 1
+
+        async with sdk(f"https://localhost:{port}") as untrusting:  # the system CAs do not know our certificate
+            with pytest.raises(anthropic.APIConnectionError) as info:
+                await untrusting.messages.create(**MSG)
+        assert isinstance(info.value.__cause__, httpx2.ConnectError)
+
+
+@asynccontextmanager
+async def forward_proxy() -> AsyncIterator[tuple[str, list[str]]]:
+    """A forward proxy (CONNECT tunnels, and plain HTTP requests in absolute form, one per
+    connection); yields its URL and the request lines it served."""
+    seen: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        method, target, rest = head.split(b" ", 2)
+        seen.append(f"{method.decode()} {target.decode()}")
+        if method == b"CONNECT":
+            host, port = target.rsplit(b":", 1)
+            up_reader, up_writer = await asyncio.open_connection(host.decode(), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            url = httpx2.URL(target.decode())
+            up_reader, up_writer = await asyncio.open_connection(url.host, url.port)
+            up_writer.write(b"%b %b %b" % (method, url.raw_path, rest))
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async with raw_server(serve) as url:
+        yield url, seen
+
+
+async def test_proxies_from_the_environment(fake: FakeAnthropic, self_signed: tuple[Path, Path],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS_PROXY / HTTP_PROXY are obeyed (by the SDK's own client, not our transport) and
+    NO_PROXY exempts a host; without them requests go straight through our transport."""
+    cert, key = self_signed
+    verify = ssl.create_default_context(cafile=str(cert))
+    fake.script({"text": "proxied", "times": 5})
+    async with forward_proxy() as (proxy_url, seen), tls_relay(cert, key, port_of(fake)) as port:
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+        async with sdk(f"https://localhost:{port}", verify=verify) as client:
+            response = await client.messages.with_raw_response.create(**MSG)
+            assert direct_body(response.http_response) is None  # httpx2's proxy transport, not ours
+            assert (await response.parse()).content[0].text == "proxied"  # type: ignore[union-attr]
+        assert seen == [f"CONNECT localhost:{port}"]
+
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        async with sdk(fake.base_url) as client:
+            assert (await client.messages.create(**MSG)).content[0].text == "proxied"  # type: ignore[union-attr]
+        assert seen[1:] == [f"POST {fake.base_url}/v1/messages"]
+
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        async with sdk(fake.base_url) as client:
+            assert (await client.messages.create(**MSG)).content[0].text == "proxied"  # type: ignore[union-attr]
+        assert len(seen) == 2  # straight to the upstream
+
+        for name in PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        async with sdk(fake.base_url) as client:
+            response = await client.messages.with_raw_response.create(**MSG)
+            assert isinstance(transport_of(response.http_response), UpstreamTransport)
+        assert len(seen) == 2
+
+
 # -- server.upstream on top of it -------------------------------------------------------------
 async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnthropic) -> None:
-    import gzip
-
-    from server.upstream import UpstreamStream, open_stream
-    from server.upstream_transport import direct_body
-
-    import gc
-    import weakref
-
     fake.script({"tokens": 30, "pace_ms": 0})
     seen: list[weakref.ref[httpx2.Response]] = []
 
@@ -442,16 +580,14 @@ async def test_upstream_stream_direct_and_through_httpx2_decoding(fake: FakeAnth
         assert direct_body(response) is not None  # our transport, no encoding: direct reads
         seen.append(weakref.ref(response))
 
-    client = anthropic.AsyncAnthropic(api_key="k", base_url=fake.base_url, max_retries=0, http_client=make_http_client(
-        timeout=30, event_hooks={"response": [keep_a_weak_ref]}))
-    async with open_stream(client, MSG) as upstream:
-        gc.collect()
-        assert seen and seen[0]() is None  # request, response and their headers are not held while streaming
-        events = [as_dict(e) async for e in upstream.events()]
+    async with sdk(fake.base_url, event_hooks={"response": [keep_a_weak_ref]}) as client:
+        async with open_stream(client, MSG) as upstream:
+            gc.collect()
+            assert seen and seen[0]() is None  # request, response and their headers are not held while streaming
+            events = [as_dict(e) async for e in upstream.events()]
     assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
     assert "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta") == expected_text(30)
     assert fake.requests[-1].body["stream"] is True
-    await client.close()
 
     sse = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events)
     encoded = httpx2.Response(200, headers={"content-encoding": "gzip"}, content=gzip.compress(sse))
@@ -463,8 +599,6 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic, monkeypa
     """STREAM_COALESCE_MS: after the first token the body is read once per window, so tokens
     come out in bursts (one wake-up and one client write each) instead of one by one; from
     the second window on the socket itself is read once per window."""
-    from server.upstream import TextDelta, open_stream
-
     pieces = 0
     received = Connection.data_received
 
@@ -475,7 +609,6 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic, monkeypa
 
     monkeypatch.setattr(Connection, "data_received", counting)
     fake.script({"tokens": 40, "pace_ms": 5, "times": 2})
-    client = sdk(fake.base_url)
     loop = asyncio.get_running_loop()
 
     async def bursts(coalesce: float) -> tuple[int, str]:
@@ -488,25 +621,25 @@ async def test_coalescing_handles_tokens_in_bursts(fake: FakeAnthropic, monkeypa
                     text += event.text
         return 1 + sum(b - a > 0.002 for a, b in zip(times, times[1:])), text
 
-    one_by_one, text = await bursts(0.0)
-    assert text == expected_text(40) and one_by_one > 20 and pieces > 20
-    coalesced, text = await bursts(0.05)
-    assert text == expected_text(40) and coalesced <= 8, coalesced
-    assert pieces <= 20, pieces  # the first window's ~10 pieces one by one, then one read per window
+    async with sdk(fake.base_url) as client:
+        one_by_one, text = await bursts(0.0)
+        assert text == expected_text(40) and one_by_one > 20 and pieces > 20
+        coalesced, text = await bursts(0.05)
+        assert text == expected_text(40) and coalesced <= 8, coalesced
+        assert pieces <= 20, pieces  # the first window's ~10 pieces one by one, then one read per window
 
-    # An answer that ends within the first window is read as soon as its end arrives...
-    fake.script({"tokens": 10, "pace_ms": 5})
-    started = loop.time()
-    coalesced, text = await bursts(2.0)
-    assert text == expected_text(10) and coalesced <= 2
-    assert loop.time() - started < 1.0
-    # ... a longer one at most one window after its end.
-    fake.script({"tokens": 30, "pace_ms": 10})
-    started = loop.time()
-    coalesced, text = await bursts(0.1)
-    assert text == expected_text(30) and coalesced <= 5, coalesced
-    assert loop.time() - started < 0.3 + 0.1 + 0.3
-    await client.close()
+        # An answer that ends within the first window is read as soon as its end arrives...
+        fake.script({"tokens": 10, "pace_ms": 5})
+        started = loop.time()
+        coalesced, text = await bursts(2.0)
+        assert text == expected_text(10) and coalesced <= 2
+        assert loop.time() - started < 1.0
+        # ... a longer one at most one window after its end.
+        fake.script({"tokens": 30, "pace_ms": 10})
+        started = loop.time()
+        coalesced, text = await bursts(0.1)
+        assert text == expected_text(30) and coalesced <= 5, coalesced
+        assert loop.time() - started < 0.3 + 0.1 + 0.3
 
 
 @given(now=st.floats(min_value=0, max_value=1e6), later=st.floats(min_value=0, max_value=1),
@@ -526,25 +659,28 @@ def test_coalescing_windows_end_on_a_shared_grid(now: float, later: float, secon
 
 async def test_a_stall_after_a_window_is_a_read_timeout(fake: FakeAnthropic) -> None:
     """Waiting past a coalescing window for the next piece keeps the read timeout."""
-    from server.errors import UpstreamStreamError
-    from server.upstream import open_stream
-
     fake.script({"tokens": 3, "pace_ms": 3000})
-    client = sdk(fake.base_url, timeout=httpx2.Timeout(5, read=0.3))
-    started = time.monotonic()
-    with pytest.raises(UpstreamStreamError) as caught:
-        async with open_stream(client, MSG, 0.05) as upstream:
-            async for _event in upstream.events():
-                pass
+    async with sdk(fake.base_url, timeout=httpx2.Timeout(5, read=0.3)) as client:
+        started = time.monotonic()
+        with pytest.raises(UpstreamStreamError) as caught:
+            await read_events(client, 0.05)
     assert caught.value.error_type == "timeout_error"
     assert time.monotonic() - started < 2.0
-    await client.close()
+
+
+class Pieces(httpx2.AsyncByteStream):
+    """A body from another transport: `wire` in pieces of `size` bytes."""
+
+    def __init__(self, wire: bytes, size: int) -> None:
+        self.wire, self.size = wire, size
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for i in range(0, len(self.wire), self.size):
+            yield self.wire[i:i + self.size]
 
 
 async def test_sse_parsing_across_awkward_chunk_boundaries() -> None:
     """Reads cut anywhere (inside a UTF-8 character, between \\r and \\n) give the same events."""
-    from server.upstream import UpstreamStream
-
     events = [{"type": "message_start", "message": {"usage": {"input_tokens": 3}}},
               {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "héllo ✓"}},
               {"type": "message_stop"}]
@@ -552,21 +688,28 @@ async def test_sse_parsing_across_awkward_chunk_boundaries() -> None:
     wire += b"".join(b"event: %s\r\ndata: %s\r\n\r\n" % (e["type"].encode(), json.dumps(e, ensure_ascii=False).encode())
                      for e in events)
 
-    class Pieces(httpx2.AsyncByteStream):
-        def __init__(self, size: int) -> None:
-            self.size = size
-
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            for i in range(0, len(wire), self.size):
-                yield wire[i:i + self.size]
-
     for size in (1, 2, 3, 7, 64, len(wire)):
-        got = [as_dict(e) async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(size))).events()]
+        got = [as_dict(e) async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(wire, size))).events()]
         assert got == [{"type": "ping"}, *events], size
 
     wire = wire.replace("✓".encode(), b"\xff")  # not UTF-8: replaced, the stream goes on
-    got = [as_dict(e) async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(5))).events()]
+    got = [as_dict(e) async for e in UpstreamStream(httpx2.Response(200, stream=Pieces(wire, 5))).events()]
     assert got[2]["delta"]["text"] == "héllo \ufffd" and got[-1] == {"type": "message_stop"}
+
+
+async def test_another_transports_body_lingers_until_the_shared_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body that is not from our transport is coalesced too: the reader sleeps until the
+    window's tick on the shared grid."""
+    delta = b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"}}\n\n'
+    wire = delta * 2 + b'data: {"type":"message_stop"}\n\n'
+    loop = asyncio.get_running_loop()
+    sleeps: list[float] = []  # when each linger ends
+    sleep = asyncio.sleep
+    monkeypatch.setattr(asyncio, "sleep", lambda delay: sleeps.append(loop.time() + delay) or sleep(delay))
+    stream = UpstreamStream(httpx2.Response(200, stream=Pieces(wire, len(delta))), coalesce=0.08)
+    times = [loop.time() async for _ in stream.events()]
+    assert len(times) == 3 and times[1] - times[0] >= 0.08 - 1e-3
+    assert len(sleeps) == 2 and all(abs(end / LINGER_TICK - round(end / LINGER_TICK)) < 0.01 for end in sleeps)
 
 
 texts = st.text(st.characters(codec="utf-8"), max_size=30)
@@ -580,9 +723,6 @@ def test_text_deltas_read_without_a_parse_match_the_json(text: str, index: int, 
     """A text delta in the API's usual form is read by a fast path; whatever the text and
     the encoder's choices (escapes, spacing), it gives what a JSON parse gives, and the
     event we emit from it is valid JSON carrying the same text."""
-    from server.events import text_delta
-    from server.upstream import TextDelta, _parse_block
-
     event = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
     data = json.dumps(event, ensure_ascii=ascii_only, separators=(",", ":") if compact else None)
     buffer = f"{prefix}{data}\n\nevent: next\ndata: {{}}\n\n"
@@ -594,8 +734,6 @@ def test_text_deltas_read_without_a_parse_match_the_json(text: str, index: int, 
 
 
 def test_text_delta_lookalikes_take_the_parsing_path() -> None:
-    from server.upstream import TextDelta, _parse_block
-
     head = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
     for data, expected in [
         (head + '"a","extra":1}}', {"type": "content_block_delta", "index": 0,
@@ -610,44 +748,3 @@ def test_text_delta_lookalikes_take_the_parsing_path() -> None:
             got = _parse_block(buffer, 0, len(buffer) - 2)
             assert not (isinstance(got, TextDelta) and got.json is not None), data
             assert (as_dict(got) if got is not None else None) == expected, data
-
-
-async def test_a_streamed_request_body_goes_out_chunked(fake: FakeAnthropic) -> None:
-    fake.script({"text": "ok"})
-    payload = json.dumps(MSG).encode()
-
-    async def pieces() -> AsyncIterator[bytes]:
-        for i in range(0, len(payload), 7):
-            yield payload[i:i + 7]
-
-    async with httpx2.AsyncClient(transport=UpstreamTransport()) as client:
-        response = await client.post(f"{fake.base_url}/v1/messages", content=pieces(),
-                                     headers={"x-api-key": "k", "content-type": "application/json"})
-    assert response.status_code == 200 and response.json()["content"][0]["text"] == "ok"
-    assert fake.requests[-1].body["model"] == MSG["model"]
-
-
-async def test_proxies_from_the_environment_keep_httpx2_proxy_transports(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    client = make_http_client(timeout=30)
-    try:
-        assert isinstance(client._transport, UpstreamTransport)  # type: ignore[attr-defined]
-        proxied = client._transport_for_url(httpx2.URL("https://api.anthropic.com/v1/messages"))  # type: ignore[attr-defined]
-        assert not isinstance(proxied, UpstreamTransport)  # the proxy mount, not ours
-        direct = client._transport_for_url(httpx2.URL("http://127.0.0.1:8000/"))  # type: ignore[attr-defined]
-        assert isinstance(direct, UpstreamTransport)
-    finally:
-        await client.aclose()
-
-
-async def test_keepalive_expiry(fake: FakeAnthropic) -> None:
-    transport = UpstreamTransport(keepalive_expiry=0.1)
-    async with httpx2.AsyncClient(transport=transport) as client:
-        for pause in (0, 0.2, 0):
-            await asyncio.sleep(pause)
-            assert (await client.get(f"{fake.base_url}/nothing-here")).status_code == 404
-        assert transport.connections_opened == 2  # reused at once, replaced after the expiry
-        await asyncio.gather(*(client.get(f"{fake.base_url}/nothing-here") for _ in range(5)))
-        await asyncio.sleep(0.2)
-        await client.get(f"{fake.base_url}/nothing-here")
-        assert transport._idle_count == 1  # the expired ones were dropped as they were met

@@ -1,8 +1,7 @@
 """Run the fake as its own process: ``python -m server.fake_anthropic --port 8001``.
 
-Prints exactly one line, ``fake-anthropic listening on http://HOST:PORT``, once
-the socket is bound (so a parent can wait for it and learn the port when
-``--port 0``), then serves until SIGTERM/SIGINT.
+Prints one line, ``fake-anthropic listening on http://HOST:PORT``, once the socket is bound
+(so a parent learns the port of ``--port 0``), then serves until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -13,15 +12,6 @@ import signal
 import sys
 
 from . import FakeAnthropic
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m server.fake_anthropic", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--pace-ms", type=float, default=0.0, help="delay between streamed deltas (default model)")
-    p.add_argument("--api-key", default=None, help="accept only this key (default: any non-empty key)")
-    return p.parse_args(argv)
 
 
 async def serve(fake: FakeAnthropic, host: str, port: int) -> None:
@@ -40,7 +30,12 @@ async def serve(fake: FakeAnthropic, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
+    p = argparse.ArgumentParser(prog="python -m server.fake_anthropic", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--pace-ms", type=float, default=0.0, help="delay between streamed deltas (default model)")
+    p.add_argument("--api-key", default=None, help="accept only this key (default: any non-empty key)")
+    args = p.parse_args(argv)
     asyncio.run(serve(FakeAnthropic(pace_ms=args.pace_ms, api_key=args.api_key), args.host, args.port))
 
 

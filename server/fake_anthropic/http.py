@@ -1,14 +1,10 @@
 """A tiny HTTP/1.1 server on plain asyncio streams.
 
-Why not uvicorn/starlette: the fake must be embeddable in another uvicorn
-process's event loop (offline mode) without touching signal handlers or
-global logging, and it must give the handler precise control over the socket
-(chunked streaming, abrupt drops, noticing a client that hangs up mid-stream).
-
-Scope: request line, headers, a Content-Length (or chunked) request body,
-keep-alive, fixed-length responses and ``Transfer-Encoding: chunked``
-streaming responses. No pipelining guarantees beyond "data that arrives early
-is kept for the next request", no TLS, no HTTP/2.
+Not uvicorn: the fake runs inside another uvicorn process's event loop (offline mode)
+without touching its signal handlers or logging, and its handler needs precise control of
+the socket (chunked streaming, abrupt drops, noticing a client that hangs up mid-stream).
+Scope: Content-Length or chunked request bodies, keep-alive, fixed-length and chunked
+responses; no TLS, no HTTP/2, no pipelining beyond keeping early bytes for the next request.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Awaitable, Callable, Iterable
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -27,25 +24,7 @@ READ_SIZE = 64 * 1024
 # sleeps use a bare asyncio.sleep (cheaper) and the flag is checked after.
 _LONG_SLEEP = 0.05
 
-REASONS: dict[int, str] = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    402: "Payment Required",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    409: "Conflict",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    529: "Overloaded",
-}
+REASONS: dict[int, str] = {s.value: s.phrase for s in HTTPStatus} | {529: "Overloaded"}
 
 _CHUNK_END = b"0\r\n\r\n"
 
@@ -59,9 +38,7 @@ class HttpRequest:
     """One parsed request. Header names are lower-cased; a repeated header keeps its last value."""
 
     method: str
-    target: str
-    path: str
-    query: str
+    path: str  # without the query
     version: str
     headers: dict[str, str]
     body: bytes = b""
@@ -77,13 +54,6 @@ class HttpRequest:
 def chunk(data: bytes) -> bytes:
     """Frame ``data`` as one HTTP/1.1 chunk (callers pre-frame to keep one write per event)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def _head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
-    reason = REASONS.get(status, "Unknown")
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    lines.extend(f"{k}: {v}" for k, v in headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 @dataclass(eq=False)  # identity hash: connections live in a set
@@ -104,11 +74,6 @@ class HttpConnection:
     eof: bool = False
     keep_alive: bool = True
     _watcher: asyncio.Task[None] | None = None
-
-    @property
-    def peer(self) -> str:
-        info = self.writer.get_extra_info("peername")
-        return f"{info[0]}:{info[1]}" if info else "?"
 
     # -- reading -----------------------------------------------------------
     async def _fill(self) -> bool:
@@ -137,14 +102,9 @@ class HttpConnection:
                 if self.buf.strip():
                     raise BadRequest("connection closed mid-request")
                 return None
-        head = bytes(self.buf[:end]).decode("latin-1")
+        # (stray CRLFs before a request line are tolerated: RFC 9112 section 2.2)
+        lines = bytes(self.buf[:end]).decode("latin-1").lstrip("\r\n").split("\r\n")
         del self.buf[: end + 4]
-        lines = head.split("\r\n")
-        # tolerate stray CRLFs before a request line (RFC 9112 section 2.2)
-        while lines and not lines[0]:
-            lines.pop(0)
-        if not lines:
-            raise BadRequest("empty request")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise BadRequest(f"bad request line {lines[0]!r}")
@@ -155,8 +115,7 @@ class HttpConnection:
             if not sep or not name or name != name.strip():
                 raise BadRequest(f"bad header line {line!r}")
             headers[name.lower()] = value.strip()
-        path, _, query = target.partition("?")
-        req = HttpRequest(method.upper(), target, path, query, version, headers)
+        req = HttpRequest(method.upper(), target.partition("?")[0], version, headers)
         if "chunked" in headers.get("transfer-encoding", "").lower():
             req.body = await self._read_chunked_body()
         elif "content-length" in headers:
@@ -238,7 +197,8 @@ class HttpConnection:
             self.gone = True
         return self.gone
 
-    async def _write(self, data: bytes) -> bool:
+    async def write(self, data: bytes) -> bool:
+        """Write bytes (a response head, or body already framed with :func:`chunk`); False if the client is gone."""
         if self._closing():
             return False
         try:
@@ -249,27 +209,25 @@ class HttpConnection:
             return False
         return not self._closing()
 
+    def _head(self, status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}", *(f"{k}: {v}" for k, v in headers)]
+        if not self.keep_alive:
+            lines.append("connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
     async def send(
         self, status: int, headers: list[tuple[str, str]], body: bytes, content_type: str = "application/json"
     ) -> bool:
         """Send a complete fixed-length response; False if the client is gone."""
         hdrs = [("content-type", content_type), ("content-length", str(len(body))), *headers]
-        if not self.keep_alive:
-            hdrs.append(("connection", "close"))
-        return await self._write(_head(status, hdrs) + body)
+        return await self.write(self._head(status, hdrs) + body)
 
     async def start_chunked(self, status: int, headers: list[tuple[str, str]], content_type: str) -> bool:
         hdrs = [("content-type", content_type), ("transfer-encoding", "chunked"), *headers]
-        if not self.keep_alive:
-            hdrs.append(("connection", "close"))
-        return await self._write(_head(status, hdrs))
-
-    async def write(self, framed: bytes) -> bool:
-        """Write bytes already framed with :func:`chunk` (one syscall per call)."""
-        return await self._write(framed)
+        return await self.write(self._head(status, hdrs))
 
     async def end_chunked(self, last_framed: bytes = b"") -> bool:
-        return await self._write(last_framed + _CHUNK_END)
+        return await self.write(last_framed + _CHUNK_END)
 
     def abort(self) -> None:
         """Drop the TCP connection now: no terminating chunk, no more requests."""
@@ -289,23 +247,18 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._conns: set[HttpConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.host = ""
-        self.port = 0
         self._stopping = False
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         self._stopping = False
         self._server = await asyncio.start_server(self._serve, host, port, limit=READ_SIZE * 2, backlog=1024)
-        self.host, self.port = host, int(self._server.sockets[0].getsockname()[1])
-        return host, self.port
+        return host, int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Stop listening, drop open connections and wait for their handlers to finish.
 
-        Handlers are not cancelled first: on Python 3.11 asyncio's start_server
-        callback logs a spurious error for a cancelled connection task, and an
-        aborted socket makes every handler finish on its own within a write or
-        a sleep anyway. Cancellation is only the fallback after a grace period.
+        Aborted sockets end every handler within a write or a sleep; cancelling them first
+        would make asyncio's start_server log spurious errors, so it is only the fallback.
         """
         self._stopping = True
         if self._server is not None:

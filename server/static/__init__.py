@@ -1,9 +1,5 @@
-"""The built-in chat page: `GET /` and its assets under `/static/` (no build step).
-
-Plain HTML, CSS and one script in `web/`, talking to `WS /agent/ws`: streamed text, tool
-calls, a stop button, reconnect-and-resume after a dropped connection and an offline-mode
-banner. The page loads nothing from other origins; its Content-Security-Policy says so.
-"""
+"""The built-in chat page: `GET /` and its assets under `/static/` (plain files in `web/`,
+no build step). It talks to `WS /agent/ws` and loads nothing from other origins."""
 
 from __future__ import annotations
 

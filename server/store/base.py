@@ -1,15 +1,11 @@
 """The store interface: session history, the per-session turn lock and the per-turn event log.
 
-Two backends implement it: `memory` (one process, for development) and `redis` (several
-workers and machines). The engine is the only caller; transports never touch a store.
-
-Guarantees every backend keeps:
-- `begin_turn` is atomic: it checks ownership and idempotency, takes the session lock and
-  returns the history in one step (one Redis round trip).
-- `finish_turn` is fenced: it commits only while the caller still holds the lock, and
-  appends the new messages (O(size of the turn), never a rewrite of the history).
-- The event log of a turn keeps its events (bounded) for a while after the turn ends, so a
-  client can resume from any worker.
+Backends: `memory` (one process) and `redis` (several workers and machines); the engine is
+their only caller. Every backend keeps these guarantees:
+- `begin_turn` is atomic: ownership, idempotency, the session lock and the history in one step;
+- `finish_turn` is fenced: it commits only while the caller holds the lock, and appends the
+  turn's messages (never a rewrite of the history);
+- a turn's event log (bounded) outlives the turn for a while: clients resume on any worker.
 """
 
 from __future__ import annotations
@@ -24,10 +20,9 @@ from typing import Any, Awaitable, Callable, Protocol
 from ..events import Event
 from ..usage import Usage
 
-# The sequence number of the `error` event that ends a turn whose worker died: above any
-# real event's (a turn never emits that many), so its id never names another event, and
-# every client that resumes, however far its dead worker had served it, still receives it.
-# (Nine digits: the longest sequence an event id may carry, see events.parse_event_id.)
+# The sequence number of the `error` event that ends a turn whose worker died: above any real
+# event's, so its id never names another event and every resuming client still receives it.
+# (Nine digits: the longest an event id may carry, see events.parse_event_id.)
 ABANDONED_SEQ = 999_999_999
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")  # fullmatch: `$` would let "…\n" through
@@ -35,8 +30,8 @@ _MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def new_id() -> str:
-    """128 random bits, URL-safe: session and turn ids. Never starting with `-`, which a
-    command line would take for an option when a user pastes the id."""
+    """128 random bits, URL-safe: session and turn ids; never starting with `-` (a command
+    line would take a pasted id for an option)."""
     while True:
         value = secrets.token_urlsafe(16)
         if value[0] != "-":
@@ -66,12 +61,8 @@ class SessionMeta:
 
 
 class StoredMessage(Mapping[str, Any]):
-    """A history message as the store holds it: its JSON, parsed only if someone looks inside.
-
-    The request body splices `raw` as it is (`server.upstream.encode_request`), so a long
-    history costs no decode and re-encode per turn; `context.message_chars` sizes it from
-    `raw`, with no parse either unless the message holds an image.
-    """
+    """A history message as the store holds it: its JSON, parsed only if someone looks inside
+    (the request body splices `raw` as it is, and `context.message_chars` sizes it from `raw`)."""
 
     __slots__ = ("raw", "_value")
 
@@ -169,9 +160,8 @@ class Store(Protocol):
         """False when the lock was lost (fenced): nothing was written."""
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
-        """If the turn's lock is gone and its log has no terminal event, append an `error`
-        event at `ABANDONED_SEQ` (`error_fields`: the JSON members after `type` and `id`).
-        True if appended."""
+        """If the turn's lock is gone and its log has no terminal event, append an `error` event
+        at `ABANDONED_SEQ` (`error_fields`: its JSON members after `type` and `id`); True if so."""
 
     async def read_events(self, session_id: str, turn_id: str, after_seq: int,
                           block_ms: int) -> list[Event]: ...

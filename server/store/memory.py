@@ -1,15 +1,12 @@
-"""In-process store for one worker (development, tests, single-process deploys).
-
-Same semantics as the Redis backend, including lock expiry and TTLs, so code paths that
-depend on them behave identically; the app refuses to start it with more than one worker.
-"""
+"""In-process store for one worker (development, tests, single-process deploys): the Redis
+backend's semantics, lock expiry and TTLs included. Never used with more than one worker."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..events import Event
@@ -50,35 +47,34 @@ class MemoryStore:
     # -- helpers -------------------------------------------------------------------------
     def _session(self, session_id: str, owner: str | None = None) -> _Session | None:
         s = self._sessions.get(session_id)
-        now = time.monotonic()
-        if s is not None and s.expires_at < now:
+        if s is not None and s.expires_at < time.monotonic():
             del self._sessions[session_id]
-            s = None
-        if s is not None and owner is not None and s.meta.owner != owner:
             return None
-        return s
+        return None if s is None or (owner is not None and s.meta.owner != owner) else s
 
     def _holder(self, s: _Session) -> str | None:
         if s.lock and s.lock[1] > time.monotonic():
             return s.lock[0]
         return None
 
-    def _log(self, session_id: str, turn_id: str, create: bool = False) -> _Log | None:
-        key = (session_id, turn_id)
-        log = self._logs.get(key)
+    def _log(self, session_id: str, turn_id: str) -> _Log | None:
+        log = self._logs.get((session_id, turn_id))
         if log is not None and log.expires_at < time.monotonic():
-            del self._logs[key]
-            log = None
-        if log is None and create:
-            log = self._logs[key] = _Log()
+            del self._logs[(session_id, turn_id)]
+            return None
         return log
 
-    def _append(self, log: _Log, events: list[Event]) -> None:
+    def _append(self, session_id: str, turn_id: str, events: list[Event]) -> _Log:
+        """Append to the turn's log (created if need be); returns the log."""
+        log = self._log(session_id, turn_id)
+        if log is None:
+            log = self._logs[(session_id, turn_id)] = _Log()
         log.events.extend(events)
         if len(log.events) > self.log_maxlen:
             del log.events[: len(log.events) - self.log_maxlen]
         log.changed.set()
         log.changed = asyncio.Event()
+        return log
 
     # -- Store ---------------------------------------------------------------------------
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
@@ -108,7 +104,7 @@ class MemoryStore:
         s.expires_at = now + self.session_ttl
         if message_id is not None:
             self._message_ids.setdefault(session_id, {})[message_id] = (turn_id, now + self.idempotency_ttl)
-        self._log(session_id, turn_id, create=True)
+        self._append(session_id, turn_id, [])
         return Started(meta=_copy_meta(s.meta), history=list(s.history), stale_turn_id=stale)
 
     async def renew_lock(self, session_id: str, turn_id: str) -> bool:
@@ -120,9 +116,7 @@ class MemoryStore:
 
     async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
         for batch in batches:
-            log = self._log(batch.session_id, batch.turn_id, create=True)
-            assert log is not None
-            self._append(log, batch.events)
+            self._append(batch.session_id, batch.turn_id, batch.events)
         return [await self.renew_lock(sid, tid) for sid, tid in renewals]
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
@@ -143,10 +137,7 @@ class MemoryStore:
         m.active_turn_id = None
         s.lock = None
         s.expires_at = time.monotonic() + self.session_ttl
-        log = self._log(session_id, turn_id, create=True)
-        assert log is not None
-        self._append(log, commit.events)
-        log.expires_at = time.monotonic() + self.log_ttl
+        self._append(session_id, turn_id, commit.events).expires_at = time.monotonic() + self.log_ttl
         self._finished += 1
         if self._finished % 100 == 0:
             self._sweep()
@@ -166,13 +157,12 @@ class MemoryStore:
         s = self._session(session_id)
         if s is not None and self._holder(s) == turn_id:
             return False
-        log = self._log(session_id, turn_id, create=True)
-        assert log is not None
-        if log.events and log.events[-1].terminal:
+        log = self._log(session_id, turn_id)
+        if log is not None and log.events and log.events[-1].terminal:
             return False
         eid = f"{turn_id}:{ABANDONED_SEQ}"
         data = f'{{"type":"error","id":"{eid}",{error_fields}}}'.encode()
-        self._append(log, [Event(ABANDONED_SEQ, "error", eid, data)])
+        log = self._append(session_id, turn_id, [Event(ABANDONED_SEQ, "error", eid, data)])
         log.expires_at = time.monotonic() + self.log_ttl
         if s is not None and s.meta.active_turn_id == turn_id:
             s.meta.active_turn_id = None
@@ -239,4 +229,4 @@ class MemoryStore:
 
 
 def _copy_meta(m: SessionMeta) -> SessionMeta:
-    return SessionMeta(**{**{f: getattr(m, f) for f in m.__slots__}, "usage": type(m.usage)(**m.usage.to_dict())})
+    return replace(m, usage=replace(m.usage))

@@ -14,8 +14,8 @@ in one Redis Cluster slot and the Lua scripts below stay legal there.
     agent:cancel              channel turn ids to cancel, heard by every worker
 
 Round trips per turn: one to begin (lock + history), one to finish (fenced commit + final
-events), none per token; event-log writes and lock renewals of all running turns share one
-pipelined round trip per flush interval (see housekeeping.py).
+events), none per token; the running turns' event-log writes and lock renewals share one
+round trip per flush interval (see housekeeping.py).
 """
 
 from __future__ import annotations
@@ -151,19 +151,15 @@ def _k(session_id: str, name: str) -> str:
     return f"agent:{{{session_id}}}:{name}"
 
 
-def _arg(value: Any) -> bytes:
+def _keys(session_id: str, *names: str) -> list[str]:
+    return [_k(session_id, name) for name in names]
+
+
+def _arg(value: bytes | str | int | float) -> bytes:
     """A command argument as redis-py would encode it."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, bool):  # (an int subclass; redis-py refuses it too)
-        raise TypeError("a bool is not a Redis argument")
-    if isinstance(value, int):
-        return b"%d" % value
-    if isinstance(value, float):
-        return repr(value).encode()
-    raise TypeError(f"not a Redis argument: {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (bytes, str, int, float)):
+        raise TypeError(f"not a Redis argument: {value!r}")
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _command(*args: bytes) -> bytes:
@@ -189,14 +185,10 @@ def _evalsha(script: Any, keys: list[str], args: list[Any]) -> bytes:
 class RedisStore:
     def __init__(self, url: str, *, session_ttl: int, lock_ttl: float, log_ttl: int, log_maxlen: int,
                  idempotency_ttl: int, max_connections: int = 200):
-        # A blocking pool: past max_connections callers wait for a free connection instead of
-        # failing (a burst of commits must not turn into "Too many connections" errors).
-        # Socket timeouts: an unresponsive Redis fails a request instead of hanging a commit
-        # (longer than the 1 s XREAD BLOCK followers use).
-        # A connection that broke (Redis restarted, a proxy cut it) is retried on a fresh one
-        # instead of failing its caller: every command we send through the pool is idempotent
-        # (the scripts included: a begin, commit or abandon that did run answers the same).
-        # Timeouts are not retried: an unresponsive Redis fails the request in one timeout.
+        # A blocking pool: past max_connections a burst of commits waits instead of failing.
+        # Socket timeouts (above followers' 1 s XREAD BLOCK): an unresponsive Redis fails a
+        # request, once. A broken connection is retried on a fresh one: every command sent
+        # is idempotent (a begin, commit or abandon that did run answers the same).
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2,
                       supported_errors=(RedisConnectionError,))
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20,
@@ -218,17 +210,14 @@ class RedisStore:
 
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
                          message_id: str | None) -> BeginResult:
-        keys = [_k(session_id, "meta"), _k(session_id, "msgs"), _k(session_id, "lock"),
-                _k(session_id, "mids"), _k(session_id, "turns")]
+        keys = _keys(session_id, "meta", "msgs", "lock", "mids", "turns")
         args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
                 time.time(), message_id or ""]
         result = await self._run_script(self._begin, keys, args)
         status = result[0].decode()
         if status == "started":
-            meta = _meta_from_hash(result[1])
-            history = [StoredMessage(m) for m in result[2]]
-            stale = result[3].decode() or None
-            return Started(meta=meta, history=history, stale_turn_id=stale)
+            return Started(meta=_meta_from_hash(result[1]), history=[StoredMessage(m) for m in result[2]],
+                           stale_turn_id=result[3].decode() or None)
         if status == "busy":
             return Busy(result[1].decode())
         if status == "duplicate":
@@ -240,10 +229,9 @@ class RedisStore:
 
     async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
         """Every running turn's new events (one XADD each) and the due lock renewals, in one
-        pipelined round trip. The hottest Redis path (every turn, every EVENT_LOG_FLUSH_MS),
-        so the commands are encoded here and written on the shared channel: redis-py's
-        pipeline costs an encoder pass per argument and a timer per reply (~10% of the
-        server's CPU at 400 streams)."""
+        round trip. The hottest Redis path, so the commands are encoded here and written on
+        the shared channel (redis-py's pipeline costs an encoder pass per argument and a
+        timer per reply)."""
         maxlen = b"%d" % self.log_maxlen
         first_ttl = b"%d" % (self.log_ttl + 3600)
         commands: list[bytes] = []
@@ -271,8 +259,8 @@ class RedisStore:
         return [not isinstance(r, Exception) and bool(r) for r in renewed]
 
     async def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA on the shared channel (the per-turn begin and commit): one encode, no pool checkout.
-        A Redis that lost its scripts (restart, SCRIPT FLUSH) gets them through redis-py."""
+        """EVALSHA on the shared channel (the per-turn begin and commit); a Redis that lost its
+        scripts (restart, SCRIPT FLUSH) gets them through redis-py."""
         (result,) = await self._channel.execute([_evalsha(script, keys, args)])
         if isinstance(result, NoScriptError):
             return await script(keys=keys, args=args)
@@ -281,8 +269,7 @@ class RedisStore:
         return result
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
-        keys = [_k(session_id, "meta"), _k(session_id, "msgs"), _k(session_id, "lock"),
-                _k(session_id, "turns"), _k(session_id, f"log:{turn_id}")]
+        keys = _keys(session_id, "meta", "msgs", "lock", "turns", f"log:{turn_id}")
         u = commit.usage
         events = commit.events
         args: list[Any] = [
@@ -296,7 +283,7 @@ class RedisStore:
         return bool(await self._run_script(self._finish, keys, args))
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
-        keys = [_k(session_id, "meta"), _k(session_id, "lock"), _k(session_id, f"log:{turn_id}")]
+        keys = _keys(session_id, "meta", "lock", f"log:{turn_id}")
         return bool(await self._abandon(keys=keys, args=[turn_id, error_fields, self.log_ttl, ABANDONED_SEQ]))
 
     async def read_events(self, session_id: str, turn_id: str, after_seq: int,
@@ -344,14 +331,11 @@ class RedisStore:
                            turns=[json.loads(t) for t in turns])
 
     async def delete_session(self, session_id: str, owner: str) -> bool:
-        meta_key = _k(session_id, "meta")
-        found = await self.redis.hget(meta_key, "owner")
+        found = await self.redis.hget(_k(session_id, "meta"), "owner")
         if found is None or found.decode() != owner:
             return False
-        keys = [meta_key, _k(session_id, "msgs"), _k(session_id, "turns"), _k(session_id, "lock"),
-                _k(session_id, "mids")]
-        async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500):
-            keys.append(key)
+        keys = _keys(session_id, "meta", "msgs", "turns", "lock", "mids")
+        keys += [key async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500)]
         await self.redis.delete(*keys)
         return True
 

@@ -1,15 +1,14 @@
 """One Redis connection shared by every caller of the hot commands.
 
-Redis answers the commands on a connection in the order it received them, so concurrent
-callers can share one: each writes its encoded commands in one go and waits for as many
-replies, which a reader task hands out first in, first out. That replaces a pool checkout
-per call (redis-py's pool lock, health check and timers were ~4% of a worker's CPU at 400
-streams) and lets the commands of concurrent turns leave in fewer socket writes.
+Redis answers a connection's commands in order, so concurrent callers can share one: each
+writes its encoded commands in one go and waits for as many replies, which a reader task
+hands out first in, first out. That saves a pool checkout per call (lock, health check,
+timers) and sends concurrent turns' commands in fewer writes.
 
 A caller that stops waiting (cancelled with its turn) leaves its replies to be read and
 dropped, so the order holds. A connection that fails or does not answer within `timeout`
-fails every caller waiting on it and is replaced by the next call; one left idle longer
-than `max_idle` is replaced too (a NAT or a proxy may have dropped it silently).
+fails every caller waiting on it and is replaced by the next call, as is one idle longer
+than `max_idle` (a NAT or a proxy may have dropped it silently).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import asyncio
 import math
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
@@ -26,14 +26,12 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
+@dataclass(slots=True)
 class _Call:
-    __slots__ = ("waiter", "count", "sent_at", "replies")
-
-    def __init__(self, waiter: asyncio.Future[list[Any]], count: int, sent_at: float) -> None:
-        self.waiter = waiter
-        self.count = count
-        self.sent_at = sent_at
-        self.replies: list[Any] = []
+    waiter: asyncio.Future[list[Any]]
+    count: int
+    sent_at: float
+    replies: list[Any] = field(default_factory=list)
 
 
 class CommandChannel:
@@ -147,3 +145,4 @@ class CommandChannel:
             await asyncio.sleep(interval)
             if self._calls and time.monotonic() - self._calls[0].sent_at > self._timeout:
                 self._drop(RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
+

@@ -8,13 +8,7 @@ from collections.abc import Iterable
 from . import calculator, current_time
 from .registry import Tool, ToolOutcome, ToolSet
 
-ALL_TOOLS: dict[str, Tool] = {
-    tool.name: tool
-    for tool in (
-        calculator.TOOL,
-        current_time.TOOL,
-    )
-}
+ALL_TOOLS: dict[str, Tool] = {tool.name: tool for tool in (calculator.TOOL, current_time.TOOL)}
 
 
 def load_toolset(enabled: Iterable[str]) -> ToolSet:
@@ -22,10 +16,7 @@ def load_toolset(enabled: Iterable[str]) -> ToolSet:
     names = list(dict.fromkeys(enabled))  # dedupe, keep order
     unknown = [name for name in names if name not in ALL_TOOLS]
     if unknown:
-        raise ValueError(
-            f"unknown tool(s): {', '.join(repr(n) for n in unknown)}; "
-            f"available: {', '.join(ALL_TOOLS)}"
-        )
+        raise ValueError(f"unknown tool(s): {', '.join(map(repr, unknown))}; available: {', '.join(ALL_TOOLS)}")
     return ToolSet(ALL_TOOLS[name] for name in names)
 
 

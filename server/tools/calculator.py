@@ -123,9 +123,7 @@ def evaluate(expression: str) -> Number:
 
 def format_number(value: Number) -> str:
     """Ints verbatim; floats to 12 significant digits (0.1+0.2 -> '0.3')."""
-    if isinstance(value, int):
-        return str(value)
-    return format(value, ".12g")
+    return str(value) if isinstance(value, int) else format(value, ".12g")
 
 
 def calculate(args: CalculatorInput) -> str:

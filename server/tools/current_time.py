@@ -34,21 +34,14 @@ class CurrentTimeInput(BaseModel):
         return value
 
 
-def _format_offset(now: datetime) -> str:
-    offset = now.utcoffset()
-    total = int(offset.total_seconds()) if offset is not None else 0
-    sign = "-" if total < 0 else "+"
-    hours, minutes = divmod(abs(total) // 60, 60)
-    return f"{sign}{hours:02d}:{minutes:02d}"
-
-
 def current_time(args: CurrentTimeInput) -> str:
-    now = datetime.now(ZoneInfo(args.timezone)).replace(microsecond=0)
+    now = datetime.now(ZoneInfo(args.timezone))
+    iso = now.isoformat(timespec="seconds")
     return json.dumps(
         {
             "timezone": args.timezone,
-            "iso": now.isoformat(timespec="seconds"),
-            "utc_offset": _format_offset(now),
+            "iso": iso,
+            "utc_offset": iso[len("YYYY-MM-DDTHH:MM:SS"):],  # "+HH:MM"
             "weekday": _WEEKDAYS[now.weekday()],
         }
     )

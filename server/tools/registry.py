@@ -67,16 +67,12 @@ class Tool:
     def definition(self) -> dict[str, Any]:
         """The tool entry for the Anthropic Messages API `tools` list."""
         schema = _clean_schema(self.input_model.model_json_schema())
-        schema["type"] = "object"
-        schema.setdefault("properties", {})
-        if not schema.get("required"):
-            schema.pop("required", None)
-        ordered = {"type": "object", "properties": schema.pop("properties")}
-        if "required" in schema:
-            ordered["required"] = schema.pop("required")
-        schema.pop("type")
-        ordered.update(schema)  # e.g. additionalProperties, $defs
-        return {"name": self.name, "description": self.description, "input_schema": ordered}
+        schema.pop("type", None)
+        ordered = {"type": "object", "properties": schema.pop("properties", {})}
+        if required := schema.pop("required", None):
+            ordered["required"] = required
+        return {"name": self.name, "description": self.description,
+                "input_schema": {**ordered, **schema}}  # then e.g. additionalProperties, $defs
 
 
 @dataclass(frozen=True)
@@ -90,11 +86,7 @@ class ToolOutcome:
     input: dict[str, Any] | None
 
     def tool_result_block(self) -> dict[str, Any]:
-        block: dict[str, Any] = {
-            "type": "tool_result",
-            "tool_use_id": self.tool_use_id,
-            "content": self.output,
-        }
+        block: dict[str, Any] = {"type": "tool_result", "tool_use_id": self.tool_use_id, "content": self.output}
         if self.is_error:
             block["is_error"] = True
         return block
@@ -122,14 +114,8 @@ class ToolSet:
     def __len__(self) -> int:
         return len(self._tools)
 
-    def __bool__(self) -> bool:
-        return bool(self._tools)
-
     def __contains__(self, name: object) -> bool:
         return name in self._tools
-
-    def get(self, name: str) -> Tool | None:
-        return self._tools.get(name)
 
     def names(self) -> list[str]:
         return list(self._tools)
@@ -161,25 +147,18 @@ class ToolSet:
             return ToolOutcome(tool_use_id, name, error or "invalid input", True, None)
         tool = self._tools[name]
         args = model.model_dump(mode="json")
-        if inspect.iscoroutinefunction(tool.func):
-            awaitable = tool.func(model)
-        else:
-            awaitable = asyncio.to_thread(tool.func, model)
+        is_async = inspect.iscoroutinefunction(tool.func)
+        awaitable = tool.func(model) if is_async else asyncio.to_thread(tool.func, model)
         try:
             result = await asyncio.wait_for(awaitable, timeout=tool.timeout_s)
         except asyncio.TimeoutError:
-            return ToolOutcome(
-                tool_use_id, name, f"tool {name!r} timed out after {tool.timeout_s:g} s", True, args
-            )
+            return ToolOutcome(tool_use_id, name, f"tool {name!r} timed out after {tool.timeout_s:g} s", True, args)
         except Exception as exc:  # reported to the model, which may retry differently
             return ToolOutcome(tool_use_id, name, f"{type(exc).__name__}: {exc}", True, args)
         try:
-            output = _to_text(result)
+            return ToolOutcome(tool_use_id, name, _to_text(result), False, args)
         except (TypeError, ValueError) as exc:
-            return ToolOutcome(
-                tool_use_id, name, f"tool returned an unserialisable result: {exc}", True, args
-            )
-        return ToolOutcome(tool_use_id, name, output, False, args)
+            return ToolOutcome(tool_use_id, name, f"tool returned an unserialisable result: {exc}", True, args)
 
     async def run_all(self, calls: list[tuple[str, str, object]]) -> list[ToolOutcome]:
         """Run (tool_use_id, name, input) calls concurrently; results keep call order."""

@@ -28,18 +28,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from ..auth import principal_of
 from ..config import Settings
 from ..engine import Engine
 from ..errors import ApiError
-from ..events import Event
+from ..events import Event, text_literal, unlogged
 from ..requests import TurnRequest, check_text, parse_json_body, parse_turn_request
+from ..security import principal_of
 from ..store.base import valid_id, valid_message_id
+from .forward import open_stream
 from .http_api import engine_of
 
 # `UI_MESSAGE_STREAM_HEADERS` of the `ai` package, verbatim.
@@ -50,8 +51,9 @@ UI_MESSAGE_STREAM_HEADERS = {
     "x-vercel-ai-ui-message-stream": "v1",
     "x-accel-buffering": "no",
 }
+# ... as the raw ASGI head, encoded once; a stream adds its session and turn ids.
+_RAW_HEADERS = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in UI_MESSAGE_STREAM_HEADERS.items()]
 DONE = b"data: [DONE]\n\n"
-HEARTBEAT = b": keep-alive\n\n"
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "tool_use": "tool-calls", "refusal": "content-filter"}
@@ -163,7 +165,7 @@ class UIChunks:
                 self.text_blocks += 1
                 self.text_id = f"text-{self.text_blocks}"
                 out.append(f'{{"type":"text-start","id":"{self.text_id}"}}')
-            out.append(f'{{"type":"text-delta","id":"{self.text_id}","delta":{_text_literal(event)}}}')
+            out.append(f'{{"type":"text-delta","id":"{self.text_id}","delta":{text_literal(event)}}}')
             return out
         e = json.loads(event.data)
         if kind == "turn_start":
@@ -204,24 +206,16 @@ class UIChunks:
             out.append(_dumps({"type": "finish", "finishReason": reason, "messageMetadata": metadata}))
             self.done = True
         elif kind == "error":
-            out.extend(self._fail(str(e.get("message") or "The turn failed.")))
+            self._close_text(out)
+            out.append(_dumps({"type": "error", "errorText": str(e.get("message") or "The turn failed.")}))
+            out.append('{"type":"finish","finishReason":"error"}')
+            self.done = True
         return out
 
-    def interrupted(self, message: str) -> list[str]:
-        """The chunks that end a stream whose turn ended without a terminal event."""
-        out: list[str] = []
-        if not self.started:
-            self.started = True
-            out.append(_dumps({"type": "start", "messageId": self.turn_id}))
-        return out + self._fail(message)
-
-    def _fail(self, message: str) -> list[str]:
-        out: list[str] = []
-        self._close_text(out)
-        out.append(_dumps({"type": "error", "errorText": message}))
-        out.append('{"type":"finish","finishReason":"error"}')
-        self.done = True
-        return out
+    def ending(self) -> list[str]:
+        """The chunks that end a stream whose follow ended without the turn's terminal event
+        (this worker is stopping): those of a `server_restarting` error; none after it."""
+        return self.feed(unlogged(0, "error", ApiError("server_restarting").payload()))
 
     def _open_step(self, out: list[str]) -> None:
         if not self.step_open:
@@ -240,21 +234,21 @@ class UIChunks:
             self.text_id = None
 
 
-def _text_literal(event: Event) -> str:
-    """The JSON string literal of a text_delta's text, sliced out of the encoded event
-    (`events.text_delta` writes `{"type":"text_delta","id":"<id>","text":<literal>}`)."""
-    raw = event.data.decode()
-    prefix = f'{{"type":"text_delta","id":"{event.id}","text":'
-    if raw.startswith(prefix) and raw.endswith('"}'):
-        return raw[len(prefix):-1]
-    return _dumps(json.loads(raw)["text"])
-
-
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else _dumps(value)
 
 
 # -- HTTP ---------------------------------------------------------------------------------
+class ChunkEvents(UIChunks):
+    """The framing of /api/chat's SSE: each chunk as `data: <chunk>`, `data: [DONE]` last."""
+
+    def frames(self, batch: list[Event]) -> bytes:
+        return b"".join(b"data: " + c.encode() + b"\n\n" for e in batch for c in self.feed(e))
+
+    def closing(self) -> bytes:
+        return b"".join(b"data: " + c.encode() + b"\n\n" for c in self.ending()) + DONE
+
+
 async def chat(request: Request) -> Response:
     """`POST /api/chat`: `{id, messages, trigger, messageId?, ...body}` -> the UI message stream."""
     engine = engine_of(request)
@@ -263,7 +257,8 @@ async def chat(request: Request) -> Response:
     req = chat_turn_request(body.get("id"), body.get("trigger"), body.get("messages"), body.get("messageId"),
                             body, principal, engine.settings)
     handle = await engine.start(req, principal)
-    return _stream(engine, handle.session_id, handle.turn_id, cancel_on_disconnect=req.cancel_on_disconnect)
+    return await open_stream(engine, handle.session_id, handle.turn_id, ChunkEvents(handle.turn_id),
+                             _RAW_HEADERS, wait=False, cancel_on_disconnect=req.cancel_on_disconnect)
 
 
 async def chat_resume(request: Request) -> Response:
@@ -271,38 +266,17 @@ async def chat_resume(request: Request) -> Response:
     engine = engine_of(request)
     principal = principal_of(request)
     session_id = session_for_chat(request.path_params["chat_id"], principal)
+    turn_id, running = await chat_turn(engine, session_id, principal)
+    turn_id = turn_id if running else None  # (a finished turn is not resumed over HTTP)
+    return await open_stream(engine, session_id, turn_id, ChunkEvents(turn_id or ""), _RAW_HEADERS, wait=False)
+
+
+async def chat_turn(engine: Engine, session_id: str, principal: str) -> tuple[str | None, bool]:
+    """The chat's running or recent turn, as `Engine.resumable_turn`; none for a chat that
+    never sent a message."""
     try:
-        turn_id, running = await engine.resumable_turn(session_id, principal)
+        return await engine.resumable_turn(session_id, principal)
     except ApiError as exc:
         if exc.code != "session_not_found":
             raise
-        return Response(status_code=204)  # a chat that never sent a message
-    if turn_id is None or not running:
-        return Response(status_code=204)
-    return _stream(engine, session_id, turn_id)
-
-
-def _stream(engine: Engine, session_id: str, turn_id: str, cancel_on_disconnect: bool = False) -> Response:
-    headers = {**UI_MESSAGE_STREAM_HEADERS, "x-session-id": session_id, "x-turn-id": turn_id}
-    return StreamingResponse(_sse(engine, session_id, turn_id, cancel_on_disconnect), headers=headers)
-
-
-async def _sse(engine: Engine, session_id: str, turn_id: str, cancel_on_disconnect: bool) -> AsyncIterator[bytes]:
-    chunks = UIChunks(turn_id)
-    events = engine.follow(session_id, turn_id, 0)
-    finished = False
-    try:
-        async for batch in events:
-            if not batch:
-                yield HEARTBEAT
-                continue
-            yield b"".join(b"data: " + c.encode() + b"\n\n" for e in batch for c in chunks.feed(e))
-        if not chunks.done:  # the follow ended early: this worker is stopping
-            yield b"".join(b"data: " + c.encode() + b"\n\n"
-                           for c in chunks.interrupted(ApiError("server_restarting").message))
-        yield DONE
-        finished = True
-    finally:
-        if not finished and cancel_on_disconnect:
-            await engine.cancel_turn(turn_id)
-        await events.aclose()
+        return None, False

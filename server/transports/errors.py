@@ -58,13 +58,3 @@ async def unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, RedisError: store_error,
                       Exception: unexpected}
 
-
-def frame_failure(exc: Exception, socket_open: bool, where: str, logger: logging.Logger) -> ApiError | None:
-    """What to answer for an unexpected exception while handling one WebSocket frame (the
-    connection lives on), or None when a send merely raced the socket closing."""
-    if isinstance(exc, (RuntimeError, OSError)) and not socket_open:
-        return None
-    error = internal_error(exc)
-    if error.code == "internal":
-        logger.exception(f"unexpected error handling a {where} frame", exc_info=exc)
-    return error

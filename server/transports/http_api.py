@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..auth import principal_of
+from ..security import principal_of
 from ..engine import Engine, valid_session_id
 from ..errors import ApiError, status_of
 from ..requests import TurnRequest, parse_json_body, parse_turn_request
@@ -26,25 +26,9 @@ def error_event_response(event: dict[str, Any], session_id: str, turn_id: str) -
                         status_code=status_of(error["code"]), headers=headers)
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body, refused with 413 `body_too_large` past MAX_BODY_BYTES (checked
-    against Content-Length first, then while reading, so a liar cannot stream more)."""
-    limit = request.app.state.settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError("body_too_large", f"The body is limited to {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError("body_too_large", f"The body is limited to {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def read_turn_request(request: Request) -> TurnRequest:
-    body = parse_json_body(await read_body(request))
+    """The turn a request's JSON body asks for (its size is limited by the security middleware)."""
+    body = parse_json_body(await request.body())
     return parse_turn_request(body, request.app.state.settings)
 
 

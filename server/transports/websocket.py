@@ -3,7 +3,7 @@
 Client frames (JSON text):
     {"type": "message", "message": ..., ...the POST /agent body fields}
     {"type": "cancel"}                                   cancel the session's running turn
-    {"type": "resume", "turn_id"?: str, "last_event_id"?: "<turn>:<seq>"}
+    {"type": "resume", "session_id"?: str, "last_event_id"?: "<turn>:<seq>"}  the session's turn
     {"type": "ping"}                                     answered with {"type": "pong"}
 Server frames: the turn events, `{"type":"ping"}` heartbeats, `{"type":"pong"}`, and
 `{"type":"error", ...}` for a bad frame (the connection stays usable).
@@ -17,18 +17,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..auth import principal_of
 from ..engine import Engine
 from ..errors import ApiError
-from ..events import parse_event_id
+from ..events import Event, resume_after
 from ..requests import parse_json_body, parse_turn_request
 from ..security import admit_turn
 from ..store.base import valid_id
-from .errors import frame_failure
+from .forward import Forward, FramedSocket
 
 log = logging.getLogger("server.ws")
 
@@ -36,28 +35,35 @@ PING = '{"type":"ping"}'
 PONG = '{"type":"pong"}'
 
 
-class AgentSocket:
-    """One client connection: reads frames, runs at most one forwarding task at a time."""
+class EventTexts:
+    """The framing of /agent/ws: each event's JSON as one text frame."""
+
+    @staticmethod
+    def frames(batch: list[Event]) -> Iterator[str]:
+        return (event.data.decode() for event in batch)
+
+    @staticmethod
+    def closing() -> tuple[str, ...]:
+        return ()
+
+
+class AgentSocket(FramedSocket):
+    """One client connection: reads frames, follows at most one turn at a time."""
+
+    log = log
 
     def __init__(self, ws: WebSocket, engine: Engine, pinger: "Pinger"):
-        self.ws = ws
-        self.engine = engine
+        super().__init__(ws, engine)
         self.pinger = pinger
-        self.principal = principal_of(ws)
         self.session_id: str | None = None
-        self.forwarding: asyncio.Task[None] | None = None
-        self.turn_id: str | None = None
-        self.cancel_on_disconnect = False
-        self._send_lock = asyncio.Lock()
+        self.cancel_on_disconnect = False  # (the one of the connection's last message)
         self.last_send = 0.0
+        self._clock = asyncio.get_running_loop().time
 
     async def send(self, text: str) -> None:
         async with self._send_lock:
             await self.ws.send_text(text)
-        self.last_send = asyncio.get_running_loop().time()
-
-    async def send_error(self, exc: ApiError, **extra: Any) -> None:
-        await self.send(json.dumps({"type": "error", **exc.payload(), **extra}))
+        self.last_send = self._clock()
 
     async def run(self) -> None:
         session_id = self.ws.query_params.get("session_id")
@@ -74,54 +80,29 @@ class AgentSocket:
         await self.ws.accept()
         self.pinger.add(self)
         try:
-            while True:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                if message.get("text") is None:  # a binary frame: answer, don't crash the handler
-                    await self.send_error(ApiError("invalid_request", "Frames must be JSON text."))
-                    continue
-                await self._handle(message["text"])
-        except WebSocketDisconnect:
-            pass
+            await self.receive_frames()
         finally:
             self.pinger.remove(self)
-            if self.forwarding is not None and not self.forwarding.done():
-                self.forwarding.cancel()
-                if self.cancel_on_disconnect and self.turn_id:
-                    await self.engine.cancel_turn(self.turn_id)
 
-    async def _handle(self, raw: str) -> None:
-        """One client frame. A bad one is answered with an `error` frame (its stable code); an
-        unexpected failure is logged once and answered `internal`: never the end of the socket."""
-        try:
-            frame = parse_json_body(raw)
-            kind = frame.get("type")
-            if kind == "message":
-                await self._message(frame)
-            elif kind == "cancel":
-                await self._cancel()
-            elif kind == "resume":
-                await self._resume(frame)
-            elif kind == "ping":
-                await self.send(PONG)
-            elif kind == "pong":
-                pass
-            else:
-                raise ApiError("invalid_request",
-                               "Frame `type` must be one of: message, cancel, resume, ping.")
-        except ApiError as exc:
-            await self.send_error(exc)
-        except WebSocketDisconnect:
-            raise  # the client left: the receive loop ends
-        except Exception as exc:  # noqa: BLE001 — one bad frame must never end the connection
-            error = frame_failure(exc, self.ws.application_state == WebSocketState.CONNECTED, "WebSocket", log)
-            if error is None:
-                return
-            try:
-                await self.send_error(error)
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                pass  # the socket went away meanwhile; the receive loop sees the disconnect
+    async def binary_frame(self) -> None:  # answer, don't crash the handler
+        await self.send(_error_frame(ApiError("invalid_request", "Frames must be JSON text.")))
+
+    async def handle(self, raw: str) -> None:
+        await self.answering(self._dispatch(raw), _error_frame)
+
+    async def _dispatch(self, raw: str) -> None:
+        frame = parse_json_body(raw)
+        kind = frame.get("type")
+        if kind == "message":
+            await self._message(frame)
+        elif kind == "cancel":
+            await self._cancel()
+        elif kind == "resume":
+            await self._resume(frame)
+        elif kind == "ping":
+            await self.send(PONG)
+        elif kind != "pong":
+            raise ApiError("invalid_request", "Frame `type` must be one of: message, cancel, resume, ping.")
 
     async def _message(self, frame: dict[str, Any]) -> None:
         await admit_turn(self.ws)  # per-minute limits, as for POST /agent
@@ -133,8 +114,9 @@ class AgentSocket:
         if self.session_id is not None and req.session_id not in (None, self.session_id):
             raise ApiError("invalid_request", "This connection is bound to another session.",
                            field="session_id")
-        if self.forwarding is not None and not self.forwarding.done() and req.on_busy != "interrupt":
-            raise ApiError("session_busy", turn_id=self.turn_id)
+        busy = self.forwards.get(None)
+        if busy is not None and busy.running() and req.on_busy != "interrupt":
+            raise ApiError("session_busy", turn_id=busy.turn_id)
         handle = await self.engine.start(req, self.principal)
         self.session_id = handle.session_id
         self.cancel_on_disconnect = req.cancel_on_disconnect
@@ -162,27 +144,12 @@ class AgentSocket:
         if turn_id is None:
             await self.send(json.dumps({"type": "no_active_turn", "session_id": session_id}))
             return
-        last = parse_event_id(last_event_id)
-        after = last[1] if last and last[0] == turn_id else 0
-        self._forward(turn_id, after)
+        self._forward(turn_id, resume_after(last_event_id, turn_id))
 
     def _forward(self, turn_id: str, after_seq: int) -> None:
-        if self.forwarding is not None and not self.forwarding.done():
-            self.forwarding.cancel()
-        self.turn_id = turn_id
-        self.forwarding = asyncio.create_task(self._pump(turn_id, after_seq))
-
-    async def _pump(self, turn_id: str, after_seq: int) -> None:
         assert self.session_id is not None
-        events = self.engine.follow(self.session_id, turn_id, after_seq)
-        try:
-            async for batch in events:
-                for event in batch:
-                    await self.send(event.data.decode())
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            pass  # the socket went away; the turn goes on and can be resumed
-        finally:
-            await events.aclose()
+        self.follow(None, Forward(self.engine, self.session_id, turn_id, EventTexts, after_seq,
+                                  self.cancel_on_disconnect))
 
     async def ping(self) -> None:
         if self.ws.client_state != WebSocketState.CONNECTED:
@@ -191,6 +158,10 @@ class AgentSocket:
             await self.send(PING)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass
+
+
+def _error_frame(exc: ApiError) -> str:
+    return json.dumps({"type": "error", **exc.payload()})
 
 
 class Pinger:

@@ -1,15 +1,10 @@
-"""Who is calling: the principal that owns sessions and is rate limited.
+"""Who is calling: API keys (README "Security"), WebSocket tickets, and the principal they name.
 
-Clients present an API key from `AGENT_API_KEYS` (plaintext, or `sha256:<hex>` so the key
-itself need not sit in the config):
-- HTTP: `Authorization: Bearer <key>`;
-- WebSocket: the same header (non-browser clients), the subprotocol `bearer.<key>` offered
-  next to `agent` (browsers: `new WebSocket(url, ["agent", "bearer." + key])`; the server
-  answers `agent`, never the key), or `?ticket=` from `POST /ws-ticket` (single use, ~60 s).
-
-The principal is a stable id derived from the key, `key:<first 12 hex of sha256(key)>`: it
-names the key in logs, session owners and rate-limit counters without revealing it. Keys
-are compared as sha256 digests with `hmac.compare_digest`, against every configured key.
+A key from `AGENT_API_KEYS` (plaintext, or `sha256:<hex>`) comes as `Authorization: Bearer`,
+or on a WebSocket as the subprotocol `bearer.<key>` next to `agent`, or is swapped for a
+single-use `?ticket=` (`POST /ws-ticket`). Its principal, `key:<first 12 hex of sha256(key)>`,
+names it in logs, session owners and counters without revealing it. Keys are compared as
+sha256 digests with `hmac.compare_digest`, against every configured key.
 """
 
 from __future__ import annotations
@@ -27,15 +22,11 @@ from starlette.requests import HTTPConnection
 ANONYMOUS = "anonymous"
 SCOPE_KEY = "agent.principal"
 WS_SUBPROTOCOL = "agent"
-BEARER_SUBPROTOCOL_PREFIX = "bearer."
+BEARER_SUBPROTOCOL = "bearer."
 
 
 def principal_of(conn: HTTPConnection) -> str:
     return conn.scope.get(SCOPE_KEY) or ANONYMOUS
-
-
-def key_digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
 
 
 def principal_for_digest(digest: bytes) -> str:
@@ -53,7 +44,7 @@ def parse_key_entry(entry: str) -> bytes:
         raise ValueError("plaintext keys must be at least 16 characters (or give sha256:<hex>)")
     if any(c.isspace() for c in entry):
         raise ValueError("keys must not contain whitespace")
-    return key_digest(entry)
+    return hashlib.sha256(entry.encode()).digest()
 
 
 class KeyRing:
@@ -68,7 +59,7 @@ class KeyRing:
     def authenticate(self, presented: str | None) -> str | None:
         if not presented or len(presented) > 4096:
             return None
-        digest = key_digest(presented)
+        digest = hashlib.sha256(presented.encode()).digest()
         found: bytes | None = None
         for known in self._digests:  # no early exit: the time does not depend on which key matched
             if hmac.compare_digest(digest, known):
@@ -80,19 +71,10 @@ class KeyRing:
 
 
 def bearer_token(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.strip().partition(" ")
+    scheme, _, token = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
-
-
-def subprotocol_key(subprotocols: list[str]) -> str | None:
-    for proto in subprotocols:
-        if proto.startswith(BEARER_SUBPROTOCOL_PREFIX):
-            return proto[len(BEARER_SUBPROTOCOL_PREFIX):] or None
-    return None
 
 
 # -- WebSocket tickets -------------------------------------------------------------------
@@ -105,10 +87,6 @@ class Ticket:
 
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 class TicketSigner:
@@ -132,13 +110,11 @@ class TicketSigner:
         if not hmac.compare_digest(self._sign(payload).encode(), sig.encode()):
             return None
         try:
-            data = json.loads(_unb64(payload))
+            data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
             ticket = Ticket(str(data["p"]), int(data["e"]), str(data["n"]))
         except (ValueError, KeyError, TypeError):
             return None
-        if ticket.expires < (now or time.time()):
-            return None
-        return ticket
+        return ticket if ticket.expires >= (now or time.time()) else None
 
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._secret, payload.encode(), hashlib.sha256).digest())
