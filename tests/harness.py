@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = ROOT / "test-artifacts" / "logs"
@@ -178,3 +179,13 @@ async def ws_turn(ws: Any, text: str) -> list[dict[str, Any]]:
         events.append(event)
         if event["type"] in ("turn_end", "error"):
             return events
+
+
+def session_keys(redis_url: str) -> set[bytes]:
+    """The sessions in Redis (their meta keys). Tests compare these sets, not counts: sessions
+    left by earlier runs in a shared database expire at any moment."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return set(client.scan_iter(match="agent:{*}:meta", count=1000))
+    finally:
+        client.close()

@@ -6,9 +6,9 @@ import json
 
 import httpx
 import pytest
-import redis
 from httpx_sse import aconnect_sse
 
+from .harness import session_keys
 
 UPSTREAM_FAULTS = [
     # (fake script, HTTP status we answer, our code, retryable)
@@ -101,10 +101,6 @@ async def test_sdk_retries_overload_before_the_first_byte(start_server, upstream
     assert [q["retry_count"] for q in upstream.requests()] == [0, 1, 2]
 
 
-def _session_keys(redis_url: str) -> int:
-    return sum(1 for _ in redis.Redis.from_url(redis_url).scan_iter(match="agent:{*}:meta", count=1000))
-
-
 BAD_INPUTS = [
     (b"this is not json", 400, "invalid_json"),
     (b"[1, 2]", 400, "invalid_request"),
@@ -131,7 +127,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("path", ["/agent", "/agent/stream"])
 async def test_bad_input_is_a_4xx_and_stores_nothing(server, upstream, redis_url, path):
-    before = _session_keys(redis_url)
+    before = session_keys(redis_url)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         for body, status, code in BAD_INPUTS:
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -140,7 +136,7 @@ async def test_bad_input_is_a_4xx_and_stores_nothing(server, upstream, redis_url
             error = r.json()["error"]
             assert error["code"] == code and isinstance(error["message"], str) and error["retryable"] is False
     assert upstream.requests() == []
-    assert _session_keys(redis_url) == before
+    assert session_keys(redis_url) - before == set()
 
 
 async def test_routing_errors_are_json(server):
