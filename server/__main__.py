@@ -9,6 +9,7 @@ import uvicorn
 from dotenv import load_dotenv
 
 from .config import ConfigError, Settings
+from .metrics import prepare_supervisor
 
 
 def main() -> int:
@@ -28,22 +29,12 @@ def main() -> int:
                       "cannot be shared between workers.")
     print("\n".join(banner), file=sys.stderr, flush=True)
     # Before uvicorn spawns the workers: one empty metrics directory they all write to.
-    from .metrics_dir import prepare_supervisor
-
     prepare_supervisor(settings.web_concurrency)
-    uvicorn.run(
-        "server.app:app",
-        host=settings.host,
-        port=settings.port,
-        workers=settings.web_concurrency,
-        loop="uvloop",
-        http="server.http_protocol:HeadDeadlineProtocol",  # httptools + HEADER_TIMEOUT_SECONDS
-        ws_per_message_deflate=settings.ws_compression,
-        ws_max_size=settings.max_ws_frame_bytes,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds) + 5,
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-    )
+    uvicorn.run("server.app:app", host=settings.host, port=settings.port, workers=settings.web_concurrency,
+                loop="uvloop", http="server.http_protocol:HeadDeadlineProtocol",  # httptools + HEADER_TIMEOUT_SECONDS
+                ws_per_message_deflate=settings.ws_compression, ws_max_size=settings.max_ws_frame_bytes,
+                timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds) + 5,
+                log_level=settings.log_level.lower(), proxy_headers=True)
     return 0
 
 

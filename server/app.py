@@ -6,16 +6,16 @@ AsyncAnthropic client and one store (Redis pool) per worker process, closed at s
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from dotenv import load_dotenv
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
-from . import lifecycle, logs
+from . import lifecycle, logs, metrics, openapi, static
 from .config import ConfigError, Settings
 from .security import AllowlistCORS, Guard, SecurityMiddleware, cors_options, opens_stream, public, starts_turn
 from .transports.http_api import agent, cancel_session, delete_session, get_session, health, ready
@@ -24,10 +24,7 @@ from .transports.websocket import agent_ws
 from .transports.ai_sdk import chat, chat_resume
 from .transports.ai_sdk_ws import chat_ws
 from .transports.errors import EXCEPTION_HANDLERS
-from . import metrics, openapi, static
 from .middleware import RequestContext
-
-log = logging.getLogger("server.app")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -43,7 +40,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with lifecycle.components(settings) as engine, guard.attached(engine):
-            app.state.settings = settings
             app.state.engine = engine
             yield
 
@@ -66,7 +62,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         public(Route("/ready", ready, methods=["GET"])),
         # The built-in chat page, Prometheus metrics and the OpenAPI description
         public(Route("/", static.chat_page, methods=["GET"])),
-        public(static.mount()),
+        public(Mount("/static", app=StaticFiles(directory=static.WEB), name="static")),  # its script and stylesheet
         Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
         public(Route("/openapi.json", openapi.openapi_endpoint, methods=["GET"])),
     ]

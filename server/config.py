@@ -1,19 +1,20 @@
 """Settings read once from the environment (and `.env`), validated before the app starts.
 
-Each setting is declared once, in `Settings`: its default, its parser and (when it is not the
-field's name in capitals) its variable. A bad value raises `ConfigError` naming the variable,
-so a typo stops the deploy instead of surfacing as a strange runtime error. `env_defaults()`
-lists every variable with its default, for the docs (README.md, `.env.example`).
+Each setting is declared once, in `Settings`. A bad value raises `ConfigError` naming the
+variable, so a typo stops the deploy instead of surfacing as a strange runtime error.
+`env_defaults()` lists every variable with its default, for the docs (README.md, `.env.example`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
+from functools import partial
 from typing import Any, Callable, Mapping
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+from .tools import load_toolset
 
 
 class ConfigError(ValueError):
@@ -41,44 +42,34 @@ def _number(kind: type, expected: str, lo: float, hi: float) -> Callable[[str], 
     return parse
 
 
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    return _number(int, "a whole number", lo, hi)
+_int = partial(_number, int, "a whole number")
+_float = partial(_number, float, "a number")
 
 
-def _float(lo: float, hi: float) -> Callable[[str], float]:
-    return _number(float, "a number", lo, hi)
+def _checked(ok: Callable[[str], bool], error: str, convert: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """A parser: `convert(raw)` when `ok(raw)`, else ValueError(`error`, where {raw!r} is the value)."""
+    def parse(raw: str) -> Any:
+        if not ok(raw):
+            raise ValueError(error.format(raw=raw))
+        return convert(raw)
+
+    return parse
 
 
-def _parse_bool(raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"expected true or false, got {raw!r}")
+_BOOLS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+_parse_bool = _checked(lambda raw: raw.lower() in _BOOLS, "expected true or false, got {raw!r}",
+                       lambda raw: _BOOLS[raw.lower()])
+_parse_url = _checked(lambda raw: raw.startswith(("http://", "https://")), "expected an http:// or https:// URL",
+                      lambda raw: raw.rstrip("/"))
+_parse_redis_url = _checked(lambda raw: raw.startswith(("redis://", "rediss://", "unix://")),
+                            "expected a redis://, rediss:// or unix:// URL")
+_parse_log_level = _checked(lambda raw: raw.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+                            "expected DEBUG, INFO, WARNING or ERROR", str.upper)
+_parse_secret = _checked(lambda raw: len(raw) >= 32, "must be at least 32 characters (e.g. `openssl rand -hex 32`)")
 
 
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _parse_url(raw: str) -> str:
-    if not raw.startswith(("http://", "https://")):
-        raise ValueError("expected an http:// or https:// URL")
-    return raw.rstrip("/")
-
-
-def _parse_redis_url(raw: str) -> str:
-    if not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
-    return raw
-
-
-def _parse_log_level(raw: str) -> str:
-    level = raw.upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
-    return level
 
 
 def _parse_prices(raw: str) -> dict[str, dict[str, float]]:
@@ -107,12 +98,6 @@ def _parse_keys(raw: str) -> tuple[str, ...]:
         except ValueError as exc:  # never echo the key itself
             raise ValueError(f"entry {i + 1}: {exc}") from None
     return keys
-
-
-def _parse_secret(raw: str) -> str:
-    if len(raw) < 32:
-        raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
-    return raw
 
 
 def _parse_origins(raw: str) -> tuple[str, ...]:
@@ -147,8 +132,7 @@ class Settings:
     default_model: str = _env("claude-sonnet-4-5", str, nonempty=True)
     allowed_models: tuple[str, ...] = _env((), _parse_list)  # (): DEFAULT_MODEL and the priced models
     # the environment's table is merged over DEFAULT_PRICES
-    model_prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES),
-                                                      metadata={"parse": _parse_prices})
+    model_prices: dict[str, dict[str, float]] = _env(None, _parse_prices)
     system_prompt: str = _env("You are a helpful assistant.", str)
     allow_client_system_prompt: bool = _env(True, _parse_bool)
     max_output_tokens: int = _env(4096, _int(1, 128_000))
@@ -223,11 +207,12 @@ class Settings:
                     values[f.name] = f.metadata["exposed"]
         settings = cls(**values)
         if settings.web_concurrency > 1 and not settings.redis_url:
-            raise ConfigError(
-                "WEB_CONCURRENCY: more than one worker needs REDIS_URL; with in-memory sessions "
-                "each worker would keep its own history and conversations would split"
-            )
-        _check_tools(settings.enabled_tools)
+            raise ConfigError("WEB_CONCURRENCY: more than one worker needs REDIS_URL; with in-memory sessions "
+                              "each worker would keep its own history and conversations would split")
+        try:
+            load_toolset(settings.enabled_tools)
+        except ValueError as exc:
+            raise ConfigError(f"ENABLED_TOOLS: {exc}") from None
         return settings
 
 
@@ -241,7 +226,7 @@ def _read(env: Mapping[str, str], f: Field) -> Any:
     if raw is None or not raw.strip():
         if raw is not None and f.metadata.get("nonempty"):
             raise ConfigError(f"{name}: must not be empty")
-        return None if f.default is MISSING else f.default
+        return f.default
     try:
         return f.metadata["parse"](raw.strip())
     except (ValueError, TypeError) as exc:
@@ -253,36 +238,18 @@ def env_defaults() -> list[tuple[str, str]]:
     when there is none: unset, or derived from other settings."""
     out = []
     for f in fields(Settings):
-        value = None if f.default is MISSING or f.metadata.get("exposed") is not None else f.default
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, tuple):
-            text = ",".join(value)
-        elif isinstance(value, float) and value.is_integer():
-            text = str(int(value))
-        else:
-            text = "" if value is None else str(value)
-        out.append((_name(f), text))
+        value = None if f.metadata.get("exposed") is not None else f.default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        text = ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
+        out.append((_name(f), text.lower() if isinstance(value, bool) else text))
     return out
 
 
 def is_loopback(host: str) -> bool:
     """A loopback name or address: HOST here, a client address or a Host header's name in the
     security guard (server/security/guard.py). The one loopback check."""
-    import ipaddress
-
-    if host in LOOPBACK_HOSTS:
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _check_tools(enabled: tuple[str, ...]) -> None:
-    from .tools import load_toolset
-
-    try:
-        load_toolset(enabled)
-    except ValueError as exc:
-        raise ConfigError(f"ENABLED_TOOLS: {exc}") from None

@@ -49,9 +49,7 @@ def opens_turn(message: Mapping[str, Any]) -> bool:
     if message.get("role") != "user":
         return False
     content = message.get("content")
-    if isinstance(content, str):
-        return True
-    return not any(block.get("type") == "tool_result" for block in content or ())
+    return isinstance(content, str) or not any(block.get("type") == "tool_result" for block in content or ())
 
 
 def window(messages: list[Mapping[str, Any]], fixed_chars: int, budget_tokens: int,
@@ -63,10 +61,8 @@ def window(messages: list[Mapping[str, Any]], fixed_chars: int, budget_tokens: i
     budget_chars = int(budget_tokens * ratio)
     if total <= budget_chars:
         return 0, total
-    starts = [i for i, m in enumerate(messages) if opens_turn(m)]
-    if not starts:
-        return 0, total
-    for start in starts:
+    start = 0  # (no message opens a turn: everything is sent)
+    for start in (i for i, m in enumerate(messages) if opens_turn(m)):
         total = fixed_chars + sum(sizes[start:])
         if total <= budget_chars:
             break
@@ -87,9 +83,7 @@ def with_breakpoints(system: str, messages: list[Mapping[str, Any]],
     next call reads from); with the tools', 3 of the API's 4. Stored messages are copied."""
     if not caching:
         return system, messages
-    system_blocks: list[dict[str, Any]] | str = system
-    if system:
-        system_blocks = [{"type": "text", "text": system, "cache_control": CACHE}]
+    system_blocks = [{"type": "text", "text": system, "cache_control": CACHE}] if system else system
     if messages:
         last = messages[-1]
         content = last["content"]

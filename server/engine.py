@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, Callable
+from typing import Any, AsyncGenerator, Callable, NamedTuple
 
 import anthropic
 
@@ -25,51 +25,42 @@ from .requests import TurnRequest
 from .store.base import (ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store, TurnCommit,
                          new_id, valid_id)
 from .tools import ToolSet
-from .housekeeping import Housekeeper
-from .turns import Turn
+from .turns import Housekeeper, Turn
 from .upstream import RawJSON, TextDelta, open_stream
 from .usage import PriceTable, Usage
 
 log = logging.getLogger("server.engine")
 turn_log = logging.getLogger("server.turn")
 
-INTERRUPTED_FIELDS = '"code":"interrupted","message":"The turn was interrupted (the worker running it stopped); send the message again.","retryable":true'
+INTERRUPTED_FIELDS = ('"code":"interrupted","message":"The turn was interrupted (the worker running it stopped); '
+                      'send the message again.","retryable":true')
 INTERRUPT_WAIT_SECONDS = 10.0
 REMOTE_POLL_MS = 1000
 
 
-class UpstreamGate:
+class UpstreamGate(asyncio.Semaphore):
     """At most `limit` model calls at once in this worker; a caller waits up to `timeout`
     seconds for a free place, then gets `overloaded` (503, retryable). Protects the quota."""
 
     def __init__(self, limit: int, timeout: float):
+        super().__init__(limit)
         self.limit = limit
         self.timeout = timeout
-        self._sem = asyncio.Semaphore(limit)
 
     @property
     def in_use(self) -> int:
-        return self.limit - self._sem._value  # noqa: SLF001 — for metrics/tests only
+        return self.limit - self._value  # (for metrics/tests)
 
-    async def acquire(self) -> None:
-        if not self._sem.locked():
-            await self._sem.acquire()
-            return
+    async def acquire(self) -> bool:
         try:
             async with asyncio.timeout(self.timeout):
-                await self._sem.acquire()
+                return await super().acquire()
         except TimeoutError:
             raise ApiError("overloaded", "The server is at capacity (too many model calls in progress); "
                            "retry shortly.", retry_after=1) from None
 
-    def release(self) -> None:
-        self._sem.release()
 
-
-@dataclass(slots=True)
-class TurnHandle:
-    session_id: str
-    turn_id: str
+TurnHandle = NamedTuple("TurnHandle", [("session_id", str), ("turn_id", str)])
 
 
 @dataclass
@@ -104,15 +95,12 @@ class Engine:
         sent_tools = context.tool_definitions(tool_defs, settings.prompt_caching)
         self._tools_json = (RawJSON(json.dumps(sent_tools, ensure_ascii=False, separators=(",", ":")).encode())
                             if tool_defs else None)
-        self.housekeeper = Housekeeper(store, flush_interval=settings.event_log_flush_ms / 1000,
-                                       lock_ttl=settings.turn_lock_ttl_seconds,
-                                       heartbeat=settings.heartbeat_seconds)
+        self.housekeeper = Housekeeper(store, settings)
         self.accepting = True
         self.stopping = False  # set once draining is over: remote followers end too
         self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
         self.turn_listeners: list[Callable[[str, Usage], None]] = []  # (principal, usage) per finished turn
 
-    # -- public API ----------------------------------------------------------------------
     async def start(self, req: TurnRequest, principal: str) -> TurnHandle:
         """Lock the session and start the turn; raises ApiError (busy, not found, ...)."""
         if not self.accepting:
@@ -172,11 +160,10 @@ class Engine:
                     continue
                 if await self.store.lock_holder(session_id) != turn_id:
                     # Finished (its terminal event is in the log by now) or its worker died.
-                    if await self.store.read_events(session_id, turn_id, after_seq, 0):
+                    if (await self.store.read_events(session_id, turn_id, after_seq, 0)
+                            or await self.store.abandon_turn(session_id, turn_id, INTERRUPTED_FIELDS)):
                         continue
-                    if not await self.store.abandon_turn(session_id, turn_id, INTERRUPTED_FIELDS):
-                        break  # the log already ends with its terminal event: nothing after `after_seq`
-                    continue
+                    break  # the log already ends with its terminal event: nothing after `after_seq`
                 if time.monotonic() - quiet_since >= self.settings.heartbeat_seconds:
                     quiet_since = time.monotonic()
                     yield []
@@ -193,46 +180,31 @@ class Engine:
 
     async def cancel(self, session_id: str, principal: str) -> str | None:
         """Cancel the session's running turn wherever it runs; returns its id (or None)."""
-        turn_id, running = await self._last_turn(session_id, principal)
-        if not running or turn_id is None:
-            return None
-        await self.cancel_turn(turn_id)
-        return turn_id
+        turn_id, running = _found(await self.store.last_turn(session_id, principal))
+        if running:
+            await self.cancel_turn(turn_id)
+        return turn_id if running else None
 
-    async def cancel_turn(self, turn_id: str, reason: str = "cancelled") -> None:
-        if not self._cancel_local(turn_id, reason):
+    async def cancel_turn(self, turn_id: str) -> None:
+        if not self.cancel_local(turn_id):
             await self.store.publish_cancel(turn_id)
-
-    def on_cancel_signal(self, turn_id: str) -> None:
-        """Called for every cancel published by any worker."""
-        self._cancel_local(turn_id, "cancelled")
 
     async def resumable_turn(self, session_id: str, principal: str) -> tuple[str | None, bool]:
         """The session's running or recent turn (its log not yet expired), and whether it runs."""
-        turn_id, running = await self._last_turn(session_id, principal)
+        turn_id, running = _found(await self.store.last_turn(session_id, principal))
         if turn_id is not None and not running and not await self.store.has_log(session_id, turn_id):
             return None, False
         return turn_id, running
 
-    async def _last_turn(self, session_id: str, principal: str) -> tuple[str | None, bool]:
-        state = await self.store.last_turn(session_id, principal)
-        if state is None:
-            raise ApiError("session_not_found")
-        return state
-
     async def session(self, session_id: str, principal: str) -> SessionView:
-        view = await self.store.get_session(session_id, principal)
-        if view is None:
-            raise ApiError("session_not_found")
-        return view
+        return _found(await self.store.get_session(session_id, principal))
 
     async def delete(self, session_id: str, principal: str) -> None:
         """Forget the session; a turn still running on it is cancelled (wherever it runs)."""
-        state = await self.store.last_turn(session_id, principal)
-        if state is None or not await self.store.delete_session(session_id, principal):
+        turn_id, running = _found(await self.store.last_turn(session_id, principal))
+        if not await self.store.delete_session(session_id, principal):
             raise ApiError("session_not_found")
-        turn_id, running = state
-        if running and turn_id is not None:
+        if running:  # (a running turn has an id)
             await self.cancel_turn(turn_id)
 
     async def drain(self, grace: float) -> None:
@@ -242,22 +214,21 @@ class Engine:
         while self.turns and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for turn in list(self.turns.values()):
-            self._cancel_local(turn.turn_id, "server_restarting")
-        tasks = [t.task for t in self.turns.values() if t.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
+            self.cancel_local(turn.turn_id, "server_restarting")
+        if self.turns:  # (a turn's task is set as it is registered)
+            await asyncio.wait([t.task for t in self.turns.values()], timeout=5.0)
         self.stopping = True
 
-    def _cancel_local(self, turn_id: str, reason: str) -> bool:
+    def cancel_local(self, turn_id: str, reason: str = "cancelled") -> bool:
+        """Cancel the turn if it runs here; also called for every cancel any worker publishes."""
         turn = self.turns.get(turn_id)
-        if turn is None or turn.task is None or turn.done or turn.finishing:
+        if turn is None or turn.finishing:  # (its task is set as it is registered; `done` follows `finishing`)
             return False
         if turn.cancel_reason is None:
             turn.cancel_reason = reason
             turn.task.cancel()
         return True
 
-    # -- running a turn ------------------------------------------------------------------
     async def _run(self, turn: Turn, req: TurnRequest, started: Started, principal: str) -> None:
         progress = _Progress(messages=[req.user_message()])
         outcome, error = "completed", None
@@ -287,9 +258,8 @@ class Engine:
         if started.meta.message_count + 2 > s.max_session_messages:
             raise ApiError("session_full")
         if s.session_token_budget and started.meta.usage.total >= s.session_token_budget:
-            raise ApiError("budget_exceeded",
-                           f"This session has used {started.meta.usage.total} of its "
-                           f"{s.session_token_budget} tokens.")
+            raise ApiError("budget_exceeded", f"This session has used {started.meta.usage.total} of its "
+                                              f"{s.session_token_budget} tokens.")
         system = req.system if req.system is not None else s.system_prompt
         if req.response_schema is not None:
             system = f"{system}\n\n{structured.instruction(req.response_schema)}".strip()
@@ -299,13 +269,11 @@ class Engine:
         for iteration in range(s.max_tool_iterations):
             messages = started.history + progress.messages
             start, est_chars = context.window(messages, fixed_chars, s.context_token_budget, ratio)
-            sent = messages[start:]
             if s.session_token_budget:
-                est_tokens = int(est_chars / ratio)
-                if started.meta.usage.total + progress.usage.total + est_tokens > s.session_token_budget:
+                if started.meta.usage.total + progress.usage.total + int(est_chars / ratio) > s.session_token_budget:
                     raise ApiError("budget_exceeded",
                                    f"This turn would exceed the session's {s.session_token_budget}-token budget.")
-            sys_param, sent = context.with_breakpoints(system, sent, s.prompt_caching)
+            sys_param, sent = context.with_breakpoints(system, messages[start:], s.prompt_caching)
             params: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens, "messages": sent}
             if sys_param:
                 params["system"] = sys_param
@@ -336,11 +304,9 @@ class Engine:
                 continue
             uses = [b for b in progress.blocks if b["type"] == "tool_use"]
             results = await self.tools.run_all([(b["id"], b["name"], b["input"]) for b in uses])
-            for outcome in results:
-                payload: dict[str, Any] = {"tool_use_id": outcome.tool_use_id, "name": outcome.name,
-                                           "is_error": outcome.is_error}
-                payload["error" if outcome.is_error else "output"] = outcome.output
-                turn.emit("tool_result", payload)
+            for o in results:
+                turn.emit("tool_result", {"tool_use_id": o.tool_use_id, "name": o.name, "is_error": o.is_error,
+                                          ("error" if o.is_error else "output"): o.output})
             progress.messages.append({"role": "user", "content": [o.tool_result_block() for o in results]})
         # The model kept asking for tools: end with an assistant message so history stays valid.
         progress.messages.append({"role": "assistant", "content": [
@@ -365,7 +331,7 @@ class Engine:
                 async for event in upstream.events():
                     if type(event) is TextDelta:
                         text = event.text
-                        text_parts[event.index].append(text)  # joined at block stop
+                        text_parts[event.index].append(text)  # joined once, at the end
                         progress.text.append(text)
                         if progress.first_token_at is None:
                             progress.first_token_at = time.monotonic()
@@ -385,12 +351,9 @@ class Engine:
                         elif block["type"] == "tool_use":
                             turn.emit("tool_call", {"tool_use_id": block["id"], "name": block["name"]})
                     elif kind == "content_block_stop":
-                        index = event["index"]
-                        block = blocks[index]
-                        if block["type"] == "text":
-                            block["text"] = "".join(text_parts.pop(index))
-                        elif block["type"] == "tool_use":
-                            self._complete_tool_input(turn, block, json_parts.pop(index, []))
+                        block = blocks[event["index"]]
+                        if block["type"] == "tool_use":
+                            self._complete_tool_input(turn, block, json_parts.pop(event["index"], []))
                     elif kind == "message_start":
                         call_usage = Usage.from_api(event["message"].get("usage"))
                     elif kind == "message_delta":
@@ -402,7 +365,7 @@ class Engine:
                                 setattr(call_usage, name, int(usage[name]))
         finally:
             self.upstream_gate.release()
-            for index, parts in text_parts.items():  # a cut stream: keep what arrived
+            for index, parts in text_parts.items():  # (also a cut stream's: keep what arrived)
                 blocks[index]["text"] = "".join(parts)
             progress.model_calls += 1
             progress.usage.add(call_usage)
@@ -442,12 +405,12 @@ class Engine:
             record["error"] = error.code
         if outcome in ("completed", "cancelled"):
             final_type = "turn_end"
-            stop_reason = "cancelled" if outcome == "cancelled" else progress.stop_reason
             payload: dict[str, Any] = {
-                "session_id": turn.session_id, "turn_id": turn.turn_id, "stop_reason": stop_reason,
+                "session_id": turn.session_id, "turn_id": turn.turn_id,
+                "stop_reason": "cancelled" if outcome == "cancelled" else progress.stop_reason,
                 "truncated": progress.stop_reason == "max_tokens", "cancelled": outcome == "cancelled",
-                "text": "".join(progress.text), "usage": usage,
-                "estimated_cost_usd": cost, "model": req.model, "model_calls": progress.model_calls,
+                "text": "".join(progress.text), "usage": usage, "estimated_cost_usd": cost, "model": req.model,
+                "model_calls": progress.model_calls,
                 "request_id": progress.request_ids[-1] if progress.request_ids else None,
                 "request_ids": progress.request_ids,
             }
@@ -460,7 +423,7 @@ class Engine:
             payload = error.payload()
             if progress.text:  # what was streamed before the failure (not committed)
                 payload["partial_text"] = "".join(progress.text)
-        unsent = await turn.stop_writers()
+        unsent = await self.housekeeper.release(turn)
         final = turn.terminal_event(final_type, payload)
         committed = await self.store.finish_turn(turn.session_id, turn.turn_id, TurnCommit(
             messages=messages, record=record, usage=progress.usage, cost_usd=cost,
@@ -492,14 +455,13 @@ class Engine:
     def _messages_to_commit(progress: _Progress, outcome: str, error: ApiError | None) -> list[dict[str, Any]]:
         """The turn's messages, or none. A valid history alternates user/assistant and every
         tool_use is followed by its tool_result, so a partial turn is cut to that shape."""
-        messages = progress.messages
+        done = progress.messages  # (never empty: the user's message comes first)
         if outcome == "completed" or (error is not None and error.code == "max_iterations"):
-            return messages  # (max_iterations appended a closing assistant message)
+            return done  # (max_iterations appended a closing assistant message)
         if outcome != "cancelled":
             return []  # failed or interrupted: history stays as it was; the client retries
         partial = [b for b in progress.blocks if b["type"] == "text" and b["text"]]
-        done = messages
-        if done and done[-1]["role"] == "assistant" and done[-1]["content"] is progress.blocks:
+        if done[-1]["role"] == "assistant" and done[-1]["content"] is progress.blocks:
             done = done[:-1]  # the answer being streamed is handled below
         if partial:
             return [*done, {"role": "assistant", "content": partial}]
@@ -508,6 +470,13 @@ class Engine:
         if done[-1]["role"] == "user":
             return [*done, {"role": "assistant", "content": [{"type": "text", "text": "[cancelled]"}]}]
         return done
+
+
+def _found(value: Any) -> Any:
+    """The store's answer about a session; None (no such session, or another key's) is a 404."""
+    if value is None:
+        raise ApiError("session_not_found")
+    return value
 
 
 def valid_session_id(value: str) -> str:

@@ -62,14 +62,10 @@ class ApiError(Exception):
     def __init__(self, code: str, message: str | None = None, *, retry_after: float | None = None,
                  **extra: Any) -> None:
         self.status, self.retryable, default = ERRORS[code]
-        self.code = code
-        self.message = message or default
+        self.code, self.message, self.retry_after, self.extra = code, message or default, retry_after, extra
         super().__init__(self.message)
-        self.retry_after = retry_after
-        self.extra = extra
 
-    def payload(self) -> dict[str, Any]:
-        """The error object for JSON bodies and `error` events."""
+    def payload(self) -> dict[str, Any]:  # for JSON bodies and `error` events
         body: dict[str, Any] = {"code": self.code, "message": self.message, "retryable": self.retryable}
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
@@ -77,13 +73,10 @@ class ApiError(Exception):
         return body
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
+        return {} if self.retry_after is None else {"Retry-After": str(max(1, int(self.retry_after + 0.999)))}
 
 
-def error_response(exc: ApiError) -> JSONResponse:
-    """The JSON answer for an error raised before a response started."""
+def error_response(exc: ApiError) -> JSONResponse:  # (before a response has started)
     headers = exc.headers()
     if exc.code == "unauthorized":
         headers["WWW-Authenticate"] = 'Bearer realm="agent"'
@@ -95,17 +88,16 @@ def status_of(code: str) -> int:
 
 
 def from_upstream(exc: BaseException) -> ApiError:
-    """Map an SDK exception (or a mid-stream `error` event) to our error code."""
+    """An SDK exception (or a mid-stream `error` event) as our error."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, anthropic.APITimeoutError):
         return ApiError("upstream_timeout")
     if isinstance(exc, anthropic.APIConnectionError):
         return ApiError("upstream_unavailable", "The model service is unreachable.")
-    if isinstance(exc, anthropic.APIStatusError):
-        error_type = _error_field(exc, "type") or getattr(exc, "type", None)
-        return _from_status(exc.status_code, error_type, _error_field(exc, "message") or "",
-                            _retry_after(exc), getattr(exc, "request_id", None))
+    if isinstance(exc, anthropic.APIStatusError):  # (its `type`, `api_message`: the body's error.type, error.message)
+        message = exc.api_message if isinstance(exc.api_message, str) else ""
+        return _from_status(exc.status_code, exc.type, message, _retry_after(exc), exc.request_id)
     if isinstance(exc, UpstreamStreamError):
         return _from_status(200, exc.error_type, exc.message, None, exc.request_id)
     log.exception("unexpected upstream failure", exc_info=exc)
@@ -113,16 +105,14 @@ def from_upstream(exc: BaseException) -> ApiError:
 
 
 # Redis error replies that mean "not now" rather than "never": a restart, a failover, memory.
-STORE_WARNING_EVERY = 30.0
-_store_warned_at = -STORE_WARNING_EVERY
+_store_warned_at = float("-inf")
 _STORE_BUSY_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "OOM", "BUSY ")
 
 
 def store_unavailable(exc: BaseException) -> bool:
     """Whether `exc` is the session store (Redis) failing to answer: retryable, never a 500."""
-    if isinstance(exc, (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError)):
-        return True
-    return isinstance(exc, redis_exceptions.ResponseError) and str(exc).startswith(_STORE_BUSY_REPLIES)
+    return isinstance(exc, (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError)) or \
+        isinstance(exc, redis_exceptions.ResponseError) and str(exc).startswith(_STORE_BUSY_REPLIES)
 
 
 def from_exception(exc: BaseException) -> ApiError:
@@ -134,7 +124,7 @@ def from_exception(exc: BaseException) -> ApiError:
     if store_unavailable(exc):
         global _store_warned_at
         now = time.monotonic()
-        if now - _store_warned_at >= STORE_WARNING_EVERY:  # one line per outage, not per request
+        if now - _store_warned_at >= 30:  # one line per outage, not per request
             _store_warned_at = now
             log.warning("session store unavailable: %s: %s", type(exc).__name__, str(exc)[:200])
         return ApiError("store_unavailable")
@@ -147,9 +137,7 @@ class UpstreamStreamError(Exception):
 
     def __init__(self, error_type: str, message: str, request_id: str | None = None):
         super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-        self.request_id = request_id
+        self.error_type, self.message, self.request_id = error_type, message, request_id
 
 
 def _from_status(status: int, error_type: str | None, message: str, retry_after: float | None,
@@ -162,9 +150,8 @@ def _from_status(status: int, error_type: str | None, message: str, retry_after:
         return ApiError("upstream_overloaded", retry_after=retry_after, **extra)
     if status in (408, 504) or error_type == "timeout_error":
         return ApiError("upstream_timeout", **extra)
-    if status in (401, 402, 403, 404) or error_type in (
-        "authentication_error", "permission_error", "not_found_error", "billing_error"
-    ):
+    if status in (401, 402, 403, 404) or error_type in ("authentication_error", "permission_error",
+                                                        "not_found_error", "billing_error"):
         # Our key, plan or model name is wrong: not the client's fault, and not theirs to see.
         log.error("upstream rejected our configuration: status=%s type=%s", status, error_type)
         return ApiError("upstream_misconfigured", **extra)
@@ -179,20 +166,11 @@ def _from_status(status: int, error_type: str | None, message: str, retry_after:
     return ApiError("upstream_unavailable", **extra)
 
 
-def _error_field(exc: anthropic.APIStatusError, key: str) -> str | None:
-    """`error.<key>` of the upstream's error body, when it is a string."""
-    err = exc.body.get("error") if isinstance(exc.body, dict) else None
-    value = err.get(key) if isinstance(err, dict) else None
-    return value if isinstance(value, str) else None
-
-
 def _retry_after(exc: anthropic.APIStatusError) -> float | None:
     headers = exc.response.headers if exc.response is not None else {}
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                continue
+        try:
+            return max(0.0, float(headers[name]) * scale)
+        except (KeyError, ValueError):
+            continue
     return None

@@ -1,11 +1,8 @@
-"""The event vocabulary shared by SSE and WebSocket, encoded once per event.
+"""The event vocabulary shared by every transport, encoded once per event.
 
-An event is JSON with `type` and `id` (`<turn_id>:<seq>`, also the SSE `id:` and the
-position in the turn's event log). It is serialised exactly once, when the turn emits it;
-transports and the event log only copy bytes, which keeps the per-token cost flat.
-
-Types: `turn_start`, `text_delta`, `tool_call`, `tool_input`, `tool_result`, `turn_end`,
-`error` (terminal), plus the transport-level `ping` (WebSocket) and SSE comments.
+An event is JSON with `type` and `id` (`<turn_id>:<seq>`, also the SSE `id:` and the position in
+the turn's event log). It is serialised exactly once, when the turn emits it: transports and the
+event log only copy bytes, which keeps the per-token cost flat.
 """
 
 from __future__ import annotations
@@ -13,8 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
-
-TERMINAL_TYPES = frozenset({"turn_end", "error"})
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -28,7 +23,7 @@ class Event:
 
     @property
     def terminal(self) -> bool:
-        return self.type in TERMINAL_TYPES
+        return self.type in {"turn_end", "error"}  # (compiled to a frozenset constant)
 
 
 def encode(turn_id: str, seq: int, type_: str, payload: dict[str, Any]) -> Event:
@@ -52,31 +47,21 @@ def text_delta(turn_id: str, seq: int, text: str, text_json: str | None = None) 
 
 
 def text_literal(event: Event) -> str:
-    """The JSON string literal of a text_delta's text, sliced out of the encoded event (as
-    `text_delta` writes it) without parsing it."""
-    raw = event.data.decode()
-    prefix = f'{{"type":"text_delta","id":"{event.id}","text":'
-    if raw.startswith(prefix) and raw.endswith('"}'):
-        return raw[len(prefix):-1]
-    return _dumps(json.loads(raw)["text"])
-
-
-def parse_event_id(value: object) -> tuple[str, int] | None:
-    """`<turn_id>:<seq>` -> (turn_id, seq); None for anything else (also a non-string, as
-    a WebSocket frame can carry, and non-ASCII digits such as "²", which int() refuses)."""
-    if not isinstance(value, str) or ":" not in value:
-        return None
-    turn_id, _, seq = value.rpartition(":")
-    if not seq.isascii() or not seq.isdigit() or not turn_id or len(seq) > 9:
-        return None
-    return turn_id, int(seq)
+    """The JSON string literal of a text_delta's text, sliced out of the encoded event without
+    parsing it (every text_delta, in memory or in the log, is written by `text_delta`)."""
+    return event.data.decode()[len(f'{{"type":"text_delta","id":"{event.id}","text":'):-1]
 
 
 def resume_after(last_event_id: object, turn_id: str | None) -> int:
-    """Where a client resuming `turn_id` with `last_event_id` continues: after that event
-    when it is one of this turn's, else from the turn's start."""
-    last = parse_event_id(last_event_id)
-    return last[1] if last and last[0] == turn_id else 0
+    """Where a client resuming `turn_id` with `last_event_id` continues: after that event when
+    it is one of this turn's (`<turn_id>:<seq>`, at most 9 ASCII digits), else from the turn's
+    start (also for a non-string, as a WebSocket frame can carry, or digits such as "²")."""
+    if not isinstance(last_event_id, str):
+        return 0
+    last_turn, _, seq = last_event_id.rpartition(":")
+    if not last_turn or last_turn != turn_id or not seq.isascii() or not seq.isdigit() or len(seq) > 9:
+        return 0
+    return int(seq)
 
 
 def sse_frame(event: Event) -> bytes:

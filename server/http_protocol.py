@@ -1,13 +1,10 @@
 """A deadline for the request head (`HEADER_TIMEOUT_SECONDS`), which uvicorn does not have.
 
 uvicorn's timers cover an idle keep-alive connection, not a client that connects and sends
-nothing or trickles a head byte by byte. This is uvicorn's httptools protocol plus one timer,
-armed when the connection opens or a kept-alive connection's next request begins (and, after
-a response, for the rest of a body the app refused unread), disarmed once the head is in.
-When it fires, a partly sent head gets a 408 `request_timeout`; an idle connection is closed.
-Bodies (`BODY_TIMEOUT_SECONDS`, server/security), answers and WebSockets are not timed here.
-
-Used by `python -m server` and the Procfile (`--http server.http_protocol:HeadDeadlineProtocol`).
+nothing or trickles a head byte by byte: this is uvicorn's httptools protocol plus one timer
+per request head. When it fires, a partly sent head gets a 408 `request_timeout`; an idle
+connection is closed. Bodies (`BODY_TIMEOUT_SECONDS`, server/security), answers and WebSockets
+are not timed here. Used by `python -m server` and the Procfile (`--http server.http_protocol:...`).
 """
 
 from __future__ import annotations
@@ -18,6 +15,8 @@ import logging
 from functools import cache
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .errors import ApiError
 
 log = logging.getLogger("server.http")
 
@@ -85,19 +84,11 @@ class HeadDeadlineProtocol(HttpToolsProtocol):
         client = "%s:%d" % self.client if self.client else "-"
         if self._head_begun:
             log.info("request head not received within %.1f s from %s: 408", head_timeout(), client)
-            self._send_408()
+            error = ApiError("request_timeout", f"The request head did not arrive within {head_timeout():g} s.")
+            body = json.dumps({"error": error.payload()}).encode()
+            headers = [*self.server_state.default_headers, (b"content-type", b"application/json"),
+                       (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+            self.transport.write(b"".join([STATUS_LINE[408], *(b"%s: %s\r\n" % h for h in headers), b"\r\n", body]))
         else:
             log.debug("connection idle for %.1f s before any request from %s: closed", head_timeout(), client)
         self.transport.close()
-
-    def _send_408(self) -> None:
-        from .security import request_timeout
-
-        body = json.dumps({"error": request_timeout("head", head_timeout()).payload()}).encode()
-        content = [STATUS_LINE[408]]
-        for name, value in self.server_state.default_headers:
-            content += [name, b": ", value, b"\r\n"]
-        content += [b"content-type: application/json\r\n",
-                    b"content-length: " + str(len(body)).encode() + b"\r\n",
-                    b"connection: close\r\n\r\n", body]
-        self.transport.write(b"".join(content))

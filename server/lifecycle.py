@@ -1,59 +1,40 @@
-"""Building and tearing down a worker's components, and draining on SIGTERM.
-
-SIGTERM (a deploy, `fly deploy`, Ctrl-C under a supervisor): stop taking turns, give the
-running ones `GRACEFUL_SHUTDOWN_SECONDS`, then stop them with a retryable
-`server_restarting` event; only then is uvicorn told to shut down (it closes WebSockets with
-1012 at once, so telling it first would cut the sockets following those turns).
-"""
+"""Building and tearing down a worker's components; the SIGTERM drain; SIGUSR1 task dump; GC tuning."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import io
 import logging
 import signal
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import AsyncIterator
 
 import anthropic
 
 from . import metrics
 from .config import Settings
 from .engine import Engine
-from .store.base import Store
 from .store.memory import MemoryStore
 from .store.redis import RedisStore
 from .tools import load_toolset
 from .upstream_transport import make_http_client
 from .usage import PriceTable
 
-if TYPE_CHECKING:
-    from .fake_anthropic import FakeAnthropic
-
 log = logging.getLogger("server.lifecycle")
 
 # Young-generation threshold for the cyclic GC (CPython's default is 700): streaming allocates
 # a few small objects per event, and the default collects (and rescans long-lived objects) often.
 GC_YOUNG_THRESHOLD = 50_000
-_gc_tuned = False
 # After a drain that had turns: time for their followers to write the terminal event before
 # uvicorn closes the sockets (a local follower needs a few loop iterations).
 FOLLOWER_FLUSH_SECONDS = 0.25
 
 
-def make_store(settings: Settings) -> Store:
-    if settings.redis_url:
-        return RedisStore(settings.redis_url, session_ttl=settings.session_ttl_seconds,
-                          lock_ttl=settings.turn_lock_ttl_seconds, log_ttl=settings.event_log_ttl_seconds,
-                          log_maxlen=settings.event_log_maxlen, idempotency_ttl=settings.idempotency_ttl_seconds)
-    return MemoryStore(session_ttl=settings.session_ttl_seconds, lock_ttl=settings.turn_lock_ttl_seconds,
-                       log_ttl=settings.event_log_ttl_seconds, log_maxlen=settings.event_log_maxlen,
-                       idempotency_ttl=settings.idempotency_ttl_seconds)
-
-
 @asynccontextmanager
 async def components(settings: Settings) -> AsyncIterator[Engine]:
-    fake: FakeAnthropic | None = None
+    fake = None
     base_url, api_key = settings.anthropic_base_url, settings.anthropic_api_key
     if settings.offline:
         from .fake_anthropic import FakeAnthropic  # only the offline model needs the fake API
@@ -65,13 +46,15 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     client = anthropic.AsyncAnthropic(api_key=api_key or "no-key", base_url=base_url,
                                       max_retries=settings.anthropic_max_retries,
                                       timeout=settings.upstream_timeout_seconds,
-                                      # our transport, counting requests and retries for /metrics
-                                      http_client=metrics.instrumented_http_client(
+                                      http_client=metrics.instrumented_http_client(  # our transport, counted
                                           make_http_client, timeout=settings.upstream_timeout_seconds))
-    store = make_store(settings)
+    retention = dict(session_ttl=settings.session_ttl_seconds, lock_ttl=settings.turn_lock_ttl_seconds,
+                     log_ttl=settings.event_log_ttl_seconds, log_maxlen=settings.event_log_maxlen,
+                     idempotency_ttl=settings.idempotency_ttl_seconds)
+    store = RedisStore(settings.redis_url, **retention) if settings.redis_url else MemoryStore(**retention)
     engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
                     PriceTable(settings.model_prices))
-    await store.start(engine.on_cancel_signal)
+    await store.start(engine.cancel_local)
     engine.housekeeper.start()
     if not settings.redis_url:
         log.warning("sessions are kept in memory (REDIS_URL is not set): they vanish on restart")
@@ -91,18 +74,14 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
         metrics.worker_stopped()
 
 
+@functools.cache  # once per process
 def _tune_gc() -> None:
-    """Once per process, after startup: freeze what is alive now (modules, the SDK's models,
-    settings) out of the collector's sight, and collect young objects less often (only
-    cyclic garbage waits longer: reference counting still frees the rest at once)."""
-    global _gc_tuned
-    if _gc_tuned:
-        return
-    _gc_tuned = True
+    """After startup: freeze what is alive now (modules, the SDK's models, settings) out of the
+    collector's sight, and collect young objects less often (only cyclic garbage waits longer:
+    reference counting still frees the rest at once)."""
     gc.collect()
     gc.freeze()
-    _young, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _drain_on_sigterm(engine: Engine, grace: float):
@@ -111,12 +90,8 @@ def _drain_on_sigterm(engine: Engine, grace: float):
     503 `server_restarting`); running turns get `grace` seconds and their followers the last
     event. A repeated SIGTERM changes nothing; SIGINT goes to uvicorn."""
     loop = asyncio.get_running_loop()
-    try:
-        previous = signal.getsignal(signal.SIGTERM)
-    except ValueError:  # not the main thread (e.g. under a test runner's thread)
-        return lambda: None
-    tasks: list[asyncio.Task[None]] = []
-    signalled = False
+    previous = signal.getsignal(signal.SIGTERM)
+    tasks: list[asyncio.Task[None]] = []  # (the one drain: a repeated SIGTERM changes nothing)
 
     async def drain_then_exit(signum: int) -> None:
         try:
@@ -129,41 +104,31 @@ def _drain_on_sigterm(engine: Engine, grace: float):
             if callable(previous):
                 previous(signum, None)
 
-    def on_sigterm(signum, frame):  # type: ignore[no-untyped-def]
-        nonlocal signalled
-        if signalled:
-            return
-        signalled = True
-        log.info("SIGTERM: draining (grace %.0f s)", grace)
-        loop.call_soon_threadsafe(lambda: tasks.append(loop.create_task(drain_then_exit(signum))))
+    def start_drain(signum: int) -> None:  # (in the loop, not in the signal handler)
+        if not tasks:
+            log.info("SIGTERM: draining (grace %.0f s)", grace)
+            tasks.append(loop.create_task(drain_then_exit(signum)))
 
     try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: loop.call_soon_threadsafe(start_drain, signum))
+    except ValueError:  # not the main thread (e.g. under a test runner's thread)
         return lambda: None
 
     def restore() -> None:
-        try:
+        with suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, previous)
-        except (ValueError, TypeError):
-            pass
 
     return restore
 
 
 def _dump_tasks_on_sigusr1() -> None:
     """`kill -USR1 <worker>` logs every asyncio task's stack: what a stuck worker waits on."""
-    loop = asyncio.get_running_loop()
 
-    def dump() -> None:
-        import io
-
-        for task in asyncio.all_tasks(loop):
+    def dump() -> None:  # (called in the loop)
+        for task in asyncio.all_tasks():
             out = io.StringIO()
             task.print_stack(file=out)
             log.warning("task %s\n%s", task.get_name(), out.getvalue())
 
-    try:
-        loop.add_signal_handler(signal.SIGUSR1, dump)
-    except (NotImplementedError, RuntimeError, ValueError):
-        pass
+    with suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)

@@ -1,11 +1,14 @@
-"""Structured logs: one JSON object per line, easy to ship and to grep.
+"""Structured logs: one JSON object per line, easy to ship and to grep; and what no log says.
 
-Loggers under `server.` pass structured fields as `extra={"fields": {...}}`; they are merged
-into the line. Never log request bodies, keys or per-token events.
+Loggers under `server.` pass structured fields as `extra={"fields": {...}}`, merged into the
+line. Never log request bodies, keys or per-token events. Every line carries the request id
+(server/middleware.py): a context variable, inherited by the tasks a request starts (a turn,
+a WebSocket's forwarding task), so their lines carry it too.
 
-Every line also carries the request id (server/middleware.py): it lives in a context
-variable, and tasks started while handling a request (a turn, a WebSocket's forwarding task)
-copy the context, so their lines carry the id of the request that started them.
+uvicorn's and websockets' lines keep their format, redacted (README "Security"): at DEBUG
+they carry handshake headers and every WebSocket frame; access lines the query string. A
+handshake refused with an HTTP status (the guard's `_deny_websocket`) is not a server error
+(anyone can cause one): uvicorn's ERROR line about it is dropped, its INFO line remains.
 """
 
 from __future__ import annotations
@@ -15,32 +18,31 @@ import logging
 import re
 import sys
 import time
-import uuid
 from contextvars import ContextVar
+from urllib.parse import unquote_plus
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
-# Letters, digits and a few separators: nothing that could split a log line or a header.
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+# Set in the connection's task context when a WebSocket handshake is answered with an HTTP refusal.
+handshake_refused: ContextVar[bool] = ContextVar("handshake_refused", default=False)
 
-
-def accept_request_id(value: str | None) -> str:
-    """The client's `X-Request-ID` if it is 1-128 safe characters, else a new random one."""
-    return value if value and _SAFE_ID.fullmatch(value) else uuid.uuid4().hex
+_SECRET_RE = re.compile(r"(?i)(bearer[ .]|ticket=)[^\s,;&\"']+")
+# Query parameters whose value is a credential (names compared lower-cased, percent-decoded).
+SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "api-key", "x-api-key", "token", "access_token",
+                           "refresh_token", "id_token", "auth", "authorization", "ticket", "password", "secret"})
+_PARAM_RE = re.compile(r"([?&;])([^=&;#?\s\"']+)=([^&;#\s\"']*)")
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+_FRAME_LINES = frozenset({"< %s", "> %s"})  # websockets' frame lines (at DEBUG, on uvicorn.error)
+_UNFINISHED_HANDSHAKE = frozenset({"ASGI callable returned without completing handshake.",  # websockets-sansio, wsproto
+                                   "ASGI callable returned without sending handshake."})  # websockets (legacy)
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        rid = request_id.get()
-        if rid is not None:
+        line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if (rid := request_id.get()) is not None:
             line["request_id"] = rid
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
+        if isinstance(fields := getattr(record, "fields", None), dict):
             line.update(fields)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
@@ -48,22 +50,47 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str) -> None:
-    """JSON lines on stderr for our loggers; uvicorn keeps its own access/error format.
+    """JSON lines on stderr for our loggers; uvicorn's and websockets' lines redacted.
 
     No line carries a source location, thread or process name, so the logging module is
-    told not to gather them (its documented optimisation: finding the caller walks the
-    whole, deep, async stack of every line)."""
+    told not to gather them (finding the caller walks the whole, deep, async stack)."""
     logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "websockets",
+                 "websockets.server", "websockets.protocol"):
+        logging.getLogger(name).addFilter(redact_record)  # (a filter added twice is there once)
     logger = logging.getLogger("server")
-    if any(getattr(h, "_agent_json", False) for h in logger.handlers):
-        logger.setLevel(level)
+    logger.setLevel(level)
+    if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    handler._agent_json = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
-    logger.setLevel(level)
     logger.propagate = False
+
+
+def redact(text: str) -> str:
+    """`text` with bearer tokens and the values of secret query parameters blanked."""
+    if "=" in text:
+        text = _PARAM_RE.sub(lambda m: f"{m[1]}{m[2]}=<redacted>" if unquote_plus(m[2]).lower() in SECRET_PARAMS
+                             else m[0], text)
+    return _SECRET_RE.sub(r"\1<redacted>", text)
+
+
+def redact_record(record: logging.LogRecord) -> bool:
+    args = record.args
+    if isinstance(record.msg, str):
+        if record.msg in _UNFINISHED_HANDSHAKE and handshake_refused.get():
+            return False  # (a refused handshake is not a server error)
+        if record.msg in _FRAME_LINES and isinstance(args, tuple) and len(args) == 1 \
+                and hasattr(args[0], "opcode") and hasattr(args[0], "data"):
+            # The frame without its payload: `TEXT [51 bytes]` (a close keeps its code).
+            kind = getattr(args[0].opcode, "name", str(args[0].opcode))
+            record.args = (str(args[0]) if kind == "CLOSE" else f"{kind} [{len(args[0].data)} bytes]",)
+            return True
+        record.msg = redact(record.msg)
+    if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() in _SECRET_HEADERS:
+        record.args = (args[0], "<redacted>")  # websockets' "< %s: %s" header lines
+    elif isinstance(args, tuple):
+        record.args = tuple(redact(a) if isinstance(a, str) else a for a in args)
+    return True

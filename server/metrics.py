@@ -1,30 +1,104 @@
 """Prometheus metrics (`GET /metrics`), correct across uvicorn workers.
 
-One process: prometheus-client's in-memory registry. Several workers: its multiprocess mode
-(files in one directory, see metrics_dir.py), merged by a scrape on any worker. Importing
-this module touches no file: `setup()` picks the mode and creates the metrics at worker
-startup (the engine calls it; so does the first metric used). Live gauges (streams, sockets)
-use `livesum`; a worker's are dropped when it stops, or at the next scrape if it died.
-Nothing here runs per token: a few counter updates per turn and per request.
-"""
+One process: prometheus-client's in-memory registry. Several workers: its multiprocess mode,
+files in one directory (`PROMETHEUS_MULTIPROC_DIR`) merged by a scrape on any worker. Every
+worker of one server uses the same directory, empty when the server starts: `python -m server`
+prepares it before uvicorn starts the workers (`prepare_supervisor`); the workers of a bare
+`uvicorn --workers N` (Procfile, Dockerfile) given none agree on
+`$TMPDIR/agent-metrics-w-<supervisor pid>-<its start time>` through their common parent, so a
+new supervisor starts from zero.
+Importing this module touches no file: `setup()` picks the mode and creates the metrics at
+worker startup (the engine calls it; so does the first metric used). Live gauges (streams,
+sockets) use `livesum`; a worker's are dropped when it stops, or at the next scrape if it died.
+Nothing here runs per token: a few counter updates per turn and per request."""
 
 from __future__ import annotations
 
+import atexit
 import glob
+import multiprocessing
 import os
 import re
+import shutil
+import tempfile
 import threading
 from typing import Any
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, multiprocess)
 from prometheus_client import values as _values
+from starlette.responses import Response
 
-from . import metrics_dir
-
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+_DIR_PREFIX = "agent-metrics-"
 MULTIPROC_DIR: str | None = None  # set by setup(); None: the in-memory registry
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "WS"})
-_setting_up = threading.Lock()  # (render() runs in a thread)
+_setting_up = threading.Lock()  # (the endpoint runs in a thread)
+
+
+# -- the multiprocess directory -----------------------------------------------------------
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux); '' elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().decode(errors="replace").rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _configured() -> str | None:
+    """The operator's directory (created). Set but empty (from a copied .env.example) counts as
+    unset and is removed: prometheus-client would take its mere presence for multiprocess mode."""
+    path = os.environ.get(ENV)
+    if path is not None and not path.strip():
+        del os.environ[ENV]
+        return None
+    if path:
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _worker_dir() -> str | None:
+    """The directory this worker writes to (created), or None for the in-memory registry."""
+    if path := _configured():
+        return path
+    if multiprocessing.parent_process() is None:
+        return None  # a single uvicorn process (or a test importing the app)
+    ppid = os.getppid()
+    base = tempfile.gettempdir()
+    path = os.path.join(base, f"{_DIR_PREFIX}w-{ppid}-{_start_time(ppid) or 'x'}")
+    for old in glob.glob(os.path.join(base, f"{_DIR_PREFIX}w-*")):  # of supervisors now gone
+        match = re.fullmatch(r".*-w-(\d+)-[0-9x]+", old)
+        if match and old != path and not _alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+    os.environ[ENV] = path
+    return path
+
+
+def prepare_supervisor(workers: int) -> str | None:
+    """Before uvicorn starts the workers: one empty directory for them (the operator's, wiped,
+    or for several workers a fresh temporary one, removed at exit)."""
+    if path := _configured():
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+        return path
+    if workers <= 1:
+        return None
+    path = tempfile.mkdtemp(prefix=_DIR_PREFIX + "main-")
+    os.environ[ENV] = path
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 class Metrics:
@@ -50,10 +124,9 @@ class Metrics:
         self.cost_usd = Counter("agent_cost_usd", "Estimated spend in USD by model.", ["model"])
         self.upstream_requests = Counter("agent_upstream_requests", "HTTP requests sent to the model API, "
                                          "retries included.")
-        self.upstream_retries = Counter("agent_upstream_retries", "Requests to the model API that were SDK "
-                                        "retries.")
-        self.upstream_errors = Counter("agent_upstream_errors", "Turns failed by the model API, by our error "
-                                       "code.", ["code"])
+        self.upstream_retries = Counter("agent_upstream_retries", "Requests to the model API that were SDK retries.")
+        self.upstream_errors = Counter("agent_upstream_errors", "Turns failed by the model API, by our error code.",
+                                       ["code"])
         self.rate_limited = Counter("agent_rate_limited", "Requests rejected by our own rate limiter.", ["scope"])
 
 
@@ -67,7 +140,7 @@ def setup() -> Metrics:
     if _metrics is None:
         with _setting_up:
             if _metrics is None:
-                MULTIPROC_DIR = metrics_dir.worker_dir()
+                MULTIPROC_DIR = _worker_dir()
                 # prometheus-client picked its value class when imported; the variable may have changed since.
                 _values.ValueClass = _values.get_value_class()
                 _metrics = Metrics()
@@ -116,21 +189,19 @@ def live_connection(websocket: bool, route: str) -> Any:
     return (m.active_websockets if websocket else m.active_streams).labels(route)
 
 
-async def on_upstream_request(request: Any) -> None:
-    """httpx event hook on the SDK's client: the SDK numbers its attempts in a header."""
-    m = setup()
-    m.upstream_requests.inc()
-    try:
-        if int(request.headers.get("x-stainless-retry-count") or 0) > 0:
-            m.upstream_retries.inc()
-    except ValueError:
-        pass
-
-
 def instrumented_http_client(client_class: Any, **kwargs: Any) -> Any:
     """An SDK http client (`anthropic.DefaultAsyncHttpxClient`) counting requests and retries
-    (built at worker startup: sets the metrics up)."""
-    setup()
+    (built at worker startup: sets the metrics up). The SDK numbers its attempts in a header."""
+    m = setup()
+
+    async def on_upstream_request(request: Any) -> None:
+        m.upstream_requests.inc()
+        try:
+            if int(request.headers.get("x-stainless-retry-count") or 0) > 0:
+                m.upstream_retries.inc()
+        except ValueError:
+            pass
+
     hooks = kwargs.pop("event_hooks", {}) or {}
     hooks = {**hooks, "request": [*hooks.get("request", []), on_upstream_request]}
     return client_class(event_hooks=hooks, **kwargs)
@@ -142,26 +213,18 @@ def worker_stopped() -> None:
         multiprocess.mark_process_dead(os.getpid(), MULTIPROC_DIR)
 
 
-# -- exposition ------------------------------------------------------------------------------
-def render() -> tuple[bytes, str]:
-    """The exposition text and its content type (sync: file reads; run it in a thread)."""
-    setup()
-    if not MULTIPROC_DIR:
-        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-    # Workers killed without a shutdown left live-gauge files: mark them dead.
-    pids = {int(m[1]) for path in glob.glob(os.path.join(MULTIPROC_DIR, "gauge_live*_*.db"))
-            if (m := re.search(r"_(\d+)\.db$", path))}
-    for pid in pids - {os.getpid()}:
-        if not metrics_dir.alive(pid):
-            multiprocess.mark_process_dead(pid, MULTIPROC_DIR)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, MULTIPROC_DIR)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
 def metrics_endpoint(request: Any) -> Any:
-    """`GET /metrics` (a plain function: Starlette runs it in its thread pool)."""
-    from starlette.responses import Response
-
-    body, content_type = render()
-    return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+    """`GET /metrics`: a plain function, so Starlette runs it (file reads) in its thread pool."""
+    setup()
+    registry = REGISTRY
+    if MULTIPROC_DIR:
+        # Workers killed without a shutdown left live-gauge files: mark them dead.
+        pids = {int(m[1]) for path in glob.glob(os.path.join(MULTIPROC_DIR, "gauge_live*_*.db"))
+                if (m := re.search(r"_(\d+)\.db$", path))}
+        for pid in pids - {os.getpid()}:
+            if not _alive(pid):
+                multiprocess.mark_process_dead(pid, MULTIPROC_DIR)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, MULTIPROC_DIR)
+    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                                        "Cache-Control": "no-store"})

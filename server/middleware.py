@@ -1,32 +1,32 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and slow every stream).
 
 `RequestContext`, the outermost one: gives every HTTP request and WebSocket handshake a
-request id (`X-Request-ID`, validated, else generated), echoes it on the response (and on the
-WebSocket accept), keeps it in a context variable for the logs, and feeds `GET /metrics`:
-requests by route template, method and status; open SSE responses (any `text/event-stream`
-answer) and open WebSockets, by route. Per request it costs a header scan and a counter.
-
-It also leaves its own `send` in the scope for `body_send`: once a response has started,
-the middleware inside it (CORS, security, Starlette's exception handling, this one) only
-pass body messages on, so a long stream can skip them for each of its writes.
+request id (`X-Request-ID` if it is 1-128 safe characters, else a new one), echoes it on the
+response (and on the WebSocket accept), keeps it in `logs.request_id`, and feeds `GET
+/metrics`: requests by route template, method and status; open SSE responses and WebSockets.
 """
 
 from __future__ import annotations
 
+import re
+import uuid
+
+from starlette.requests import Request
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
-from .logs import accept_request_id, request_id
+from .logs import request_id
+from .transports.errors import unexpected
 
 _HEADER = b"x-request-id"
 _BODY_SEND = "body_send"
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")  # nothing that could split a log line or a header
 
 
 def match_route(scope: Scope) -> tuple[BaseRoute | None, bool]:
-    """The route the router will take, before routing (for the security policy and for the
-    metrics of refused requests): the first full match, else the first partial one (a wrong
-    method: the router's 405), and whether it matched fully."""
+    """The route the router will take, before routing: the first full match, else the first
+    partial one (a wrong method: the router's 405), and whether it matched fully."""
     partial = None
     for route in getattr(scope.get("app"), "routes", ()):
         match, _ = route.matches(scope)
@@ -47,16 +47,11 @@ def _route_of(scope: Scope) -> str:
 
 
 def body_send(scope: Scope, send: Send) -> Send:
-    """Where to write the body of a response already started through `send`: past the
-    middleware that only look at `http.response.start` (four calls per write saved)."""
+    """Where to write the body of a response already started through `send`: `RequestContext`'s
+    own `send`. Once a response has started, the middleware inside it (CORS, security,
+    Starlette's exception handling, ours) only pass body messages on: a long stream skips
+    them for each of its writes (four calls per write saved)."""
     return scope.get("state", {}).get(_BODY_SEND, send)
-
-
-def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            return value.startswith(b"text/event-stream")
-    return False
 
 
 class RequestContext:
@@ -68,11 +63,11 @@ class RequestContext:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        incoming = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == _HEADER), None)
-        rid = accept_request_id(incoming)
+        rid = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == _HEADER), None)
+        rid = rid if rid and _SAFE_ID.fullmatch(rid) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = rid
-        if kind == "http":
+        if kind == "http":  # (a WebSocket's messages must all pass the middleware)
             state[_BODY_SEND] = send
         token = request_id.set(rid)
         status: int | None = None
@@ -85,11 +80,10 @@ class RequestContext:
             if mtype in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 message = {**message, "headers": [*message.get("headers", ()), header]}
                 status = message.get("status", 101)
-                if mtype == "websocket.accept":
-                    live = metrics.live_connection(True, _route_of(scope))
-                    live.inc()
-                elif mtype == "http.response.start" and status == 200 and _is_event_stream(message["headers"]):
-                    live = metrics.live_connection(False, _route_of(scope))
+                sse = mtype == "http.response.start" and status == 200 and \
+                    dict(message["headers"]).get(b"content-type", b"").startswith(b"text/event-stream")
+                if sse or mtype == "websocket.accept":
+                    live = metrics.live_connection(not sse, _route_of(scope))
                     live.inc()
             elif mtype == "websocket.close" and status is None:
                 status = 403  # refused before the handshake completed
@@ -102,10 +96,6 @@ class RequestContext:
                 raise
             # Unhandled errors are answered by Starlette's outermost error middleware, past
             # this one: answer here instead so the 500 carries the id too.
-            from starlette.requests import Request
-
-            from .transports.errors import unexpected
-
             response = await unexpected(Request(scope), exc)
             await response(scope, receive, send_with_id)
         finally:

@@ -1,22 +1,17 @@
-"""`GET /openapi.json`: a hand-written OpenAPI 3.1 description of every HTTP endpoint.
-
-Hand-written because the routes take raw JSON validated in `requests.py`: there are no models
-to generate it from. `tests/test_openapi.py` checks that every route appears here, that the
-document is valid OpenAPI 3.1 and that real responses and stream events match its schemas.
-WebSocket endpoints are listed as `GET` with a `101` response and `x-websocket: true`; their
-frames are described in the operation and in `WsClientFrame` / `Event`.
-"""
+"""`GET /openapi.json`: a hand-written OpenAPI 3.1 document (routes take raw JSON validated in
+`requests.py`: no models to generate it from); `tests/test_openapi.py` checks it is valid, complete
+and true. WebSocket endpoints are `GET` with a `101` response and `x-websocket: true`."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .errors import ERRORS
-
-VERSION = "1.0.0"
+from .requests import IMAGES, ON_BUSY
 
 _STRING = {"type": "string"}
 _TEXT = {"schema": _STRING}
@@ -25,7 +20,9 @@ _NUMBER = {"type": "number"}
 _INT = {"type": "integer", "minimum": 0}
 _ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,64}$"}
 _NULLABLE_STRING = {"type": ["string", "null"]}
+_ON_BUSY = {"enum": sorted(ON_BUSY)}
 _RID = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+_WS = {"x-websocket": True}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -33,23 +30,27 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _obj(properties: dict[str, Any], *required: str, **extra: Any) -> dict[str, Any]:
-    """An object schema; `extra` adds keywords such as a description."""
-    schema: dict[str, Any] = {"type": "object", **extra, "properties": properties}
-    if required:
-        schema["required"] = list(required)
-    return schema
+    return {"type": "object", **extra, "properties": properties, **({"required": list(required)} if required else {})}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}, "headers": _RID}
+def _response(description: str, content: dict[str, Any] | None = None, **headers: Any) -> dict[str, Any]:
+    """A response with `content` ({media type: media type object}) and X-Request-ID (+ `headers`)."""
+    return {"description": description, **({"content": content} if content else {}), "headers": {**_RID, **headers}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("ErrorResponse"), description)
+def _json(schema: str, description: str) -> dict[str, Any]:
+    """A JSON response whose body is the component schema named `schema`."""
+    return _response(description, {"application/json": {"schema": _ref(schema)}})
 
 
-def _no_content(description: str) -> dict[str, Any]:
-    return {"description": description, "headers": _RID}
+_error = partial(_json, "ErrorResponse")
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    """Error responses, each listing the codes that come with its status (from errors.ERRORS)."""
+    return {str(status): _error("\n".join(f"- `{code}`{' (retryable)' * retryable}: {message}"
+                                          for code, (s, retryable, message) in ERRORS.items() if s == status))
+            for status in statuses}
 
 
 _EVENT_COMMON = {"id": {"type": "string", "description": "`<turn_id>:<seq>`: the SSE `id` and the resume "
@@ -60,29 +61,16 @@ def _event(type_: str, description: str, props: dict[str, Any], *required: str) 
     return _obj({"type": {"const": type_}, **_EVENT_COMMON, **props}, "type", "id", *required, description=description)
 
 
-def _event_of(schema: str, type_: str, *required: str, description: str) -> dict[str, Any]:
-    """An event that is a component schema plus the event `type` (and `id`)."""
-    return {"allOf": [_ref(schema), _obj({"type": {"const": type_}, **_EVENT_COMMON}, *required)],
-            "description": description}
-
-
-def _frame(type_: Any, **props: Any) -> dict[str, Any]:
-    return _obj({"type": type_, **props}, "type")
-
-
 _TOOL = {"tool_use_id": _STRING, "name": _STRING}
 _USAGE = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({
-        "code": {"type": "string", "enum": sorted(ERRORS)},
-        "message": _STRING,
-        "retryable": _BOOL,
+        "code": {"type": "string", "enum": sorted(ERRORS)}, "message": _STRING, "retryable": _BOOL,
         "retry_after": {"type": "number", "description": "Seconds to wait (also the Retry-After header)."},
         "field": {"type": "string", "description": "The request field at fault."},
-        "turn_id": _STRING,
         "limit": {"type": "string", "description": "Which rate limit was hit."},
-        "upstream_request_id": _STRING,
+        "turn_id": _STRING, "upstream_request_id": _STRING,
         "partial_text": {"type": "string", "description": "Text streamed before a mid-turn failure."},
     }, "code", "message", "retryable",
         description="Every failure: a stable `code`, a human `message`, and whether retrying can help."),
@@ -90,8 +78,7 @@ SCHEMAS: dict[str, Any] = {
     "ContentBlock": {"oneOf": [
         _obj({"type": {"const": "text"}, "text": {"type": "string", "minLength": 1}}, "type", "text"),
         _obj({"type": {"const": "image"}, "source": {"oneOf": [
-            _obj({"type": {"const": "base64"},
-                  "media_type": {"enum": ["image/png", "image/jpeg", "image/gif", "image/webp"]},
+            _obj({"type": {"const": "base64"}, "media_type": {"enum": sorted(IMAGES)},
                   "data": {"type": "string", "contentEncoding": "base64"}}, "type", "media_type", "data"),
             _obj({"type": {"const": "url"}, "url": {"type": "string", "format": "uri", "pattern": "^https://"}},
                  "type", "url"),
@@ -106,7 +93,7 @@ SCHEMAS: dict[str, Any] = {
         "max_tokens": {"type": "integer", "minimum": 1, "description": "Capped at MAX_OUTPUT_TOKENS."},
         "message_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$",
                        "description": "Idempotency key: a retried request joins the turn it started."},
-        "on_busy": {"enum": ["reject", "interrupt"], "default": "reject",
+        "on_busy": {**_ON_BUSY, "default": "reject",
                     "description": "If a turn is running: 409 `session_busy`, or cancel it and start."},
         "cancel_on_disconnect": {"type": "boolean", "default": False,
                                  "description": "Cancel the turn when the client goes away."},
@@ -127,36 +114,30 @@ SCHEMAS: dict[str, Any] = {
         "tool_calls": {"type": "array", "items": _ref("ToolCall")},
     }, "session_id", "turn_id", "stop_reason", "text", "usage", "estimated_cost_usd", "model",
         description="The whole answer of `POST /agent` (the `turn_end` event plus `tool_calls`)."),
-    "Event": {
-        "description": "A turn event: SSE `data:` (with the same `id:`) or one WebSocket text frame.",
-        "oneOf": [
-            _event("turn_start", "The turn began.",
-                   {"session_id": _STRING, "turn_id": _STRING, "model": _STRING, "max_tokens": _INT},
-                   "session_id", "turn_id"),
-            _event("text_delta", "Streamed answer text.", {"text": _STRING}, "text"),
-            _event("tool_call", "The model started a tool call.", _TOOL, "tool_use_id", "name"),
-            _event("tool_input", "The tool call's complete input.",
-                   {**_TOOL, "input": {}, "valid": _BOOL, "error": _STRING}, "tool_use_id", "name", "input", "valid"),
-            _event("tool_result", "The tool's result.", {**_TOOL, "is_error": _BOOL, "output": {}, "error": {}},
-                   "tool_use_id", "name", "is_error"),
-            _event("structured_output", "The answer parsed against `response_schema`.", {"data": {}}, "data"),
-            _event("structured_output_retry", "The answer did not match the schema; the model is asked "
-                   "once more.", {"error": _STRING}, "error"),
-            _event_of("TurnResult", "turn_end", "type", "id",
-                      description="The last event of a completed or cancelled turn."),
-            _event_of("Error", "error", "type", description="The last event of a failed turn (with `id`), or a "
-                      "refused WebSocket frame (without)."),
-        ],
-    },
-    "WsClientFrame": {
-        "description": "Frames a client sends on `WS /agent/ws` (JSON text).",
-        "oneOf": [
-            {"allOf": [_frame({"const": "message"}), _ref("TurnRequest")]},
-            _frame({"const": "cancel"}),
-            _frame({"const": "resume"}, turn_id=_STRING, last_event_id=_STRING),
-            _frame({"enum": ["ping", "pong"]}),
-        ],
-    },
+    "Event": {"description": "A turn event: SSE `data:` (with the same `id:`) or one WebSocket text frame.", "oneOf": [
+        _event("turn_start", "The turn began.",
+               {"session_id": _STRING, "turn_id": _STRING, "model": _STRING, "max_tokens": _INT},
+               "session_id", "turn_id"),
+        _event("text_delta", "Streamed answer text.", {"text": _STRING}, "text"),
+        _event("tool_call", "The model started a tool call.", _TOOL, "tool_use_id", "name"),
+        _event("tool_input", "The tool call's complete input.",
+               {**_TOOL, "input": {}, "valid": _BOOL, "error": _STRING}, "tool_use_id", "name", "input", "valid"),
+        _event("tool_result", "The tool's result.", {**_TOOL, "is_error": _BOOL, "output": {}, "error": {}},
+               "tool_use_id", "name", "is_error"),
+        _event("structured_output", "The answer parsed against `response_schema`.", {"data": {}}, "data"),
+        _event("structured_output_retry", "The answer did not match the schema; the model is asked "
+               "once more.", {"error": _STRING}, "error"),
+        {"allOf": [_ref("TurnResult"), _obj({"type": {"const": "turn_end"}, **_EVENT_COMMON}, "type", "id")],
+         "description": "The last event of a completed or cancelled turn."},
+        {"allOf": [_ref("Error"), _obj({"type": {"const": "error"}, **_EVENT_COMMON}, "type")],
+         "description": "The last event of a failed turn (with `id`), or a refused WebSocket frame (without)."},
+    ]},
+    "WsClientFrame": {"description": "Frames a client sends on `WS /agent/ws` (JSON text).", "oneOf": [
+        {"allOf": [_obj({"type": {"const": "message"}}, "type"), _ref("TurnRequest")]},
+        _obj({"type": {"const": "cancel"}}, "type"),
+        _obj({"type": {"const": "resume"}, "turn_id": _STRING, "last_event_id": _STRING}, "type"),
+        _obj({"type": {"enum": ["ping", "pong"]}}, "type"),
+    ]},
     "SessionView": _obj({
         "session_id": _STRING, "created_at": _NUMBER, "turns": _INT,
         "running_turn_id": _NULLABLE_STRING, "usage": _ref("Usage"), "estimated_cost_usd": _NUMBER,
@@ -179,7 +160,7 @@ SCHEMAS: dict[str, Any] = {
             "id": _STRING, "role": {"enum": ["user", "assistant", "system"]},
             "parts": {"type": "array", "items": {"type": "object"}}}, "role")},
         "model": _STRING, "max_tokens": {"type": "integer", "minimum": 1}, "system": _STRING,
-        "on_busy": {"enum": ["reject", "interrupt"]}, "cancel_on_disconnect": _BOOL,
+        "on_busy": _ON_BUSY, "cancel_on_disconnect": _BOOL,
     }, "id", "messages", description="The body `useChat` (Vercel AI SDK, DefaultChatTransport) sends; only the "
                                      "last user message is used (the history is on the server)."),
 }
@@ -189,141 +170,102 @@ def _param(name: str, where: str, schema: dict[str, Any], **extra: Any) -> dict[
     return {"name": name, "in": where, "required": where == "path", "schema": schema, **extra}
 
 
-_SESSION_ID = _param("session_id", "path", _ID)
-_SSE_HEADERS = {
-    **_RID,
-    "X-Session-ID": {"schema": _STRING, "description": "The session (new or continued)."},
-    "X-Turn-ID": {"schema": _STRING, "description": "The turn being streamed."},
-}
-_SSE = {"description": "Server-Sent Events: `id: <turn_id>:<seq>` and `data: <Event JSON>` per event, "
-                       "`: keep-alive` comments while idle; ends after `turn_end` or `error`.",
-        "content": {"text/event-stream": {"schema": _STRING, "x-event-schema": _ref("Event")}},
-        "headers": _SSE_HEADERS}
-_UI_SSE = {"description": "The AI SDK UI message stream (protocol v1): `data: <chunk JSON>` lines ending with "
-                          "`data: [DONE]`; header `x-vercel-ai-ui-message-stream: v1`.",
-           "content": {"text/event-stream": _TEXT}, "headers": _SSE_HEADERS}
-
-_TURN_ERRORS = {
-    "400": _error("Invalid request (`invalid_json`, `invalid_request`, `model_not_allowed`, ...)."),
-    "401": _error("An API key is required (`unauthorized`)."),
-    "403": _error("`forbidden_origin` or `budget_exceeded`."),
-    "404": _error("`session_not_found`."),
-    "409": _error("`session_busy`: a turn is already running (see `on_busy`)."),
-    "413": _error("Too large (`body_too_large`, `message_too_long`, `session_full`, ...)."),
-    "429": _error("`rate_limited` (ours or the model service's); see Retry-After."),
-    "502": _error("The model service failed or rejected our configuration."),
-    "503": _error("`server_restarting`, `overloaded`, `upstream_overloaded`, `interrupted` or "
-                  "`store_unavailable`: retry."),
-    "504": _error("`upstream_timeout`."),
-}
-_SESSION_ERRORS = {k: _TURN_ERRORS[k] for k in ("400", "401", "404")}
-_WS_ERRORS = {"401": _error("An API key or ticket is required."), "403": _error("`forbidden_origin`.")}
+def _op(tag: str, op_id: str, summary: str, responses: dict[str, Any], body: str = "", **extra: Any) -> dict[str, Any]:
+    """One operation; `body` names the JSON request body's schema, `extra` adds OpenAPI keys."""
+    if body:
+        extra["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    return {"operationId": op_id, "summary": summary, "tags": [tag], "responses": responses, **extra}
 
 
-def _op(tag: str, op_id: str, summary: str, responses: dict[str, Any], *, description: str = "",
-        body: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None,
-        public: bool = False, websocket: bool = False) -> dict[str, Any]:
-    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "tags": [tag], "responses": responses}
-    if description:
-        op["description"] = description
-    if params:
-        op["parameters"] = params
-    if body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    if public:
-        op["security"] = []
-    if websocket:
-        op["x-websocket"] = True
-    return op
-
-
-_WS_DESCRIPTION = (
-    "Upgrade to a WebSocket (`Upgrade: websocket`). Client frames: `WsClientFrame` (`message`, `cancel`, "
-    "`resume` {turn_id, last_event_id}, `ping`); server frames: `Event` objects, `{\"type\":\"ping\"}` "
-    "heartbeats, `{\"type\":\"pong\"}`, `{\"type\":\"no_active_turn\"}` after a resume with nothing to "
-    "resume, and `error` objects without `id` for refused frames. `?session_id=` binds the connection "
-    "to an existing session (else the first message creates one). Browsers authenticate with the "
-    "subprotocols `agent` + `bearer.<key>` or `?ticket=` from `POST /ws-ticket`.")
+_SESSION_ID = [_param("session_id", "path", _ID)]
+_SSE_HEADERS = {"X-Session-ID": {"schema": _STRING, "description": "The session (new or continued)."},
+                "X-Turn-ID": {"schema": _STRING, "description": "The turn being streamed."}}
+_SSE = _response("Server-Sent Events: `id: <turn_id>:<seq>` and `data: <Event JSON>` per event, `: keep-alive` "
+                 "comments while idle; ends after `turn_end` or `error`.",
+                 {"text/event-stream": {"schema": _STRING, "x-event-schema": _ref("Event")}}, **_SSE_HEADERS)
+_UI_SSE = _response("The AI SDK UI message stream (protocol v1): `data: <chunk JSON>` lines ending with "
+                    "`data: [DONE]`; header `x-vercel-ai-ui-message-stream: v1`.",
+                    {"text/event-stream": _TEXT}, **_SSE_HEADERS)
+_TURN_ERRORS = _errors(400, 401, 403, 404, 408, 409, 413, 429, 500, 502, 503, 504)
+_SESSION_ERRORS = _errors(400, 401, 404)
+_WS_ERRORS = {"401": _error("An API key or ticket is required (`unauthorized`)."), "403": _error("`forbidden_origin`.")}
 
 PATHS: dict[str, dict[str, Any]] = {
     "/agent": {"post": _op("turns", "runTurn", "Run one turn and return the whole answer", {
-        "200": _json(_ref("TurnResult"), "The answer."), **_TURN_ERRORS}, body=_ref("TurnRequest"))},
+        "200": _json("TurnResult", "The answer."), **_TURN_ERRORS}, "TurnRequest")},
     "/agent/stream": {"post": _op("turns", "streamTurn", "Run one turn, streamed as Server-Sent Events", {
-        "200": _SSE, **_TURN_ERRORS}, body=_ref("TurnRequest"),
+        "200": _SSE, **_TURN_ERRORS}, "TurnRequest",
         description="Errors before the first event are HTTP statuses with a JSON body; after it they "
                     "arrive as an `error` event. Resume with `GET /sessions/{session_id}/stream`.")},
     "/agent/ws": {"get": _op("turns", "agentWebSocket", "Many turns over one WebSocket", {
         "101": {"description": "Switching Protocols: the WebSocket is open.",
                 "content": {"application/json": {"schema": _ref("Event")}}},
-        **_WS_ERRORS, "429": _error("Too many open streams.")},
-        description=_WS_DESCRIPTION, websocket=True,
-        params=[_param("session_id", "query", _ID), _param("ticket", "query", _STRING)])},
+        **_WS_ERRORS, "429": _error("Too many open streams (`rate_limited`).")}, **_WS,
+        parameters=[_param("session_id", "query", _ID), _param("ticket", "query", _STRING)], description=(
+            "Upgrade to a WebSocket (`Upgrade: websocket`). Client frames: `WsClientFrame` (`message`, `cancel`, "
+            "`resume` {turn_id, last_event_id}, `ping`); server frames: `Event` objects, `{\"type\":\"ping\"}` "
+            "heartbeats, `{\"type\":\"pong\"}`, `{\"type\":\"no_active_turn\"}` after a resume with nothing to "
+            "resume, and `error` objects without `id` for refused frames. `?session_id=` binds the connection "
+            "to an existing session (else the first message creates one). Browsers authenticate with the "
+            "subprotocols `agent` + `bearer.<key>` or `?ticket=` from `POST /ws-ticket`."))},
     "/sessions/{session_id}": {
         "get": _op("sessions", "getSession", "A session: history, usage, cost and turn records",
-                   {"200": _json(_ref("SessionView"), "The session."), **_SESSION_ERRORS}, params=[_SESSION_ID]),
+                   {"200": _json("SessionView", "The session."), **_SESSION_ERRORS}, parameters=_SESSION_ID),
         "delete": _op("sessions", "deleteSession", "Delete a session and its history",
-                      {"204": _no_content("Deleted."), **_SESSION_ERRORS}, params=[_SESSION_ID]),
+                      {"204": _response("Deleted."), **_SESSION_ERRORS}, parameters=_SESSION_ID),
     },
     "/sessions/{session_id}/stream": {"get": _op(
         "sessions", "resumeStream", "Resume a turn's event stream after `Last-Event-ID`",
-        {"200": _SSE, "204": _no_content("Nothing to resume (no recent turn, or the client is up to date)."),
+        {"200": _SSE, "204": _response("Nothing to resume (no recent turn, or the client is up to date)."),
          **_SESSION_ERRORS},
-        params=[_SESSION_ID, _param("Last-Event-ID", "header", _STRING),
-                _param("last_event_id", "query", _STRING,
-                       description="The same as the header, for clients that cannot set headers.")])},
+        parameters=[*_SESSION_ID, _param("Last-Event-ID", "header", _STRING),
+                    _param("last_event_id", "query", _STRING,
+                           description="The same as the header, for clients that cannot set headers.")])},
     "/sessions/{session_id}/cancel": {"post": _op(
-        "sessions", "cancelTurn", "Cancel the session's running turn (wherever it runs)",
-        {"202": _json(_ref("CancelResult"), "Cancelled; the stream ends with `turn_end` (cancelled: true)."),
-         "200": _json(_ref("CancelResult"), "No turn was running."), **_SESSION_ERRORS}, params=[_SESSION_ID])},
+        "sessions", "cancelTurn", "Cancel the session's running turn (wherever it runs)", {
+        "202": _json("CancelResult", "Cancelled; the stream ends with `turn_end` (cancelled: true)."),
+        "200": _json("CancelResult", "No turn was running."), **_SESSION_ERRORS}, parameters=_SESSION_ID)},
     "/ws-ticket": {"post": _op("auth", "wsTicket", "A single-use ticket for a browser WebSocket (`?ticket=`)", {
-        "200": _json(_ref("WsTicket"), "The ticket (valid about a minute)."),
-        "401": _error("An API key is required.")})},
+        "200": _json("WsTicket", "The ticket (valid about a minute)."), **_errors(401)})},
     "/api/chat": {"post": _op("ai-sdk", "uiChat", "Vercel AI SDK `useChat` endpoint (UI message stream)", {
-        "200": _UI_SSE, **_TURN_ERRORS}, body=_ref("UIChatRequest"))},
+        "200": _UI_SSE, **_TURN_ERRORS}, "UIChatRequest")},
     "/api/chat/{chat_id}/stream": {"get": _op("ai-sdk", "uiChatResume", "Resume a `useChat` stream", {
-        "200": _UI_SSE, "204": _no_content("No running turn."), **_SESSION_ERRORS},
-        params=[_param("chat_id", "path", {"type": "string", "minLength": 1, "maxLength": 256})])},
+        "200": _UI_SSE, "204": _response("No running turn."), **_SESSION_ERRORS},
+        parameters=[_param("chat_id", "path", {"type": "string", "minLength": 1, "maxLength": 256})])},
     "/api/chat/ws": {"get": _op("ai-sdk", "uiChatWebSocket", "Vercel AI SDK `WebSocketChatTransport`", {
         "101": {"description": "Switching Protocols: frames `send`/`resume`/`abort` in, `start`/`chunk`/`end`/"
                                "`error`/`no-active` out (see server/transports/ai_sdk_ws.py)."},
-        **_WS_ERRORS}, websocket=True)},
+        **_WS_ERRORS}, **_WS)},
     "/health": {"get": _op("operations", "health", "Liveness; says whether a real model is behind the server", {
-        "200": _json(_ref("Health"), "The process answers.")}, public=True)},
+        "200": _json("Health", "The process answers.")}, security=[])},
     "/ready": {"get": _op("operations", "ready", "Readiness: the store answers and this worker takes turns", {
-        "200": _json(_ref("Ready"), "Ready."), "503": _json(_ref("Ready"), "Not ready (draining or no store).")},
-        public=True)},
+        "200": _json("Ready", "Ready."), "503": _json("Ready", "Not ready (draining or no store).")}, security=[])},
     "/metrics": {"get": _op("operations", "metrics", "Prometheus metrics (all workers)", {
         "200": {"description": "Prometheus text exposition format.", "content": {"text/plain": _TEXT}}})},
-    "/openapi.json": {"get": _op("operations", "openapi", "This document", {
-        "200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}},
-        public=True)},
-    "/": {"get": _op("ui", "chatPage", "The built-in chat page (HTML)", {
-        "200": {"description": "The page; it talks to `WS /agent/ws`.", "content": {"text/html": _TEXT}}},
-        public=True)},
+    "/openapi.json": {"get": _op("operations", "openapi", "This document", {"200": {
+        "description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}}, security=[])},
+    "/": {"get": _op("ui", "chatPage", "The built-in chat page (HTML)", {"200": {
+        "description": "The page; it talks to `WS /agent/ws`.", "content": {"text/html": _TEXT}}}, security=[])},
     "/static/{path}": {"get": _op("ui", "chatPageAsset", "The chat page's script and stylesheet", {
         "200": {"description": "The file.", "content": {"text/javascript": _TEXT, "text/css": _TEXT}},
-        "404": {"description": "No such file."}}, public=True, params=[_param("path", "path", _STRING)])},
+        "404": {"description": "No such file."}}, security=[], parameters=[_param("path", "path", _STRING)])},
 }
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
-    "info": {
-        "title": "Claude agent server",
-        "version": VERSION,
-        "description": "An agent on the Anthropic Messages API with server-side sessions, streamed over "
-                       "JSON, Server-Sent Events and WebSocket. Every response carries `X-Request-ID` "
-                       "(the client's, if it sent a valid one: 1-128 of `[A-Za-z0-9._:/+=@-]`).",
-    },
+    "info": {"title": "Claude agent server", "version": "1.0.0", "description": (
+        "An agent on the Anthropic Messages API with server-side sessions, streamed over JSON, Server-Sent Events "
+        "and WebSocket. Every response carries `X-Request-ID` (the client's, if it sent a valid one: 1-128 of "
+        "`[A-Za-z0-9._:/+=@-]`).")},
     "servers": [{"url": "/"}],
-    "tags": [{"name": n} for n in ("turns", "sessions", "auth", "ai-sdk", "operations", "ui")],
+    "tags": [{"name": n} for n in dict.fromkeys(op["tags"][0] for item in PATHS.values() for op in item.values())],
     "paths": PATHS,
     "components": {
         "schemas": SCHEMAS,
-        "headers": {"X-Request-ID": {"description": "The request id (echoed, or generated), also in the logs.",
-                                     "schema": _STRING}},
-        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
-                                           "description": "A key from AGENT_API_KEYS (none needed on a "
-                                                          "keyless local server)."}},
+        "headers": {"X-Request-ID": {"schema": _STRING, "description": "The request id (echoed, or generated), "
+                                                                       "also in the logs."}},
+        "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "description": "A key from "
+                                           "AGENT_API_KEYS (none needed on a keyless local server)."}},
     },
     "security": [{"bearerAuth": []}, {}],
 }

@@ -15,14 +15,15 @@ from .config import Settings
 from .errors import ApiError
 from .store.base import valid_id, valid_message_id
 
-IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+IMAGES = {t: re.compile(magic, re.DOTALL) for t, magic in {  # media type -> the data's magic number
+    "image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8[79]a",
+    "image/webp": b"RIFF.{4}WEBP"}.items()}
 ON_BUSY = {"reject", "interrupt"}
 
 # A lone surrogate (U+D800-U+DFFF), which json.loads makes from a `\uD800` escape, cannot be
 # encoded as UTF-8 and would fail later (Redis, the upstream request, a WebSocket frame): every
 # client string the server keeps is checked where it is taken (`check_text`).
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": (b"GIF87a", b"GIF89a")}
 
 
 @dataclass(slots=True)
@@ -40,9 +41,7 @@ class TurnRequest:
 
     def user_message(self) -> dict[str, Any]:
         content = self.content
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        return {"role": "user", "content": content}
+        return {"role": "user", "content": [{"type": "text", "text": content}] if isinstance(content, str) else content}
 
 
 def parse_json_body(raw: bytes | str) -> dict[str, Any]:
@@ -116,7 +115,6 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
     if schema is not None:
         if not isinstance(schema, dict):
             raise _invalid("`response_schema` must be a JSON Schema object.", "response_schema")
-        _check_schema_tree(schema)
         structured.check_schema(schema)
     return TurnRequest(content=content, session_id=session_id, system=system, model=model,
                        max_tokens=min(max_tokens, settings.max_output_tokens), message_id=message_id,
@@ -130,39 +128,33 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
     if isinstance(message, str):
         if not message.strip():
             raise _invalid("`message` must not be empty.", "message")
-        if len(message) > settings.max_message_chars:
-            raise ApiError("message_too_long",
-                           f"`message` is longer than {settings.max_message_chars} characters.",
-                           field="message")
-        return check_text(message, "`message`", "message")
-    if not isinstance(message, list) or not message:
+        content, chars = message, len(message)
+    elif not isinstance(message, list) or not message:
         raise _invalid("`message` must be a string or a non-empty list of content blocks.", "message")
-    blocks: list[dict[str, Any]] = []
-    chars = images = 0
-    for i, block in enumerate(message):
-        if not isinstance(block, dict):
-            raise _invalid(f"`message[{i}]` must be an object.", "message")
-        kind = block.get("type")
-        if kind == "text":
-            text = block.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise _invalid(f"`message[{i}].text` must be a non-empty string.", "message")
-            check_text(text, f"`message[{i}].text`", "message")
-            chars += len(text)
-            blocks.append({"type": "text", "text": text})
-        elif kind == "image":
-            images += 1
-            if images > settings.max_images:
-                raise ApiError("too_many_images", f"At most {settings.max_images} images per message.")
-            blocks.append(_image(block.get("source"), i, settings))
-        else:
-            raise _invalid(f"`message[{i}].type` must be 'text' or 'image'.", "message")
+    else:
+        content, chars, images = [], 0, 0
+        for i, block in enumerate(message):
+            if not isinstance(block, dict):
+                raise _invalid(f"`message[{i}]` must be an object.", "message")
+            kind = block.get("type")
+            if kind == "text":
+                text = block.get("text")
+                if not isinstance(text, str) or not text.strip():
+                    raise _invalid(f"`message[{i}].text` must be a non-empty string.", "message")
+                check_text(text, f"`message[{i}].text`", "message")
+                chars += len(text)
+                content.append({"type": "text", "text": text})
+            elif kind == "image":
+                images += 1
+                if images > settings.max_images:
+                    raise ApiError("too_many_images", f"At most {settings.max_images} images per message.")
+                content.append(_image(block.get("source"), i, settings))
+            else:
+                raise _invalid(f"`message[{i}].type` must be 'text' or 'image'.", "message")
     if chars > settings.max_message_chars:
         raise ApiError("message_too_long",
                        f"`message` is longer than {settings.max_message_chars} characters.", field="message")
-    if not any(b["type"] == "text" for b in blocks) and not images:
-        raise _invalid("`message` has no content.", "message")
-    return blocks
+    return check_text(content, "`message`", "message") if isinstance(content, str) else content
 
 
 def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
@@ -179,9 +171,8 @@ def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
     if kind != "base64":
         raise ApiError("invalid_image", f"{where}.type must be 'base64' or 'url'.")
     media_type = source.get("media_type")
-    if not isinstance(media_type, str) or media_type not in IMAGE_MEDIA_TYPES:
-        raise ApiError("invalid_image",
-                       f"{where}.media_type must be one of {', '.join(sorted(IMAGE_MEDIA_TYPES))}.")
+    if not isinstance(media_type, str) or media_type not in IMAGES:
+        raise ApiError("invalid_image", f"{where}.media_type must be one of {', '.join(sorted(IMAGES))}.")
     data = source.get("data")
     if not isinstance(data, str) or not data:
         raise ApiError("invalid_image", f"{where}.data must be base64 text.")
@@ -194,33 +185,6 @@ def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
         raise ApiError("invalid_image", f"{where}.data is not valid base64.") from None
     if len(raw) > settings.max_image_bytes:
         raise ApiError("image_too_large", f"Images are limited to {settings.max_image_bytes} bytes.")
-    if not _magic_matches(raw, media_type):
+    if not IMAGES[media_type].match(raw):
         raise ApiError("invalid_image", f"{where}.data is not a {media_type} image.")
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-
-
-def _check_schema_tree(schema: dict[str, Any]) -> None:
-    """`response_schema` is kept and sent on: no lone surrogate in any key or string, and no
-    deeper than structured.MAX_SCHEMA_DEPTH (jsonschema and json.dumps recurse). Iterative."""
-    stack: list[tuple[Any, int]] = [(schema, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            check_text(item, "A string in `response_schema`", "response_schema")
-            continue
-        if depth > structured.MAX_SCHEMA_DEPTH:
-            raise _invalid(f"`response_schema` is nested deeper than {structured.MAX_SCHEMA_DEPTH} levels.",
-                           "response_schema")
-        if isinstance(item, dict):
-            for key, value in item.items():
-                check_text(key, "A key in `response_schema`", "response_schema")
-                if isinstance(value, (str, dict, list)):
-                    stack.append((value, depth + 1))
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item if isinstance(v, (str, dict, list)))
-
-
-def _magic_matches(raw: bytes, media_type: str) -> bool:
-    if media_type == "image/webp":
-        return raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"
-    return raw.startswith(_MAGIC[media_type])

@@ -1,18 +1,17 @@
 """Structured output: ask for JSON matching a client's JSON Schema, and check the answer.
 
-The schema is checked when the request arrives (a broken schema is the client's 400, not a
-failed turn); the answer at the end of the turn, and one failure is played back to the model
-before giving up. Validation runs in the event loop on the client's schema, so no schema may
-make it backtrack, fetch, or run long:
-- patterns (`pattern`, `patternProperties`, as `additionalProperties` sees them too, and
-  `propertyNames`) run on RE2, linear in the input, never on Python's `re`. JSON Schema
-  patterns are ECMA-262, which RE2 mostly reads (`\\uXXXX` is translated); what it cannot run
-  (backreferences, lookaround, ...) is a 400 naming its location, as is
-  `unevaluatedProperties` next to `patternProperties` (jsonschema would use `re` there);
+The schema is checked on arrival (a broken schema is the client's 400, not a failed turn), the
+answer at the end of the turn (one failure is played back to the model before giving up).
+Validation runs in the event loop on the client's schema, so no schema may make it backtrack,
+fetch, or run long:
+- patterns (`pattern`, `patternProperties`, also as `additionalProperties` sees them, and
+  `propertyNames`) run on RE2, linear in the input, never on `re`. JSON Schema patterns are
+  ECMA-262, which RE2 mostly reads (`\\uXXXX` is translated); what it cannot run (backreferences,
+  lookaround, ...) is a 400 naming its location, as is `unevaluatedProperties` next to
+  `patternProperties` (jsonschema would use `re` there);
 - `$ref` resolves only inside the schema: nothing is ever fetched (no SSRF, no blocking I/O);
-- the schema's size and depth are bounded, `uniqueItems` is linear, and checking one answer
-  stops at a deadline that grows with its length, which bounds `$ref`/`allOf` fan-out.
-"""
+- the schema's size and depth are bounded, `uniqueItems` is linear, and checking one answer stops
+  at a deadline that grows with its length, which bounds `$ref`/`allOf` fan-out."""
 
 from __future__ import annotations
 
@@ -21,12 +20,11 @@ import math
 import re
 import time
 from contextvars import ContextVar
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterator
 
 import jsonschema
 import re2
-import referencing
 import referencing.exceptions
 import referencing.jsonschema
 from jsonschema.exceptions import ValidationError, best_match
@@ -49,19 +47,15 @@ _ESCAPE = re.compile(r"\\(u([0-9A-Fa-f]{4})|.)", re.DOTALL)  # one escape at a t
 
 @lru_cache(maxsize=128)
 def _compile(pattern: str) -> Any:
-    """The RE2 program for a JSON Schema pattern (raises re2.error); cached by pattern."""
+    """The RE2 program for a JSON Schema pattern (raises re2.error; JSON Schema patterns are
+    unanchored: use `search`); cached by pattern."""
     return re2.compile(_ESCAPE.sub(lambda m: f"\\x{{{m[2]}}}" if m[2] else m[0], pattern), _RE2_OPTIONS)
-
-
-def _search(pattern: str, text: str) -> bool:
-    """JSON Schema semantics: unanchored search."""
-    return _compile(pattern).search(text) is not None
 
 
 # jsonschema's keywords that use `re` (or are quadratic), redone on RE2 with the same messages.
 
 def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
-    if validator.is_type(instance, "string") and not _search(pattern, instance):
+    if validator.is_type(instance, "string") and not _compile(pattern).search(instance):
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
@@ -70,7 +64,7 @@ def _pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any,
     if validator.is_type(instance, "object"):
         for pattern, subschema in patterns.items():
             for key, value in instance.items():
-                if _search(pattern, key):
+                if _compile(pattern).search(key):
                     yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
@@ -78,7 +72,7 @@ def _additional_properties(validator: Any, extra: Any, instance: Any, schema: An
     if not validator.is_type(instance, "object"):
         return
     known, patterns = schema.get("properties", {}), schema.get("patternProperties", {})
-    extras = sorted(k for k in instance if k not in known and not any(_search(p, k) for p in patterns))
+    extras = sorted(k for k in instance if k not in known and not any(_compile(p).search(k) for p in patterns))
     if validator.is_type(extra, "object"):
         for key in extras:
             yield from validator.descend(instance[key], extra, path=key)
@@ -113,29 +107,22 @@ _KEYWORDS = {"pattern": _pattern, "patternProperties": _pattern_properties,
 _deadline: ContextVar[float] = ContextVar("structured_deadline", default=math.inf)
 
 
-class _TooSlow(Exception):
-    """The check of one answer ran past its deadline."""
-
-
-def _timed(keyword: Callable[..., Any]) -> Callable[..., Any]:
-    """The keyword, refusing to start past the deadline parse() set (none outside parse)."""
-    def run(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
-        if time.monotonic() > _deadline.get():
-            raise _TooSlow
-        return keyword(validator, value, instance, schema)
-    return run
-
-
 @lru_cache(maxsize=None)
 def _validator_class(base: Any) -> Any:
-    """The dialect's validator with RE2 keywords, every keyword behind the deadline (one per dialect)."""
+    """The dialect's validator with RE2 keywords (one class per dialect), every keyword refusing
+    (TimeoutError) to start past the deadline parse() set (none outside parse)."""
+    def timed(keyword: Callable[..., Any]) -> Callable[..., Any]:
+        def run(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+            if time.monotonic() > _deadline.get():
+                raise TimeoutError
+            return keyword(validator, value, instance, schema)
+        return run
     keywords = {**base.VALIDATORS, **{k: f for k, f in _KEYWORDS.items() if k in base.VALIDATORS}}
-    return jsonschema.validators.extend(base, {k: _timed(f) for k, f in keywords.items()})
+    return jsonschema.validators.extend(base, {k: timed(f) for k, f in keywords.items()})
 
 
-def _dialect(schema: dict[str, Any]) -> Any:
-    """The schema's `$schema` dialect; the latest one when absent or unknown (as before, minus the warning)."""
-    return jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+# The schema's `$schema` dialect; the latest one when absent or unknown (a default: no warning).
+_dialect = partial(jsonschema.validators.validator_for, default=jsonschema.Draft202012Validator)
 
 
 def _invalid(message: str) -> ApiError:
@@ -143,15 +130,12 @@ def _invalid(message: str) -> ApiError:
 
 
 def check_schema(schema: dict[str, Any]) -> None:
-    """Refuse (400) a schema that is invalid, too big, refers outside itself, or uses a pattern
-    RE2 cannot run, so that validating answers against it later is bounded."""
-    try:
-        size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
-    except RecursionError:
-        size = math.inf
-    if size > MAX_SCHEMA_BYTES:
+    """Refuse (400) a schema that is invalid, too big or deep, holds a lone surrogate, refers
+    outside itself, or uses a pattern RE2 cannot run, so that validating answers against it
+    later is bounded (and it can be kept and sent on)."""
+    _check_tree(schema)  # first: json.dumps recurses, and cannot encode a lone surrogate
+    if len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_SCHEMA_BYTES:
         raise _invalid(f"`response_schema` is larger than {MAX_SCHEMA_BYTES} bytes of JSON.")
-    paths = _paths(schema)
     if not isinstance(schema.get("$schema", ""), str):
         raise _invalid("`response_schema` `$schema` must be a string.")
     cls = _dialect(schema)
@@ -162,7 +146,7 @@ def check_schema(schema: dict[str, Any]) -> None:
     if error is not None:
         raise _invalid(f"`response_schema` is not a valid JSON Schema: {error.message}")
     seen: set[str] = set()
-    for where, sub in _reachable(cls, schema, paths):
+    for sub in _reachable(cls, schema):
         seen.update(sub)
         regexes = [("/pattern", sub["pattern"])] if isinstance(sub.get("pattern"), str) else []
         if isinstance(sub.get("patternProperties"), dict):
@@ -172,37 +156,53 @@ def check_schema(schema: dict[str, Any]) -> None:
                 _compile(pattern)
             except re2.error as exc:
                 reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-                raise _invalid(f"`response_schema` pattern {pattern!r} at {where}{at} is not supported "
-                               f"({reason}); patterns are matched by RE2: no backreferences or "
+                raise _invalid(f"`response_schema` pattern {pattern!r} at {_where(schema, sub)}{at} is not "
+                               f"supported ({reason}); patterns are matched by RE2: no backreferences or "
                                "lookaround.") from None
     if {"unevaluatedProperties", "patternProperties"} <= seen and "unevaluatedProperties" in cls.VALIDATORS:
         raise _invalid("`response_schema` cannot use `unevaluatedProperties` together with "
                        "`patternProperties` (those patterns would not run on RE2).")
 
 
-def _paths(schema: dict[str, Any]) -> dict[int, str]:
-    """The JSON Pointer of every object and array in the schema (by id), for messages; refuses
-    nesting deeper than MAX_SCHEMA_DEPTH."""
-    paths: dict[int, str] = {}
-    todo: list[tuple[Any, str, int]] = [(schema, "", 1)]
+def _check_tree(schema: dict[str, Any]) -> None:
+    """Refuses a lone surrogate in any key or string and nesting deeper than MAX_SCHEMA_DEPTH
+    (iteratively: jsonschema and json.dumps recurse)."""
+    from .requests import check_text  # (requests imports this module)
+    todo: list[tuple[Any, int]] = [(schema, 1)]
     while todo:
-        node, path, depth = todo.pop()
+        node, depth = todo.pop()
+        if isinstance(node, str):
+            check_text(node, "A string in `response_schema`", "response_schema")
+            continue
         if depth > MAX_SCHEMA_DEPTH:
             raise _invalid(f"`response_schema` is nested deeper than {MAX_SCHEMA_DEPTH} levels.")
-        paths[id(node)] = path
         for key, child in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(key, str):
+                check_text(key, "A key in `response_schema`", "response_schema")
+            if isinstance(child, (str, dict, list)):
+                todo.append((child, depth + 1))
+
+
+def _where(schema: dict[str, Any], node: Any) -> str:
+    """`node`'s JSON Pointer in `schema`, for a message (searched for: only a refusal needs it)."""
+    todo: list[tuple[Any, str]] = [(schema, "")]
+    while todo:
+        item, path = todo.pop()
+        if item is node:
+            return "#" + path
+        for key, child in (item.items() if isinstance(item, dict) else enumerate(item)):
             if isinstance(child, (dict, list)):
-                todo.append((child, f"{path}/{_escape(str(key))}", depth + 1))
-    return paths
+                todo.append((child, f"{path}/{_escape(str(key))}"))
+    return "#?"
 
 
 def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def _reachable(cls: Any, schema: dict[str, Any], paths: dict[int, str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(JSON Pointer, subschema) for every subschema validation can reach through keywords and
-    `$ref`s, each once; a reference that does not resolve inside the schema is a 400."""
+def _reachable(cls: Any, schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every subschema validation can reach through keywords and `$ref`s, each once; a
+    reference that does not resolve inside the schema is a 400."""
     spec = referencing.jsonschema.specification_with(cls.ID_OF(cls.META_SCHEMA))
     root = spec.create_resource(schema)
     todo = [(_NO_FETCH.resolver_with_root(root), root)]
@@ -213,16 +213,15 @@ def _reachable(cls: Any, schema: dict[str, Any], paths: dict[int, str]) -> Itera
         if not isinstance(sub, dict) or id(sub) in done:
             continue
         done.add(id(sub))
-        where = "#" + paths.get(id(sub), "?")
-        yield where, sub
+        yield sub
         todo += [(resolver.in_subresource(s), s) for s in resource.subresources()]
         for keyword in ("$ref", "$dynamicRef", "$recursiveRef"):
             if isinstance(sub.get(keyword), str):
                 try:
                     resolved = resolver.lookup(sub[keyword])
                 except (referencing.exceptions.Unresolvable, ValueError):
-                    raise _invalid(f"`response_schema` `{keyword}` {sub[keyword]!r} at {where} does not "
-                                   "point inside the schema (nothing is fetched).") from None
+                    raise _invalid(f"`response_schema` `{keyword}` {sub[keyword]!r} at {_where(schema, sub)} "
+                                   "does not point inside the schema (nothing is fetched).") from None
                 todo.append((resolved.resolver, spec.create_resource(resolved.contents)))
 
 
@@ -236,8 +235,7 @@ def parse(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     `schema` must have passed check_schema."""
     raw = text.strip()
     if raw.startswith("```"):
-        raw = raw.split("\n", 1)[1] if "\n" in raw else ""
-        raw = raw.rsplit("```", 1)[0].strip()
+        raw = raw.partition("\n")[2].rsplit("```", 1)[0].strip()
     try:
         value = json.loads(raw)
     except ValueError as exc:
@@ -249,7 +247,7 @@ def parse(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     token = _deadline.set(time.monotonic() + budget)
     try:
         error = best_match(validator.iter_errors(value))
-    except _TooSlow:
+    except TimeoutError:
         return None, f"checking the answer against the schema took longer than {budget:.2f} s"
     except (referencing.exceptions.Unresolvable, re2.error, RecursionError, ValueError) as exc:
         return None, f"the answer could not be checked against the schema ({exc})"

@@ -1,24 +1,28 @@
-"""A running turn inside this worker: its events and its local followers.
+"""A running turn in this worker (its events, its local followers), and the worker's Housekeeper.
 
-Events go three ways, none of them costing a Redis round trip per token: into `events`, which
-local followers on this worker read straight from memory; into `pending`, which the worker's
-Housekeeper writes to the store's event log with every other turn's events in one round trip
-per `EVENT_LOG_FLUSH_MS`; what is still pending when the turn ends goes out with its commit.
-A turn has no task of its own: the Housekeeper also renews its lock and wakes its followers
-for heartbeats, through the methods below.
+A turn's events go into `events`, which local followers read from memory, and `pending`. A turn has
+no task of its own (a log writer, a lock renewer, heartbeat timers would each cost wakeups and Redis
+round trips): every `EVENT_LOG_FLUSH_MS` the one Housekeeper writes every turn's pending events (one
+log entry per turn) and renews the session locks due (every TTL/3) in ONE pipelined round trip, and
+wakes the followers of turns quiet for `HEARTBEAT_SECONDS`. What is pending at the end goes with the commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
-from typing import TYPE_CHECKING, AsyncGenerator
+from typing import AsyncGenerator
 
 from . import events as ev
+from .config import Settings
 from .events import Event
+from .store.base import LogBatch, Store
 
-if TYPE_CHECKING:
-    from .housekeeping import Housekeeper
+log = logging.getLogger("server.housekeeping")
+
+FAILURE_LOG_EVERY = 30.0
 
 
 class Turn:
@@ -34,9 +38,8 @@ class Turn:
         self.task: asyncio.Task[None] | None = None
         self.started_at = self.last_activity = time.monotonic()
         self._waiters: list[asyncio.Future[None]] = []  # followers waiting for news
-        housekeeper.add(self)
+        housekeeper.turns[self] = self.started_at + housekeeper.renew_every
 
-    # -- emitting ------------------------------------------------------------------------
     def emit(self, type_: str, payload: dict) -> Event:
         return self.push(ev.encode(self.turn_id, len(self.events) + 1, type_, payload))
 
@@ -48,29 +51,18 @@ class Turn:
         self.pending.append(event)
         self.last_activity = time.monotonic()
         self.housekeeper.mark(self)
-        self._wake()
+        self.wake()
         return event
 
     def terminal_event(self, type_: str, payload: dict) -> Event:
         """Build (but do not publish) the last event: it is committed with the turn."""
         return ev.encode(self.turn_id, len(self.events) + 1, type_, payload)
 
-    # -- for the Housekeeper -------------------------------------------------------------
     def take_pending(self) -> list[Event]:
-        """The events not yet written to the log; they are no longer pending."""
         events, self.pending = self.pending, []
         return events
 
-    def requeue(self, events: list[Event]) -> None:
-        """A write of `events` failed: they go first in the next one."""
-        self.pending[:0] = events
-
-    def tick(self, now: float) -> None:
-        """Heartbeat from the Housekeeper: followers wake and see nothing new."""
-        self.last_activity = now
-        self._wake()
-
-    def _wake(self) -> None:
+    def wake(self) -> None:
         waiters = self._waiters
         if waiters:
             self._waiters = []
@@ -78,18 +70,12 @@ class Turn:
                 if not waiter.done():  # (a cancelled follower's future is done)
                     waiter.set_result(None)
 
-    # -- ending --------------------------------------------------------------------------
-    async def stop_writers(self) -> list[Event]:
-        """Leave the Housekeeper; return the events not yet written to the log."""
-        return await self.housekeeper.release(self)
-
     def publish_final(self, event: Event) -> None:
         """Local followers see the terminal event once it is committed."""
         self.events.append(event)
         self.done = True
-        self._wake()
+        self.wake()
 
-    # -- following -----------------------------------------------------------------------
     async def follow(self, after_seq: int = 0) -> AsyncGenerator[list[Event], None]:
         """Batches of events after `after_seq` until the terminal one; `[]` is a heartbeat
         tick (no event for `HEARTBEAT_SECONDS`)."""
@@ -111,3 +97,97 @@ class Turn:
             await waiter
             if i >= len(self.events) and not self.done:
                 yield []
+
+
+class Housekeeper:
+    def __init__(self, store: Store, settings: Settings):
+        self.store = store
+        self.flush_interval = settings.event_log_flush_ms / 1000
+        self.renew_every = max(settings.turn_lock_ttl_seconds / 3, 0.05)
+        self.heartbeat = settings.heartbeat_seconds
+        self.turns: dict[Turn, float] = {}  # running turn -> when its lock is due for renewal
+        self.dirty: set[Turn] = set()
+        self.logged: set[Turn] = set()  # turns whose log has its first entry (and TTL)
+        self._dirty_signal = asyncio.Event()
+        self._inflight: asyncio.Future[None] | None = None
+        self._inflight_turns: set[Turn] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0  # passes in a row whose write failed
+        self._failure_logged_at = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="housekeeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def mark(self, turn: Turn) -> None:
+        """The turn has new events to write (called per event: a set insert)."""
+        self.dirty.add(turn)
+        if not self.flush_interval:
+            self._dirty_signal.set()
+
+    async def release(self, turn: Turn) -> list[Event]:
+        """Forget the turn; return its events not yet written (they go with its commit).
+        Waits for a write in flight that carries its events, so the log keeps its order."""
+        self.turns.pop(turn, None)
+        self.dirty.discard(turn)
+        while turn in self._inflight_turns and self._inflight is not None:
+            await asyncio.shield(self._inflight)
+        self.logged.discard(turn)
+        return turn.take_pending()
+
+    async def _run(self) -> None:
+        while True:
+            if self.flush_interval:
+                await asyncio.sleep(self.flush_interval)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._dirty_signal.wait(), 0.25)
+                self._dirty_signal.clear()
+            try:
+                await self._pass(time.monotonic())
+            except Exception:  # never let one bad pass stop the worker's turns
+                log.exception("housekeeping pass failed")
+
+    async def _pass(self, now: float) -> None:
+        for turn in self.turns:
+            if now - turn.last_activity >= self.heartbeat:  # a heartbeat: followers wake, see nothing new
+                turn.last_activity = now
+                turn.wake()
+        writing = [t for t in self.dirty if t.pending]
+        self.dirty.clear()
+        renewing = [t for t, due in self.turns.items() if due <= now]
+        if not writing and not renewing:
+            return
+        batches = [LogBatch(t.session_id, t.turn_id, t.take_pending(), first=t not in self.logged)
+                   for t in writing]
+        for turn in renewing:
+            self.turns[turn] = now + self.renew_every
+        self._inflight = asyncio.get_running_loop().create_future()
+        self._inflight_turns = set(writing)
+        try:
+            renewed = await self.store.flush(batches, [(t.session_id, t.turn_id) for t in renewing])
+        except Exception as exc:
+            # Retried every pass: said once per outage (and every FAILURE_LOG_EVERY s while it lasts).
+            if not self._failures or now - self._failure_logged_at >= FAILURE_LOG_EVERY:
+                self._failure_logged_at = now
+                log.warning("event log writes failing (%s: %s; %d passes so far); retrying every pass",
+                            type(exc).__name__, str(exc)[:200], self._failures + 1)
+            self._failures += 1
+            for turn, batch in zip(writing, batches):
+                turn.pending[:0] = batch.events  # first in the next write
+                self.dirty.add(turn)
+            return
+        finally:
+            self._inflight.set_result(None)
+            self._inflight, self._inflight_turns = None, set()
+        if self._failures:
+            log.info("event log writes recovered after %d failed passes", self._failures)
+            self._failures = 0
+        self.logged.update(writing)
+        for turn, ok in zip(renewing, renewed):
+            if not ok and turn in self.turns:
+                log.warning("turn %s lost its session lock", turn.turn_id)

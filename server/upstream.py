@@ -1,11 +1,9 @@
 """One streamed call to the Messages API, as raw event dicts.
 
-The request body is JSON we encode ourselves, POSTed through the SDK's public
-`client.post(..., cast_to=httpx2.Response, stream=True)` (so the SDK still adds auth, retries
-before the first byte and typed errors), and the SSE bytes are parsed here with at most one
-`json.loads` per event; a text delta needs only its string scanned. `messages.stream()`
-rebuilds a snapshot of the message per event, and `messages.create()` walks the whole
-request looking for files before encoding it.
+The body we encode ourselves is POSTed with the SDK's public `client.post(..., stream=True)`
+(auth, retries before the first byte, typed errors) and its SSE parsed here with at most one
+`json.loads` per event (a text delta: only its string is scanned). Why not the SDK's own:
+`messages.stream()` rebuilds the message per event, `messages.create()` walks the request for files.
 """
 
 from __future__ import annotations
@@ -39,21 +37,16 @@ _TEXT_DELTA_INDEX = len(_TEXT_DELTA_BLOCK)
 
 
 class TextDelta(NamedTuple):
-    """A `content_block_delta` carrying text (the hot path): block index, text, and the text
-    as the JSON string the upstream sent (when in the usual form), reused by the event we emit."""
+    """A text `content_block_delta` (the hot path); `json`: the text's JSON string as sent, if usual."""
     index: int
     text: str
     json: str | None
 
 
 class UpstreamStream:
-    """An open streamed response: `request_id`, and `events()` yielding parsed event dicts.
-
-    With `coalesce` seconds > 0, after the first content delta the body is read at most once
-    per window, so the turn task, its followers and each client's writes handle a burst of
-    tokens at a time. The first token is never delayed; `message_stop` ends a window early
-    in the first window, later ones at most one window late. A body from our transport is
-    kept without its httpx2 response (request, response and headers are not held)."""
+    """An open streamed response: `request_id`, and `events()`. With `coalesce` seconds > 0, after the first
+    content delta the body is read at most once per window, so a burst of tokens is handled at a time (see
+    `Connection.linger`). A body from our transport is kept without its httpx2 response, request and headers."""
 
     def __init__(self, response: httpx2.Response, coalesce: float = 0.0):
         self._coalesce = coalesce
@@ -70,9 +63,8 @@ class UpstreamStream:
         # (a character may span two reads; a malformed byte becomes U+FFFD, not a failed turn)
         decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         buffer = ""
-        saw_stop = False
+        saw_stop = coalescing = False
         read, linger = self._read, self._linger
-        coalescing = False
         try:
             while chunk := await read():
                 buffer += decode(chunk)
@@ -110,15 +102,13 @@ class UpstreamStream:
 
 
 async def _sleep(seconds: float, marker: bytes) -> None:
-    """`linger()` for a body from another transport: a wait until the shared grid's tick."""
-    loop = asyncio.get_running_loop()
-    now = loop.time()
+    """`linger()` for a body from another transport."""
+    now = asyncio.get_running_loop().time()
     await asyncio.sleep(window_end(now, seconds) - now)
 
 
 def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | TextDelta | None:
-    """The SSE block `buffer[start:end]`: its data's JSON, None for a block without data, or
-    a `TextDelta` for a text delta (in the API's usual form, only its string is decoded)."""
+    """The SSE block `buffer[start:end]`: its data's JSON, a `TextDelta`, or None without data."""
     if buffer.startswith(_TEXT_DELTA_BLOCK, start):  # the usual text delta: straight to its index
         data = start + _TEXT_DELTA_DATA
         head_end = start + _TEXT_DELTA_INDEX
@@ -151,10 +141,9 @@ def _parse_block(buffer: str, start: int, end: int) -> dict[str, Any] | TextDelt
         return None
     if event.get("type") == "content_block_delta":  # a text delta in another form
         delta, index = event.get("delta"), event.get("index")
-        if isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(index, int):
-            text = delta.get("text")
-            if isinstance(text, str):
-                return TextDelta(index, text, None)
+        if (isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(index, int)
+                and isinstance(text := delta.get("text"), str)):
+            return TextDelta(index, text, None)
     return event
 
 
@@ -163,24 +152,16 @@ class RawJSON(bytes):
 
 
 def encode_request(params: dict[str, Any]) -> bytes:
-    """The Messages API request body for a streamed call; stored history messages and
-    `RawJSON` values go in as they are, not decoded and encoded again per call."""
-    rest: dict[str, Any] = {}
-    spliced = b""
-    for key, value in params.items():
-        if type(value) is RawJSON:
-            spliced += b',"%b":%b' % (key.encode(), value)
-        elif key != "messages":
-            rest[key] = value
-    rest["stream"] = True
-    head = _dumps(rest).encode()  # '{...}': the rest goes in before its closing brace
+    """The streamed call's request body; stored messages and `RawJSON` values go in as they are."""
+    rest = {key: value for key, value in params.items() if key != "messages" and type(value) is not RawJSON}
+    spliced = b"".join([b',"%b":%b' % (k.encode(), v) for k, v in params.items() if type(v) is RawJSON])
+    head = _dumps({**rest, "stream": True}).encode()  # '{...}': the rest goes in before its closing brace
     messages = b",".join([m.raw if type(m) is StoredMessage else _dumps(m).encode() for m in params["messages"]])
     return b"%b%b,\"messages\":[%b]}" % (head[:-1], spliced, messages)
 
 
 def messages_url(client: anthropic.AsyncAnthropic) -> httpx2.URL:
-    """The Messages API URL under the client's base URL, as the SDK joins them; given as a
-    URL, the SDK does not parse and join a relative path on every request."""
+    """The Messages API URL (given as a URL, the SDK does not join a path on every request)."""
     base = client.base_url
     return base.copy_with(raw_path=base.raw_path + b"v1/messages")
 
@@ -188,15 +169,10 @@ def messages_url(client: anthropic.AsyncAnthropic) -> httpx2.URL:
 @asynccontextmanager
 async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any],
                       coalesce: float = 0.0) -> AsyncIterator[UpstreamStream]:
-    """Open the stream (SDK retries apply until the status line); closing it on exit also
-    stops billing when a turn is cancelled mid-answer."""
-    url = _urls.get(client)
-    if url is None:
-        url = _urls[client] = messages_url(client)
-    response = await client.post(url, cast_to=httpx2.Response,  # type: ignore[arg-type]
-                                 content=encode_request(params), stream=True, stream_cls=None)
-    stream = UpstreamStream(response, coalesce)
-    del response
+    """Open the stream; closing it on exit also stops billing when a turn is cancelled."""
+    url = _urls.get(client) or _urls.setdefault(client, messages_url(client))
+    stream = UpstreamStream(await client.post(url, cast_to=httpx2.Response,  # type: ignore[arg-type]
+                                              content=encode_request(params), stream=True, stream_cls=None), coalesce)
     try:
         yield stream
     finally:

@@ -1,19 +1,8 @@
 """The SDK's HTTP/1.1 transport to the Messages API: asyncio protocols plus httptools.
 
 Why: httpx2's default transport runs every SSE event through httpcore2's pool bookkeeping,
-h11's pure-Python parser and nested async generators. Here httptools parses in
-``data_received`` and a body is a list of chunks the reader drains with no timer or
-checkpoint per chunk; the SDK above still does auth, retries and typed errors (httpx2's).
-
-* Pool: idle keep-alive connections per origin, newest first; ``max_connections`` bounds
-  requests in flight. A reused connection that fails before any byte of the answer is
-  retried once on a new one (the request cannot have been processed).
-* Connect: all resolved addresses, IPv6 and IPv4 interleaved (Happy Eyeballs).
-* Timeouts: a waiting read stores a deadline; one timer per loop (:class:`_Sweeper`) fails
-  overdue ones, up to ``sweep_interval`` late.
-* ``linger`` (``STREAM_COALESCE_MS``): tokens gather until a tick of a grid every stream
-  shares (:func:`window_end`); from an answer's second window on the socket is not read
-  meanwhile, so one read takes a whole window's worth.
+h11's pure-Python parser and nested async generators. Here httptools parses in ``data_received``
+and a body is a list of chunks the reader drains with no timer or checkpoint per chunk.
 """
 
 from __future__ import annotations
@@ -24,112 +13,58 @@ import socket
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import Iterable
-from typing import Any, AsyncIterator
+from contextlib import suppress
+from typing import Any, AsyncIterator, Awaitable
 
 import aiohappyeyeballs
 import anthropic
 import httptools
 import httpx2
 
-__all__ = ["ResponseBody", "UpstreamTransport", "direct_body", "make_http_client", "window_end"]
-
 HIGH_WATER = 256 * 1024  # pause reading above this many buffered body bytes
-DEFAULT_SWEEP_INTERVAL = 0.5  # timeout granularity, seconds
 LINGER_TICK = 0.01  # coalescing windows end on this grid, seconds (see window_end)
 SSL_SHUTDOWN_TIMEOUT = 5.0  # bound on waiting for the peer's close_notify
 HAPPY_EYEBALLS_DELAY = 0.25  # before trying the next address (RFC 8305's recommendation)
 DEFAULT_PORTS = {b"http": 80, b"https": 443}
-
-SocketOption = tuple[int, int, Any]
-
-
-def keepalive_socket_options() -> list[SocketOption]:
-    """TCP keep-alive as the SDK's default client sets it: a dead peer is noticed in minutes."""
-    options: list[SocketOption] = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)]
-    for name, value in (("TCP_KEEPINTVL", 60), ("TCP_KEEPCNT", 5), ("TCP_KEEPIDLE", 60)):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    return options
+MAX_CONNECTIONS = 1000  # in flight, and kept alive when idle
+# TCP keep-alive as the SDK's default client sets it: a dead peer is noticed in minutes
+SOCKET_OPTIONS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True)] + [
+    (socket.IPPROTO_TCP, getattr(socket, name), value)
+    for name, value in (("TCP_KEEPINTVL", 60), ("TCP_KEEPCNT", 5), ("TCP_KEEPIDLE", 60)) if hasattr(socket, name)]
 
 
 def window_end(now: float, seconds: float) -> float:
-    """When a coalescing window of `seconds` opened at `now` ends: the first tick at least
-    `seconds` away on a grid shared by every stream, so one wake-up of the worker serves all
-    windows ending at that tick. The tick is `LINGER_TICK`, or an eighth of a shorter window."""
+    """When a window of `seconds` opened at `now` ends: the first tick at least that far on a grid every stream
+    shares (one wake-up serves all windows ending there); ticks are `LINGER_TICK`, or an eighth of a window."""
     tick = min(LINGER_TICK, seconds / 8) or LINGER_TICK
     return math.ceil((now + seconds) / tick - 1e-6) * tick  # (- 1e-6: not a tick late on a rounding error)
 
 
-class _Sweeper:
-    """Fails the overdue waits of one event loop every ``interval`` seconds; it runs only
-    while some connection waits (dropped by the sweep once it no longer does)."""
-
-    __slots__ = ("loop", "interval", "waiting", "_handle")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self.loop = loop
-        self.interval = interval
-        self.waiting: set[Connection] = set()
-        self._handle: asyncio.TimerHandle | None = None
-
-    def watch(self, conn: Connection) -> None:
-        self.waiting.add(conn)
-        if self._handle is None:
-            self._handle = self.loop.call_later(self.interval, self._sweep)
-
-    def _sweep(self) -> None:
-        self._handle = None
-        now = self.loop.time()
-        done = [c for c in self.waiting if not c._expire(now)]
-        for c in done:
-            self.waiting.discard(c)
-        if self.waiting:
-            self._handle = self.loop.call_later(self.interval, self._sweep)
-
-
 class Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: the asyncio protocol, the httptools parser's callbacks and
-    the state of the response being read (one at a time)."""
+    """One HTTP/1.1 connection: asyncio protocol, httptools callbacks, the answer being read."""
 
-    __slots__ = ("_loop", "_sweeper", "origin", "transport", "lost", "lost_exc", "idle_since",
-                 "_parser", "_head_method_request", "status", "reason", "headers", "head_done", "complete",
-                 "reusable_after", "received_any", "error", "chunks", "buffered", "_paused", "_waiter",
-                 "_deadline", "_timeout_exc", "_write_paused", "_until_close", "_wake_marker", "_steady",
-                 "_linger_paused", "__weakref__")
+    __slots__ = ("_loop", "_timer", "origin", "transport", "lost", "lost_exc", "idle_since", "_parser",
+                 "_head_method_request", "status", "reason", "headers", "head_done", "complete", "received_any",
+                 "error", "chunks", "buffered", "_paused", "_waiter", "_deadline", "_timeout_exc", "_write_paused",
+                 "_until_close", "_wake_marker", "_steady", "__weakref__")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sweeper: _Sweeper, origin: tuple[bytes, bytes, int]) -> None:
-        self._loop = loop
-        self._sweeper = sweeper
-        self.origin = origin
-        self.transport: asyncio.Transport | None = None
-        self.lost = False
-        self.lost_exc: BaseException | None = None
-        self.idle_since = 0.0
-        self._parser: httptools.HttpResponseParser | None = None
-        self._head_method_request = False
-        # the response in progress
-        self.status = 0
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_done = False
-        self.complete = False
-        self.reusable_after = False  # the answer allows keep-alive (known once complete)
-        self._until_close = False  # a body with no length and no chunking: it ends with the connection
-        self.received_any = False
-        self.error: Exception | None = None  # a parse error
+    def __init__(self, loop: asyncio.AbstractEventLoop, origin: tuple[bytes, bytes, int]) -> None:
+        self._loop, self.origin = loop, origin
+        self.transport = self.lost_exc = self.error = None  # (error: a parse error; it closes the connection)
+        self.lost = self._paused = self._write_paused = False
         self.chunks: list[bytes] = []  # (a list: a deque costs more memory per connection)
-        self.buffered = 0
-        self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._deadline: float | None = None
-        self._timeout_exc: type[Exception] = httpx2.ReadTimeout
-        self._write_paused = False
-        self._wake_marker: bytes | None = None  # while lingering: only this wakes the reader early
-        self._steady = False  # the answer has been lingered over once: later windows pause reading
-        self._linger_paused = False
+        self._waiter = self._deadline = self._timer = self._wake_marker = None  # (see _wait, _arm_deadline, linger)
+        self._new_answer(b"")
 
-    # -- asyncio.Protocol ------------------------------------------------------------------
+    def _new_answer(self, head: bytes) -> None:
+        """Ready for the answer to the request `head` (b"": none asked for yet)."""
+        self._parser = httptools.HttpResponseParser(self) if head else None
+        self._head_method_request = head.startswith(b"HEAD ")  # (its answer has no body)
+        self.status, self.reason, self.headers = 0, b"", []
+        self.head_done = self.complete = self.received_any = self._until_close = self._steady = False
+        self.chunks.clear()
+        self.buffered = 0
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
@@ -148,21 +83,14 @@ class Connection(asyncio.Protocol):
         if self.buffered > HIGH_WATER and not self._paused:
             self._paused = self._pause_reading()
 
-    def eof_received(self) -> bool | None:
-        self._end_of_input(clean=True)
-        return None  # let the transport close itself
+    def eof_received(self) -> None:
+        self.connection_lost(None)  # (at once: returning None, the transport closes itself next)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end_of_input(clean=exc is None)
-        self.lost_exc = exc
-        self._write_paused = False
-        self._wake()
-
-    def _end_of_input(self, clean: bool) -> None:
         # (httptools has no "end of input" call: a body delimited by a clean close ends here)
-        if clean and self.head_done and not self.complete and self._until_close and self.error is None:
+        if exc is None and self.head_done and not self.complete and self._until_close and self.error is None:
             self.complete = True
-        self.lost = True
+        self.lost, self.lost_exc = True, exc
         self._wake()
 
     def pause_writing(self) -> None:
@@ -172,7 +100,6 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._wake()
 
-    # -- httptools callbacks ---------------------------------------------------------------
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
@@ -180,15 +107,13 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer (103 Early Hints, 100 Continue): the real one follows
             self.reason, self.headers = b"", []
             return
-        self.status = status
-        self.head_done = True
+        self.status, self.head_done = status, True
         self._until_close = not any(name.lower() in (b"content-length", b"transfer-encoding")
-                                    for name, _ in self.headers) and status not in (204, 304)
+                                    for name, _ in self.headers) and status not in (204, 304)  # (ends at the close)
         if self._head_method_request:  # no body follows, whatever Content-Length says
             self.complete = True
             self._parser = None
@@ -201,14 +126,12 @@ class Connection(asyncio.Protocol):
             self._wake()
 
     def on_message_complete(self) -> None:
-        if not self.head_done:  # the end of an interim answer, not of the response
-            return
-        self.complete = True
-        assert self._parser is not None
-        self.reusable_after = self._parser.should_keep_alive()  # (llhttp forgets it on return)
-        self._wake()
+        if self.head_done:  # (not the end of an interim answer)
+            self.complete = True
+            if not self._parser.should_keep_alive():  # (asked now: llhttp forgets it on return)
+                self._parser = None  # (not kept alive)
+            self._wake()
 
-    # -- waiting ---------------------------------------------------------------------------
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
@@ -218,41 +141,38 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         self.error = exc
-        self._parser = None
-        if self.transport is not None:
-            self.transport.close()
-        self._wake()
+        self.close()
 
-    def _expire(self, now: float) -> bool:
-        """Fail an overdue wait; True while a timed wait is still pending."""
-        waiter = self._waiter
-        if waiter is None or self._deadline is None or waiter.done():
-            return False
-        if now < self._deadline:
-            return True
+    def _expire(self) -> None:
+        """The timer: fail an overdue wait, or wait on for a deadline that has moved since."""
+        self._timer = None
+        waiter, deadline = self._waiter, self._deadline
+        if waiter is None or deadline is None or waiter.done():
+            return
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._expire)
+            return
         self._waiter = None
         waiter.set_exception(self._timeout_exc("timed out waiting for the upstream"))
-        return False
 
     async def _wait(self, timeout: float | None, exc: type[Exception]) -> None:
-        waiter = self._loop.create_future()
-        self._waiter = waiter
+        if timeout is not None and timeout <= 0:
+            raise exc("timed out waiting for the upstream")
+        waiter = self._waiter = self._loop.create_future()  # (left behind if cancelled: it is done, then)
+        self._deadline = None
         if timeout is not None:
-            if timeout <= 0:
-                self._waiter = None
-                raise exc("timed out waiting for the upstream")
             self._arm_deadline(timeout, exc)
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-            self._deadline = None
+        await waiter
 
     def _arm_deadline(self, timeout: float, exc: type[Exception]) -> None:
-        self._deadline = self._loop.time() + timeout
+        # no timer per wait: one per connection, set when none would fire by this deadline (see _expire)
+        self._deadline = deadline = self._loop.time() + timeout
         self._timeout_exc = exc
-        self._sweeper.watch(self)
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._expire)
 
     def _raise_if_broken(self) -> None:
         if self.error is not None:
@@ -262,28 +182,16 @@ class Connection(asyncio.Protocol):
                 raise httpx2.ReadError(str(self.lost_exc) or repr(self.lost_exc)) from self.lost_exc
             raise httpx2.RemoteProtocolError("the upstream closed the connection without a complete answer")
 
-    # -- one exchange ----------------------------------------------------------------------
-    def reusable(self, now: float, expiry: float | None) -> bool:
-        transport = self.transport
-        if self.lost or self.error is not None or transport is None or transport.is_closing():
-            return False
-        return expiry is None or now - self.idle_since < expiry
+    def reusable(self, now: float, expiry: float | None) -> bool:  # (of a connected one, in the pool)
+        return not (self.lost or self.transport.is_closing()) and (expiry is None or now - self.idle_since < expiry)
 
-    async def send(self, head: bytes, body: bytes, is_head: bool, timeout: float | None) -> None:
+    async def send(self, head: bytes, body: bytes, timeout: float | None) -> None:
         transport = self.transport
         if self.lost or transport is None or transport.is_closing():
             raise httpx2.WriteError("the connection is closed")
-        self.status, self.reason, self.headers = 0, b"", []
-        self.head_done = self.complete = self.received_any = self.reusable_after = self._until_close = False
-        self.chunks.clear()
-        self.buffered = 0
-        self._head_method_request = is_head
-        self._steady = False
-        self._parser = httptools.HttpResponseParser(self)
+        self._new_answer(head)
         try:
-            transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                transport.write(body)
+            transport.writelines((head, body))  # (a long body is not copied to join them)
         except (OSError, RuntimeError) as exc:
             raise httpx2.WriteError(str(exc) or repr(exc)) from exc
         while self._write_paused and not self.lost:
@@ -297,45 +205,33 @@ class Connection(asyncio.Protocol):
             await self._wait(timeout, httpx2.ReadTimeout)
 
     async def linger(self, seconds: float, marker: bytes, timeout: float | None) -> None:
-        """Let body data gather until `window_end(now, seconds)`, then return with the first
-        piece after that (at once if one is here); a piece holding `marker`, or the end of
-        the body, ends it sooner. From the second window of an answer on, the socket is not
-        read during the window (the kernel gathers the pieces for one read), so the marker
-        is then only seen when the window is over."""
-        if self.complete or self.lost or self.error is not None or any(marker in c for c in self.chunks):
+        """Let the body gather until `window_end(now, seconds)`, then return with the next piece;
+        `marker` or the end come sooner. From an answer's second window on the socket is not read."""
+        if self.complete or self.lost or any(marker in c for c in self.chunks):
             return
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        self._wake_marker = marker
+        self._wake_marker = marker  # (only this wakes the reader before the window ends)
         timer = self._loop.call_at(window_end(self._loop.time(), seconds), self._linger_over, timeout)
         if self._steady and not self._paused:
-            self._linger_paused = self._pause_reading()
+            self._paused = self._pause_reading()
         try:
-            await waiter
+            await self._wait(None, httpx2.ReadTimeout)  # (`_linger_over` may give it a deadline)
         finally:
             timer.cancel()
             self._wake_marker = None
-            self._deadline = None
-            if self._waiter is waiter:
-                self._waiter = None
-            self._end_linger_pause()
-        self._steady = True
+            if self._paused:
+                self._resume_reading()
+        self._steady = True  # (this answer's later windows pause reading)
 
     def _linger_over(self, timeout: float | None) -> None:
-        """The window is over: read again; return what is here, else wait for the next piece
-        as a read would (with its timeout)."""
-        self._end_linger_pause()
-        if self.chunks or self.complete or self.lost or self.error is not None:
+        """The window is over: return what is here, else wait for the next piece as a read would."""
+        if self._paused:
+            self._resume_reading()
+        if self.chunks or self.complete or self.lost:
             self._wake()
             return
         self._wake_marker = None  # any piece ends the wait now
         if timeout is not None:
             self._arm_deadline(timeout, httpx2.ReadTimeout)
-
-    def _end_linger_pause(self) -> None:
-        if self._linger_paused:
-            self._linger_paused = False
-            self._resume_reading()
 
     def _pause_reading(self) -> bool:
         """Stop reading the socket; False if it could not (no transport, or a closing one)."""
@@ -346,6 +242,7 @@ class Connection(asyncio.Protocol):
         return True
 
     def _resume_reading(self) -> None:
+        self._paused = False
         if self.transport is not None and not self.lost:
             try:
                 self.transport.resume_reading()
@@ -353,19 +250,16 @@ class Connection(asyncio.Protocol):
                 pass
 
     def take(self) -> bytes:
-        """Everything buffered so far, as one piece."""
         chunks = self.chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
         if self._paused:
-            self._paused = False
             self._resume_reading()
         return data
 
     def keep_alive(self) -> bool:
-        return (self.complete and self.reusable_after and self._parser is not None and not self.chunks
-                and self.error is None and not self.lost)
+        return self.complete and self._parser is not None and not self.chunks and not self.lost
 
     def close(self) -> None:
         self._parser = None
@@ -373,25 +267,18 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+        if self._timer is not None:  # (a pending timer would keep the connection until it fires)
+            self._timer.cancel()
         self._wake()
-
-    def get_extra_info(self, info: str) -> Any:
-        """httpcore-style extras for ``response.extensions["network_stream"]``."""
-        if self.transport is None:
-            return None
-        return self.transport.get_extra_info({"client_addr": "sockname", "server_addr": "peername"}.get(info, info))
 
 
 class ResponseBody(httpx2.AsyncByteStream):
-    """The body of one response; closing it returns a finished keep-alive connection to
-    `pool`, the transport it came from."""
+    """The body of one response; closing it returns the connection to `pool`, its transport."""
 
     __slots__ = ("pool", "_conn", "_timeout")
 
     def __init__(self, pool: UpstreamTransport, conn: Connection, read_timeout: float | None) -> None:
-        self.pool = pool
-        self._conn: Connection | None = conn
-        self._timeout = read_timeout
+        self.pool, self._conn, self._timeout = pool, conn, read_timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while chunk := await self.read():
@@ -410,10 +297,9 @@ class ResponseBody(httpx2.AsyncByteStream):
             conn._raise_if_broken()
             await conn._wait(self._timeout, httpx2.ReadTimeout)
 
-    async def linger(self, seconds: float, marker: bytes) -> None:
-        """Let more of the body gather for `seconds` (see :meth:`Connection.linger`)."""
-        if self._conn is not None:
-            await self._conn.linger(seconds, marker, self._timeout)
+    def linger(self, seconds: float, marker: bytes) -> Awaitable[None]:
+        """:meth:`Connection.linger` (never called once the body is closed)."""
+        return self._conn.linger(seconds, marker, self._timeout)  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -422,25 +308,17 @@ class ResponseBody(httpx2.AsyncByteStream):
 
 
 class UpstreamTransport(httpx2.AsyncBaseTransport):
-    """An httpx2 transport: HTTP/1.1 over asyncio (or uvloop) with a keep-alive pool."""
+    """An httpx2 transport: HTTP/1.1 with a pool of idle connections per origin, newest first."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_connections: int | None = 1000,
-                 max_keepalive: int | None = 1000, keepalive_expiry: float | None = 5.0,
-                 socket_options: Iterable[SocketOption] | None = None,
-                 sweep_interval: float = DEFAULT_SWEEP_INTERVAL) -> None:
-        self._ssl_context = ssl_context
-        self._max_keepalive = max_keepalive
-        self._keepalive_expiry = keepalive_expiry
-        self._socket_options = list(socket_options or ())
-        self._sweep_interval = sweep_interval
-        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, max_connections: int = MAX_CONNECTIONS,
+                 max_keepalive: int = MAX_CONNECTIONS, keepalive_expiry: float | None = 5.0) -> None:
+        self._ssl_context, self._max_keepalive, self._keepalive_expiry = ssl_context, max_keepalive, keepalive_expiry
+        self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[tuple[bytes, bytes, int], deque[Connection]] = {}
         self._idle_count = 0
-        self._sweeper: _Sweeper | None = None
         self._closed = False
         self.connections_opened = 0  # for tests and debugging
 
-    # -- the pool --------------------------------------------------------------------------
     def _take_idle(self, origin: tuple[bytes, bytes, int], now: float) -> Connection | None:
         idle = self._idle.get(origin)
         while idle:
@@ -452,29 +330,34 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
         return None
 
     def _release(self, conn: Connection) -> None:
-        if self._slots is not None:
-            self._slots.release()
-        if self._closed or not conn.keep_alive() or (self._max_keepalive is not None
-                                                     and self._idle_count >= self._max_keepalive):
+        self._slots.release()
+        if self._closed or not conn.keep_alive() or self._idle_count >= self._max_keepalive:
             conn.close()
             return
         conn._parser = None
         conn.idle_since = now = conn._loop.time()
         idle = self._idle.setdefault(conn.origin, deque())
-        if idle and not idle[0].reusable(now, self._keepalive_expiry):  # prune the oldest
+        if idle and not idle[0].reusable(now, self._keepalive_expiry):  # prune the oldest (it makes room)
             idle.popleft().close()
-            self._idle_count -= 1
+        else:
+            self._idle_count += 1
         idle.append(conn)
-        self._idle_count += 1
 
     async def _connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> Connection:
         loop = asyncio.get_running_loop()
-        sweeper = self._sweeper
-        if sweeper is None or sweeper.loop is not loop:
-            sweeper = self._sweeper = _Sweeper(loop, self._sweep_interval)
-        conn = Connection(loop, sweeper, origin)
+        conn = Connection(loop, origin)
+        scheme, host, port = origin
+        hostname = host.decode("ascii").strip("[]")
         try:
-            await asyncio.wait_for(self._open(loop, conn), timeout)
+            async with asyncio.timeout(timeout):
+                addresses = await loop.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
+                sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
+                for option in SOCKET_OPTIONS:
+                    with suppress(OSError):  # (an option this platform lacks)
+                        sock.setsockopt(*option)
+                tls = {"ssl": self._ssl_context or httpx2.create_ssl_context(), "server_hostname": hostname,
+                       "ssl_shutdown_timeout": SSL_SHUTDOWN_TIMEOUT} if scheme == b"https" else {}
+                await loop.create_connection(lambda: conn, sock=sock, **tls)
         except TimeoutError as exc:
             conn.close()
             raise httpx2.ConnectTimeout("timed out connecting to the upstream") from exc
@@ -484,47 +367,25 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
         self.connections_opened += 1
         return conn
 
-    async def _open(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
-        scheme, host, port = conn.origin
-        hostname = host.decode("ascii").strip("[]")
-        addresses = await loop.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
-        sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, loop=loop)
-        for option in self._socket_options:
-            try:
-                sock.setsockopt(*option)
-            except OSError:  # pragma: no cover - an option this platform lacks
-                pass
-        tls: dict[str, Any] = {}
-        if scheme == b"https":
-            tls = {"ssl": self._ssl_context or httpx2.create_ssl_context(), "server_hostname": hostname,
-                   "ssl_shutdown_timeout": SSL_SHUTDOWN_TIMEOUT}
-        await loop.create_connection(lambda: conn, sock=sock, **tls)
-
-    # -- httpx2.AsyncBaseTransport ---------------------------------------------------------
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if self._closed:
             raise RuntimeError("the upstream transport is closed")
-        url = request.url
-        scheme = url.raw_scheme
+        url, scheme = request.url, request.url.raw_scheme
         if scheme not in DEFAULT_PORTS:
             raise httpx2.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
         origin = (scheme, url.raw_host, url.port or DEFAULT_PORTS[scheme])
         timeouts = request.extensions.get("timeout") or {}
         head, body = await _encode_request(request)
-        is_head = request.method == "HEAD"
-        if self._slots is not None:
-            try:
-                if self._slots.locked():
-                    await asyncio.wait_for(self._slots.acquire(), timeouts.get("pool"))
-                else:
-                    await self._slots.acquire()
-            except TimeoutError as exc:
-                raise httpx2.PoolTimeout("no free upstream connection in time") from exc
+        try:  # (a timeout only when waiting: no timer per request)
+            async with asyncio.timeout(timeouts.get("pool") if self._slots.locked() else None):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise httpx2.PoolTimeout("no free upstream connection in time") from exc
         try:
             conn = self._take_idle(origin, asyncio.get_running_loop().time())
             if conn is not None:
                 try:
-                    await conn.send(head, body, is_head, timeouts.get("write"))
+                    await conn.send(head, body, timeouts.get("write"))
                     await conn.receive_head(timeouts.get("read"))
                 except (httpx2.WriteError, httpx2.ReadError, httpx2.RemoteProtocolError):
                     if conn.received_any:
@@ -533,40 +394,34 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
                     conn = None
             if conn is None:
                 conn = await self._connect(origin, timeouts.get("connect"))
-                await conn.send(head, body, is_head, timeouts.get("write"))
+                await conn.send(head, body, timeouts.get("write"))
                 await conn.receive_head(timeouts.get("read"))
         except BaseException:
             if conn is not None:
                 conn.close()
-            if self._slots is not None:
-                self._slots.release()
+            self._slots.release()
             raise
         body = ResponseBody(self, conn, timeouts.get("read"))
-        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(), "network_stream": conn,
-                      "upstream_body": body}
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason.strip(),
+                      "network_stream": conn.transport, "upstream_body": body}
         headers, conn.headers = conn.headers, []  # (handed over: not held by the connection all stream long)
         return httpx2.Response(conn.status, headers=headers, stream=body, extensions=extensions)
 
     async def aclose(self) -> None:
         self._closed = True
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
+        for conn in [conn for idle in self._idle.values() for conn in idle]:
+            conn.close()
         self._idle.clear()
         self._idle_count = 0
 
 
 async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:
     """The request line and headers, and the body (chunk-encoded when its length is unknown)."""
-    try:
-        body = request.content  # the SDK's bodies are bytes, already read
-    except httpx2.RequestNotRead:
-        body = b"".join([chunk async for chunk in request.stream])  # type: ignore[union-attr]
-    names = {name.lower() for name, _ in request.headers.raw}
+    body = await request.aread()  # (the SDK's bodies are bytes, already read)
     headers = request.headers.raw
-    if b"transfer-encoding" in names:
+    if "transfer-encoding" in request.headers:
         body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
-    elif b"content-length" not in names and body:
+    elif body and "content-length" not in request.headers:
         headers = [*headers, (b"Content-Length", str(len(body)).encode())]
     lines = [b"%b %b HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
     lines += [b"%b: %b" % (name, value) for name, value in headers]
@@ -574,33 +429,25 @@ async def _encode_request(request: httpx2.Request) -> tuple[bytes, bytes]:
 
 
 def direct_body(response: httpx2.Response) -> ResponseBody | None:
-    """The body of a response from :class:`UpstreamTransport` with no content-encoding, whose
-    ``read()`` and ``linger()`` a reader can call directly; None otherwise."""
+    """The body of an unencoded response from :class:`UpstreamTransport`, to read directly."""
     body = response.extensions.get("upstream_body")
-    if not isinstance(body, ResponseBody) or response.headers.get("content-encoding", "identity") != "identity":
-        return None
-    return body
+    encoding = response.headers.get("content-encoding", "identity")
+    return body if isinstance(body, ResponseBody) and encoding == "identity" else None
 
 
-def make_http_client(*, timeout: float | httpx2.Timeout, max_connections: int = 1000,
-                     max_keepalive: int = 1000, **kwargs: Any) -> httpx2.AsyncClient:
-    """The SDK's http client (``anthropic.DefaultAsyncHttpxClient``: redirects, ``verify``,
-    ``cert``) on :class:`UpstreamTransport`; when the environment names a proxy
-    (``HTTPS_PROXY``, ``ALL_PROXY``...), the SDK's client as it comes, whose httpx2 transports
-    handle proxies and ``NO_PROXY``. A number ``timeout`` keeps the SDK's connect timeout."""
+def make_http_client(*, timeout: float | httpx2.Timeout, **kwargs: Any) -> httpx2.AsyncClient:
+    """The SDK's http client on :class:`UpstreamTransport`; with a proxy in the environment, as it
+    comes (its transports handle proxies and ``NO_PROXY``). A number keeps the SDK's connect timeout."""
     if not isinstance(timeout, httpx2.Timeout):
         timeout = httpx2.Timeout(timeout, connect=min(float(timeout), anthropic.DEFAULT_TIMEOUT.connect or 5.0))
     expiry = anthropic.DEFAULT_CONNECTION_LIMITS.keepalive_expiry
-    limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive,
-                           keepalive_expiry=expiry)
-    verify, cert = kwargs.pop("verify", True), kwargs.pop("cert", None)
+    verify, cert, trust_env = kwargs.pop("verify", True), kwargs.pop("cert", None), kwargs.get("trust_env", True)
     if kwargs.get("http2"):
         raise ValueError("the upstream transport speaks HTTP/1.1 only")
-    proxies = urllib.request.getproxies()  # (as httpx2 reads them)
-    if kwargs.get("trust_env", True) and any(proxies.get(scheme) for scheme in ("http", "https", "all")):
+    if trust_env and any(urllib.request.getproxies().get(scheme) for scheme in ("http", "https", "all")):
+        limits = httpx2.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS,
+                               keepalive_expiry=expiry)  # (proxies as httpx2 reads them)
         return anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits, verify=verify, cert=cert, **kwargs)
-    ssl_context = httpx2.create_ssl_context(verify=verify, cert=cert, trust_env=kwargs.get("trust_env", True))
-    transport = UpstreamTransport(ssl_context=ssl_context, max_connections=max_connections,
-                                  max_keepalive=max_keepalive, keepalive_expiry=expiry,
-                                  socket_options=keepalive_socket_options())
+    ssl_context = httpx2.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+    transport = UpstreamTransport(ssl_context=ssl_context, keepalive_expiry=expiry)
     return anthropic.DefaultAsyncHttpxClient(transport=transport, timeout=timeout, **kwargs)

@@ -16,7 +16,7 @@ import socket
 
 
 def main() -> None:
-    from server.metrics_dir import prepare_supervisor
+    from server.metrics import prepare_supervisor
 
     workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
     prepare_supervisor(workers)

@@ -74,7 +74,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = LOG_DIR / f"{name}-{self.port}.log"
 
-    def start(self, timeout: float = 20.0) -> "Server":
+    def start(self, timeout: float = 60.0) -> "Server":
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env,

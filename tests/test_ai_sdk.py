@@ -217,8 +217,9 @@ async def test_tool_input_error_reaches_the_client(shared_server: Server, upstre
 @pytest.mark.parametrize("transport", ["http", "ws"])
 async def test_resume_a_running_turn(shared_server: Server, upstream, node_client, transport):
     cid = chat_id()
-    question = user('Count #fake{"tokens":30,"pace_ms":40}', "u1")
-    full = " ".join(f"tok{i}" for i in range(30))
+    # 3 s: the turn still runs when the node client (slow to start on a loaded box) resumes it.
+    question = user('Count #fake{"tokens":100,"pace_ms":30}', "u1")
+    full = " ".join(f"tok{i}" for i in range(100))
     async with httpx.AsyncClient(base_url=shared_server.url, timeout=30) as client:
         async with client.stream("POST", "/api/chat", json={"id": cid, "trigger": "submit-message",
                                                             "messages": [question]}) as r:

@@ -107,7 +107,8 @@ async def test_fifty_concurrent_messages_one_turn(pair, upstream):
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
         sid = (await client.post(a.url + "/agent", json={"message": "start"})).json()["session_id"]
         upstream.reset()
-        upstream.script({"tokens": 20, "pace_ms": 20})
+        # A long turn (2 s): the 50 requests arrive while it runs, even on a loaded box.
+        upstream.script({"tokens": 100, "pace_ms": 20})
 
         async def send(i):
             server = a if i % 2 else b

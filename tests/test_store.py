@@ -146,7 +146,7 @@ async def test_redis_channel_shares_one_connection_in_order_and_recovers(redis_u
     callers waiting on it, and the next call gets a new one."""
     from redis.exceptions import ResponseError
 
-    from server.store.redis_channel import CommandChannel
+    from server.store.redis import CommandChannel
 
     pool = aioredis.ConnectionPool.from_url(redis_url)
     channel = CommandChannel(pool, timeout=1.0)

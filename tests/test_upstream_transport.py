@@ -36,7 +36,6 @@ from server.upstream_transport import (
     LINGER_TICK,
     Connection,
     UpstreamTransport,
-    _Sweeper,
     direct_body,
     make_http_client,
     window_end,
@@ -282,9 +281,9 @@ def chunk(data: bytes) -> bytes:
 async def sent_request(head: bytes = b"GET / HTTP/1.1\r\n\r\n", body: bytes = b"") -> tuple[Connection, _Transport]:
     """A connection on a fake socket that has sent one request."""
     loop = asyncio.get_running_loop()
-    conn, transport = Connection(loop, _Sweeper(loop, 0.05), (b"http", b"example", 80)), _Transport()
+    conn, transport = Connection(loop, (b"http", b"example", 80)), _Transport()
     conn.connection_made(transport)
-    await conn.send(head, body, False, timeout=1)
+    await conn.send(head, body, timeout=1)
     return conn, transport
 
 
@@ -329,7 +328,7 @@ async def test_connection_parsing_flow_control_and_errors() -> None:
     with pytest.raises(httpx2.ReadError):
         cut._raise_if_broken()
     with pytest.raises(httpx2.WriteError):
-        await cut.send(b"GET / HTTP/1.1\r\n\r\n", b"", False, timeout=1)
+        await cut.send(b"GET / HTTP/1.1\r\n\r\n", b"", timeout=1)
 
     hinted, _ = await sent_request()  # an interim answer in the same read as the answer
     hinted.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + HEAD + chunk(b"body"))

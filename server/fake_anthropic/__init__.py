@@ -14,42 +14,20 @@ to end.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import json
 import logging
-import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .http import HttpConnection, HttpRequest, HttpServer
-from .model import (
-    DEFAULT_ERROR_MESSAGES,
-    Plan,
-    PromptCache,
-    Segment,
-    build_stream,
-    content_text,
-    count_deltas,
-    count_input_tokens,
-    default_plan,
-    dumps,
-    error_body,
-    error_headers,
-    error_type_for,
-    find_directive,
-    last_user_content,
-    message_json,
-    plan_from_spec,
-)
+from .http import READ_SIZE, HttpConnection, HttpRequest
+from .model import build_stream, cache_usage, count_input_tokens, dumps, error_body, message_json, new_id, plan_for
 
 __all__ = ["FakeAnthropic", "RecordedRequest"]
 
 log = logging.getLogger("fake_anthropic")
-
-_REDACTED = "<redacted>"
-_SECRET_HEADERS = ("authorization", "x-api-key")
-
-Headers = list[tuple[str, str]]
 
 
 @dataclass
@@ -70,36 +48,53 @@ class RecordedRequest:
     source: str | None = None  # "script" | "directive" | "default" for /v1/messages answers
     request_id: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _json(obj: Any) -> bytes:
-    return dumps(obj).encode()
+    to_json = asdict
 
 
 class FakeAnthropic:
     """The fake server. ``script()`` queues answers; otherwise directives or the offline model answer."""
 
     def __init__(self, *, pace_ms: float = 0, api_key: str | None = None, max_recorded: int = 10_000) -> None:
+        self.base_url = ""
+        self._server: asyncio.Server | None = None
+        self._conns: dict[HttpConnection, asyncio.Task[None]] = {}
+        self._stopping = False
         self.pace_ms = float(pace_ms)
         self.api_key = api_key
         self.max_recorded = max_recorded
-        self.base_url = ""
         self.requests: list[RecordedRequest] = []
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
-        self._cache = PromptCache()
-        self._http = HttpServer(self._handle)
+        self._cache: set[str] = set()  # the prompt-cache simulation's written prefixes
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 = any free port) and return the base URL."""
-        host, port = await self._http.start(host, port)
+        self._stopping = False
+        self._server = await asyncio.start_server(self._serve, host, port, limit=READ_SIZE * 2, backlog=1024)
         shown = f"[{host}]" if ":" in host else host
-        self.base_url = f"http://{shown}:{port}"
+        self.base_url = f"http://{shown}:{self._server.sockets[0].getsockname()[1]}"
         return self.base_url
 
     async def stop(self) -> None:
-        await self._http.stop()
+        """Stop listening, drop open connections and wait for their handlers to finish.
+
+        Aborted sockets end every handler within a write or a sleep; cancelling them first
+        would make asyncio's start_server log spurious errors, so it is only the fallback.
+        """
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.abort()
+        tasks = [t for t in self._conns.values() if t is not asyncio.current_task()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=2.0)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
 
     def script(self, *scripts: dict[str, Any]) -> None:
         """Append answers to the FIFO queue; ``{"times": n}`` serves n requests."""
@@ -119,149 +114,128 @@ class FakeAnthropic:
     def queued(self) -> int:
         return len(self._queue)
 
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = HttpConnection(reader, writer)
+        self._conns[conn] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            while conn.keep_alive and (req := await conn.read_request()) is not None:
+                await self._handle(req, conn)
+            if conn.keep_alive and conn.error is not None:  # bytes that are not an HTTP/1.1 request
+                conn.keep_alive = False
+                body = {"type": "error", "error": {"type": "invalid_request_error", "message": conn.error}}
+                await conn.send(400, [], json.dumps(body).encode())
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+        finally:
+            del self._conns[conn]
+            with contextlib.suppress(Exception):
+                writer.close()
+
     async def _handle(self, req: HttpRequest, conn: HttpConnection) -> None:
-        request_id = f"req_{secrets.token_hex(12)}"
-        base_headers = [("request-id", request_id), ("server", "fake-anthropic")]
+        request_id = new_id("req_")
+        headers = [("request-id", request_id), ("server", "fake-anthropic")]
         if req.path.startswith("/_fake/"):
-            await self._control(req, conn, base_headers)
-            return
+            return await self._control(req, conn, headers)
         rec = self._record(req, request_id)
         try:
-            await self._api(req, conn, rec, base_headers)
+            await self._api(req, conn, rec, headers)
         except Exception as exc:  # a bug here must not hang the client
             if rec.status == 0:
-                await self._error(conn, rec, base_headers, 500, "api_error", f"fake-anthropic internal error: {exc!r}")
+                await self._send(conn, rec, headers, 500, "api_error", f"fake-anthropic internal error: {exc!r}")
             else:
                 conn.abort()
             log.exception("fake-anthropic: error while answering %s %s", req.method, req.path)
 
-    async def _control(self, req: HttpRequest, conn: HttpConnection, headers: Headers) -> None:
+    async def _control(self, req: HttpRequest, conn: HttpConnection, headers: list[tuple[str, str]]) -> None:
         """Unauthenticated test hooks, so a test in another process can script the fake."""
         route = (req.method, req.path.rstrip("/"))
+        status, answer = 200, None
         if route == ("POST", "/_fake/script"):
             try:
                 payload = json.loads(req.body or b"null")
                 self.script(*(payload if isinstance(payload, list) else [payload]))
+                answer = {"queued": self.queued}
             except (ValueError, TypeError) as exc:
-                body = error_body("invalid_request_error", f"script must be a JSON object or list: {exc}", None)
-                await conn.send(400, headers, _json(body))
-                return
-            await conn.send(200, headers, _json({"queued": self.queued}))
+                status = 400
+                answer = error_body("invalid_request_error", f"script must be a JSON object or list: {exc}")
         elif route == ("GET", "/_fake/requests"):
-            await conn.send(200, headers, _json([r.to_json() for r in self.requests]))
+            answer = [r.to_json() for r in self.requests]
         elif route == ("POST", "/_fake/reset"):
             self.reset()
-            await conn.send(200, headers, b'{"ok":true}')
+            answer = {"ok": True}
         else:
-            body = error_body("not_found_error", f"Not found: {req.method} {req.path}", None)
-            await conn.send(404, headers, _json(body))
+            status, answer = 404, error_body("not_found_error", f"Not found: {req.method} {req.path}")
+        await conn.send(status, headers, dumps(answer).encode())
 
     def _record(self, req: HttpRequest, request_id: str) -> RecordedRequest:
-        headers = {k: (_REDACTED if k in _SECRET_HEADERS else v) for k, v in req.headers.items()}
-        auth: str | None = None
-        if req.headers.get("authorization", "").lower().startswith("bearer "):
-            auth = "bearer"
-        elif req.headers.get("x-api-key"):
-            auth = "x-api-key"
-        try:
-            retry_count = int(req.headers.get("x-stainless-retry-count", "0"))
-        except ValueError:
-            retry_count = 0
+        bearer = req.headers.get("authorization", "").lower().startswith("bearer ")
+        auth = "bearer" if bearer else "x-api-key" if req.headers.get("x-api-key") else None
         body = None
-        if req.body:
-            try:
-                body = json.loads(req.body)
-            except ValueError:
-                pass
-        rec = RecordedRequest(method=req.method, path=req.path, headers=headers, auth=auth, body=body,
-                              stream=isinstance(body, dict) and body.get("stream") is True,
-                              retry_count=retry_count, request_id=request_id)
+        with contextlib.suppress(ValueError):
+            body = json.loads(req.body) if req.body else None
+        rec = RecordedRequest(req.method, req.path, {k: "<redacted>" if k in ("authorization", "x-api-key") else v
+                                                     for k, v in req.headers.items()}, auth, body,
+                              stream=isinstance(body, dict) and body.get("stream") is True, request_id=request_id)
+        with contextlib.suppress(ValueError):
+            rec.retry_count = int(req.headers.get("x-stainless-retry-count", "0"))
         self.requests.append(rec)
         if self.max_recorded and len(self.requests) > self.max_recorded:
             del self.requests[: len(self.requests) - self.max_recorded]
         return rec
 
-    async def _error(self, conn: HttpConnection, rec: RecordedRequest, headers: Headers,
-                     status: int, etype: str, message: str) -> None:
+    async def _send(self, conn: HttpConnection, rec: RecordedRequest, headers: list[tuple[str, str]], status: int,
+                    *error: str, answer: Any = None) -> None:
+        """A whole answer: ``answer``, or the error body of ``error`` (type, message)."""
         rec.status = status
-        await conn.send(status, headers, _json(error_body(etype, message, rec.request_id)))
+        answer = answer if answer is not None else error_body(*error, rec.request_id)
+        await conn.send(status, headers, dumps(answer).encode())
         rec.finished = True
 
-    async def _api(self, req: HttpRequest, conn: HttpConnection, rec: RecordedRequest, headers: Headers) -> None:
+    async def _api(self, req: HttpRequest, conn: HttpConnection, rec: RecordedRequest,
+                   headers: list[tuple[str, str]]) -> None:
         refusal = _refusal(req, rec, self.api_key)
         if refusal:
-            await self._error(conn, rec, headers, *refusal)
-            return
+            return await self._send(conn, rec, headers, *refusal)
         body = rec.body
-        assert isinstance(body, dict)
         if req.path.endswith("count_tokens"):
-            rec.status = 200
-            await conn.send(200, headers, _json({"input_tokens": count_input_tokens(body)}))
-            rec.finished = True
-            return
-
-        if self._queue:
-            plan = plan_from_spec(self._queue.popleft(), source="script", default_pace_ms=self.pace_ms)
-        elif (directive := find_directive(content_text(last_user_content(body)))) is not None:
-            plan = plan_from_spec(directive, source="directive", default_pace_ms=self.pace_ms)
-        else:
-            plan = default_plan(body, pace_ms=self.pace_ms)
+            return await self._send(conn, rec, headers, 200, answer={"input_tokens": count_input_tokens(body)})
+        plan = plan_for(body, self._queue.popleft() if self._queue else None, self.pace_ms)
         rec.source = plan.source
-
         if plan.status != 200:
-            etype = plan.error_type or error_type_for(plan.status)
-            message = plan.message or DEFAULT_ERROR_MESSAGES.get(etype, f"Error {plan.status}")
             await conn.sleep(plan.ttft_s)
-            await self._error(conn, rec, headers + error_headers(plan), plan.status, etype, message)
-            return
-        usage = self._cache.usage(body)
+            return await self._send(conn, rec, headers + plan.error_headers, plan.status, *plan.error)
+        usage = cache_usage(self._cache, body)
         if rec.stream:
-            await self._stream(conn, rec, headers, *build_stream(plan, model=body["model"], usage=usage))
-        else:
-            await self._non_stream(conn, rec, headers, plan, message_json(plan, model=body["model"], usage=usage))
-
-    async def _non_stream(self, conn: HttpConnection, rec: RecordedRequest, headers: Headers, plan: Plan,
-                          message: dict[str, Any]) -> None:
-        """The whole message after ttft + pace per delta; drop/error_after become a drop / an HTTP error."""
-        await conn.sleep(plan.ttft_s + plan.pace_s * count_deltas(plan))
+            # the head first (the SDK sees the answer start), then the pre-encoded SSE segments,
+            # noticing a client hang-up between writes
+            segments, drop = build_stream(plan, body["model"], usage)
+            rec.status = 200
+            head = conn.head(200, headers + [("cache-control", "no-cache")], "text/event-stream; charset=utf-8")
+            for delay, data, events in [(0.0, head, 0), *segments]:
+                if delay > 0:
+                    await conn.sleep(delay)
+                if not await conn.write(data):
+                    rec.closed_early = True
+                    return
+                rec.events_sent += events
+            if drop:
+                conn.abort()
+            rec.finished = not drop
+            return
+        # not streaming: the whole message after ttft + pace per delta; drop/error_after become a drop / an HTTP error
+        message = message_json(plan, body["model"], usage)
+        await conn.sleep(plan.ttft_s + plan.pace_s * plan.deltas)
         if conn.gone:
             rec.closed_early = True
-            return
-        if plan.drop_after is not None:
+        elif plan.drop_after is not None:
             conn.abort()
-            return
-        if plan.error_after is not None:
-            etype, msg = plan.cut_error()
-            await self._error(conn, rec, headers, 529 if etype == "overloaded_error" else 500, etype, msg)
-            return
-        rec.status = 200
-        ok = await conn.send(200, headers, _json(message))
-        rec.finished = ok
-        rec.closed_early = not ok
-
-    async def _stream(self, conn: HttpConnection, rec: RecordedRequest, headers: Headers,
-                      segments: list[Segment], outcome: str) -> None:
-        """Write the pre-encoded SSE segments, noticing a client hang-up between writes."""
-        rec.status = 200
-        if not await conn.start_chunked(200, headers + [("cache-control", "no-cache")], "text/event-stream; charset=utf-8"):
-            rec.closed_early = True
-            return
-        last = len(segments) - 1
-        for i, (delay, data, events) in enumerate(segments):
-            if delay > 0:
-                await conn.sleep(delay)
-            if i == last and outcome != "drop":
-                ok = await conn.end_chunked(data)
-            else:
-                ok = await conn.write(data)
-            if not ok:
-                rec.closed_early = True
-                return
-            rec.events_sent += events
-        if outcome == "drop":
-            conn.abort()
-            return
-        rec.finished = True
+        elif plan.error_after is not None:
+            await self._send(conn, rec, headers, 529 if plan.error[0] == "overloaded_error" else 500, *plan.error)
+        else:
+            rec.status = 200
+            rec.finished = await conn.send(200, headers, dumps(message).encode())
+            rec.closed_early = not rec.finished
 
 
 def _refusal(req: HttpRequest, rec: RecordedRequest, api_key: str | None) -> tuple[int, str, str] | None:
@@ -270,23 +244,17 @@ def _refusal(req: HttpRequest, rec: RecordedRequest, api_key: str | None) -> tup
         return 404, "not_found_error", f"Not found: {req.method} {req.path}"
     if req.method != "POST":
         return 405, "invalid_request_error", f"Method {req.method} not allowed"
-    authz = req.headers.get("authorization", "")
-    key = authz[7:].strip() if authz.lower().startswith("bearer ") else req.headers.get("x-api-key", "")
+    key = req.headers["authorization"][7:].strip() if rec.auth == "bearer" else req.headers.get("x-api-key", "")
     if not key or (api_key is not None and key != api_key):
         return 401, "authentication_error", "x-api-key header is required" if rec.auth is None else "invalid x-api-key"
-    problem = _invalid_body(rec.body, count_only=req.path.endswith("count_tokens"))
-    return None if problem is None else (400, "invalid_request_error", problem)
-
-
-def _invalid_body(body: Any, *, count_only: bool) -> str | None:
+    body, problem = rec.body, None
     if not isinstance(body, dict):
-        return "request body must be a JSON object"
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        return "model: Field required"
-    mt = body.get("max_tokens")
-    if not count_only and (not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0):
-        return "max_tokens: must be a positive integer"
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "messages: must be a non-empty list"
-    return None
+        problem = "request body must be a JSON object"
+    elif not isinstance(body.get("model"), str) or not body["model"]:
+        problem = "model: Field required"
+    elif not req.path.endswith("count_tokens") and (not isinstance(mt := body.get("max_tokens"), int)
+                                                   or isinstance(mt, bool) or mt <= 0):
+        problem = "max_tokens: must be a positive integer"
+    elif not isinstance(body.get("messages"), list) or not body["messages"]:
+        problem = "messages: must be a non-empty list"
+    return None if problem is None else (400, "invalid_request_error", problem)

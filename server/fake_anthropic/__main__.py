@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 
 from . import FakeAnthropic
 
@@ -18,11 +17,9 @@ async def serve(fake: FakeAnthropic, host: str, port: int) -> None:
     """Start `fake`, print the listening line, serve until SIGTERM/SIGINT."""
     url = await fake.start(host, port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sys.stdout.write(f"fake-anthropic listening on {url}\n")
-    sys.stdout.flush()
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(f"fake-anthropic listening on {url}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -1,7 +1,7 @@
 """What the fake answers: scripts, ``#fake{...}`` directives and the default offline model.
 
-Pure (no I/O), so the HTTP layer only writes bytes: :func:`build_stream` turns a
-:class:`Plan` into ready-to-write, chunk-framed segments.
+Pure (no I/O), so the HTTP layer only writes bytes: :func:`plan_for` resolves a request's
+answer into a :class:`Plan`, :func:`build_stream` turns that into ready-to-write, chunk-framed segments.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from json.encoder import encode_basestring  # C-accelerated: a JSON string literal, no ensure_ascii
 from typing import Any
 
@@ -30,14 +30,10 @@ ERRORS: dict[int, tuple[str, str]] = {
     529: ("overloaded_error", "Overloaded"),
 }
 DEFAULT_ERROR_MESSAGES: dict[str, str] = dict(ERRORS.values())
+# script key -> the error answer's header it sets (numbers as integers when they are whole)
+ERROR_HEADERS = {"retry_after": "retry-after", "retry_after_ms": "retry-after-ms"}
 
 OFFLINE_PREFIX = "This is the offline model (no ANTHROPIC_API_KEY is set). You said: "
-
-
-def error_type_for(status: int) -> str:
-    if status in ERRORS:
-        return ERRORS[status][0]
-    return "api_error" if status >= 500 else "invalid_request_error"
 
 
 def new_id(prefix: str) -> str:
@@ -48,48 +44,39 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-# -- the plan: a fully resolved answer, whatever it came from -----------------------------
+def error_body(error_type: str, message: str, request_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return body
 
 
-@dataclass
-class ToolCall:
-    name: str
-    input_json: str  # streamed as-is (may be invalid JSON on purpose)
-    id: str
-
-    @property
-    def input_value(self) -> Any:
-        """The parsed input for a non-streaming body (raw string if it is not valid JSON)."""
-        try:
-            return json.loads(self.input_json)
-        except ValueError:
-            return self.input_json
+# One content block: its content_block_start form, delta type, delta field, delta values, and
+# its form in a non-streaming message.
+Block = tuple[dict[str, Any], str, str, list[str], dict[str, Any]]
 
 
 @dataclass
 class Plan:
-    """A resolved answer. ``status`` != 200 means an HTTP error before any stream."""
+    """A resolved answer. ``status`` != 200 means an HTTP ``error`` (with ``error_headers``) before
+    any stream; ``error_after``/``drop_after`` cut the answer after that many text deltas."""
 
     source: str  # "script" | "directive" | "default"
-    text: str | None = None
-    text_deltas: list[str] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    stop_reason: str = "end_turn"
-    usage_overrides: dict[str, int] = field(default_factory=dict)
-    pace_s: float = 0.0
-    ttft_s: float = 0.0
-    status: int = 200
-    error_type: str | None = None
-    message: str | None = None
-    retry_after: Any = None
-    retry_after_ms: Any = None
-    should_retry: bool | None = None
-    error_after: int | None = None
-    drop_after: int | None = None
+    status: int
+    pace_s: float
+    ttft_s: float
+    blocks: list[Block]
+    deltas: int
+    stop_reason: str
+    usage: dict[str, int]  # overrides
+    error: tuple[str, str]  # type, message
+    error_headers: list[tuple[str, str]]
+    error_after: int | None
+    drop_after: int | None
 
-    def cut_error(self) -> tuple[str, str]:
-        """The error type and message of an ``error_after`` failure."""
-        return self.error_type or "overloaded_error", self.message or "Overloaded"
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.get("output_tokens", max(1, self.deltas))
 
 
 def split_words(text: str) -> list[str]:
@@ -97,72 +84,77 @@ def split_words(text: str) -> list[str]:
     return re.findall(r"\s*\S+\s*|\s+", text) if text else []
 
 
-def _num(d: dict[str, Any], key: str) -> float | None:
-    v = d.get(key)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def _json_chunks(s: str) -> list[str]:
+    """Split tool input JSON into several partial_json deltas, the first one empty (as the API does)."""
+    size = max(8, -(-len(s) // 4))
+    return [""] + [s[i : i + size] for i in range(0, len(s), size)]
 
 
-def _str(d: dict[str, Any], key: str) -> str | None:
-    v = d.get(key)
-    return v if isinstance(v, str) else None
+def _parsed(s: str) -> Any:
+    """Tool input for a non-streaming body: the parsed JSON, or the raw string if it is not valid JSON."""
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
 
 
-def plan_from_spec(spec: dict[str, Any], *, source: str, default_pace_ms: float) -> Plan:
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _string(spec: dict[str, Any], key: str, default: str) -> str:
+    v = spec.get(key)
+    return v if isinstance(v, str) and v else default
+
+
+def plan_from_spec(spec: dict[str, Any], source: str, default_pace_ms: float) -> Plan:
     """Turn a script/directive dict into a :class:`Plan` (unknown keys are ignored)."""
-    pace = _num(spec, "pace_ms")
-    plan = Plan(
-        source=source,
-        pace_s=(default_pace_ms if pace is None else pace) / 1000.0,
-        ttft_s=(_num(spec, "ttft_ms") or 0.0) / 1000.0,
-        error_type=_str(spec, "error_type"),
-        message=_str(spec, "message"),
-        retry_after=spec.get("retry_after"),
-        retry_after_ms=spec.get("retry_after_ms"),
-    )
     status = spec.get("status")
-    if isinstance(status, int) and status != 200:
-        plan.status = status
+    status = status if isinstance(status, int) else 200
+    if status == 200:  # the error of an error_after cut
+        etype, message = _string(spec, "error_type", "overloaded_error"), _string(spec, "message", "Overloaded")
+    else:
+        fallback = "api_error" if status >= 500 else "invalid_request_error"
+        etype = _string(spec, "error_type", ERRORS[status][0] if status in ERRORS else fallback)
+        message = _string(spec, "message", DEFAULT_ERROR_MESSAGES.get(etype, f"Error {status}"))
+    headers = [(name, str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+               for key, name in ERROR_HEADERS.items() if (v := spec.get(key)) is not None]
     if isinstance(spec.get("should_retry"), bool):
-        plan.should_retry = spec["should_retry"]
-    for key in ("error_after", "drop_after"):
-        v = spec.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            setattr(plan, key, v)
+        headers.append(("x-should-retry", "true" if spec["should_retry"] else "false"))
 
-    if isinstance(spec.get("text"), str):
-        plan.text = spec["text"]
-        plan.text_deltas = split_words(plan.text)
-    elif isinstance(spec.get("tokens"), int) and spec["tokens"] >= 0:
-        n = spec["tokens"]
-        plan.text_deltas = [f"tok{i}" if i == n - 1 else f"tok{i} " for i in range(n)]
-        plan.text = "".join(plan.text_deltas)
-
+    text, tokens = spec.get("text"), spec.get("tokens")
+    if not isinstance(text, str):
+        text = " ".join(f"tok{i}" for i in range(tokens)) if isinstance(tokens, int) and tokens >= 0 else None
+    tools: list[Block] = []
     for entry in spec.get("tool_use") or []:
-        if not isinstance(entry, dict):
-            continue
-        raw = entry.get("input", {})
-        input_json = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
-        tool_id = str(entry.get("id") or new_id("toolu_"))
-        plan.tool_calls.append(ToolCall(name=str(entry.get("name", "tool")), input_json=input_json, id=tool_id))
-    if plan.text is None and not plan.tool_calls:
-        plan.text = ""
-    plan.stop_reason = "tool_use" if plan.tool_calls else "end_turn"
-    if isinstance(spec.get("stop_reason"), str):
-        plan.stop_reason = spec["stop_reason"]
+        if isinstance(entry, dict):
+            raw = entry.get("input", {})
+            input_json = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
+            call = {"type": "tool_use", "id": str(entry.get("id") or new_id("toolu_")),
+                    "name": str(entry.get("name", "tool"))}
+            tools.append(({**call, "input": {}}, "input_json_delta", "partial_json", _json_chunks(input_json),
+                          {**call, "input": _parsed(input_json)}))
+    if text is None and not tools:
+        text = ""
+    blocks = tools if text is None else [({"type": "text", "text": ""}, "text_delta", "text", split_words(text),
+                                          {"type": "text", "text": text}), *tools]
+    stop_reason = spec.get("stop_reason")
     usage = spec.get("usage")
-    if isinstance(usage, dict):
-        plan.usage_overrides = {k: int(v) for k, v in usage.items() if isinstance(v, (int, float))}
-    return plan
-
-
-# -- reading the request --------------------------------------------------------------------
-
-
-def last_user_content(body: dict[str, Any]) -> Any:
-    for msg in reversed(body.get("messages") or []):
-        if isinstance(msg, dict) and msg.get("role") == "user":
-            return msg.get("content")
-    return None
+    pace, ttft = spec.get("pace_ms"), spec.get("ttft_ms")
+    return Plan(
+        source=source, status=status,
+        pace_s=(pace if _number(pace) else default_pace_ms) / 1000.0,
+        ttft_s=(ttft if _number(ttft) else 0.0) / 1000.0,
+        blocks=blocks, deltas=sum(len(b[3]) for b in blocks),
+        stop_reason=stop_reason if isinstance(stop_reason, str) else "tool_use" if tools else "end_turn",
+        usage={k: int(v) for k, v in usage.items() if isinstance(v, (int, float))} if isinstance(usage, dict) else {},
+        error=(etype, message), error_headers=headers,
+        error_after=_count(spec.get("error_after")), drop_after=_count(spec.get("drop_after")),
+    )
 
 
 def content_text(content: Any) -> str:
@@ -190,36 +182,35 @@ def find_directive(text: str) -> dict[str, Any] | None:
 
 
 _EXPR_RUN = re.compile(r"[0-9\s+\-*/().^%]+")
-_OPS = set("+-*/^%")
 
 
 def find_expression(text: str) -> str | None:
     """The longest arithmetic-looking run in ``text`` with a digit and an operator, tidied up."""
-    best: str | None = None
+    found: list[str] = []
     for m in _EXPR_RUN.finditer(text):
-        run = m.group(0)
-        run = re.sub(r"^[^0-9(.\-]+", "", run)
-        run = re.sub(r"[^0-9)%]+$", "", run)
+        run = re.sub(r"[^0-9)%]+$", "", re.sub(r"^[^0-9(.\-]+", "", m.group(0)))
         # drop unmatched outer parentheses ("(what is 2+3)" -> "2+3")
         while run.count("(") > run.count(")") and run.startswith("("):
             run = run[1:].strip()
         while run.count(")") > run.count("(") and run.endswith(")"):
             run = run[:-1].strip()
-        if not any(ch.isdigit() for ch in run):
-            continue
-        if not any(ch in _OPS for ch in run.lstrip("-")):
-            continue
-        if best is None or len(run) > len(best):
-            best = run
-    return best
+        if any(ch.isdigit() for ch in run) and any(ch in "+-*/^%" for ch in run.lstrip("-")):
+            found.append(run)
+    return max(found, key=len, default=None)  # the first of the longest
 
 
-def default_plan(body: dict[str, Any], *, pace_ms: float) -> Plan:
-    """The deterministic offline model: calculator tool calls, tool-result echo, or a friendly echo."""
-    content = last_user_content(body)
+def plan_for(body: dict[str, Any], script: dict[str, Any] | None, pace_ms: float) -> Plan:
+    """The answer to a request: the next script, else a directive in the last user message, else the
+    deterministic offline model (calculator tool calls, tool-result echo, or a friendly echo)."""
+    if script is not None:
+        return plan_from_spec(script, "script", pace_ms)
+    content = next((m.get("content") for m in reversed(body.get("messages") or [])
+                    if isinstance(m, dict) and m.get("role") == "user"), None)  # the last user message's
+    text = content_text(content)
+    if (directive := find_directive(text)) is not None:
+        return plan_from_spec(directive, "directive", pace_ms)
     blocks = content if isinstance(content, list) else []
     results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
-    text = content_text(content)
     calculator = any(isinstance(t, dict) and t.get("name") == "calculator" for t in body.get("tools") or [])
     if results:
         out = content_text(results[0].get("content"))
@@ -229,10 +220,7 @@ def default_plan(body: dict[str, Any], *, pace_ms: float) -> Plan:
         spec = {"tool_use": [{"name": "calculator", "input": {"expression": expr}}]}
     else:
         spec = {"text": OFFLINE_PREFIX + " ".join(text.split())[:200]}
-    return plan_from_spec(spec, source="default", default_pace_ms=pace_ms)
-
-
-# -- token accounting and the prompt-cache simulation ---------------------------------------
+    return plan_from_spec(spec, "default", pace_ms)
 
 
 def count_input_tokens(body: dict[str, Any]) -> int:
@@ -240,135 +228,57 @@ def count_input_tokens(body: dict[str, Any]) -> int:
     return max(1, sum(len(json.dumps(p, ensure_ascii=False)) // 4 for p in parts))
 
 
-def _cache_items(body: dict[str, Any]) -> tuple[list[Any], list[int]]:
-    """The prompt in cache order (tools, system, message blocks) without `cache_control`, and
-    the indices of the items that carried a breakpoint."""
+def cache_usage(seen: set[str], body: dict[str, Any]) -> dict[str, int]:
+    """The prompt's usage fields, like the API's cache: each breakpoint writes its prefix (into ``seen``);
+    a request reads the longest prefix written before that ends at a block boundary up to 20 blocks
+    before one of its breakpoints (so a rolling breakpoint on the latest message reads the previous turn's)."""
+    system = body.get("system")
+    system = system if isinstance(system, list) else [] if system is None else [system]
+    blocks: list[tuple[Any, Any]] = [(None, b) for b in [*(body.get("tools") or []), *system]]  # (role, block)
+    for msg in body.get("messages") or []:
+        if isinstance(msg, dict):
+            content = msg.get("content")
+            blocks += [(msg.get("role"), b) for b in (content if isinstance(content, list) else [content])]
     items: list[Any] = []
     marks: list[int] = []
-
-    def add(role: str | None, block: Any) -> None:
+    for role, block in blocks:
         if isinstance(block, dict) and "cache_control" in block:
             marks.append(len(items))
             block = {k: v for k, v in block.items() if k != "cache_control"}
         items.append(block if role is None else [role, block])
-
-    for tool in body.get("tools") or []:
-        add(None, tool)
-    system = body.get("system")
-    if isinstance(system, list):
-        for block in system:
-            add(None, block)
-    elif system is not None:
-        add(None, system)
-    for msg in body.get("messages") or []:
-        if isinstance(msg, dict):
-            content = msg.get("content")
-            for block in content if isinstance(content, list) else [content]:
-                add(msg.get("role"), block)
     if body.get("cache_control") and items:  # top-level (automatic) caching: the whole prompt
         marks.append(len(items) - 1)
-    return items, marks
+    total = count_input_tokens(body)
+    if not marks:
+        return {"input_tokens": total, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    digest = hashlib.sha256(str(body.get("model")).encode())
+    keys: list[str] = []
+    sizes: list[int] = []
+    for item in items:
+        encoded = json.dumps(item, sort_keys=True)
+        digest.update(b"\0" + encoded.encode())
+        keys.append(digest.hexdigest())
+        sizes.append(len(encoded))
+    read_end = 0
+    for mark in marks:
+        for j in range(mark, max(-1, mark - 20), -1):
+            if keys[j] in seen:
+                read_end = max(read_end, j + 1)
+                break
+    seen.update(keys[m] for m in marks)
+    prefix_tokens = max(1, sum(sizes[: max(marks) + 1]) // 4)
+    read_tokens = min(prefix_tokens, sum(sizes[:read_end]) // 4)
+    return {"input_tokens": max(1, total - prefix_tokens), "cache_creation_input_tokens": prefix_tokens - read_tokens,
+            "cache_read_input_tokens": read_tokens}
 
 
-LOOKBACK_BLOCKS = 20
-
-
-class PromptCache:
-    """Like the API: each breakpoint writes its prefix; a request reads the longest prefix
-    written before that ends at a block boundary up to 20 blocks before one of its breakpoints
-    (so a rolling breakpoint on the latest message reads the previous turn's prefix)."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def clear(self) -> None:
-        self._seen.clear()
-
-    def usage(self, body: dict[str, Any]) -> dict[str, int]:
-        total = count_input_tokens(body)
-        items, marks = _cache_items(body)
-        if not marks:
-            return {"input_tokens": total, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-        digest = hashlib.sha256(str(body.get("model")).encode())
-        keys: list[str] = []
-        sizes: list[int] = []
-        for item in items:
-            encoded = json.dumps(item, sort_keys=True)
-            digest.update(b"\0" + encoded.encode())
-            keys.append(digest.hexdigest())
-            sizes.append(len(encoded))
-        read_end = 0
-        for mark in marks:
-            for j in range(mark, max(-1, mark - LOOKBACK_BLOCKS), -1):
-                if keys[j] in self._seen:
-                    read_end = max(read_end, j + 1)
-                    break
-        self._seen.update(keys[m] for m in marks)
-        prefix_tokens = max(1, sum(sizes[: max(marks) + 1]) // 4)
-        read_tokens = min(prefix_tokens, sum(sizes[:read_end]) // 4)
-        return {
-            "input_tokens": max(1, total - prefix_tokens),
-            "cache_creation_input_tokens": prefix_tokens - read_tokens,
-            "cache_read_input_tokens": read_tokens,
-        }
-
-
-# -- encoding -------------------------------------------------------------------------------
-
-
-def error_body(error_type: str, message: str, request_id: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
-    if request_id is not None:
-        body["request_id"] = request_id
-    return body
-
-
-def error_headers(plan: Plan) -> list[tuple[str, str]]:
-    headers = [(name, _fmt_num(v)) for name, v in (("retry-after", plan.retry_after),
-                                                   ("retry-after-ms", plan.retry_after_ms)) if v is not None]
-    if plan.should_retry is not None:
-        headers.append(("x-should-retry", "true" if plan.should_retry else "false"))
-    return headers
-
-
-def _fmt_num(v: Any) -> str:
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-
-
-def _json_chunks(s: str) -> list[str]:
-    """Split tool input JSON into several partial_json deltas, the first one empty (as the API does)."""
-    if not s:
-        return [""]
-    size = max(8, -(-len(s) // 4))
-    return [""] + [s[i : i + size] for i in range(0, len(s), size)]
-
-
-def count_deltas(plan: Plan) -> int:
-    return len(plan.text_deltas) + sum(len(_json_chunks(t.input_json)) for t in plan.tool_calls)
-
-
-def _usage(plan: Plan, usage: dict[str, int], output_tokens: int) -> dict[str, int]:
-    """The four usage fields (the prompt's from the cache simulation), with the plan's overrides."""
-    prompt = (("input_tokens", 1), ("cache_creation_input_tokens", 0), ("cache_read_input_tokens", 0))
-    out = {k: plan.usage_overrides.get(k, usage.get(k, default)) for k, default in prompt}
-    out["output_tokens"] = output_tokens
-    return out
-
-
-def _output_tokens(plan: Plan) -> int:
-    return plan.usage_overrides.get("output_tokens", max(1, count_deltas(plan)))
-
-
-def _message(model: str, content: list[Any], stop_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
-    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
-
-
-def message_json(plan: Plan, *, model: str, usage: dict[str, int]) -> dict[str, Any]:
-    """The non-streaming response body."""
-    content: list[dict[str, Any]] = [] if plan.text is None else [{"type": "text", "text": plan.text}]
-    content += [{"type": "tool_use", "id": t.id, "name": t.name, "input": t.input_value} for t in plan.tool_calls]
-    return _message(model, content, plan.stop_reason, _usage(plan, usage, _output_tokens(plan)))
+def message_json(plan: Plan, model: str, usage: dict[str, int], *, streaming: bool = False) -> dict[str, Any]:
+    """The non-streaming response body, or (``streaming``) the empty message that message_start carries."""
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
+            "content": [] if streaming else [b[4] for b in plan.blocks],
+            "stop_reason": None if streaming else plan.stop_reason, "stop_sequence": None,
+            "usage": {k: plan.usage.get(k, v) for k, v in usage.items()}
+            | {"output_tokens": 1 if streaming else plan.output_tokens}}
 
 
 def _event(name: str, data: str) -> bytes:
@@ -383,23 +293,19 @@ _MESSAGE_STOP = _event("message_stop", '{"type":"message_stop"}')
 Segment = tuple[float, bytes, int]
 
 
-def build_stream(plan: Plan, *, model: str, usage: dict[str, int]) -> tuple[list[Segment], str]:
-    """Pre-encode the whole SSE stream: its segments and how it ends ("finish", "error" or "drop").
+def build_stream(plan: Plan, model: str, usage: dict[str, int]) -> tuple[list[Segment], bool]:
+    """Pre-encode the whole SSE stream: its segments, and whether it ends in a dropped connection.
 
     Structural events (message_start, ping, block start/stop, message_delta,
     message_stop) ride in the same write as their neighbour; each content delta
     starts a new write paced by ``plan.pace_s``. ``error_after``/``drop_after``
-    cut the stream after that many text deltas.
+    cut the stream after that many text deltas (an error event ends the former).
     """
-    start = {"type": "message_start", "message": _message(model, [], None, _usage(plan, usage, 1))}
+    start = {"type": "message_start", "message": message_json(plan, model, usage, streaming=True)}
     # (paced, bytes, is_text_delta)
     events: list[tuple[bool, bytes, bool]] = [(False, _event("message_start", dumps(start)), False),
                                               (False, _PING, False)]
-    # (content block, delta type, delta field, delta values)
-    blocks = [({"type": "text", "text": ""}, "text_delta", "text", plan.text_deltas)] if plan.text is not None else []
-    blocks += [({"type": "tool_use", "id": t.id, "name": t.name, "input": {}}, "input_json_delta", "partial_json",
-                _json_chunks(t.input_json)) for t in plan.tool_calls]
-    for index, (block, delta_type, key, values) in enumerate(blocks):
+    for index, (block, delta_type, key, values, _) in enumerate(plan.blocks):
         block_start = {"type": "content_block_start", "index": index, "content_block": block}
         events.append((False, _event("content_block_start", dumps(block_start)), False))
         prefix = f'{{"type":"content_block_delta","index":{index},"delta":{{"type":"{delta_type}","{key}":'
@@ -408,20 +314,17 @@ def build_stream(plan: Plan, *, model: str, usage: dict[str, int]) -> tuple[list
                    for v in values]
         events.append((False, _event("content_block_stop", f'{{"type":"content_block_stop","index":{index}}}'), False))
     delta = {"type": "message_delta", "delta": {"stop_reason": plan.stop_reason, "stop_sequence": None},
-             "usage": {"output_tokens": _output_tokens(plan)}}
+             "usage": {"output_tokens": plan.output_tokens}}
     events += [(False, _event("message_delta", dumps(delta)), False), (False, _MESSAGE_STOP, False)]
 
-    outcome = "finish"
     cut_after = plan.error_after if plan.error_after is not None else plan.drop_after
+    drop = plan.error_after is None and plan.drop_after is not None
     if cut_after is not None:
-        outcome = "error" if plan.error_after is not None else "drop"
         # cut right after the cut_after-th text delta (after the ping for 0 or no text)
         ends = [2] + [i + 1 for i, (_, _, is_text) in enumerate(events) if is_text]
         events = events[: ends[min(cut_after, len(ends) - 1)]]
-        if outcome == "error":
-            etype, message = plan.cut_error()
-            err = {"type": "error", "error": {"type": etype, "message": message}}
-            events.append((False, _event("error", dumps(err)), False))
+        if not drop:
+            events.append((False, _event("error", dumps(error_body(*plan.error))), False))
 
     segments: list[Segment] = []
     buf: list[bytes] = []
@@ -431,6 +334,6 @@ def build_stream(plan: Plan, *, model: str, usage: dict[str, int]) -> tuple[list
             segments.append((delay, chunk(b"".join(buf)), len(buf)))
             buf, delay = [], plan.pace_s
         buf.append(data)
-    if buf:
-        segments.append((delay, chunk(b"".join(buf)), len(buf)))
-    return segments, outcome
+    # the last write ends the chunked body with the empty chunk, unless the connection is to drop
+    segments.append((delay, chunk(b"".join(buf)) + (b"" if drop else chunk(b"")), len(buf)))
+    return segments, drop

@@ -1,21 +1,23 @@
-"""The gate in front of every route: origin, auth, rate limits, body size, stream slot.
+"""The gate in front of every route: origin, auth, rate limits, body size, stream slot; and CORS.
 
-Modes (README "Security"), chosen at startup: `keys` (AGENT_API_KEYS), `local` (no keys:
-loopback clients naming a loopback Host only, so no DNS rebinding) and `disabled`. Each
-route's policy is marked where server/app.py lists it (`public`, `starts_turn`,
-`opens_stream`); other routes and unknown paths get the default checks. Order: origin
-(WebSocket always, HTTP when keyless) -> auth -> tokens/minute (turn starts) ->
-requests/minute -> body size (HTTP) -> a stream slot.
+Modes and origins: README "Security". Each route's policy is marked where server/app.py lists
+it (`public`, `starts_turn`, `opens_stream`); other routes and unknown paths get the default
+checks. Order: origin (WebSocket always, HTTP when keyless: without keys the network position
+is the only credential, so no web page may act for the user) -> auth -> tokens/minute (turn
+starts) -> requests/minute -> body size (HTTP) -> a stream slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, TypeVar
+from contextlib import asynccontextmanager, nullcontext
+from functools import partial
+from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import Headers, MutableHeaders, QueryParams
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
@@ -23,34 +25,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings, is_loopback
 from ..errors import ApiError, error_response
+from ..logs import handshake_refused
 from ..middleware import match_route
-from .keys import (ANONYMOUS, BEARER_SUBPROTOCOL, SCOPE_KEY, WS_SUBPROTOCOL, KeyRing, TicketSigner,
-                   bearer_token, principal_of, ticket_secret)
+from .keys import (ANONYMOUS, BEARER_SUBPROTOCOL, SCOPE_KEY, WS_SUBPROTOCOL, KeyRing, TicketSigner, principal_of,
+                   ticket_secret)
 from .limits import Limits, RedisLimiter
-from .origins import check_origin
-from .redaction import handshake_refused, install_log_redaction
 
 log = logging.getLogger("server.security")
-
-R = TypeVar("R", bound=BaseRoute)
-
-
-def _marker(flag: str) -> Callable[[R], R]:
-    def mark(route: R) -> R:
-        route.policy = getattr(route, "policy", frozenset()) | {flag}  # type: ignore[attr-defined]
-        return route
-    return mark
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-public = _marker("public")          # anyone may call it over HTTP: no key, origin check or limit
-starts_turn = _marker("turn")       # refused while the caller's tokens-per-minute budget is spent
-opens_stream = _marker("stream")    # holds one of the caller's concurrent stream slots while open
+def _mark(flag: str, route: BaseRoute) -> BaseRoute:
+    route.policy = getattr(route, "policy", frozenset()) | {flag}  # type: ignore[attr-defined]
+    return route
+
+
+public = partial(_mark, "public")          # anyone may call it over HTTP: no key, origin check or limit
+starts_turn = partial(_mark, "turn")       # refused while the caller's tokens-per-minute budget is spent
+opens_stream = partial(_mark, "stream")    # holds one of the caller's concurrent stream slots while open
 
 
 def _policy(scope: Scope) -> frozenset[str]:
     """The marks of the route this request goes to. A partial match (a wrong method) keeps
-    only `public`: the router answers it with a 405 that starts nothing."""
+    only `public`: the router answers it with a 405 that starts nothing. The route is kept
+    in the scope, so the metrics of a refused request need not match it again."""
     route, full = match_route(scope)
+    if route is None:
+        return frozenset()
+    scope["route"] = route  # (the router sets the same)
     marks = getattr(route, "policy", frozenset())
     return marks if full else marks & {"public"}
 
@@ -64,9 +66,10 @@ class Guard:
         self.mode = "keys" if len(self.keys) else ("disabled" if settings.auth_disabled else "local")
         self.tickets = TicketSigner(ticket_secret(settings.ticket_secret, self.keys, settings.anthropic_api_key),
                                     settings.ws_ticket_ttl_seconds)
-        self.origins = frozenset(settings.allowed_origins)
+        # ALLOWED_ORIGINS as (scheme, host, port) for `check_origin`; None for `*` (any)
+        self.origins = None if "*" in settings.allowed_origins else frozenset(
+            k for k in map(_origin_key, settings.allowed_origins) if k is not None)
         self.limits = Limits(settings)
-        install_log_redaction()
 
     @asynccontextmanager
     async def attached(self, engine: Any) -> AsyncIterator["Guard"]:
@@ -74,13 +77,6 @@ class Guard:
         if self.settings.redis_url:  # the store's client and pool: a burst waits for a connection
             self.limits.backend = RedisLimiter(engine.store.redis)
         engine.turn_listeners.append(self.limits.charge_tokens)
-        self._log_mode()
-        try:
-            yield self
-        finally:
-            await self.limits.drain()
-
-    def _log_mode(self) -> None:
         s = self.settings
         says = {"keys": f"auth: API keys required ({len(self.keys)} configured)",
                 "local": "auth: OFF for local development (no AGENT_API_KEYS): loopback clients only, as 'anonymous'",
@@ -90,6 +86,10 @@ class Guard:
                 "%s; rpm=%s tpm=%s streams/principal=%s upstream/worker=%s origins=%s", says,
                 s.rate_limit_rpm or "off", s.rate_limit_tpm or "off", s.max_concurrent_streams_per_principal or "off",
                 s.max_concurrent_upstream, ",".join(s.allowed_origins) or "none")
+        try:
+            yield self
+        finally:
+            await self.limits.drain()
 
     async def principal(self, scope: Scope, headers: Headers) -> str:
         """Who is calling; a WebSocket may also present its key as a subprotocol or a ticket."""
@@ -98,7 +98,8 @@ class Guard:
                 raise ApiError("unauthorized", "This server has no API keys configured (AGENT_API_KEYS) "
                                "and serves loopback clients only.")
             return ANONYMOUS
-        presented = bearer_token(headers.get("authorization"))
+        scheme, _, token = (headers.get("authorization") or "").strip().partition(" ")
+        presented = (token.strip() or None) if scheme.lower() == "bearer" else None
         if scope["type"] == "websocket" and "authorization" not in headers:
             offered = [p for p in scope.get("subprotocols") or () if p.startswith(BEARER_SUBPROTOCOL)]
             if not offered:
@@ -107,8 +108,7 @@ class Guard:
                     raise ApiError("unauthorized", "A valid API key or an unused, unexpired ticket is required.")
                 return ticket.principal
             presented = offered[0][len(BEARER_SUBPROTOCOL):] or None
-        principal = self.keys.authenticate(presented)
-        if principal is None:
+        if (principal := self.keys.authenticate(presented)) is None:
             raise ApiError("unauthorized")
         return principal
 
@@ -130,8 +130,7 @@ def _from_loopback(scope: Scope, host: str | None) -> bool:
 
 
 async def admit_turn(conn: HTTPConnection) -> None:
-    """For transports that start turns on an open connection (WebSocket frames): the same
-    per-minute limits as `POST /agent`."""
+    """For turns started on an open connection (WebSocket frames): the limits of `POST /agent`."""
     guard: Guard | None = getattr(conn.app.state, "guard", None)
     if guard is not None:
         await guard.limits.admit(conn.scope, turn=True)
@@ -141,8 +140,7 @@ class SecurityMiddleware:
     """Pure ASGI (streams pass through untouched)."""
 
     def __init__(self, app: ASGIApp, guard: Guard):
-        self.app = app
-        self.guard = guard
+        self.app, self.guard = app, guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -159,7 +157,7 @@ class SecurityMiddleware:
             if kind == "http":
                 receive, send = _limit_body(headers, receive, send, guard.settings.max_body_bytes,
                                             guard.settings.body_timeout_seconds)
-            slot = await guard.limits.take_stream_slot(scope) if "stream" in policy else None
+            slot = await guard.limits.take_stream_slot(scope) if "stream" in policy else nullcontext()
         except ApiError as exc:
             if kind == "http":
                 await error_response(exc)(scope, receive, send)
@@ -168,7 +166,7 @@ class SecurityMiddleware:
             return
         if kind == "websocket":
             send = _answer_subprotocol(scope, send)
-        async with guard.limits.holding(slot):
+        async with slot:
             await self.app(scope, receive, send)
 
 
@@ -188,20 +186,13 @@ def _answer_subprotocol(scope: Scope, send: Send) -> Send:
 
 async def _deny_websocket(scope: Scope, receive: Receive, send: Send, exc: ApiError) -> None:
     """Refuse the handshake with the same HTTP status and JSON error as over HTTP; servers
-    without the denial-response extension get a close (HTTP 403). Anyone can be refused:
-    that is worth an INFO line (uvicorn's `"WebSocket /path" 401`), never an ERROR one."""
+    without the denial-response extension get a close (HTTP 403)."""
     log.debug("WebSocket handshake refused: %s", exc.code)
-    handshake_refused()  # (uvicorn would log the unfinished handshake as an ERROR)
+    handshake_refused.set(True)  # (uvicorn would log the unfinished handshake as an ERROR)
     if "websocket.http.response" in (scope.get("extensions") or {}):
         await error_response(exc)(scope, receive, send)
     else:
         await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
-
-
-def request_timeout(part: str, seconds: float) -> ApiError:
-    """408 for a request head or body that did not arrive in time (HEADER_TIMEOUT_SECONDS in
-    server/http_protocol.py, BODY_TIMEOUT_SECONDS below)."""
-    return ApiError("request_timeout", f"The request {part} did not arrive within {seconds:g} s.")
 
 
 def _limit_body(headers: Headers, receive: Receive, send: Send, limit: int,
@@ -211,12 +202,11 @@ def _limit_body(headers: Headers, receive: Receive, send: Send, limit: int,
     seconds after its head. Only the body counts: once it is complete, `receive` (an SSE
     answer waiting for the client to leave) waits as long as it likes."""
     length = headers.get("content-length")
-    if length is not None:
-        try:
-            if int(length) > limit:
-                raise ApiError("body_too_large", f"The request body is larger than {limit} bytes.")
-        except ValueError:
-            raise ApiError("invalid_request", "Content-Length is not a number.") from None
+    try:
+        if length is not None and int(length) > limit:
+            raise ApiError("body_too_large", f"The request body is larger than {limit} bytes.")
+    except ValueError:
+        raise ApiError("invalid_request", "Content-Length is not a number.") from None
     total = 0
     deadline = asyncio.get_running_loop().time() + timeout
     # No Content-Length and not chunked: no body to wait for.
@@ -233,7 +223,7 @@ def _limit_body(headers: Headers, receive: Receive, send: Send, limit: int,
                     message = await receive()
             except TimeoutError:
                 timed_out = True
-                raise request_timeout("body", timeout) from None
+                raise ApiError("request_timeout", f"The request body did not arrive within {timeout:g} s.") from None
             complete = message["type"] != "http.request" or not message.get("more_body", False)
         if message["type"] == "http.request":
             total += len(message.get("body", b""))
@@ -247,3 +237,64 @@ def _limit_body(headers: Headers, receive: Receive, send: Send, limit: int,
         await send(message)
 
     return limited, (send if complete else closing)
+
+
+def cors_options(settings: Settings) -> dict[str, Any]:
+    """For `AllowlistCORS`. No credentials ever (keys travel in headers): `*` leaks nothing."""
+    return dict(allow_origins=list(settings.allowed_origins), allow_credentials=False,
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                expose_headers=["X-Session-ID", "X-Turn-ID", "Retry-After", "X-Request-ID"], max_age=600)
+
+
+class AllowlistCORS(CORSMiddleware):
+    """Starlette's CORSMiddleware, except that a foreign Origin gets no CORS header at all
+    (Starlette still adds Expose-Headers) and a foreign preflight a JSON 403."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and not self.is_allowed_origin(origin):
+                if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                    await error_response(ApiError("forbidden_origin"))(scope, receive, send)
+                    return
+
+                async def send_vary(message: Message) -> None:
+                    if message["type"] == "http.response.start":
+                        MutableHeaders(scope=message).add_vary_header("Origin")
+                    await send(message)
+
+                await self.app(scope, receive, send_vary)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def check_origin(allowed: frozenset[tuple[str, str, int]] | None, headers: Headers, scope: Scope) -> None:
+    """A browser's Origin must be in ALLOWED_ORIGINS (scheme, host and port), or be this
+    server's own origin: the scheme the request came in by (X-Forwarded-Proto from a
+    trusted proxy, as uvicorn's --proxy-headers put it in the scope; ws/wss count as
+    http/https) and the Host header's host and port (the built-in chat page)."""
+    origin, host = headers.get("origin"), headers.get("host")
+    if origin is None or allowed is None:
+        return
+    key = _origin_key(origin)
+    scheme = str(scope.get("scheme") or "http").lower().replace("ws", "http")  # ws(s) -> http(s)
+    if key is not None and (key in allowed or host and "/" not in host and key == _origin_key(f"{scheme}://{host}")):
+        return
+    raise ApiError("forbidden_origin", "This origin is not allowed (ALLOWED_ORIGINS).")
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin, the port made explicit; None if it is not an
+    http(s) origin (`null`, a path, credentials, garbage)."""
+    try:
+        parts = urlsplit(origin.strip().rstrip("/"))
+        port = parts.port
+    except ValueError:
+        return None
+    if (scheme := parts.scheme) not in _DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc or parts.path \
+            or parts.query or parts.fragment:
+        return None
+    return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme]
+

@@ -1,10 +1,7 @@
-"""Who is calling: API keys (README "Security"), WebSocket tickets, and the principal they name.
+"""Who is calling (README "Security"): API keys, WebSocket tickets, and the principal they name.
 
-A key from `AGENT_API_KEYS` (plaintext, or `sha256:<hex>`) comes as `Authorization: Bearer`,
-or on a WebSocket as the subprotocol `bearer.<key>` next to `agent`, or is swapped for a
-single-use `?ticket=` (`POST /ws-ticket`). Its principal, `key:<first 12 hex of sha256(key)>`,
-names it in logs, session owners and counters without revealing it. Keys are compared as
-sha256 digests with `hmac.compare_digest`, against every configured key.
+A key (plaintext, or `sha256:<hex>`) comes as `Authorization: Bearer`, or on a WebSocket as the
+subprotocol `bearer.<key>` next to `agent`, or is swapped for a single-use `?ticket=`.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import hmac
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from starlette.requests import HTTPConnection
 
@@ -60,26 +57,12 @@ class KeyRing:
         if not presented or len(presented) > 4096:
             return None
         digest = hashlib.sha256(presented.encode()).digest()
-        found: bytes | None = None
-        for known in self._digests:  # no early exit: the time does not depend on which key matched
-            if hmac.compare_digest(digest, known):
-                found = known
-        return principal_for_digest(found) if found is not None else None
-
-    def material(self) -> bytes:
-        return b"".join(sorted(self._digests))
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None
+        # A list, not any(): no early exit, so the time does not depend on which key matched.
+        return principal_for_digest(digest) if any([hmac.compare_digest(digest, k) for k in self._digests]) else None
 
 
 # -- WebSocket tickets -------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Ticket:
+class Ticket(NamedTuple):
     principal: str
     expires: int
     nonce: str
@@ -125,5 +108,5 @@ def ticket_secret(configured: str | None, keys: KeyRing, anthropic_key: str | No
     ANTHROPIC_API_KEY), so tickets work across workers without extra configuration."""
     if configured:
         return hashlib.sha256(b"agent-ws-ticket:" + configured.encode()).digest()
-    material = b"agent-ws-ticket-derived:" + keys.material() + b":" + (anthropic_key or "").encode()
+    material = b"agent-ws-ticket-derived:" + b"".join(sorted(keys._digests)) + b":" + (anthropic_key or "").encode()
     return hashlib.sha256(material).digest()

@@ -24,7 +24,7 @@ import logging
 import math
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, AsyncIterator
 
 import redis.asyncio as aioredis
@@ -61,17 +61,15 @@ if ARGV[3] ~= 'peek' then
 end
 return 0
 """ % {"period": PERIOD_MS}
-# KEYS: zset   ARGV: slot max ttl_ms   -> 1 taken, 0 full
-_SLOT_TAKE = _NOW + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-# KEYS: zset   ARGV: slot ttl_ms
-_SLOT_RENEW = _NOW + """
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+# KEYS: zset   ARGV: slot ttl_ms max|'renew'   -> 1 taken (or renewed), 0 full
+_SLOT = _NOW + """
+if ARGV[3] == 'renew' then
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+else
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -87,18 +85,17 @@ class RedisLimiter:
     def __init__(self, redis: aioredis.Redis):
         self.redis = redis
         self._gcra = redis.register_script(_GCRA)
-        self._take = redis.register_script(_SLOT_TAKE)
-        self._renew = redis.register_script(_SLOT_RENEW)
+        self._slot = redis.register_script(_SLOT)
 
     async def gcra(self, key: str, per_minute: int, cost: int, mode: str) -> float:
         """Seconds to wait (0: allowed)."""
         return int(await self._gcra(keys=[key], args=[PERIOD_MS / per_minute, cost, mode])) / 1000
 
     async def take_slot(self, key: str, slot: str, limit: int) -> bool:
-        return bool(await self._take(keys=[key], args=[slot, limit, SLOT_TTL_MS]))
+        return bool(await self._slot(keys=[key], args=[slot, SLOT_TTL_MS, limit]))
 
     async def renew_slot(self, key: str, slot: str) -> None:
-        await self._renew(keys=[key], args=[slot, SLOT_TTL_MS])
+        await self._slot(keys=[key], args=[slot, SLOT_TTL_MS, "renew"])
 
     async def release_slot(self, key: str, slot: str) -> None:
         await self.redis.zrem(key, slot)
@@ -113,26 +110,24 @@ class MemoryLimiter:
     slots need no expiry: they die with the process that holds them."""
 
     def __init__(self) -> None:
-        self._tat: dict[str, float] = {}
+        self._until: dict[str, float] = {}  # GCRA arrival times and ticket claims' expiries (ms)
         self._slots: dict[str, set[str]] = {}
-        self._claimed: dict[str, float] = {}
         self._sweep_at = 0.0
 
     def _now(self) -> float:
         now = time.monotonic() * 1000
         if now >= self._sweep_at:  # forget full buckets and expired claims once a period
             self._sweep_at = now + PERIOD_MS
-            self._tat = {k: v for k, v in self._tat.items() if v > now}
-            self._claimed = {k: v for k, v in self._claimed.items() if v > now}
+            self._until = {k: v for k, v in self._until.items() if v > now}
         return now
 
     async def gcra(self, key: str, per_minute: int, cost: int, mode: str) -> float:
         now = self._now()
-        new_tat = max(self._tat.get(key, 0.0), now) + PERIOD_MS / per_minute * cost
+        new_tat = max(self._until.get(key, 0.0), now) + PERIOD_MS / per_minute * cost
         if mode != "force" and new_tat - now > PERIOD_MS:
             return (new_tat - now - PERIOD_MS) / 1000
         if mode != "peek":
-            self._tat[key] = new_tat
+            self._until[key] = new_tat
         return 0.0
 
     async def take_slot(self, key: str, slot: str, limit: int) -> bool:
@@ -153,9 +148,9 @@ class MemoryLimiter:
 
     async def claim_once(self, name: str, ttl_seconds: int) -> bool:
         now = self._now()
-        if self._claimed.get(name, 0.0) > now:
+        if self._until.get(name, 0.0) > now:  # (a nonce never looks like a bucket key)
             return False
-        self._claimed[name] = now + ttl_seconds * 1000
+        self._until[name] = now + ttl_seconds * 1000
         return True
 
 
@@ -182,33 +177,29 @@ class Limits:
                 raise _rate_limited(wait, "requests_per_minute",
                                     f"Too many requests: the limit is {s.rate_limit_rpm} per minute.")
 
-    async def take_stream_slot(self, scope: Scope) -> tuple[str, str] | None:
-        """One of the caller's concurrent streams (SSE, WebSocket), for `holding`."""
+    async def take_stream_slot(self, scope: Scope) -> AbstractAsyncContextManager[None]:
+        """One of the caller's concurrent streams (SSE, WebSocket): held while in the returned context."""
         limit = self.settings.max_concurrent_streams_per_principal
         if not limit:
-            return None
+            return nullcontext()
         key, slot = bucket_key(_identity(scope), "streams"), secrets.token_hex(8)
         if not await self._safe(self.backend.take_slot(key, slot, limit), True):
             raise _rate_limited(5, "concurrent_streams", f"Too many open streams: at most {limit} at once per API key.")
-        return key, slot
+        return self._holding(key, slot)
 
     @asynccontextmanager
-    async def holding(self, slot: tuple[str, str] | None) -> AsyncIterator[None]:
-        """The slot stays taken (renewed) while the stream is open."""
-        if slot is None:
-            yield
-            return
-        renewer = asyncio.create_task(self._renew(*slot))
+    async def _holding(self, key: str, slot: str) -> AsyncIterator[None]:
+        renewer = asyncio.create_task(self._renew(key, slot))
         try:
             yield
         finally:
             renewer.cancel()
-            await self._safe(self.backend.release_slot(*slot), None)
+            await self._safe(self.backend.release_slot(key, slot))
 
     async def _renew(self, key: str, slot: str) -> None:
         while True:
             await asyncio.sleep(SLOT_TTL_MS / 3000)
-            await self._safe(self.backend.renew_slot(key, slot), None)
+            await self._safe(self.backend.renew_slot(key, slot))
 
     def charge_tokens(self, principal: str, usage: Any) -> None:
         """Engine listener: a finished turn's tokens go on its owner's per-minute budget."""
@@ -216,13 +207,12 @@ class Limits:
         if not self.settings.rate_limit_tpm or tokens <= 0:
             return
         charge = self.backend.gcra(bucket_key(principal, "tpm"), self.settings.rate_limit_tpm, tokens, "force")
-        task = asyncio.get_running_loop().create_task(self._safe(charge, 0))
+        task = asyncio.get_running_loop().create_task(self._safe(charge))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
-        """At shutdown: let the last charges reach Redis."""
-        if self._tasks:
+        if self._tasks:  # at shutdown: let the last charges reach Redis
             await asyncio.wait(list(self._tasks), timeout=2)
 
     async def claim(self, nonce: str, ttl_seconds: int) -> bool:
@@ -233,10 +223,9 @@ class Limits:
         except (RedisError, OSError, asyncio.TimeoutError):
             raise ApiError("store_unavailable") from None
 
-    async def _safe(self, coro: Any, default: Any) -> Any:
-        """Rate limits and stream slots fail open while Redis does not answer: every route
-        they guard needs the same Redis for its session and answers `store_unavailable`
-        then, so nothing gets through that could spend tokens."""
+    async def _safe(self, coro: Any, default: Any = None) -> Any:
+        """Rate limits and stream slots fail open while Redis does not answer: every route they
+        guard needs it too and answers `store_unavailable`, so nothing can spend tokens."""
         try:
             return await coro
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -250,11 +239,9 @@ class Limits:
 
 def _identity(scope: Scope) -> str:
     """Who the per-request limits count: the key's principal, else the client address."""
-    principal = scope.get(SCOPE_KEY) or ANONYMOUS
-    if principal != ANONYMOUS:
+    if (principal := scope.get(SCOPE_KEY) or ANONYMOUS) != ANONYMOUS:
         return principal
-    client = scope.get("client")
-    return f"ip:{client[0]}" if client else "ip:unknown"
+    return f"ip:{client[0]}" if (client := scope.get("client")) else "ip:unknown"
 
 
 def _rate_limited(wait: float, limit: str, message: str) -> ApiError:

@@ -7,8 +7,6 @@ from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount
-from starlette.staticfiles import StaticFiles
 
 WEB = Path(__file__).resolve().parent / "web"
 
@@ -23,8 +21,3 @@ PAGE_HEADERS = {
 
 async def chat_page(request: Request) -> Response:
     return FileResponse(WEB / "index.html", headers=PAGE_HEADERS)
-
-
-def mount() -> Mount:
-    """`/static/*`: the page's script and stylesheet."""
-    return Mount("/static", app=StaticFiles(directory=WEB), name="static")

@@ -15,14 +15,16 @@ import re
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from ..events import Event
 from ..usage import Usage
 
 # The sequence number of the `error` event that ends a turn whose worker died: above any real
-# event's, so its id never names another event and every resuming client still receives it.
-# (Nine digits: the longest an event id may carry, see events.parse_event_id.)
+# event's, so its id never names another event and every resuming client still receives it
+# (that worker may have handed its followers events that never reached the log, so the number
+# after the log's last could name an event a client already has).
+# (Nine digits: the longest an event id may carry, see events.resume_after.)
 ABANDONED_SEQ = 999_999_999
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")  # fullmatch: `$` would let "…\n" through
@@ -143,45 +145,31 @@ class SessionView:
     turns: list[dict[str, Any]]
 
 
-CancelHandler = Callable[[str], Awaitable[None] | None]
+CancelHandler = Callable[[str], object]  # the engine's cancel_local: called on every worker
 
 
 class Store(Protocol):
+    """What the engine asks of a backend: `MemoryStore` and `RedisStore` (tests/test_store.py runs both)."""
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
                          message_id: str | None) -> BeginResult: ...
-
     async def renew_lock(self, session_id: str, turn_id: str) -> bool: ...
-
-    async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
-        """Append event batches to their turns' logs and renew (session, turn) locks, in one
-        round trip; returns whether each lock was still held."""
-
-    async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
-        """False when the lock was lost (fenced): nothing was written."""
-
-    async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
-        """If the turn's lock is gone and its log has no terminal event, append an `error` event
-        at `ABANDONED_SEQ` (`error_fields`: its JSON members after `type` and `id`); True if so."""
-
-    async def read_events(self, session_id: str, turn_id: str, after_seq: int,
-                          block_ms: int) -> list[Event]: ...
-
+    # Appends event batches to their turns' logs and renews (session, turn) locks, in one round
+    # trip; returns whether each lock was still held.
+    async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]: ...
+    # False when the lock was lost (fenced): nothing was written.
+    async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool: ...
+    # If the turn's lock is gone and its log has no terminal event, appends an `error` event at
+    # `ABANDONED_SEQ` (`error_fields`: its JSON members after `type` and `id`); True if so.
+    async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool: ...
+    async def read_events(self, session_id: str, turn_id: str, after_seq: int, block_ms: int) -> list[Event]: ...
     async def lock_holder(self, session_id: str) -> str | None: ...
-
-    async def has_log(self, session_id: str, turn_id: str) -> bool:
-        """Whether the turn's event log still exists (it expires after the turn)."""
-
-    async def last_turn(self, session_id: str, owner: str) -> tuple[str | None, bool] | None:
-        """(last turn id, is it running) or None when the session does not exist for owner."""
-
+    # Whether the turn's event log still exists (it expires after the turn).
+    async def has_log(self, session_id: str, turn_id: str) -> bool: ...
+    # (last turn id, is it running), or None when the session does not exist for owner.
+    async def last_turn(self, session_id: str, owner: str) -> tuple[str | None, bool] | None: ...
     async def get_session(self, session_id: str, owner: str) -> SessionView | None: ...
-
     async def delete_session(self, session_id: str, owner: str) -> bool: ...
-
     async def publish_cancel(self, turn_id: str) -> None: ...
-
     async def start(self, on_cancel: CancelHandler) -> None: ...
-
     async def ping(self) -> bool: ...
-
     async def close(self) -> None: ...

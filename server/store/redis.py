@@ -15,33 +15,36 @@ in one Redis Cluster slot and the Lua scripts below stay legal there.
 
 Round trips per turn: one to begin (lock + history), one to finish (fenced commit + final
 events), none per token; the running turns' event-log writes and lock renewals share one
-round trip per flush interval (see housekeeping.py).
+round trip per flush interval (see the Housekeeper in turns.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Iterable
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..events import Event
 from ..usage import Usage
 from .base import (ABANDONED_SEQ, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, StoredMessage, TurnCommit)
-from .redis_channel import CommandChannel
 
 log = logging.getLogger("server.store")
 
 CANCEL_CHANNEL = "agent:cancel"
-PIPELINE_TIMEOUT = 15.0  # as the pool's socket timeout: an unresponsive Redis fails the call
 
 # KEYS: meta msgs lock mids turns   ARGV: turn owner create lock_ms ttl idem_ttl now message_id
 # Ownership is checked before anything else: a `message_id` of another principal's session
@@ -56,11 +59,8 @@ elseif owner ~= ARGV[2] then
   return {'not_found'}
 end
 if ARGV[8] ~= '' then
-  local seen = redis.call('HGET', KEYS[4], ARGV[8])
-  if seen then
-    local turn, expires = string.match(seen, '^(%S+) (%S+)$')
-    if tonumber(expires) > tonumber(ARGV[7]) then return {'duplicate', turn} end
-  end
+  local turn, expires = string.match(redis.call('HGET', KEYS[4], ARGV[8]) or '', '^(%S+) (%S+)$')
+  if turn and tonumber(expires) > tonumber(ARGV[7]) then return {'duplicate', turn} end
 end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return {'busy', holder} end
@@ -72,53 +72,35 @@ if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[8], ARGV[1] .. ' ' .. (tonumber(ARGV[7]) + tonumber(ARGV[6])))
   redis.call('EXPIRE', KEYS[4], ARGV[5])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('EXPIRE', KEYS[5], ARGV[5])
+for _, k in ipairs({1, 2, 5}) do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
 return {'started', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1), stale}
 """
 
 # KEYS: lock   ARGV: turn lock_ms
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
+_RENEW = "return redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PEXPIRE', KEYS[1], ARGV[2]) or 0"
 
 # KEYS: meta msgs lock turns log
 # ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen
 #       first_seq last_seq last_type data msg*nmsgs
+# An entry's fields are always f, t, d in that order: its type is the 4th element.
 _FINISH = """
+local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)[1]
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   -- Not (or no longer) ours. A call retried after its reply was lost finds its own final
   -- event on top of the log: it did commit.
-  local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
-  if top[1] and top[1][1] == '0-' .. ARGV[15] then
-    local fields = top[1][2]
-    for j = 1, #fields, 2 do
-      if fields[j] == 't' and fields[j + 1] == ARGV[16] then return 1 end
-    end
-  end
-  return 0
+  return (top and top[1] == '0-' .. ARGV[15] and top[2][4] == ARGV[16]) and 1 or 0
 end
 local nmsgs = tonumber(ARGV[2])
 for i = 18, 17 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('RPUSH', KEYS[4], ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'in', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'out', ARGV[5])
-redis.call('HINCRBY', KEYS[1], 'cw', ARGV[6])
-redis.call('HINCRBY', KEYS[1], 'cr', ARGV[7])
+for i, name in ipairs({'in', 'out', 'cw', 'cr'}) do redis.call('HINCRBY', KEYS[1], name, ARGV[3 + i]) end
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost', ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'turns', 1)
 redis.call('HINCRBY', KEYS[1], 'nmsgs', nmsgs)
 if ARGV[9] ~= '0' then redis.call('HSET', KEYS[1], 'last_in', ARGV[9], 'last_chars', ARGV[10]) end
 redis.call('HDEL', KEYS[1], 'active')
 redis.call('DEL', KEYS[3])
-local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)
-local written = 0
-if top[1] then written = tonumber(string.match(top[1][1], '-(%d+)$')) end
-if tonumber(ARGV[15]) > written then
+if tonumber(ARGV[15]) > (top and tonumber(string.match(top[1], '-(%d+)$')) or 0) then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[13], '0-' .. ARGV[15], 'f', ARGV[14], 't', ARGV[16], 'd', ARGV[17])
 end
 redis.call('EXPIRE', KEYS[5], ARGV[12])
@@ -126,19 +108,11 @@ for k = 1, 4 do if k ~= 3 then redis.call('EXPIRE', KEYS[k], ARGV[11]) end end
 return 1
 """
 
-# KEYS: meta lock log   ARGV: turn error_fields log_ttl seq
-# The error goes at a fixed sequence number above any real event's (`ABANDONED_SEQ`): the
-# dead worker may have handed events to its own followers that never reached the log, so
-# "the next number after the log's last" could name an event a client already has.
+# KEYS: meta lock log   ARGV: turn error_fields log_ttl seq (ABANDONED_SEQ: see why in base.py)
 _ABANDON = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
-local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-if last[1] then
-  local fields = last[1][2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 't' and (fields[j + 1] == 'turn_end' or fields[j + 1] == 'error') then return 0 end
-  end
-end
+local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)[1]
+if top and (top[2][4] == 'turn_end' or top[2][4] == 'error') then return 0 end
 local data = '{"type":"error","id":"' .. ARGV[1] .. ':' .. ARGV[4] .. '",' .. ARGV[2] .. '}'
 redis.call('XADD', KEYS[3], '0-' .. ARGV[4], 'f', ARGV[4], 't', 'error', 'd', data)
 redis.call('EXPIRE', KEYS[3], ARGV[3])
@@ -153,13 +127,6 @@ def _k(session_id: str, name: str) -> str:
 
 def _keys(session_id: str, *names: str) -> list[str]:
     return [_k(session_id, name) for name in names]
-
-
-def _arg(value: bytes | str | int | float) -> bytes:
-    """A command argument as redis-py would encode it."""
-    if isinstance(value, bool) or not isinstance(value, (bytes, str, int, float)):
-        raise TypeError(f"not a Redis argument: {value!r}")
-    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _command(*args: bytes) -> bytes:
@@ -177,9 +144,13 @@ def _xadd(key: bytes, maxlen: bytes, seq: int, first_seq: int, type_: bytes, dat
                len(type_), type_, len(data), data))
 
 
-def _evalsha(script: Any, keys: list[str], args: list[Any]) -> bytes:
-    """EVALSHA of a registered script (its `sha`), encoded."""
-    return _command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *[_arg(a) for a in (*keys, *args)])
+def _evalsha(script: Any, keys: list[str], args: list[bytes | str | int | float]) -> bytes:
+    """EVALSHA of a registered script, its arguments encoded as redis-py would."""
+    for value in args:
+        if isinstance(value, bool) or not isinstance(value, (bytes, str, int, float)):
+            raise TypeError(f"not a Redis argument: {value!r}")
+    encoded = [a if isinstance(a, bytes) else str(a).encode() for a in (*keys, *args)]
+    return _command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *encoded)
 
 
 class RedisStore:
@@ -195,17 +166,14 @@ class RedisStore:
                                                         health_check_interval=30, socket_timeout=15,
                                                         socket_connect_timeout=5, retry=retry)
         self.redis = aioredis.Redis(connection_pool=pool)
-        # The per-turn scripts and the event-log flush share one connection (see redis_channel).
-        self._channel = CommandChannel(pool, timeout=PIPELINE_TIMEOUT)
+        self._channel = CommandChannel(pool, timeout=15.0)  # begin, commit and flush; timeout as the pool's
         self.session_ttl = session_ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.log_ttl = log_ttl
         self.log_maxlen = log_maxlen
         self.idempotency_ttl = idempotency_ttl
-        self._begin = self.redis.register_script(_BEGIN)
-        self._renew = self.redis.register_script(_RENEW)
-        self._finish = self.redis.register_script(_FINISH)
-        self._abandon = self.redis.register_script(_ABANDON)
+        self._begin, self._renew, self._finish, self._abandon = map(self.redis.register_script,
+                                                                    (_BEGIN, _RENEW, _FINISH, _ABANDON))
         self._listener: asyncio.Task[None] | None = None
 
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
@@ -213,16 +181,14 @@ class RedisStore:
         keys = _keys(session_id, "meta", "msgs", "lock", "mids", "turns")
         args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
                 time.time(), message_id or ""]
-        result = await self._run_script(self._begin, keys, args)
-        status = result[0].decode()
-        if status == "started":
-            return Started(meta=_meta_from_hash(result[1]), history=[StoredMessage(m) for m in result[2]],
-                           stale_turn_id=result[3].decode() or None)
-        if status == "busy":
-            return Busy(result[1].decode())
-        if status == "duplicate":
-            return Duplicate(result[1].decode())
-        return NotFound()
+        status, *result = await self._run_script(self._begin, keys, args)
+        if status == b"started":
+            fields, history, stale = result
+            return Started(meta=_meta_from_hash(zip(fields[::2], fields[1::2])),
+                           history=[StoredMessage(m) for m in history], stale_turn_id=stale.decode() or None)
+        if status == b"not_found":
+            return NotFound()
+        return (Busy if status == b"busy" else Duplicate)(result[0].decode())
 
     async def renew_lock(self, session_id: str, turn_id: str) -> bool:
         return bool(await self._renew(keys=[_k(session_id, "lock")], args=[turn_id, self.lock_ms]))
@@ -237,16 +203,14 @@ class RedisStore:
         commands: list[bytes] = []
         for b in batches:
             key = _k(b.session_id, f"log:{b.turn_id}").encode()
-            events = b.events
-            last = events[-1]
-            commands.append(_xadd(key, maxlen, last.seq, events[0].seq, last.type.encode(),
-                                  b"\n".join([e.data for e in events])))
+            last = b.events[-1]
+            commands.append(_xadd(key, maxlen, last.seq, b.events[0].seq, last.type.encode(),
+                                  b"\n".join([e.data for e in b.events])))
             if b.first:
                 # While the turn runs its log outlives a session's patience; a crashed worker's
                 # log still expires. The commit sets the final TTL.
                 commands.append(_command(b"EXPIRE", key, first_ttl))
-        for session_id, turn_id in renewals:
-            commands.append(_evalsha(self._renew, [_k(session_id, "lock")], [turn_id, self.lock_ms]))
+        commands += [_evalsha(self._renew, [_k(sid, "lock")], [tid, self.lock_ms]) for sid, tid in renewals]
         results = await self._channel.execute(commands) if commands else []
         split = len(results) - len(renewals)
         for result in results[:split]:
@@ -288,16 +252,15 @@ class RedisStore:
 
     async def read_events(self, session_id: str, turn_id: str, after_seq: int,
                           block_ms: int) -> list[Event]:
-        key = _k(session_id, f"log:{turn_id}")
-        reply = await self.redis.xread({key: f"0-{after_seq}"}, count=1000,
+        reply = await self.redis.xread({_k(session_id, f"log:{turn_id}"): f"0-{after_seq}"}, count=1000,
                                        block=block_ms if block_ms > 0 else None)
         events: list[Event] = []
         for _stream, entries in reply or []:
             for _entry_id, fields in entries:
                 seq = int(fields[b"f"])
-                for data in fields[b"d"].split(b"\n"):
+                for data in fields[b"d"].split(b"\n"):  # each event starts with `{"type":"<type>"`
                     if seq > after_seq:
-                        events.append(Event(seq, _type_of(data), f"{turn_id}:{seq}", data))
+                        events.append(Event(seq, data[9:data.index(b'"', 9)].decode(), f"{turn_id}:{seq}", data))
                     seq += 1
         return events
 
@@ -309,30 +272,23 @@ class RedisStore:
         return holder.decode() if holder else None
 
     async def last_turn(self, session_id: str, owner: str) -> tuple[str | None, bool] | None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(_k(session_id, "meta"), "owner", "last")
-        pipe.get(_k(session_id, "lock"))
-        (found_owner, last), holder = await pipe.execute()
-        if found_owner is None or found_owner.decode() != owner:
+        pipe = self.redis.pipeline(transaction=False).hmget(_k(session_id, "meta"), "owner", "last")
+        (found_owner, last), holder = await pipe.get(_k(session_id, "lock")).execute()
+        if found_owner != owner.encode():
             return None
-        last_id = last.decode() if last else None
-        return last_id, bool(holder) and holder.decode() == last_id
+        return (last.decode() if last else None), bool(last) and holder == last
 
     async def get_session(self, session_id: str, owner: str) -> SessionView | None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(_k(session_id, "meta"))
-        pipe.lrange(_k(session_id, "msgs"), 0, -1)
-        pipe.lrange(_k(session_id, "turns"), 0, -1)
-        raw_meta, msgs, turns = await pipe.execute()
-        if not raw_meta or raw_meta.get(b"owner", b"").decode() != owner:
+        meta, msgs, turns = _keys(session_id, "meta", "msgs", "turns")
+        pipe = self.redis.pipeline(transaction=False).hgetall(meta).lrange(msgs, 0, -1).lrange(turns, 0, -1)
+        raw_meta, raw_msgs, raw_turns = await pipe.execute()
+        if raw_meta.get(b"owner") != owner.encode():
             return None
-        flat: list[bytes] = [x for kv in raw_meta.items() for x in kv]
-        return SessionView(meta=_meta_from_hash(flat), history=[json.loads(m) for m in msgs],
-                           turns=[json.loads(t) for t in turns])
+        return SessionView(meta=_meta_from_hash(raw_meta.items()), history=[json.loads(m) for m in raw_msgs],
+                           turns=[json.loads(t) for t in raw_turns])
 
     async def delete_session(self, session_id: str, owner: str) -> bool:
-        found = await self.redis.hget(_k(session_id, "meta"), "owner")
-        if found is None or found.decode() != owner:
+        if await self.redis.hget(_k(session_id, "meta"), "owner") != owner.encode():
             return False
         keys = _keys(session_id, "meta", "msgs", "turns", "lock", "mids")
         keys += [key async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500)]
@@ -357,9 +313,7 @@ class RedisStore:
                         lost = False
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            result = on_cancel(message["data"].decode())
-                            if asyncio.iscoroutine(result):
-                                await result
+                            on_cancel(message["data"].decode())
                 except asyncio.CancelledError:
                     await pubsub.aclose()
                     raise
@@ -381,30 +335,139 @@ class RedisStore:
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await self._listener
-            except (asyncio.CancelledError, RedisError, OSError):
-                pass
         await self._channel.close()
         await self.redis.aclose()
 
 
-def _type_of(data: bytes) -> str:
-    """Every event starts with `{"type":"<type>"`."""
-    return data[9:data.index(b'"', 9)].decode()
+def _meta_from_hash(pairs: Iterable[tuple[bytes, bytes]]) -> SessionMeta:
+    h = {k.decode(): v.decode() for k, v in pairs}
+    n = {k: int(h.get(k, 0)) for k in ("in", "out", "cw", "cr", "turns", "nmsgs", "last_in", "last_chars")}
+    return SessionMeta(owner=h.get("owner", ""), created_at=float(h.get("created", 0)), turns=n["turns"],
+                       usage=Usage(n["in"], n["out"], n["cw"], n["cr"]), cost_usd=float(h.get("cost", 0)),
+                       last_turn_id=h.get("last") or None, active_turn_id=h.get("active") or None,
+                       message_count=n["nmsgs"], last_input_tokens=n["last_in"], last_input_chars=n["last_chars"])
 
 
-def _meta_from_hash(flat: list[bytes]) -> SessionMeta:
-    h = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-    return SessionMeta(
-        owner=h.get("owner", ""),
-        created_at=float(h.get("created", 0)),
-        usage=Usage(int(h.get("in", 0)), int(h.get("out", 0)), int(h.get("cw", 0)), int(h.get("cr", 0))),
-        cost_usd=float(h.get("cost", 0)),
-        turns=int(h.get("turns", 0)),
-        message_count=int(h.get("nmsgs", 0)),
-        last_turn_id=h.get("last") or None,
-        active_turn_id=h.get("active") or None,
-        last_input_tokens=int(h.get("last_in", 0)),
-        last_input_chars=int(h.get("last_chars", 0)),
-    )
+class CommandChannel:
+    """One Redis connection shared by every caller of the hot commands (begin, commit, flush).
+
+    Redis answers a connection's commands in order, so concurrent callers can share one: each
+    writes its encoded commands in one go and waits for as many replies, which a reader task
+    hands out first in, first out. That saves a pool checkout per call (lock, health check,
+    timers) and sends concurrent turns' commands in fewer writes.
+
+    A caller that stops waiting (cancelled with its turn) leaves its replies to be read and
+    dropped, so the order holds. A connection that fails or does not answer within `timeout`
+    fails every caller waiting on it and is replaced by the next call, as is one idle longer
+    than `max_idle` (a NAT or a proxy may have dropped it silently).
+    """
+    def __init__(self, pool: aioredis.ConnectionPool, *, timeout: float, max_idle: float = 30.0) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._max_idle = max_idle
+        self._conn: AbstractConnection | None = None
+        self._calls: deque[tuple[asyncio.Future[list[Any]], int, float]] = deque()  # (waiter, replies due, sent at)
+        self._tasks: list[asyncio.Task[None]] = []  # the reader and the watchdog of `_conn`
+        self._connecting = asyncio.Lock()  # (bound to no loop until first used)
+        self._closing: set[asyncio.Future[None]] = set()
+        self._last_used = 0.0
+
+    async def execute(self, commands: list[bytes]) -> list[Any]:
+        """Send encoded commands in one write and return their replies, an error reply as
+        its `ResponseError` (not raised). Raises redis' ConnectionError or TimeoutError."""
+        now = time.monotonic()
+        conn = self._conn
+        if conn is None or not conn.is_connected or now - self._last_used > self._max_idle:
+            conn = await self._connect(now)
+        self._last_used = now
+        waiter = asyncio.get_running_loop().create_future()
+        self._calls.append((waiter, len(commands), now))  # (appended and written in one step: the order of the replies)
+        try:
+            await conn.send_packed_command(b"".join(commands), check_health=False)
+        except BaseException as exc:  # a failed (or interrupted) write: the connection is unusable
+            waiter.cancel()
+            if self._conn is conn:
+                self._drop(exc if isinstance(exc, RedisConnectionError)
+                           else RedisConnectionError(f"Redis write failed: {exc!r}"))
+            raise
+        return await waiter
+
+    async def close(self) -> None:
+        self._drop(RedisConnectionError("the store is closing"))
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _connect(self, now: float) -> AbstractConnection:
+        async with self._connecting:
+            conn = self._conn
+            if conn is not None and conn.is_connected and now - self._last_used <= self._max_idle:
+                return conn  # another caller connected meanwhile
+            self._drop(RedisConnectionError("replaced"))
+            # No socket timeout on the connection: reads wait for the reader task, and the
+            # watchdog bounds how long a caller waits. No health checks either (replacing an
+            # idle connection does their job): they cost a clock read per reply.
+            conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None,
+                                                  "health_check_interval": 0})
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await conn.connect()  # (AUTH, SELECT, TLS as the URL says)
+            except BaseException as exc:
+                await conn.disconnect(nowait=True)
+                if isinstance(exc, TimeoutError):
+                    raise RedisTimeoutError("Timeout connecting to Redis") from None
+                raise
+            self._conn, self._last_used = conn, now
+            self._tasks = [asyncio.create_task(self._read(conn), name="redis-channel-reader"),
+                           asyncio.create_task(self._watch(conn), name="redis-channel-watchdog")]
+            return conn
+
+    def _drop(self, exc: Exception) -> None:
+        """Fail everyone waiting on the current connection and forget it."""
+        conn, self._conn = self._conn, None
+        calls, self._calls = self._calls, deque()
+        for waiter, _, _ in calls:
+            if not waiter.done():
+                waiter.set_exception(exc)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        self._tasks = []
+        if conn is not None:  # (a nowait disconnect only closes the socket)
+            closing = asyncio.ensure_future(conn.disconnect(nowait=True))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        calls = self._calls
+        replies: list[Any] = []  # the oldest call's, so far
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(disable_decoding=True, timeout=math.inf,
+                                                     disconnect_on_error=False)
+                except ResponseError as exc:
+                    reply = exc
+                if not calls:
+                    raise RedisConnectionError("a reply nobody asked for")
+                replies.append(reply)
+                waiter, count, _ = calls[0]
+                if len(replies) == count:
+                    calls.popleft()
+                    if not waiter.done():  # (a caller that gave up: dropped)
+                        waiter.set_result(replies)
+                    replies = []
+        except Exception as exc:  # noqa: BLE001 — the connection is gone: tell every caller
+            if self._conn is conn:
+                self._drop(exc if isinstance(exc, RedisConnectionError)
+                           else RedisConnectionError(f"Redis connection failed: {exc!r}"))
+
+    async def _watch(self, conn: AbstractConnection) -> None:
+        """Fail the callers of a connection whose oldest command waits longer than `timeout`."""
+        interval = min(1.0, self._timeout / 4)
+        while self._conn is conn:
+            await asyncio.sleep(interval)
+            if self._calls and time.monotonic() - self._calls[0][2] > self._timeout:
+                self._drop(RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
+

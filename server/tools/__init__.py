@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from . import calculator, current_time
-from .registry import Tool, ToolOutcome, ToolSet
+from .registry import Tool, ToolSet
 
 ALL_TOOLS: dict[str, Tool] = {tool.name: tool for tool in (calculator.TOOL, current_time.TOOL)}
 
@@ -18,6 +18,3 @@ def load_toolset(enabled: Iterable[str]) -> ToolSet:
     if unknown:
         raise ValueError(f"unknown tool(s): {', '.join(map(repr, unknown))}; available: {', '.join(ALL_TOOLS)}")
     return ToolSet(ALL_TOOLS[name] for name in names)
-
-
-__all__ = ["ALL_TOOLS", "Tool", "ToolOutcome", "ToolSet", "load_toolset"]

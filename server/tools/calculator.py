@@ -1,9 +1,6 @@
-"""Safe arithmetic calculator.
-
-Expressions are parsed with `ast` and evaluated by walking an allowlist of node
-types; nothing is ever compiled or executed, so names, calls and attribute access
-are impossible. Size limits keep every evaluation cheap.
-"""
+"""Safe arithmetic calculator: expressions are parsed with `ast` and evaluated by walking an
+allowlist of node types; nothing is ever compiled or executed, so names, calls and attribute
+access are impossible. Size limits keep every evaluation cheap."""
 
 from __future__ import annotations
 
@@ -24,25 +21,13 @@ MAX_MAGNITUDE = 10**100
 Number = int | float
 
 _BINARY_OPS: dict[type[ast.operator], Callable[[Number, Number], Number]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
 }
-_UNARY_OPS: dict[type[ast.unaryop], Callable[[Number], Number]] = {
-    ast.UAdd: operator.pos,
-    ast.USub: operator.neg,
-}
+_UNARY_OPS: dict[type[ast.unaryop], Callable[[Number], Number]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FORBIDDEN_KINDS: dict[type[ast.AST], str] = {
-    ast.Name: "names",
-    ast.Call: "function calls",
-    ast.Attribute: "attribute access",
-    ast.Subscript: "subscripts",
-    ast.Compare: "comparisons",
-    ast.BoolOp: "boolean operators",
+    ast.Name: "names", ast.Call: "function calls", ast.Attribute: "attribute access", ast.Subscript: "subscripts",
+    ast.Compare: "comparisons", ast.BoolOp: "boolean operators",
 }
 
 
@@ -53,35 +38,16 @@ class CalculatorError(ValueError):
 class CalculatorInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    expression: str = Field(
-        min_length=1,
-        max_length=MAX_LENGTH,
-        description=(
-            "Arithmetic expression using numbers, parentheses and the operators "
-            "+ - * / // (floor division) % (modulo) ** or ^ (power), e.g. '(2 + 3) * 4 ^ 2'."
-        ),
-    )
+    expression: str = Field(min_length=1, max_length=MAX_LENGTH, description=(
+        "Arithmetic expression using numbers, parentheses and the operators "
+        "+ - * / // (floor division) % (modulo) ** or ^ (power), e.g. '(2 + 3) * 4 ^ 2'."))
 
 
 def _unsupported(node: ast.AST) -> CalculatorError:
     kind = _FORBIDDEN_KINDS.get(type(node), type(node).__name__)
-    snippet = ast.unparse(node)
-    if len(snippet) > 60:
-        snippet = snippet[:57] + "..."
-    return CalculatorError(
-        f"unsupported expression: {kind} not allowed ({snippet!r}); "
-        "only numbers, parentheses and + - * / // % ** ^ are supported"
-    )
-
-
-def _checked(value: Number) -> Number:
-    if isinstance(value, complex):
-        raise CalculatorError("result is not a real number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise CalculatorError("result is too large")
-    if abs(value) > MAX_MAGNITUDE:
-        raise CalculatorError("result is too large (limit 1e100)")
-    return value
+    snippet = text if len(text := ast.unparse(node)) <= 60 else text[:57] + "..."
+    return CalculatorError(f"unsupported expression: {kind} not allowed ({snippet!r}); "
+                           "only numbers, parentheses and + - * / // % ** ^ are supported")
 
 
 def _eval(node: ast.AST) -> Number:
@@ -94,16 +60,22 @@ def _eval(node: ast.AST) -> Number:
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
         return _UNARY_OPS[type(node.op)](_eval(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left = _eval(node.left)
-        right = _eval(node.right)
+        left, right = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
             raise CalculatorError(f"exponent too large (limit {MAX_EXPONENT})")
         if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and right == 0:
             raise ZeroDivisionError("division by zero")
         try:
-            return _checked(_BINARY_OPS[type(node.op)](left, right))
+            value = _BINARY_OPS[type(node.op)](left, right)
         except OverflowError:
             raise CalculatorError("result is too large") from None
+        if isinstance(value, complex):
+            raise CalculatorError("result is not a real number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CalculatorError("result is too large")
+        if abs(value) > MAX_MAGNITUDE:
+            raise CalculatorError("result is too large (limit 1e100)")
+        return value
     raise _unsupported(node)
 
 
@@ -126,17 +98,6 @@ def format_number(value: Number) -> str:
     return str(value) if isinstance(value, int) else format(value, ".12g")
 
 
-def calculate(args: CalculatorInput) -> str:
-    return format_number(evaluate(args.expression))
-
-
-TOOL = Tool(
-    name="calculator",
-    description=(
-        "Evaluate an arithmetic expression exactly and return the numeric result. "
-        "Use it for any non-trivial arithmetic instead of computing in your head."
-    ),
-    input_model=CalculatorInput,
-    func=calculate,
-    timeout_s=5.0,
-)
+TOOL = Tool("calculator", "Evaluate an arithmetic expression exactly and return the numeric result. "
+            "Use it for any non-trivial arithmetic instead of computing in your head.",
+            CalculatorInput, lambda args: format_number(evaluate(args.expression)), timeout_s=5.0)

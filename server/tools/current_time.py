@@ -10,16 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .registry import Tool
 
-_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-
 
 class CurrentTimeInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    timezone: str = Field(
-        default="UTC",
-        description="IANA timezone name, e.g. 'Europe/Paris' or 'America/New_York'. Defaults to UTC.",
-    )
+    timezone: str = Field(default="UTC", description="IANA timezone name, e.g. 'Europe/Paris' or "
+                                                     "'America/New_York'. Defaults to UTC.")
 
     @field_validator("timezone")
     @classmethod
@@ -28,32 +24,17 @@ class CurrentTimeInput(BaseModel):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"unknown timezone {value!r}; use an IANA name such as 'Europe/Paris'"
-            ) from None
+            raise ValueError(f"unknown timezone {value!r}; use an IANA name such as 'Europe/Paris'") from None
         return value
 
 
 def current_time(args: CurrentTimeInput) -> str:
     now = datetime.now(ZoneInfo(args.timezone))
     iso = now.isoformat(timespec="seconds")
-    return json.dumps(
-        {
-            "timezone": args.timezone,
-            "iso": iso,
-            "utc_offset": iso[len("YYYY-MM-DDTHH:MM:SS"):],  # "+HH:MM"
-            "weekday": _WEEKDAYS[now.weekday()],
-        }
-    )
+    return json.dumps({"timezone": args.timezone, "iso": iso, "utc_offset": iso[len("YYYY-MM-DDTHH:MM:SS"):],
+                       "weekday": now.strftime("%A")})  # utc_offset: "+HH:MM"
 
 
-TOOL = Tool(
-    name="current_time",
-    description=(
-        "Get the current date, time, UTC offset and weekday in a timezone. "
-        "Use it whenever the answer depends on today's date or the time of day."
-    ),
-    input_model=CurrentTimeInput,
-    func=current_time,
-    timeout_s=5.0,
-)
+TOOL = Tool("current_time", "Get the current date, time, UTC offset and weekday in a timezone. "
+            "Use it whenever the answer depends on today's date or the time of day.",
+            CurrentTimeInput, current_time, timeout_s=5.0)

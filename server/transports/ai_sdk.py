@@ -1,26 +1,15 @@
 """Vercel AI SDK `useChat` over HTTP: `POST /api/chat` and `GET /api/chat/{id}/stream`.
 
-Speaks the UI message stream protocol v1 of the `ai` package (pinned and verified in
-tests/node): SSE `data: <chunk JSON>` lines ending with `data: [DONE]`, under the headers of
-`UI_MESSAGE_STREAM_HEADERS`. The WebSocket flavour (ai_sdk_ws.py) sends the same chunks.
+Speaks the UI message stream protocol v1 of the `ai` package (pinned and verified in tests/node):
+SSE `data: <chunk JSON>` lines ending with `data: [DONE]`; ai_sdk_ws.py sends the same chunks.
+`UIChunks` makes them of our events: `start`, per model call a step (`start-step`..`finish-step`)
+of text blocks (`text-start`, `text-delta`s, `text-end`) and tool calls (`tool-input-*`,
+`tool-output-*`), then `finish` (after `abort` if cancelled, or `error`). The n-th chunk of a turn
+is always the same, so a resumed WebSocket stream skips what the client has.
 
-Our events become chunks like this (`UIChunks`, deterministic: the n-th chunk of a turn is
-always the same, which lets a resumed WebSocket stream skip what the client has):
-
-    turn_start   -> start {messageId: turn id} + start-step
-    text_delta   -> text-start {id} (once per text block) + text-delta {id, delta}
-    tool_call    -> text-end (closes the open block) + tool-input-start {toolCallId, toolName}
-    tool_input   -> tool-input-available {toolCallId, toolName, input}
-                    | tool-input-error {toolCallId, toolName, input, errorText} (invalid input)
-    tool_result  -> tool-output-available {toolCallId, output} | tool-output-error {..., errorText};
-                    finish-step once every call of the step has its result
-    (next model call: its first text or tool call opens a new start-step)
-    turn_end     -> text-end? + finish-step? + [abort {reason}] + finish {finishReason, messageMetadata}
-    error        -> text-end? + error {errorText: the message only} + finish {finishReason: "error"}
-
-The chat `id` is our session (history lives on the server): only the last user message is
-used, so a client may send just that one. A valid session id is used as is (created on
-first use); any other chat id maps to a stable session id per principal.
+The chat `id` is our session (history lives on the server): only the last user message is used.
+A valid session id is used as is (created on first use); any other chat id maps to a stable
+session id per principal.
 """
 
 from __future__ import annotations
@@ -43,28 +32,24 @@ from ..store.base import valid_id, valid_message_id
 from .forward import open_stream
 from .http_api import engine_of
 
-# `UI_MESSAGE_STREAM_HEADERS` of the `ai` package, verbatim.
-UI_MESSAGE_STREAM_HEADERS = {
-    "content-type": "text/event-stream",
-    "cache-control": "no-cache",
-    "connection": "keep-alive",
-    "x-vercel-ai-ui-message-stream": "v1",
-    "x-accel-buffering": "no",
-}
-# ... as the raw ASGI head, encoded once; a stream adds its session and turn ids.
-_RAW_HEADERS = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in UI_MESSAGE_STREAM_HEADERS.items()]
+# `UI_MESSAGE_STREAM_HEADERS` of the `ai` package, verbatim, as the raw ASGI head; a stream adds its ids.
+_RAW_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                (b"connection", b"keep-alive"), (b"x-vercel-ai-ui-message-stream", b"v1"),
+                (b"x-accel-buffering", b"no")]
 DONE = b"data: [DONE]\n\n"
 
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "tool_use": "tool-calls", "refusal": "content-filter"}
+# The events that open a step (each model call is one) and those that end an open text block.
+OPENS_STEP = frozenset({"turn_start", "text_delta", "tool_call"})
+ENDS_TEXT = frozenset({"tool_call", "tool_input", "tool_result", "turn_end", "error"})
 # Body fields a client may add (DefaultChatTransport `body`, WebSocket frame `body`).
 PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect")
 MAX_CHAT_ID_CHARS = 256
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-# -- chat id and request -------------------------------------------------------------------
 def session_for_chat(chat_id: Any, principal: str) -> str:
     """The session behind an AI SDK chat id: the id itself when it is a valid session id,
     else a stable derived one (base64url of sha256(principal:chat id), 22 characters)."""
@@ -78,11 +63,12 @@ def session_for_chat(chat_id: Any, principal: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()[:22]
 
 
-def chat_turn_request(chat_id: Any, trigger: Any, messages: Any, message_id: Any, extra: dict[str, Any],
-                      principal: str, settings: Settings) -> TurnRequest:
-    """A TurnRequest from a `useChat` request: the last user message on the chat's session."""
-    session_id = session_for_chat(chat_id, principal)
-    if trigger == "regenerate-message" or message_id is not None:
+def chat_turn_request(request: dict[str, Any], extra: dict[str, Any], principal: str,
+                      settings: Settings) -> TurnRequest:
+    """A TurnRequest from a `useChat` request (`extra`: its body fields): the last user message."""
+    session_id = session_for_chat(request.get("id"), principal)
+    trigger, messages = request.get("trigger"), request.get("messages")
+    if trigger == "regenerate-message" or request.get("messageId") is not None:
         # The history is kept on the server; it cannot be rewound to regenerate or edit.
         raise ApiError("invalid_request", "Regenerating or editing an earlier message is not supported: "
                        "the history is kept on the server. Send a new message instead.", field="trigger")
@@ -93,9 +79,8 @@ def chat_turn_request(chat_id: Any, trigger: Any, messages: Any, message_id: Any
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "user":
         raise ApiError("invalid_request", "The last message must be a user message.", field="messages")
-    body: dict[str, Any] = {k: extra[k] for k in PASSED_THROUGH if k in extra}
-    body["message"] = _content(last.get("parts"))
-    body["session_id"] = session_id
+    body = {k: extra[k] for k in PASSED_THROUGH if k in extra}
+    body |= {"message": _content(last.get("parts")), "session_id": session_id}
     if valid_message_id(last.get("id")):
         body["message_id"] = last["id"]  # a retried send joins the turn it started
     req = parse_turn_request(body, settings)
@@ -120,9 +105,7 @@ def _content(parts: Any) -> str | list[dict[str, Any]]:
         # step-start, data-*, reasoning...: nothing the model should see from a user message
     if not blocks:
         raise ApiError("invalid_request", "The last user message has no text.", field="messages")
-    if len(blocks) == 1 and blocks[0]["type"] == "text":
-        return blocks[0]["text"]
-    return blocks
+    return blocks[0]["text"] if len(blocks) == 1 and blocks[0]["type"] == "text" else blocks
 
 
 def _image(part: dict[str, Any]) -> dict[str, Any]:
@@ -137,14 +120,11 @@ def _image(part: dict[str, Any]) -> dict[str, Any]:
     return {"type": "image", "source": {"type": "url", "url": url}}  # validated (https only) later
 
 
-# -- events -> UI message chunks -------------------------------------------------------------
 class UIChunks:
-    """Turns one turn's events, fed in order from its first, into UI message chunks (compact
-    JSON text). Deterministic: the same events always give the same chunks."""
+    """One turn's events, fed in order from its first, as UI message chunks (compact JSON text)."""
 
     def __init__(self, turn_id: str):
-        self.turn_id = turn_id
-        self.started = False
+        self.pending = [dumps({"type": "start", "messageId": turn_id})]  # (for the next feed)
         self.step_open = False
         self.text_id: str | None = None
         self.text_blocks = 0
@@ -152,93 +132,66 @@ class UIChunks:
         self.done = False
 
     def feed(self, event: Event) -> list[str]:
-        out: list[str] = []
         if self.done:
-            return out
-        if not self.started:
-            self.started = True
-            out.append(_dumps({"type": "start", "messageId": self.turn_id}))
+            return []
+        out, self.pending = self.pending, []
         kind = event.type
+        if not self.step_open and kind in OPENS_STEP:
+            self.step_open = True
+            self.open_calls.clear()
+            out.append('{"type":"start-step"}')
         if kind == "text_delta":
-            self._open_step(out)
             if self.text_id is None:
                 self.text_blocks += 1
                 self.text_id = f"text-{self.text_blocks}"
                 out.append(f'{{"type":"text-start","id":"{self.text_id}"}}')
             out.append(f'{{"type":"text-delta","id":"{self.text_id}","delta":{text_literal(event)}}}')
             return out
+        if self.text_id is not None and kind in ENDS_TEXT:
+            out.append(f'{{"type":"text-end","id":"{self.text_id}"}}')
+            self.text_id = None
         e = json.loads(event.data)
-        if kind == "turn_start":
-            self._open_step(out)
-        elif kind == "tool_call":
-            self._open_step(out)
-            self._close_text(out)
+        if kind == "tool_call":
             self.open_calls.add(e["tool_use_id"])
-            out.append(_dumps({"type": "tool-input-start", "toolCallId": e["tool_use_id"], "toolName": e["name"]}))
+            out.append(dumps({"type": "tool-input-start", "toolCallId": e["tool_use_id"], "toolName": e["name"]}))
         elif kind == "tool_input":
-            self._close_text(out)
-            chunk = {"type": "tool-input-available" if e.get("valid", True) else "tool-input-error",
-                     "toolCallId": e["tool_use_id"], "toolName": e["name"], "input": e.get("input")}
-            if chunk["type"] == "tool-input-error":
-                chunk["errorText"] = str(e.get("error") or "Invalid tool input.")
-            out.append(_dumps(chunk))
+            chunk = {"type": "tool-input-available", "toolCallId": e["tool_use_id"], "toolName": e["name"],
+                     "input": e.get("input")}
+            if not e.get("valid", True):
+                chunk.update(type="tool-input-error", errorText=str(e.get("error") or "Invalid tool input."))
+            out.append(dumps(chunk))
         elif kind == "tool_result":
-            self._close_text(out)
-            if e.get("is_error"):
-                out.append(_dumps({"type": "tool-output-error", "toolCallId": e["tool_use_id"],
-                                   "errorText": _as_text(e.get("error"))}))
-            else:
-                out.append(_dumps({"type": "tool-output-available", "toolCallId": e["tool_use_id"],
-                                   "output": e.get("output")}))
+            call_id, error = e["tool_use_id"], e.get("error")
+            out.append(dumps({"type": "tool-output-error", "toolCallId": call_id,
+                              "errorText": error if isinstance(error, str) else dumps(error)} if e.get("is_error")
+                             else {"type": "tool-output-available", "toolCallId": call_id, "output": e.get("output")}))
             self.open_calls.discard(e["tool_use_id"])
             if not self.open_calls:
                 self._close_step(out)
         elif kind == "turn_end":
-            self._close_text(out)
             self._close_step(out)
             if e.get("cancelled"):
-                out.append(_dumps({"type": "abort", "reason": "cancelled"}))
-                reason = "other"
-            else:
-                reason = FINISH_REASONS.get(e.get("stop_reason") or "", "other")
+                out.append('{"type":"abort","reason":"cancelled"}')
+            reason = "other" if e.get("cancelled") else FINISH_REASONS.get(e.get("stop_reason") or "", "other")
             metadata = {k: e.get(k) for k in ("session_id", "turn_id", "model", "stop_reason", "usage",
                                               "estimated_cost_usd")}
-            out.append(_dumps({"type": "finish", "finishReason": reason, "messageMetadata": metadata}))
-            self.done = True
+            out.append(dumps({"type": "finish", "finishReason": reason, "messageMetadata": metadata}))
         elif kind == "error":
-            self._close_text(out)
-            out.append(_dumps({"type": "error", "errorText": str(e.get("message") or "The turn failed.")}))
+            out.append(dumps({"type": "error", "errorText": str(e.get("message") or "The turn failed.")}))
             out.append('{"type":"finish","finishReason":"error"}')
-            self.done = True
+        self.done = event.terminal
         return out
 
     def ending(self) -> list[str]:
-        """The chunks that end a stream whose follow ended without the turn's terminal event
-        (this worker is stopping): those of a `server_restarting` error; none after it."""
+        """After a follow that ended without the terminal event (the worker stops): `server_restarting`."""
         return self.feed(unlogged(0, "error", ApiError("server_restarting").payload()))
-
-    def _open_step(self, out: list[str]) -> None:
-        if not self.step_open:
-            self.step_open = True
-            self.open_calls.clear()
-            out.append('{"type":"start-step"}')
 
     def _close_step(self, out: list[str]) -> None:
         if self.step_open:
             self.step_open = False
             out.append('{"type":"finish-step"}')
 
-    def _close_text(self, out: list[str]) -> None:
-        if self.text_id is not None:
-            out.append(f'{{"type":"text-end","id":"{self.text_id}"}}')
-            self.text_id = None
 
-
-def _as_text(value: Any) -> str:
-    return value if isinstance(value, str) else _dumps(value)
-
-
-# -- HTTP ---------------------------------------------------------------------------------
 class ChunkEvents(UIChunks):
     """The framing of /api/chat's SSE: each chunk as `data: <chunk>`, `data: [DONE]` last."""
 
@@ -254,8 +207,7 @@ async def chat(request: Request) -> Response:
     engine = engine_of(request)
     principal = principal_of(request)
     body = parse_json_body(await request.body())
-    req = chat_turn_request(body.get("id"), body.get("trigger"), body.get("messages"), body.get("messageId"),
-                            body, principal, engine.settings)
+    req = chat_turn_request(body, body, principal, engine.settings)
     handle = await engine.start(req, principal)
     return await open_stream(engine, handle.session_id, handle.turn_id, ChunkEvents(handle.turn_id),
                              _RAW_HEADERS, wait=False, cancel_on_disconnect=req.cancel_on_disconnect)
@@ -272,8 +224,7 @@ async def chat_resume(request: Request) -> Response:
 
 
 async def chat_turn(engine: Engine, session_id: str, principal: str) -> tuple[str | None, bool]:
-    """The chat's running or recent turn, as `Engine.resumable_turn`; none for a chat that
-    never sent a message."""
+    """The chat's running or recent turn (`Engine.resumable_turn`); none for a chat never used."""
     try:
         return await engine.resumable_turn(session_id, principal)
     except ApiError as exc:

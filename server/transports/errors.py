@@ -18,12 +18,11 @@ _STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allo
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(exc)
+    """Ours as it is; Redis not answering a retryable 503 (handled here: no traceback per request)."""
+    return error_response(from_exception(exc))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
     code = _STATUS_CODES.get(exc.status_code)
     if code is None:
         return JSONResponse({"error": {"code": "http_error", "message": str(exc.detail), "retryable": False}},
@@ -31,19 +30,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(ApiError(code))
 
 
-async def store_error(request: Request, exc: Exception) -> Response:
-    """Redis not answering: a retryable 503 (handled here, so no traceback per request)."""
-    return error_response(from_exception(exc))
-
-
 def internal_error(exc: BaseException) -> ApiError:
     """The error for an exception nothing mapped (the caller logs it): the store not answering
-    stays its retryable `store_unavailable`; anything else is `internal`, retryable only for
-    I/O (OSError: sockets, timeouts). A TypeError, UnicodeError, RecursionError... is a bug
-    the same request hits again, so it must not invite the client to retry."""
-    if isinstance(exc, ApiError):
-        return exc
-    if store_unavailable(exc):
+    stays `store_unavailable`; anything else is `internal`, retryable only for I/O (OSError): a
+    TypeError, RecursionError... is a bug the same request hits again, so it must not invite a retry."""
+    if isinstance(exc, ApiError) or store_unavailable(exc):
         return from_exception(exc)
     error = ApiError("internal")
     error.retryable = isinstance(exc, OSError)
@@ -55,6 +46,4 @@ async def unexpected(request: Request, exc: Exception) -> Response:
     return error_response(internal_error(exc))
 
 
-EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, RedisError: store_error,
-                      Exception: unexpected}
-
+EXCEPTION_HANDLERS = {ApiError: api_error, HTTPException: http_error, RedisError: api_error, Exception: unexpected}

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from ..security import principal_of
 from ..engine import Engine, valid_session_id
 from ..errors import ApiError, status_of
-from ..requests import TurnRequest, parse_json_body, parse_turn_request
+from ..requests import parse_json_body, parse_turn_request
 
 
 def engine_of(request: Any) -> Engine:
@@ -26,61 +26,41 @@ def error_event_response(event: dict[str, Any], session_id: str, turn_id: str) -
                         status_code=status_of(error["code"]), headers=headers)
 
 
-async def read_turn_request(request: Request) -> TurnRequest:
-    """The turn a request's JSON body asks for (its size is limited by the security middleware)."""
-    body = parse_json_body(await request.body())
-    return parse_turn_request(body, request.app.state.settings)
-
-
 async def agent(request: Request) -> Response:
     """Run one turn and answer with the whole result."""
     engine = engine_of(request)
-    req = await read_turn_request(request)
+    req = parse_turn_request(parse_json_body(await request.body()), engine.settings)
     handle = await engine.start(req, principal_of(request))
-    tools: list[dict[str, Any]] = []
+    calls: dict[str, dict[str, Any]] = {}  # (the tool calls' inputs and results, by id)
     final: dict[str, Any] | None = None
     async for batch in engine.follow(handle.session_id, handle.turn_id):
         for event in batch:
-            if event.type in ("tool_input", "tool_result"):
-                tools.append(json.loads(event.data))
-            elif event.terminal:
+            if event.terminal:
                 final = json.loads(event.data)
+            elif event.type in ("tool_input", "tool_result"):
+                e = json.loads(event.data)
+                call = calls.setdefault(e["tool_use_id"], {"tool_use_id": e["tool_use_id"], "name": e["name"]})
+                if e["type"] == "tool_input":
+                    call["input"] = e["input"]
+                else:
+                    call["is_error"] = e["is_error"]
+                    call["output" if not e["is_error"] else "error"] = e.get("output", e.get("error"))
     if final is None:  # the follow ended without a terminal event: the server is stopping
         raise ApiError("server_restarting")
     if final["type"] == "error":
         return error_event_response(final, handle.session_id, handle.turn_id)
-    final.pop("type")
-    final.pop("id", None)
-    final["tool_calls"] = _tool_calls(tools)
-    return JSONResponse(final)
-
-
-def _tool_calls(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    calls: dict[str, dict[str, Any]] = {}
-    for e in events:
-        call = calls.setdefault(e["tool_use_id"], {"tool_use_id": e["tool_use_id"], "name": e["name"]})
-        if e["type"] == "tool_input":
-            call["input"] = e["input"]
-        else:
-            call["is_error"] = e["is_error"]
-            call["output" if not e["is_error"] else "error"] = e.get("output", e.get("error"))
-    return list(calls.values())
+    return JSONResponse({k: v for k, v in final.items() if k not in ("type", "id")}
+                        | {"tool_calls": list(calls.values())})
 
 
 async def get_session(request: Request) -> Response:
     session_id = valid_session_id(request.path_params["session_id"])
     view = await engine_of(request).session(session_id, principal_of(request))
     m = view.meta
-    return JSONResponse({
-        "session_id": session_id,
-        "created_at": m.created_at,
-        "turns": m.turns,
-        "running_turn_id": m.active_turn_id,
-        "usage": m.usage.to_dict(),
-        "estimated_cost_usd": round(m.cost_usd, 8),
-        "messages": view.history,
-        "turn_records": view.turns,
-    })
+    return JSONResponse({"session_id": session_id, "created_at": m.created_at, "turns": m.turns,
+                         "running_turn_id": m.active_turn_id, "usage": m.usage.to_dict(),
+                         "estimated_cost_usd": round(m.cost_usd, 8), "messages": view.history,
+                         "turn_records": view.turns})
 
 
 async def delete_session(request: Request) -> Response:
@@ -98,19 +78,15 @@ async def cancel_session(request: Request) -> Response:
 async def health(request: Request) -> Response:
     """Liveness: the process answers. Says loudly whether a real model is behind it."""
     settings = request.app.state.settings
-    return JSONResponse({
-        "status": "ok",
-        "upstream": "offline" if settings.offline else "anthropic",
-        "offline_model": settings.offline,
-        "store": "redis" if settings.redis_url else "memory",
-        "accepting_turns": engine_of(request).accepting,
-    })
+    return JSONResponse({"status": "ok", "upstream": "offline" if settings.offline else "anthropic",
+                         "offline_model": settings.offline, "store": "redis" if settings.redis_url else "memory",
+                         "accepting_turns": engine_of(request).accepting})
 
 
 async def ready(request: Request) -> Response:
     """Readiness: the store answers and this worker still takes turns."""
-    store_ok = await engine_of(request).store.ping()
-    accepting = engine_of(request).accepting
+    engine = engine_of(request)
+    store_ok, accepting = await engine.store.ping(), engine.accepting
     ok = store_ok and accepting
     return JSONResponse({"status": "ready" if ok else "not_ready", "store": store_ok, "accepting_turns": accepting},
                         status_code=200 if ok else 503)

@@ -1,8 +1,7 @@
 """Server-Sent Events: `POST /agent/stream` and the resume endpoint `GET /sessions/{id}/stream`.
 
-An error that happens before anything was streamed is answered with its HTTP status and a
-JSON body; once the stream has started, errors arrive as `error` events. Several events
-that are ready together go out in one write (forward.py).
+An error before anything was streamed is answered with its HTTP status and a JSON body; once
+the stream has started, errors arrive as `error` events (forward.py).
 """
 
 from __future__ import annotations
@@ -12,31 +11,21 @@ from starlette.responses import Response
 
 from ..security import principal_of
 from ..engine import valid_session_id
-from ..events import Event, resume_after, sse_frame
-from .forward import open_stream
-from .http_api import engine_of, read_turn_request
+from ..events import resume_after, sse_frame
+from ..requests import parse_json_body, parse_turn_request
+from .forward import Framing, open_stream
+from .http_api import engine_of
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
-# The response head as ASGI wants it, encoded once; a stream adds its session and turn ids.
-_RAW_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                *[(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in SSE_HEADERS.items()]]
-
-
-class EventFrames:
-    """The framing of /agent's SSE: each event as `id:` and `data:` (events.sse_frame)."""
-
-    @staticmethod
-    def frames(batch: list[Event]) -> bytes:
-        return b"".join(map(sse_frame, batch))
-
-    @staticmethod
-    def closing() -> bytes:
-        return b""
+# The response head as ASGI wants it; a stream adds its session and turn ids.
+_RAW_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"), (b"connection", b"keep-alive")]
+# The framing of /agent's SSE: each event as `id:` and `data:` (events.sse_frame), nothing after.
+EventFrames = Framing(frames=lambda batch: b"".join(map(sse_frame, batch)), closing=bytes)
 
 
 async def agent_stream(request: Request) -> Response:
     engine = engine_of(request)
-    req = await read_turn_request(request)
+    req = parse_turn_request(parse_json_body(await request.body()), engine.settings)
     handle = await engine.start(req, principal_of(request))
     return await open_stream(engine, handle.session_id, handle.turn_id, EventFrames, _RAW_HEADERS,
                              error_status=True, cancel_on_disconnect=req.cancel_on_disconnect)

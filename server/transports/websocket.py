@@ -1,15 +1,9 @@
 """`WS /agent/ws`: many turns per connection, the same event vocabulary as SSE.
 
-Client frames (JSON text):
-    {"type": "message", "message": ..., ...the POST /agent body fields}
-    {"type": "cancel"}                                   cancel the session's running turn
-    {"type": "resume", "session_id"?: str, "last_event_id"?: "<turn>:<seq>"}  the session's turn
-    {"type": "ping"}                                     answered with {"type": "pong"}
-Server frames: the turn events, `{"type":"ping"}` heartbeats, `{"type":"pong"}`, and
-`{"type":"error", ...}` for a bad frame (the connection stays usable).
-
-The connection is bound to one session: `?session_id=` at connect, else the session the
-first message creates. A turn keeps running if the socket drops; reconnect and `resume`.
+Client frames (JSON text): `message` (the POST /agent body fields), `cancel` (the session's
+running turn), `resume` (`session_id`?, `last_event_id`?), `ping`. Server frames: the turn events,
+`ping` heartbeats, `pong`, `error` for a bad frame (the connection stays usable). A connection is
+bound to one session: `?session_id=` at connect, else the first message's. Turns outlive the socket.
 """
 
 from __future__ import annotations
@@ -17,34 +11,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Iterator
+from contextlib import suppress
+from typing import Any
 
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketState
 
-from ..engine import Engine
+from ..engine import Engine, valid_session_id
 from ..errors import ApiError
-from ..events import Event, resume_after
+from ..events import resume_after
 from ..requests import parse_json_body, parse_turn_request
 from ..security import admit_turn
-from ..store.base import valid_id
-from .forward import Forward, FramedSocket
+from .forward import SOCKET_GONE, FramedSocket, Framing
 
 log = logging.getLogger("server.ws")
 
 PING = '{"type":"ping"}'
 PONG = '{"type":"pong"}'
-
-
-class EventTexts:
-    """The framing of /agent/ws: each event's JSON as one text frame."""
-
-    @staticmethod
-    def frames(batch: list[Event]) -> Iterator[str]:
-        return (event.data.decode() for event in batch)
-
-    @staticmethod
-    def closing() -> tuple[str, ...]:
-        return ()
+# The framing of /agent/ws: each event's JSON as one text frame, nothing before or after.
+EventTexts = Framing(opening=None, frames=lambda batch: (e.data.decode() for e in batch), closing=tuple)
 
 
 class AgentSocket(FramedSocket):
@@ -52,9 +36,8 @@ class AgentSocket(FramedSocket):
 
     log = log
 
-    def __init__(self, ws: WebSocket, engine: Engine, pinger: "Pinger"):
+    def __init__(self, ws: WebSocket, engine: Engine):
         super().__init__(ws, engine)
-        self.pinger = pinger
         self.session_id: str | None = None
         self.cancel_on_disconnect = False  # (the one of the connection's last message)
         self.last_send = 0.0
@@ -65,24 +48,22 @@ class AgentSocket(FramedSocket):
             await self.ws.send_text(text)
         self.last_send = self._clock()
 
-    async def run(self) -> None:
+    async def run(self, pinger: Pinger) -> None:
         session_id = self.ws.query_params.get("session_id")
         if session_id is not None:
-            if not valid_id(session_id):
-                await self.ws.close(code=1008, reason="invalid_session_id")
-                return
             try:
-                await self.engine.resumable_turn(session_id, self.principal)
-            except ApiError:
-                await self.ws.close(code=1008, reason="session_not_found")
+                await self.engine.resumable_turn(valid_session_id(session_id), self.principal)
+            except ApiError as exc:
+                await self.ws.close(code=1008, reason="invalid_session_id" if exc.code == "invalid_session_id"
+                                    else "session_not_found")
                 return
             self.session_id = session_id
         await self.ws.accept()
-        self.pinger.add(self)
+        pinger.add(self)
         try:
             await self.receive_frames()
         finally:
-            self.pinger.remove(self)
+            pinger.sockets.discard(self)
 
     async def binary_frame(self) -> None:  # answer, don't crash the handler
         await self.send(_error_frame(ApiError("invalid_request", "Frames must be JSON text.")))
@@ -93,12 +74,8 @@ class AgentSocket(FramedSocket):
     async def _dispatch(self, raw: str) -> None:
         frame = parse_json_body(raw)
         kind = frame.get("type")
-        if kind == "message":
-            await self._message(frame)
-        elif kind == "cancel":
-            await self._cancel()
-        elif kind == "resume":
-            await self._resume(frame)
+        if kind in ("message", "cancel", "resume"):
+            await getattr(self, "_" + kind)(frame)
         elif kind == "ping":
             await self.send(PONG)
         elif kind != "pong":
@@ -107,26 +84,23 @@ class AgentSocket(FramedSocket):
     async def _message(self, frame: dict[str, Any]) -> None:
         await admit_turn(self.ws)  # per-minute limits, as for POST /agent
         body = {k: v for k, v in frame.items() if k != "type"}
-        body.setdefault("session_id", self.session_id)
-        if body["session_id"] is None:
+        if body.setdefault("session_id", self.session_id) is None:
             del body["session_id"]
         req = parse_turn_request(body, self.engine.settings)
         if self.session_id is not None and req.session_id not in (None, self.session_id):
-            raise ApiError("invalid_request", "This connection is bound to another session.",
-                           field="session_id")
+            raise ApiError("invalid_request", "This connection is bound to another session.", field="session_id")
         busy = self.forwards.get(None)
-        if busy is not None and busy.running() and req.on_busy != "interrupt":
+        if busy is not None and req.on_busy != "interrupt":
             raise ApiError("session_busy", turn_id=busy.turn_id)
         handle = await self.engine.start(req, self.principal)
         self.session_id = handle.session_id
         self.cancel_on_disconnect = req.cancel_on_disconnect
-        self._forward(handle.turn_id, 0)
+        self.follow(None, handle.session_id, handle.turn_id, EventTexts, 0, req.cancel_on_disconnect)
 
-    async def _cancel(self) -> None:
+    async def _cancel(self, _frame: dict[str, Any]) -> None:
         if self.session_id is None:
             raise ApiError("invalid_request", "No session on this connection yet.")
-        turn_id = await self.engine.cancel(self.session_id, self.principal)
-        if turn_id is None:
+        if await self.engine.cancel(self.session_id, self.principal) is None:
             await self.send(json.dumps({"type": "cancel_result", "cancelled_turn_id": None}))
 
     async def _resume(self, frame: dict[str, Any]) -> None:
@@ -134,9 +108,7 @@ class AgentSocket(FramedSocket):
         if last_event_id is not None and not isinstance(last_event_id, str):
             raise ApiError("invalid_request", "`last_event_id` must be a string `<turn_id>:<seq>`.",
                            field="last_event_id")
-        session_id = frame.get("session_id", self.session_id)
-        if not valid_id(session_id):
-            raise ApiError("invalid_session_id")
+        session_id = valid_session_id(frame.get("session_id", self.session_id))
         if self.session_id is not None and session_id != self.session_id:
             raise ApiError("invalid_request", "This connection is bound to another session.")
         turn_id, _running = await self.engine.resumable_turn(session_id, self.principal)
@@ -144,20 +116,13 @@ class AgentSocket(FramedSocket):
         if turn_id is None:
             await self.send(json.dumps({"type": "no_active_turn", "session_id": session_id}))
             return
-        self._forward(turn_id, resume_after(last_event_id, turn_id))
-
-    def _forward(self, turn_id: str, after_seq: int) -> None:
-        assert self.session_id is not None
-        self.follow(None, Forward(self.engine, self.session_id, turn_id, EventTexts, after_seq,
-                                  self.cancel_on_disconnect))
+        self.follow(None, session_id, turn_id, EventTexts, resume_after(last_event_id, turn_id),
+                    self.cancel_on_disconnect)
 
     async def ping(self) -> None:
-        if self.ws.client_state != WebSocketState.CONNECTED:
-            return
-        try:
-            await self.send(PING)
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            pass
+        if self.ws.client_state == WebSocketState.CONNECTED:
+            with suppress(*SOCKET_GONE):
+                await self.send(PING)
 
 
 def _error_frame(exc: ApiError) -> str:
@@ -165,8 +130,7 @@ def _error_frame(exc: ApiError) -> str:
 
 
 class Pinger:
-    """One task per worker sends the application-level ping to every quiet socket: a sleeping
-    task per connection would cost memory on every idle WebSocket."""
+    """One task per worker pings every quiet socket (a sleeping task per connection costs memory)."""
 
     def __init__(self, interval: float):
         self.interval = interval
@@ -177,9 +141,6 @@ class Pinger:
         self.sockets.add(socket)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="ws-pinger")
-
-    def remove(self, socket: AgentSocket) -> None:
-        self.sockets.discard(socket)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,4 +155,4 @@ async def agent_ws(ws: WebSocket) -> None:
     pinger = getattr(state, "ws_pinger", None)
     if pinger is None:
         pinger = state.ws_pinger = Pinger(state.engine.settings.ws_ping_seconds)
-    await AgentSocket(ws, state.engine, pinger).run()
+    await AgentSocket(ws, state.engine).run(pinger)
