@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # compact JSON text, as on the wire
 
 
 @dataclass(slots=True)
@@ -28,14 +28,14 @@ class Event:
 
 def encode(turn_id: str, seq: int, type_: str, payload: dict[str, Any]) -> Event:
     eid = f"{turn_id}:{seq}"
-    return Event(seq, type_, eid, _dumps({"type": type_, "id": eid, **payload}).encode())
+    return Event(seq, type_, eid, dumps({"type": type_, "id": eid, **payload}).encode())
 
 
 def unlogged(seq: int, type_: str, payload: dict[str, Any]) -> Event:
     """A notice from this worker that is not one of the turn's logged events (a follower
     told to reconnect elsewhere): no id, so a client's Last-Event-ID stays on the last
     real event. `seq` only orders it for the transports."""
-    return Event(seq, type_, "", _dumps({"type": type_, **payload}).encode())
+    return Event(seq, type_, "", dumps({"type": type_, **payload}).encode())
 
 
 def text_delta(turn_id: str, seq: int, text: str, text_json: str | None = None) -> Event:
@@ -43,7 +43,7 @@ def text_delta(turn_id: str, seq: int, text: str, text_json: str | None = None) 
     text already as a JSON string (as the upstream sent it), reused as is."""
     eid = f"{turn_id}:{seq}"
     return Event(seq, "text_delta", eid,
-                 f'{{"type":"text_delta","id":"{eid}","text":{text_json or _dumps(text)}}}'.encode())
+                 f'{{"type":"text_delta","id":"{eid}","text":{text_json or dumps(text)}}}'.encode())
 
 
 def text_literal(event: Event) -> str:

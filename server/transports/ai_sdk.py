@@ -25,7 +25,7 @@ from starlette.responses import Response
 from ..config import Settings
 from ..engine import Engine
 from ..errors import ApiError
-from ..events import Event, text_literal, unlogged
+from ..events import Event, dumps, text_literal, unlogged
 from ..requests import TurnRequest, check_text, parse_json_body, parse_turn_request
 from ..security import principal_of
 from ..store.base import valid_id, valid_message_id
@@ -46,8 +46,6 @@ ENDS_TEXT = frozenset({"tool_call", "tool_input", "tool_result", "turn_end", "er
 # Body fields a client may add (DefaultChatTransport `body`, WebSocket frame `body`).
 PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect")
 MAX_CHAT_ID_CHARS = 256
-
-dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def session_for_chat(chat_id: Any, principal: str) -> str:

@@ -22,10 +22,10 @@ from typing import Any, Iterable, Iterator
 from starlette.websockets import WebSocket
 
 from ..errors import ApiError
-from ..events import Event
+from ..events import Event, dumps
 from ..requests import parse_json_body, valid_text
 from ..security import admit_turn
-from .ai_sdk import UIChunks, chat_turn, chat_turn_request, dumps, session_for_chat
+from .ai_sdk import UIChunks, chat_turn, chat_turn_request, session_for_chat
 from .forward import FramedSocket
 
 log = logging.getLogger("server.ai_sdk_ws")
