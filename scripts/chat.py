@@ -60,6 +60,12 @@ class Chat:
         if kind == "text_delta":
             sys.stdout.write(event["text"])
             sys.stdout.flush()
+        elif kind == "thinking_delta":  # (on stderr, dimmed: never mixed into the answer)
+            sys.stderr.write(f"\033[2m{event['thinking']}\033[0m" if self.color else event["thinking"])
+            sys.stderr.flush()
+        elif kind == "citation":
+            cite = event.get("citation") or {}
+            self.note(f"\n  [source: {cite.get('url') or cite.get('document_title') or cite.get('type')}]")
         elif kind == "tool_input":
             self.note(f"\n  · {event['name']} {json.dumps(event['input'], ensure_ascii=False)}")
         elif kind == "tool_result":
@@ -71,6 +77,9 @@ class Chat:
             meta = f"{u.get('input_tokens', 0)} in / {u.get('output_tokens', 0)} out tokens"
             if event.get("estimated_cost_usd") is not None:
                 meta += f", ${event['estimated_cost_usd']:.4f}"
+            finish = event.get("finish")
+            if finish in ("truncated", "refused", "unknown"):
+                meta = f"{finish} ({event.get('stop_reason')}); {meta}"
             self.note(f"  [stopped; {meta}]" if event.get("cancelled") else f"  [{meta}]")
             raise TurnDone
         elif kind == "error":

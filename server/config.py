@@ -10,11 +10,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from dataclasses import Field, dataclass, field, fields
 from functools import partial
 from typing import Any, Callable, Mapping
 
-from .tools import load_toolset
+from .tools import load_toolset, server_tools
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,55 @@ _parse_secret = _checked(lambda raw: len(raw) >= 32, "must be at least 32 charac
 
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+THINKING_DISPLAYS = ("summarized", "omitted")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    return _checked(lambda raw: raw.lower() in options, f"expected {' or '.join(options)}, got {{raw!r}}", str.lower)
+
+
+def _parse_server_tools(raw: str) -> tuple[str, ...]:
+    return server_tools.resolve(_parse_list(raw))
+
+
+def _parse_domains(raw: str) -> tuple[str, ...]:
+    domains = _parse_list(raw)
+    for domain in domains:
+        if "://" in domain or any(c.isspace() for c in domain):
+            raise ValueError(f"{domain!r} is not a domain like example.com (no scheme, no spaces)")
+    return domains
+
+
+_LOCATION_KEYS = ("city", "region", "country", "timezone")
+
+
+def _parse_user_location(raw: str) -> dict[str, str]:
+    """The web search's approximate user location: {"city", "region", "country", "timezone"}."""
+    try:
+        location = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError('expected JSON like {"city": "Paris", "country": "FR", "timezone": "Europe/Paris"}') from None
+    if not isinstance(location, dict) or not location:
+        raise ValueError(f"expected a JSON object with some of {', '.join(_LOCATION_KEYS)}")
+    unknown = sorted(set(location) - set(_LOCATION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_LOCATION_KEYS)}")
+    if not all(isinstance(value, str) and value.strip() for value in location.values()):
+        raise ValueError("every value must be a non-empty string")
+    country, zone = location.get("country"), location.get("timezone")
+    if country is not None and not re.fullmatch("[A-Za-z]{2}", country):
+        raise ValueError(f"country: expected a two-letter ISO 3166 code such as 'US', got {country!r}")
+    if zone is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # (only when set: cold start)
+
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone: {zone!r} is not an IANA timezone such as 'Europe/Paris'") from None
+    return {key: location[key] for key in _LOCATION_KEYS if key in location}
 
 
 def _parse_prices(raw: str) -> dict[str, dict[str, float]]:
@@ -152,6 +202,28 @@ class Settings:
     session_token_budget: int = _env(0, _int(0, 10**12))
     max_image_bytes: int = _env(5 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
     max_images: int = _env(20, _int(0, 100))
+    max_document_bytes: int = _env(8 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
+    max_document_pages: int = _env(100, _int(1, 10_000))
+    max_documents: int = _env(5, _int(0, 100))
+    # extended thinking and effort (deployment defaults; a request's `thinking`/`effort` win)
+    thinking_budget_tokens: int = _env(0, _int(0, 128_000))  # 0: off; else 1024..MAX_OUTPUT_TOKENS-1
+    thinking_adaptive: bool = _env(False, _parse_bool)
+    thinking_display: str = _env("", _choice(*THINKING_DISPLAYS))
+    thinking_effort: str = _env("", _choice(*EFFORTS))
+    thinking_interleaved: bool = _env(False, _parse_bool)
+    allow_client_thinking: bool = _env(True, _parse_bool)
+    # server tools (run by Anthropic; server/tools/server_tools.py), as versioned types
+    server_tools: tuple[str, ...] = _env((), _parse_server_tools)
+    web_search_max_uses: int = _env(0, _int(0, 10_000))
+    web_search_allowed_domains: tuple[str, ...] = _env((), _parse_domains)
+    web_search_blocked_domains: tuple[str, ...] = _env((), _parse_domains)
+    web_search_user_location: dict[str, str] | None = _env(None, _parse_user_location)
+    web_fetch_max_uses: int = _env(0, _int(0, 10_000))
+    web_fetch_allowed_domains: tuple[str, ...] = _env((), _parse_domains)
+    web_fetch_blocked_domains: tuple[str, ...] = _env((), _parse_domains)
+    web_fetch_max_content_tokens: int = _env(0, _int(0, 10_000_000))
+    web_fetch_citations: bool = _env(False, _parse_bool)
+    web_search_price_per_1k: float = _env(10.0, _float(0, 1_000_000))
     # turn lifecycle
     turn_lock_ttl_seconds: float = _env(10.0, _float(1, 3600))
     event_log_ttl_seconds: int = _env(600, _int(10, 7 * 86400))
@@ -210,10 +282,33 @@ class Settings:
             raise ConfigError("WEB_CONCURRENCY: more than one worker needs REDIS_URL; with in-memory sessions "
                               "each worker would keep its own history and conversations would split")
         try:
-            load_toolset(settings.enabled_tools)
+            tools = load_toolset(settings.enabled_tools)
         except ValueError as exc:
             raise ConfigError(f"ENABLED_TOOLS: {exc}") from None
+        clash = sorted(set(tools) & {server_tools.tool_name(t) for t in settings.server_tools})
+        if clash:
+            raise ConfigError(f"SERVER_TOOLS: {', '.join(clash)} is also in ENABLED_TOOLS (tool names must differ)")
+        _check_thinking(settings)
+        for tool in ("WEB_SEARCH", "WEB_FETCH"):
+            allowed, blocked = (getattr(settings, f"{tool.lower()}_{kind}_domains") for kind in ("allowed", "blocked"))
+            if allowed and blocked:
+                raise ConfigError(f"{tool}_BLOCKED_DOMAINS: cannot be set together with {tool}_ALLOWED_DOMAINS")
         return settings
+
+
+def _check_thinking(settings: Settings) -> None:
+    """The deployment's thinking config must be one the API accepts, or no turn would run."""
+    budget = settings.thinking_budget_tokens
+    if budget and budget < 1024:
+        raise ConfigError(f"THINKING_BUDGET_TOKENS: {budget} is below the API's minimum of 1024 (0 turns it off)")
+    if budget and budget >= settings.max_output_tokens:
+        raise ConfigError(f"THINKING_BUDGET_TOKENS: must be less than MAX_OUTPUT_TOKENS "
+                          f"({settings.max_output_tokens}): the thinking budget is part of max_tokens")
+    if budget and settings.thinking_adaptive:
+        raise ConfigError("THINKING_ADAPTIVE: cannot be true while THINKING_BUDGET_TOKENS is set (choose one)")
+    if settings.thinking_display and not (budget or settings.thinking_adaptive):
+        raise ConfigError("THINKING_DISPLAY: needs THINKING_BUDGET_TOKENS or THINKING_ADAPTIVE "
+                          "(it is part of their thinking config)")
 
 
 def _name(f: Field) -> str:

@@ -16,11 +16,13 @@ from typing import Any
 from .store.base import StoredMessage
 
 CACHE = {"type": "ephemeral"}
+UNCACHEABLE = frozenset({"thinking", "redacted_thinking"})
 DEFAULT_CHARS_PER_TOKEN = 3.5
 
 
 def message_chars(message: Mapping[str, Any]) -> int:
-    if isinstance(message, StoredMessage) and b'"type":"image"' not in message.raw:
+    if isinstance(message, StoredMessage) and b'"type":"image"' not in message.raw \
+            and b'"type":"document"' not in message.raw:
         raw = message.raw  # its JSON's characters: close enough, and no parse
         return len(raw) if raw.isascii() else len(raw.decode())
     content = message.get("content")
@@ -33,6 +35,10 @@ def message_chars(message: Mapping[str, Any]) -> int:
             total += len(block.get("text", ""))
         elif kind == "image":
             total += 6000  # ~1.5k tokens: the typical cost of an image
+        elif kind == "document":  # text as it is; a PDF's text is a fraction of its (base64) bytes
+            source = block.get("source") or {}
+            data = source.get("data") if isinstance(source.get("data"), str) else ""
+            total += len(data) if source.get("type") == "text" else len(data) // 8 if data else 6000
         else:
             total += len(json.dumps(block, separators=(",", ":")))
     return total
@@ -80,7 +86,9 @@ def tool_definitions(tools: list[dict[str, Any]], caching: bool) -> list[dict[st
 def with_breakpoints(system: str, messages: list[Mapping[str, Any]],
                      caching: bool) -> tuple[list[dict[str, Any]] | str, list[Mapping[str, Any]]]:
     """Mark the cacheable prefix: system prompt and latest message (a rolling breakpoint the
-    next call reads from); with the tools', 3 of the API's 4. Stored messages are copied."""
+    next call reads from); with the tools', 3 of the API's 4. Stored messages are copied. The
+    breakpoint goes on the message's last block that may carry one: not a thinking block (the API
+    refuses `cache_control` there), which a paused answer sent back to be continued can end with."""
     if not caching:
         return system, messages
     system_blocks = [{"type": "text", "text": system, "cache_control": CACHE}] if system else system
@@ -89,7 +97,8 @@ def with_breakpoints(system: str, messages: list[Mapping[str, Any]],
         content = last["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
-        if content:
-            content = [*content[:-1], {**content[-1], "cache_control": CACHE}]
+        at = next((i for i in range(len(content) - 1, -1, -1) if content[i].get("type") not in UNCACHEABLE), None)
+        if at is not None:
+            content = [*content[:at], {**content[at], "cache_control": CACHE}, *content[at + 1:]]
             messages = [*messages[:-1], {**last, "content": content}]
     return system_blocks, messages

@@ -18,13 +18,14 @@ from typing import Any, AsyncGenerator, Callable, NamedTuple
 import anthropic
 
 from . import context, metrics, structured
+from .capabilities import ModelCapabilities
 from .config import Settings
 from .errors import ApiError, from_exception, from_upstream, store_unavailable
 from .events import Event, encode, unlogged
-from .requests import TurnRequest
+from .requests import TurnRequest, interleaved_beta, thinking_params
 from .store.base import (ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store, TurnCommit,
                          new_id, valid_id)
-from .tools import ToolSet
+from .tools import ToolSet, server_tools
 from .turns import Housekeeper, Turn
 from .upstream import RawJSON, TextDelta, open_stream
 from .usage import PriceTable, Usage
@@ -36,6 +37,11 @@ INTERRUPTED_FIELDS = ('"code":"interrupted","message":"The turn was interrupted 
                       'send the message again.","retryable":true')
 INTERRUPT_WAIT_SECONDS = 10.0
 REMOTE_POLL_MS = 1000
+INTERLEAVED_THINKING = "interleaved-thinking-2025-05-14"
+# stop_reason -> `finish` of turn_end (an unknown future reason: "unknown"; pause_turn is continued).
+FINISH = {"end_turn": "complete", "stop_sequence": "complete", "tool_use": "complete", "max_tokens": "truncated",
+          "model_context_window_exceeded": "truncated", "refusal": "refused"}
+_unknown_seen: set[str] = set()  # (block and delta types this server does not know: logged once each)
 
 
 class UpstreamGate(asyncio.Semaphore):
@@ -73,6 +79,10 @@ class _Progress:
     text: list[str] = field(default_factory=list)
     blocks: list[dict[str, Any]] = field(default_factory=list)  # the current answer's blocks
     stop_reason: str | None = None
+    stop_sequence: str | None = None
+    stop_details: Any = None
+    container: str | None = None  # code execution's container, reused by the turn's next calls
+    server_calls: dict[str, str] = field(default_factory=dict)  # server_tool_use id -> tool name
     last_prompt_tokens: int = 0
     last_prompt_chars: int = 0
     first_token_at: float | None = None
@@ -89,7 +99,7 @@ class Engine:
         self.prices = prices
         self.turns: dict[str, Turn] = {}
         metrics.setup()  # (at worker startup: the engine is built in the lifespan)
-        tool_defs = tools.definitions() if tools else []
+        tool_defs = [*(tools.definitions() if tools else []), *server_tools.definitions(settings)]
         self._tool_chars = sum(len(json.dumps(t)) for t in tool_defs)
         # The tool definitions (with their cache breakpoint) are the same on every call: encoded once.
         sent_tools = context.tool_definitions(tool_defs, settings.prompt_caching)
@@ -99,6 +109,7 @@ class Engine:
         self.accepting = True
         self.stopping = False  # set once draining is over: remote followers end too
         self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
+        self.capabilities = ModelCapabilities(client)
         self.turn_listeners: list[Callable[[str, Usage], None]] = []  # (principal, usage) per finished turn
 
     async def start(self, req: TurnRequest, principal: str) -> TurnHandle:
@@ -263,9 +274,15 @@ class Engine:
         system = req.system if req.system is not None else s.system_prompt
         if req.response_schema is not None:
             system = f"{system}\n\n{structured.instruction(req.response_schema)}".strip()
+        thinking = thinking_params(req, s)
+        if thinking:
+            await self.capabilities.check(req.model, thinking.get("thinking"),
+                                          thinking.get("output_config", {}).get("effort"))
+        betas = INTERLEAVED_THINKING if interleaved_beta(req, s) else None
         correction_at: int | None = None
         ratio = context.chars_per_token(started.meta.last_input_tokens, started.meta.last_input_chars)
         fixed_chars = len(system) + self._tool_chars
+        paused = False
         for iteration in range(s.max_tool_iterations):
             messages = started.history + progress.messages
             start, est_chars = context.window(messages, fixed_chars, s.context_token_budget, ratio)
@@ -279,10 +296,19 @@ class Engine:
                 params["system"] = sys_param
             if self._tools_json is not None:
                 params["tools"] = self._tools_json
-            progress.blocks = []
-            await self._call_model(turn, req, params, progress)
+            if thinking:
+                params.update(thinking)
+            if progress.container:
+                params["container"] = progress.container
+            # A paused answer (`pause_turn`) is sent back as it is and goes on in the same message.
+            progress.blocks = progress.messages[-1]["content"] if paused else []
+            await self._call_model(turn, req, params, progress, betas)
             progress.last_prompt_chars = est_chars
-            progress.messages.append({"role": "assistant", "content": progress.blocks})
+            if not paused:
+                progress.messages.append({"role": "assistant", "content": progress.blocks})
+            paused = progress.stop_reason == "pause_turn"
+            if paused:
+                continue
             if progress.stop_reason != "tool_use":
                 if req.response_schema is None:
                     return
@@ -308,21 +334,27 @@ class Engine:
                 turn.emit("tool_result", {"tool_use_id": o.tool_use_id, "name": o.name, "is_error": o.is_error,
                                           ("error" if o.is_error else "output"): o.output})
             progress.messages.append({"role": "user", "content": [o.tool_result_block() for o in results]})
-        # The model kept asking for tools: end with an assistant message so history stays valid.
-        progress.messages.append({"role": "assistant", "content": [
-            {"type": "text", "text": "[Stopped: the tool iteration limit was reached.]"}]})
+        # The model kept asking for tools (or pausing): end with an assistant message so history stays valid.
+        stopped = {"type": "text", "text": "[Stopped: the tool iteration limit was reached.]"}
+        if paused:
+            progress.messages[-1]["content"].append(stopped)
+        else:
+            progress.messages.append({"role": "assistant", "content": [stopped]})
         raise ApiError("max_iterations", f"The model asked for tools {s.max_tool_iterations} times in a row.")
 
     async def _call_model(self, turn: Turn, req: TurnRequest, params: dict[str, Any],
-                          progress: _Progress) -> None:
-        """One streamed model call; fills `progress.blocks` as content arrives."""
+                          progress: _Progress, betas: str | None = None) -> None:
+        """One streamed model call; adds its content blocks to `progress.blocks` as they arrive
+        (after those of a paused answer it continues). Every block is kept as the API sent it, its
+        deltas applied: thinking and its signature, citations, and block types this server does not know."""
         blocks = progress.blocks
+        base = len(blocks)  # (the API numbers this call's blocks from 0)
         json_parts: dict[int, list[str]] = {}
-        text_parts: dict[int, list[str]] = {}
+        text_parts: dict[int, list[str]] = {}  # text and thinking, joined once at the end
         call_usage = Usage()
         await self.upstream_gate.acquire()  # ApiError("overloaded") after UPSTREAM_QUEUE_TIMEOUT_SECONDS
         try:
-            async with open_stream(self.client, params, self.settings.stream_coalesce_ms / 1000) as upstream:
+            async with open_stream(self.client, params, self.settings.stream_coalesce_ms / 1000, betas) as upstream:
                 if upstream.request_id:
                     progress.request_ids.append(upstream.request_id)
                 if not turn.events:
@@ -331,7 +363,7 @@ class Engine:
                 async for event in upstream.events():
                     if type(event) is TextDelta:
                         text = event.text
-                        text_parts[event.index].append(text)  # joined once, at the end
+                        text_parts[base + event.index].append(text)
                         progress.text.append(text)
                         if progress.first_token_at is None:
                             progress.first_token_at = time.monotonic()
@@ -340,49 +372,116 @@ class Engine:
                         continue
                     kind = event["type"]
                     if kind == "content_block_delta":
-                        delta = event["delta"]
-                        if delta.get("type") == "input_json_delta":
-                            json_parts.setdefault(event["index"], []).append(delta.get("partial_json", ""))
+                        self._apply_delta(turn, progress, blocks[base + event["index"]], event["delta"],
+                                          base + event["index"], json_parts, text_parts)
                     elif kind == "content_block_start":
                         block = dict(event["content_block"])
                         blocks.append(block)
-                        if block["type"] == "text":
-                            text_parts[event["index"]] = [block["text"]]
-                        elif block["type"] == "tool_use":
-                            turn.emit("tool_call", {"tool_use_id": block["id"], "name": block["name"]})
+                        self._block_started(turn, progress, block, len(blocks) - 1, text_parts)
                     elif kind == "content_block_stop":
-                        block = blocks[event["index"]]
-                        if block["type"] == "tool_use":
-                            self._complete_tool_input(turn, block, json_parts.pop(event["index"], []))
+                        index = base + event["index"]
+                        block = blocks[index]
+                        if index in json_parts or block["type"] in ("tool_use", "server_tool_use"):
+                            self._complete_input(turn, block, json_parts.pop(index, []))
                     elif kind == "message_start":
                         call_usage = Usage.from_api(event["message"].get("usage"))
                     elif kind == "message_delta":
-                        progress.stop_reason = event.get("delta", {}).get("stop_reason")
-                        usage = event.get("usage") or {}
-                        call_usage.output_tokens = int(usage.get("output_tokens") or call_usage.output_tokens)
-                        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
-                            if usage.get(name) is not None:
-                                setattr(call_usage, name, int(usage[name]))
+                        delta = event.get("delta") or {}
+                        progress.stop_reason = delta.get("stop_reason")
+                        progress.stop_sequence = delta.get("stop_sequence")
+                        progress.stop_details = delta.get("stop_details")
+                        if isinstance(container := delta.get("container"), dict) and container.get("id"):
+                            progress.container = container["id"]
+                        call_usage.update(event.get("usage"))
         finally:
             self.upstream_gate.release()
             for index, parts in text_parts.items():  # (also a cut stream's: keep what arrived)
-                blocks[index]["text"] = "".join(parts)
+                blocks[index]["thinking" if blocks[index]["type"] == "thinking" else "text"] = "".join(parts)
             progress.model_calls += 1
             progress.usage.add(call_usage)
             progress.last_prompt_tokens = call_usage.prompt_tokens or progress.last_prompt_tokens
-        # Drop empty text blocks: the API rejects them, and an empty assistant message, when
-        # the history is sent back.
-        blocks[:] = [b for b in blocks if b["type"] != "text" or b["text"].strip()]
+        # What the API would refuse when the history is sent back goes: empty text blocks (and an
+        # empty assistant message), a thinking block cut before its signature, a tool call the answer
+        # stopped in (max_tokens) without asking for it to be run.
+        calls = progress.stop_reason == "tool_use"
+        blocks[:] = [b for b in blocks if not ((b["type"] == "text" and not b["text"].strip())
+                                               or (b["type"] == "thinking" and not b.get("signature"))
+                                               or (b["type"] == "tool_use" and not calls))]
         if not blocks:
             blocks.append({"type": "text", "text": "(no answer)"})
 
-    def _complete_tool_input(self, turn: Turn, block: dict[str, Any], parts: list[str]) -> None:
+    def _block_started(self, turn: Turn, progress: _Progress, block: dict[str, Any], index: int,
+                       text_parts: dict[int, list[str]]) -> None:
+        kind = block["type"]
+        if kind == "text":
+            text_parts[index] = [block["text"]]
+        elif kind == "thinking":
+            text_parts[index] = [block.get("thinking") or ""]
+        elif kind == "tool_use":
+            turn.emit("tool_call", {"tool_use_id": block["id"], "name": block["name"]})
+        elif kind == "server_tool_use":  # run by the API, within this call
+            progress.server_calls[block["id"]] = block["name"]
+            turn.emit("tool_call", {"tool_use_id": block["id"], "name": block["name"], "server": True})
+        elif kind.endswith("_tool_result"):  # a server tool's result: complete in its start event
+            content = block.get("content")
+            is_error = isinstance(content, dict) and str(content.get("type", "")).endswith("_error")
+            call_id = block.get("tool_use_id")
+            turn.emit("tool_result", {"tool_use_id": call_id, "name": progress.server_calls.get(call_id, kind),
+                                      "is_error": is_error, "server": True, "result_type": kind,
+                                      ("error" if is_error else "output"): content})
+        elif kind != "redacted_thinking" and kind not in _unknown_seen:
+            _unknown_seen.add(kind)
+            log.warning("content block of unknown type %r: kept and sent back as it is", kind)
+
+    def _apply_delta(self, turn: Turn, progress: _Progress, block: dict[str, Any], delta: dict[str, Any],
+                     index: int, json_parts: dict[int, list[str]], text_parts: dict[int, list[str]]) -> None:
+        kind = delta.get("type")
+        if kind == "input_json_delta":
+            json_parts.setdefault(index, []).append(delta.get("partial_json", ""))
+        elif kind == "thinking_delta":
+            thinking = delta.get("thinking") or ""
+            text_parts.setdefault(index, []).append(thinking)
+            if progress.first_token_at is None:
+                progress.first_token_at = time.monotonic()
+                metrics.first_token(progress.first_token_at - turn.started_at)
+            turn.emit("thinking_delta", {"thinking": thinking})
+        elif kind == "signature_delta":
+            block["signature"] = delta.get("signature", "")
+        elif kind == "citations_delta":
+            if not isinstance(block.get("citations"), list):
+                block["citations"] = []
+            block["citations"].append(delta.get("citation"))
+            turn.emit("citation", {"citation": delta.get("citation")})
+        else:  # a delta type from the future: merged the way every known delta is, field by field
+            if kind not in _unknown_seen:
+                _unknown_seen.add(str(kind))
+                log.warning("content delta of unknown type %r: merged into its block by field", kind)
+            for key, value in delta.items():
+                current = block.get(key)
+                if key == "type":
+                    continue
+                if isinstance(current, str) and isinstance(value, str):
+                    block[key] = current + value
+                elif isinstance(current, list):
+                    current.extend(value if isinstance(value, list) else [value])
+                else:
+                    block[key] = value
+
+    def _complete_input(self, turn: Turn, block: dict[str, Any], parts: list[str]) -> None:
+        """A block's input, streamed as JSON text: parsed; a tool call's is validated and shown."""
         raw = "".join(parts)
         try:
-            block["input"] = json.loads(raw) if raw.strip() else {}
+            if raw.strip():
+                block["input"] = json.loads(raw)
         except ValueError:
             # Keep the raw text for the tool to reject; the history must hold an object.
             block["input"] = {"_invalid_json": raw[:2000]}
+        block.setdefault("input", {})
+        if block["type"] == "server_tool_use":
+            turn.emit("tool_input", {"tool_use_id": block["id"], "name": block["name"], "input": block["input"],
+                                     "valid": True, "server": True})
+        if block["type"] != "tool_use":
+            return
         _model, problem = self.tools.validate(block["name"], block["input"])
         payload: dict[str, Any] = {"tool_use_id": block["id"], "name": block["name"], "input": block["input"],
                                    "valid": problem is None}
@@ -405,15 +504,22 @@ class Engine:
             record["error"] = error.code
         if outcome in ("completed", "cancelled"):
             final_type = "turn_end"
+            finish = "cancelled" if outcome == "cancelled" else FINISH.get(progress.stop_reason or "", "unknown")
+            if finish == "unknown":
+                log.warning("turn %s ended with stop_reason %r, unknown here", turn.turn_id, progress.stop_reason)
             payload: dict[str, Any] = {
                 "session_id": turn.session_id, "turn_id": turn.turn_id,
-                "stop_reason": "cancelled" if outcome == "cancelled" else progress.stop_reason,
-                "truncated": progress.stop_reason == "max_tokens", "cancelled": outcome == "cancelled",
+                "stop_reason": "cancelled" if outcome == "cancelled" else progress.stop_reason, "finish": finish,
+                "truncated": finish == "truncated", "cancelled": outcome == "cancelled",
                 "text": "".join(progress.text), "usage": usage, "estimated_cost_usd": cost, "model": req.model,
                 "model_calls": progress.model_calls,
                 "request_id": progress.request_ids[-1] if progress.request_ids else None,
                 "request_ids": progress.request_ids,
             }
+            if progress.stop_sequence is not None:
+                payload["stop_sequence"] = progress.stop_sequence
+            if progress.stop_details is not None:
+                payload["stop_details"] = progress.stop_details
             if progress.structured is not None:
                 payload["structured"] = progress.structured
         else:
@@ -456,6 +562,8 @@ class Engine:
         """The turn's messages, or none. A valid history alternates user/assistant and every
         tool_use is followed by its tool_result, so a partial turn is cut to that shape."""
         done = progress.messages  # (never empty: the user's message comes first)
+        if outcome == "completed" and progress.stop_reason == "refusal":
+            return []  # as the API asks: the exchange that was refused is not sent again
         if outcome == "completed" or (error is not None and error.code == "max_iterations"):
             return done  # (max_iterations appended a closing assistant message)
         if outcome != "cancelled":

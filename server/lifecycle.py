@@ -53,7 +53,7 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
                      idempotency_ttl=settings.idempotency_ttl_seconds)
     store = RedisStore(settings.redis_url, **retention) if settings.redis_url else MemoryStore(**retention)
     engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
-                    PriceTable(settings.model_prices))
+                    PriceTable(settings.model_prices, settings.web_search_price_per_1k))
     await store.start(engine.cancel_local)
     engine.housekeeper.start()
     if not settings.redis_url:

@@ -10,8 +10,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .config import EFFORTS, THINKING_DISPLAYS
 from .errors import ERRORS
-from .requests import IMAGES, ON_BUSY
+from .requests import IMAGES, MIN_THINKING_BUDGET, ON_BUSY
 
 _STRING = {"type": "string"}
 _TEXT = {"schema": _STRING}
@@ -62,7 +63,34 @@ def _event(type_: str, description: str, props: dict[str, Any], *required: str) 
 
 
 _TOOL = {"tool_use_id": _STRING, "name": _STRING}
+_SERVER = {"server": {"const": True, "description": "A server tool (web search, web fetch, code execution): run by "
+                      "the model service, not this server. Absent for this server's tools."}}
 _USAGE = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_USAGE_DETAILS = {
+    "thinking_tokens": {**_INT, "description": "How many of `output_tokens` were thinking (when non-zero)."},
+    "web_search_requests": {**_INT, "description": "Web searches run (billed per search; when non-zero)."},
+    "web_fetch_requests": {**_INT, "description": "Web fetches run (when non-zero)."},
+}
+_DISPLAY = {"enum": list(THINKING_DISPLAYS), "description": "`omitted`: thinking is not streamed (only signed)."}
+_THINKING = {"description": "Extended thinking, in the Messages API's shape (if the server allows client "
+             "thinking); omit for the server's default.", "oneOf": [
+    _obj({"type": {"const": "enabled"}, "display": _DISPLAY,
+          "budget_tokens": {"type": "integer", "minimum": MIN_THINKING_BUDGET,
+                            "description": "Less than the turn's `max_tokens`."}},
+         "type", "budget_tokens", additionalProperties=False),
+    _obj({"type": {"const": "adaptive"}, "display": _DISPLAY}, "type", additionalProperties=False),
+    _obj({"type": {"enum": ["disabled", "between_tools"]}}, "type", additionalProperties=False),
+]}
+_DOCUMENT_SOURCE = {"oneOf": [
+    _obj({"type": {"const": "base64"}, "media_type": {"const": "application/pdf"},
+          "data": {"type": "string", "contentEncoding": "base64", "description": "At most MAX_DOCUMENT_BYTES "
+                   "decoded and MAX_DOCUMENT_PAGES pages."}}, "type", "media_type", "data"),
+    _obj({"type": {"const": "url"}, "url": {"type": "string", "format": "uri", "pattern": "^https://",
+                                            "maxLength": 2048, "description": "A PDF."}}, "type", "url"),
+    _obj({"type": {"const": "text"}, "media_type": {"const": "text/plain"},
+          "data": {"type": "string", "minLength": 1, "description": "Counts toward MAX_MESSAGE_CHARS."}},
+         "type", "media_type", "data"),
+]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({
@@ -83,6 +111,10 @@ SCHEMAS: dict[str, Any] = {
             _obj({"type": {"const": "url"}, "url": {"type": "string", "format": "uri", "pattern": "^https://"}},
                  "type", "url"),
         ]}}, "type", "source"),
+        _obj({"type": {"const": "document"}, "source": _DOCUMENT_SOURCE, "title": _STRING, "context": _STRING,
+              "citations": _obj({"enabled": _BOOL}, description="Let the answer cite passages of the document "
+                                "(as `citation` events).")},
+             "type", "source", description="At most MAX_DOCUMENTS per message."),
     ]},
     "TurnRequest": _obj({
         "message": {"oneOf": [{"type": "string", "minLength": 1},
@@ -99,30 +131,53 @@ SCHEMAS: dict[str, Any] = {
                                  "description": "Cancel the turn when the client goes away."},
         "response_schema": {"type": "object", "description": "JSON Schema the answer must match "
                             "(structured output; the result is in `structured`)."},
+        "thinking": _THINKING,
+        "effort": {"enum": list(EFFORTS), "description": "How much effort the model spends (`output_config.effort`); "
+                   "omit for the server's default (if the server allows client thinking)."},
     }, "message", description="One user message; the answer continues the session's conversation."),
-    "Usage": _obj({k: _INT for k in _USAGE}, *_USAGE),
-    "ToolCall": _obj({**_TOOL, "input": {}, "is_error": _BOOL, "output": {}, "error": {}}, "tool_use_id", "name"),
+    "Usage": _obj({**{k: _INT for k in _USAGE}, **_USAGE_DETAILS}, *_USAGE),
+    "ToolCall": _obj({**_TOOL, **_SERVER, "input": {}, "is_error": _BOOL, "output": {}, "error": {}},
+                     "tool_use_id", "name"),
     "TurnResult": _obj({
         "session_id": _STRING, "turn_id": _STRING,
-        "stop_reason": {"type": ["string", "null"], "description": "end_turn, max_tokens, tool_use, "
-                        "stop_sequence, refusal, or cancelled."},
+        "stop_reason": {"type": ["string", "null"], "description": "The model's (end_turn, max_tokens, tool_use, "
+                        "stop_sequence, refusal, model_context_window_exceeded, ...) or cancelled."},
+        "finish": {"enum": ["complete", "truncated", "refused", "cancelled", "unknown"], "description": "How the "
+                   "turn ended: `complete` (end_turn, stop_sequence), `truncated` (max_tokens, "
+                   "model_context_window_exceeded), `refused` (refusal), `cancelled`, or `unknown` (a stop_reason "
+                   "this server does not know)."},
+        "stop_sequence": {"type": "string", "description": "The stop sequence that ended the answer."},
+        "stop_details": {"type": "object", "description": "The model service's details of the stop (e.g. a "
+                         "refusal's category)."},
         "truncated": _BOOL, "cancelled": _BOOL, "text": _STRING,
         "usage": _ref("Usage"), "estimated_cost_usd": _NUMBER, "model": _STRING,
         "model_calls": _INT, "request_id": _NULLABLE_STRING,
         "request_ids": {"type": "array", "items": _STRING},
         "structured": {"description": "The parsed answer when `response_schema` was given."},
         "tool_calls": {"type": "array", "items": _ref("ToolCall")},
-    }, "session_id", "turn_id", "stop_reason", "text", "usage", "estimated_cost_usd", "model",
+        "thinking": {"type": "string", "description": "`POST /agent` only: the thinking text (the `thinking_delta` "
+                     "events joined), when there was some."},
+        "citations": {"type": "array", "items": {"type": "object"}, "description": "`POST /agent` only: the "
+                      "citations (of the `citation` events), when there were some."},
+    }, "session_id", "turn_id", "stop_reason", "finish", "text", "usage", "estimated_cost_usd", "model",
         description="The whole answer of `POST /agent` (the `turn_end` event plus `tool_calls`)."),
     "Event": {"description": "A turn event: SSE `data:` (with the same `id:`) or one WebSocket text frame.", "oneOf": [
         _event("turn_start", "The turn began.",
                {"session_id": _STRING, "turn_id": _STRING, "model": _STRING, "max_tokens": _INT},
                "session_id", "turn_id"),
         _event("text_delta", "Streamed answer text.", {"text": _STRING}, "text"),
-        _event("tool_call", "The model started a tool call.", _TOOL, "tool_use_id", "name"),
+        _event("thinking_delta", "Streamed thinking text (never part of `text`).", {"thinking": _STRING}, "thinking"),
+        _event("citation", "A citation of the text that follows it (a document, web search or web fetch "
+               "result), as the model service gives it.", {"citation": {"type": "object"}}, "citation"),
+        _event("tool_call", "The model started a tool call.", {**_TOOL, **_SERVER}, "tool_use_id", "name"),
         _event("tool_input", "The tool call's complete input.",
-               {**_TOOL, "input": {}, "valid": _BOOL, "error": _STRING}, "tool_use_id", "name", "input", "valid"),
-        _event("tool_result", "The tool's result.", {**_TOOL, "is_error": _BOOL, "output": {}, "error": {}},
+               {**_TOOL, **_SERVER, "input": {}, "valid": _BOOL, "error": _STRING},
+               "tool_use_id", "name", "input", "valid"),
+        _event("tool_result", "The tool's result. A server tool's `output` (or `error`) is its result block's "
+               "`content` as the model service gives it.",
+               {**_TOOL, **_SERVER, "is_error": _BOOL, "output": {}, "error": {},
+                "result_type": {"type": "string", "description": "A server tool's result block type, e.g. "
+                                "`web_search_tool_result`."}},
                "tool_use_id", "name", "is_error"),
         _event("structured_output", "The answer parsed against `response_schema`.", {"data": {}}, "data"),
         _event("structured_output_retry", "The answer did not match the schema; the model is asked "

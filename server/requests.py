@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import structured
-from .config import Settings
+from .config import EFFORTS, THINKING_DISPLAYS, Settings
 from .errors import ApiError
 from .store.base import valid_id, valid_message_id
 
@@ -19,6 +19,15 @@ IMAGES = {t: re.compile(magic, re.DOTALL) for t, magic in {  # media type -> the
     "image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8[79]a",
     "image/webp": b"RIFF.{4}WEBP"}.items()}
 ON_BUSY = {"reject", "interrupt"}
+# The `thinking` types of the API, with the keys each takes.
+THINKING_KEYS = {"enabled": {"type", "budget_tokens", "display"}, "adaptive": {"type", "display"},
+                 "disabled": {"type"}, "between_tools": {"type"}}
+MIN_THINKING_BUDGET = 1024  # the API's minimum budget_tokens
+DOCUMENT_SOURCES = ("base64", "url", "text")
+# A PDF page object: `/Type /Page` (any PDF whitespace between), the name ending there: next comes
+# whitespace, a delimiter or the end (`/Pages` is the page tree, `/PageLabel` a label). Pages inside
+# compressed object streams are invisible to this: such a PDF counts fewer pages (or none: accepted).
+_PDF_PAGE = re.compile(rb"/Type[\x00\t\n\f\r ]*/Page(?![^\x00\t\n\f\r ()<>\[\]{}/%])")
 
 # A lone surrogate (U+D800-U+DFFF), which json.loads makes from a `\uD800` escape, cannot be
 # encoded as UTF-8 and would fail later (Redis, the upstream request, a WebSocket frame): every
@@ -28,7 +37,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 @dataclass(slots=True)
 class TurnRequest:
-    content: str | list[dict[str, Any]]   # the user message: text, or text and image blocks
+    content: str | list[dict[str, Any]]   # the user message: text, or text, image and document blocks
     session_id: str | None = None
     system: str | None = None
     model: str = ""
@@ -38,6 +47,8 @@ class TurnRequest:
     cancel_on_disconnect: bool = False
     response_schema: dict[str, Any] | None = None
     create_if_missing: bool = False       # start `session_id` as a new session if it does not exist
+    thinking: dict[str, Any] | None = None  # the API's thinking config; None: the deployment's
+    effort: str | None = None             # output_config.effort; None: the deployment's
 
     def user_message(self) -> dict[str, Any]:
         content = self.content
@@ -102,6 +113,8 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
     max_tokens = body.get("max_tokens", settings.max_output_tokens)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise _invalid("`max_tokens` must be a positive integer.", "max_tokens")
+    max_tokens = min(max_tokens, settings.max_output_tokens)
+    thinking, effort = _thinking(body, max_tokens, settings)
     message_id = body.get("message_id")
     if message_id is not None and not valid_message_id(message_id):
         raise _invalid("`message_id` must be 1-128 characters of [A-Za-z0-9._:-].", "message_id")
@@ -117,9 +130,77 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
             raise _invalid("`response_schema` must be a JSON Schema object.", "response_schema")
         structured.check_schema(schema)
     return TurnRequest(content=content, session_id=session_id, system=system, model=model,
-                       max_tokens=min(max_tokens, settings.max_output_tokens), message_id=message_id,
-                       on_busy=on_busy, cancel_on_disconnect=cancel_on_disconnect,
-                       response_schema=schema)
+                       max_tokens=max_tokens, message_id=message_id, on_busy=on_busy,
+                       cancel_on_disconnect=cancel_on_disconnect, response_schema=schema,
+                       thinking=thinking, effort=effort)
+
+
+def _thinking(body: dict[str, Any], max_tokens: int, settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
+    """The request's `thinking` and `effort`, checked here so that a mistake is a 400 naming the
+    field rather than the model service's `bad_request` after a lock and a call."""
+    thinking, effort = body.get("thinking"), body.get("effort")
+    if (thinking is not None or effort is not None) and not settings.allow_client_thinking:
+        raise ApiError("thinking_not_allowed", field="thinking" if thinking is not None else "effort")
+    if effort is not None and (not isinstance(effort, str) or effort not in EFFORTS):
+        raise ApiError("invalid_thinking", f"`effort` must be one of {', '.join(EFFORTS)}.", field="effort")
+    budget = settings.thinking_budget_tokens
+    if thinking is None:
+        if budget and max_tokens <= budget:
+            raise ApiError("invalid_thinking", f"`max_tokens` must be more than this server's thinking budget "
+                                               f"({budget} tokens): thinking counts toward max_tokens.",
+                           field="max_tokens")
+        return None, effort
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if not isinstance(kind, str) or kind not in THINKING_KEYS:
+        raise ApiError("invalid_thinking", "`thinking` must be an object whose `type` is "
+                                           f"{', '.join(map(repr, THINKING_KEYS))}.", field="thinking")
+    if set(thinking) - THINKING_KEYS[kind]:
+        raise ApiError("invalid_thinking", f"`thinking` of type '{kind}' takes only "
+                                           f"{', '.join(sorted(THINKING_KEYS[kind]))}.", field="thinking")
+    checked: dict[str, Any] = {"type": kind}
+    if kind == "enabled":
+        tokens = thinking.get("budget_tokens")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < MIN_THINKING_BUDGET:
+            raise ApiError("invalid_thinking", f"`thinking.budget_tokens` must be an integer of at least "
+                                               f"{MIN_THINKING_BUDGET}.", field="thinking")
+        if tokens >= max_tokens:
+            raise ApiError("invalid_thinking", f"`thinking.budget_tokens` ({tokens}) must be less than `max_tokens` "
+                                               f"({max_tokens}).", field="thinking")
+        checked["budget_tokens"] = tokens
+    display = thinking.get("display")
+    if display is not None:
+        if not isinstance(display, str) or display not in THINKING_DISPLAYS:
+            raise ApiError("invalid_thinking", f"`thinking.display` must be {' or '.join(THINKING_DISPLAYS)}.",
+                           field="thinking")
+        checked["display"] = display
+    return checked, effort
+
+
+def _deployment_thinking(settings: Settings) -> dict[str, Any] | None:
+    display = {"display": settings.thinking_display} if settings.thinking_display else {}
+    if settings.thinking_budget_tokens:
+        return {"type": "enabled", "budget_tokens": settings.thinking_budget_tokens, **display}
+    return {"type": "adaptive", **display} if settings.thinking_adaptive else None
+
+
+def thinking_params(req: TurnRequest, settings: Settings) -> dict[str, Any]:
+    """The Messages API parameters this turn adds for thinking and effort (`thinking`,
+    `output_config`): the request's values, else the deployment's; {} when there are none."""
+    params: dict[str, Any] = {}
+    thinking = req.thinking if req.thinking is not None else _deployment_thinking(settings)
+    if thinking is not None:
+        params["thinking"] = dict(thinking)
+    effort = req.effort or settings.thinking_effort
+    if effort:
+        params["output_config"] = {"effort": effort}
+    return params
+
+
+def interleaved_beta(req: TurnRequest, settings: Settings) -> bool:
+    """Whether to send the interleaved-thinking beta: THINKING_INTERLEAVED, and this turn thinks
+    with a budget (`enabled`; adaptive thinking interleaves without it)."""
+    thinking = req.thinking if req.thinking is not None else _deployment_thinking(settings)
+    return settings.thinking_interleaved and thinking is not None and thinking["type"] == "enabled"
 
 
 def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
@@ -132,7 +213,7 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
     elif not isinstance(message, list) or not message:
         raise _invalid("`message` must be a string or a non-empty list of content blocks.", "message")
     else:
-        content, chars, images = [], 0, 0
+        content, chars, images, documents = [], 0, 0, 0
         for i, block in enumerate(message):
             if not isinstance(block, dict):
                 raise _invalid(f"`message[{i}]` must be an object.", "message")
@@ -149,8 +230,16 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
                 if images > settings.max_images:
                     raise ApiError("too_many_images", f"At most {settings.max_images} images per message.")
                 content.append(_image(block.get("source"), i, settings))
+            elif kind == "document":
+                documents += 1
+                if documents > settings.max_documents:
+                    raise ApiError("too_many_documents", f"At most {settings.max_documents} documents per message.",
+                                   field="message")
+                document, text_chars = _document(block, i, settings)
+                chars += text_chars
+                content.append(document)
             else:
-                raise _invalid(f"`message[{i}].type` must be 'text' or 'image'.", "message")
+                raise _invalid(f"`message[{i}].type` must be 'text', 'image' or 'document'.", "message")
     if chars > settings.max_message_chars:
         raise ApiError("message_too_long",
                        f"`message` is longer than {settings.max_message_chars} characters.", field="message")
@@ -188,3 +277,79 @@ def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
     if not IMAGES[media_type].match(raw):
         raise ApiError("invalid_image", f"{where}.data is not a {media_type} image.")
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def _bad_document(message: str) -> ApiError:
+    return ApiError("invalid_document", message, field="message")
+
+
+def _document(block: dict[str, Any], i: int, settings: Settings) -> tuple[dict[str, Any], int]:
+    """A document block in the API's shape (the client's values, unchanged), and the characters
+    of text it adds to the message (a text source, title, context: they count toward
+    MAX_MESSAGE_CHARS like text blocks)."""
+    where = f"`message[{i}]`"
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict) or not isinstance(kind, str) or kind not in DOCUMENT_SOURCES:
+        raise _bad_document(f"{where}.source must be an object whose `type` is 'base64' (a PDF), 'url' (a PDF) "
+                            "or 'text'.")
+    chars = 0
+    if kind == "base64":
+        source = _pdf(source, where, settings)
+    elif kind == "url":
+        url = source.get("url")
+        if not isinstance(url, str) or not url.startswith("https://") or len(url) > 2048:
+            raise _bad_document(f"{where}.source.url must be an https:// URL of at most 2048 characters.")
+        source = {"type": "url", "url": check_text(url, f"{where}.source.url", "message")}
+    else:
+        data = source.get("data")
+        if source.get("media_type") != "text/plain" or not isinstance(data, str) or not data.strip():
+            raise _bad_document(f"{where}.source: a text document needs `media_type` 'text/plain' and non-empty "
+                                "`data`.")
+        chars += len(check_text(data, f"{where}.source.data", "message"))
+        source = {"type": "text", "media_type": "text/plain", "data": data}
+    document: dict[str, Any] = {"type": "document", "source": source}
+    for key in ("title", "context"):
+        value = block.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise _bad_document(f"{where}.{key} must be a string.")
+            chars += len(check_text(value, f"{where}.{key}", "message"))
+            document[key] = value
+    citations = block.get("citations")
+    if citations is not None:
+        if not isinstance(citations, dict) or set(citations) - {"enabled"} or \
+                not isinstance(citations.get("enabled", False), bool):
+            raise _bad_document(f'{where}.citations must be {{"enabled": true}} or {{"enabled": false}}.')
+        document["citations"] = citations
+    return document, chars
+
+
+def _pdf(source: dict[str, Any], where: str, settings: Settings) -> dict[str, Any]:
+    """A base64 PDF source, its size checked before decoding (as for images) and its pages counted."""
+    limit = settings.max_document_bytes
+    data = source.get("data")
+    if source.get("media_type") != "application/pdf" or not isinstance(data, str) or not data:
+        raise _bad_document(f"{where}.source: a base64 document needs `media_type` 'application/pdf' and base64 "
+                            "`data` (send plain text as a 'text' source).")
+    if len(data) * 3 // 4 > limit + 3:
+        raise ApiError("document_too_large", f"Documents are limited to {limit} bytes.", field="message")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad_document(f"{where}.source.data is not valid base64.") from None
+    if len(raw) > limit:
+        raise ApiError("document_too_large", f"Documents are limited to {limit} bytes.", field="message")
+    if b"%PDF-" not in raw[:1024]:  # (readers accept the header anywhere in the first 1 KiB)
+        raise _bad_document(f"{where}.source.data is not a PDF.")
+    pages = pdf_pages(raw)
+    if pages > settings.max_document_pages:
+        raise ApiError("document_too_large", f"{where} has {pages} pages; documents are limited to "
+                                             f"{settings.max_document_pages} pages.", field="message")
+    return {"type": "base64", "media_type": "application/pdf", "data": data}
+
+
+def pdf_pages(raw: bytes) -> int:
+    """The page objects a PDF shows (0 when they are all in compressed object streams): enough to
+    refuse an oversized document before it costs an upstream call, without a PDF parser."""
+    return len(_PDF_PAGE.findall(raw))

@@ -167,12 +167,15 @@ def messages_url(client: anthropic.AsyncAnthropic) -> httpx2.URL:
 
 
 @asynccontextmanager
-async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any],
-                      coalesce: float = 0.0) -> AsyncIterator[UpstreamStream]:
-    """Open the stream; closing it on exit also stops billing when a turn is cancelled."""
+async def open_stream(client: anthropic.AsyncAnthropic, params: dict[str, Any], coalesce: float = 0.0,
+                      betas: str | None = None) -> AsyncIterator[UpstreamStream]:
+    """Open the stream; closing it on exit also stops billing when a turn is cancelled.
+    `betas`: an `anthropic-beta` header value (e.g. interleaved thinking)."""
     url = _urls.get(client) or _urls.setdefault(client, messages_url(client))
+    options: Any = {"headers": {"anthropic-beta": betas}} if betas else {}
     stream = UpstreamStream(await client.post(url, cast_to=httpx2.Response,  # type: ignore[arg-type]
-                                              content=encode_request(params), stream=True, stream_cls=None), coalesce)
+                                              content=encode_request(params), options=options, stream=True,
+                                              stream_cls=None), coalesce)
     try:
         yield stream
     finally:

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import redis
+from httpx_sse import aconnect_sse
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = ROOT / "test-artifacts" / "logs"
@@ -138,6 +139,16 @@ def server_env(fake: FakeUpstream, redis_url: str | None, **overrides: Any) -> d
         env["REDIS_URL"] = redis_url
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+async def sse_turn(client: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST /agent/stream with an httpx client: the turn's events (the stream must answer 200)."""
+    events = []
+    async with aconnect_sse(client, "POST", "/agent/stream", json=body) as source:
+        assert source.response.status_code == 200, await source.response.aread()
+        async for s in source.aiter_sse():
+            events.append(json.loads(s.data))
+    return events
 
 
 def sse_events(lines: list[str]) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ import json
 import httpx
 import pytest
 import websockets
-from httpx_sse import aconnect_sse
+
+from .harness import sse_turn
 
 CALC = "calculator"
 
@@ -36,19 +37,10 @@ def assert_valid_history(messages):
                 assert block["id"] in results
 
 
-async def sse(client, body):
-    events = []
-    async with aconnect_sse(client, "POST", "/agent/stream", json=body) as source:
-        assert source.response.status_code == 200, await source.response.aread()
-        async for s in source.aiter_sse():
-            events.append(json.loads(s.data))
-    return events
-
-
 async def test_calculator_end_to_end_over_sse(shared_server, upstream):
     upstream.script({"tool_use": [{"name": CALC, "input": {"expression": "2+3*4"}, "id": "toolu_A"}]})
     async with httpx.AsyncClient(base_url=shared_server.url, timeout=30) as client:
-        events = await sse(client, {"message": "What is 2+3*4?"})
+        events = await sse_turn(client, {"message": "What is 2+3*4?"})
     kinds = [e["type"] for e in events]
     assert kinds[:5] == ["turn_start", "tool_call", "tool_input", "tool_result", "text_delta"]
     assert events[1] == {**events[1], "tool_use_id": "toolu_A", "name": CALC}
@@ -251,7 +243,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 async def test_structured_output_accepted(shared_server, upstream):
     upstream.script({"text": '{"name": "Ada", "age": 36}'})
     async with httpx.AsyncClient(base_url=shared_server.url, timeout=30) as client:
-        events = await sse(client, {"message": "Who?", "response_schema": SCHEMA})
+        events = await sse_turn(client, {"message": "Who?", "response_schema": SCHEMA})
     assert events[-2] == {**events[-2], "type": "structured_output", "data": {"name": "Ada", "age": 36}}
     assert events[-1]["structured"] == {"name": "Ada", "age": 36}
     assert "JSON Schema" in json.dumps(upstream.requests()[0]["body"]["system"])

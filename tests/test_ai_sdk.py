@@ -46,6 +46,11 @@ CHUNK_KEYS: dict[str, tuple[set[str], set[str]]] = {
                               {"providerExecuted", "providerMetadata", "toolMetadata", "dynamic", "preliminary"}),
     "tool-output-error": ({"type", "toolCallId", "errorText"},
                           {"providerExecuted", "providerMetadata", "toolMetadata", "dynamic"}),
+    "reasoning-start": ({"type", "id"}, {"providerMetadata"}),
+    "reasoning-delta": ({"type", "id", "delta"}, {"providerMetadata"}),
+    "reasoning-end": ({"type", "id"}, {"providerMetadata"}),
+    "source-url": ({"type", "sourceId", "url"}, {"title", "providerMetadata"}),
+    "source-document": ({"type", "sourceId", "mediaType", "title"}, {"filename", "providerMetadata"}),
     "error": ({"type", "errorText"}, set()),
     "abort": ({"type"}, {"reason"}),
     "finish": ({"type"}, {"finishReason", "messageMetadata"}),
@@ -72,6 +77,19 @@ def chat_body(cid: str, *texts: str, **extra: Any) -> dict[str, Any]:
     return {"id": cid, "trigger": "submit-message", "messages": [user(t) for t in texts], **extra}
 
 
+PDF = (b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n"
+       b"2 0 obj << /Type /Pages /Kids [3 0 R] /Count 1 >> endobj\n3 0 obj << /Type /Page /Parent 2 0 R >> endobj\n"
+       b"trailer << /Root 1 0 R >>\n%%EOF\n")
+PDF_URL = "data:application/pdf;base64," + base64.b64encode(PDF).decode()
+NOTES = "Meeting notes: ünïcode ✓\nline two"
+NOTES_URL = "data:text/plain;base64," + base64.b64encode(NOTES.encode()).decode()
+
+
+def file_part(media_type: str, url: str, filename: str | None = None) -> dict[str, Any]:
+    part = {"type": "file", "mediaType": media_type, "url": url}
+    return part | ({"filename": filename} if filename else {})
+
+
 def check_chunk(chunk: dict[str, Any]) -> None:
     assert chunk["type"] in CHUNK_KEYS, chunk
     required, optional = CHUNK_KEYS[chunk["type"]]
@@ -96,10 +114,10 @@ def parse_stream(raw: str) -> list[dict[str, Any]]:
 
 
 def kinds(chunks: list[dict[str, Any]]) -> list[str]:
-    """Chunk types, runs of text-delta collapsed to one."""
+    """Chunk types, runs of text-delta (or reasoning-delta) collapsed to one."""
     out: list[str] = []
     for c in chunks:
-        if not (c["type"] == "text-delta" and out and out[-1] == "text-delta"):
+        if not (c["type"] in ("text-delta", "reasoning-delta") and out and out[-1] == c["type"]):
             out.append(c["type"])
     return out
 
@@ -322,6 +340,147 @@ async def test_use_chat_with_an_api_key(start_server, upstream, node_client):
         assert (await client.get(f"/sessions/{cid}", headers=headers)).json()["turns"] == 1
 
 
+THOUGHT = "The user asks about Paris. I should search the web first."
+WIKI = "https://en.example.org/wiki/Paris"
+TRAVEL = "https://travel.example.com/paris"
+SEARCH_RESULTS = [
+    {"type": "web_search_result", "url": WIKI, "title": "Paris - Encyclopedia", "encrypted_content": "EqwBCioIAhgC",
+     "page_age": "2 days ago"},
+    {"type": "web_search_result", "url": TRAVEL, "title": "Visit Paris", "encrypted_content": "EqwBCioIAhgD",
+     "page_age": None}]
+
+
+def cite(url: str, title: str, text: str) -> dict[str, Any]:
+    return {"type": "web_search_result_location", "url": url, "title": title, "cited_text": text,
+            "encrypted_index": "Eo8BCioIAhgB"}
+
+
+def searched_answer(query: str = "capital of France") -> dict[str, Any]:
+    """The fake's script of one model call: thinking, a web search and its results, a cited answer."""
+    return {"blocks": [
+        {"type": "thinking", "thinking": THOUGHT},
+        {"type": "server_tool_use", "id": "srvtoolu_01Paris", "name": "web_search", "input": {"query": query}},
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_01Paris", "content": SEARCH_RESULTS},
+        {"type": "text", "text": "The capital of France is "},
+        {"type": "text", "text": "Paris", "citations": [cite(WIKI, "Paris - Encyclopedia", "Paris is the capital.")]},
+        {"type": "text", "text": ", a city of museums.",
+         "citations": [cite(TRAVEL, "Visit Paris", "Museums."), cite(WIKI, "Paris - Encyclopedia", "Louvre.")]},
+    ]}
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+async def test_use_chat_thinking_web_search_and_sources(start_server, upstream, node_client, transport):
+    """The real client shows the thinking as a reasoning part, the search as a provider-executed
+    tool part with its results, the citations as source-url parts, and the text without thinking."""
+    server = start_server(SERVER_TOOLS="web_search")
+    cid = chat_id()
+    upstream.script(searched_answer(), {"text": "You are welcome."})
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+    result = await node_client({"url": server.url, "transport": transport, "chats": {"a": {"id": cid}}, "steps": [
+        {"op": "send", "chat": "a", "text": "What is the capital of France?",
+         "body": {"thinking": thinking, "effort": "low", "max_tokens": 8192, "model": "claude-opus-4-5"}},
+        {"op": "send", "chat": "a", "text": "Thanks!", "body": {"thinking": thinking, "max_tokens": 8192}}]})
+    chat = result["chats"]["a"]
+    assert chat["status"] == "ready" and chat["error"] is None, chat
+    _question, answer, _thanks, second = chat["messages"]
+    parts = answer["parts"]
+    assert [p["type"] for p in parts] == ["step-start", "reasoning", "tool-web_search", "text", "source-url",
+                                          "source-url"]
+    assert parts[1] == {"type": "reasoning", "id": "reasoning-1", "text": THOUGHT, "state": "done"}
+    tool = parts[2]
+    assert tool["providerExecuted"] is True and tool["state"] == "output-available"
+    assert tool["toolCallId"] == "srvtoolu_01Paris" and tool["input"] == {"query": "capital of France"}
+    assert tool["output"] == SEARCH_RESULTS
+    sources = [p for p in parts if p["type"] == "source-url"]
+    assert [(s["sourceId"], s["url"], s["title"]) for s in sources] == [
+        ("source-1", WIKI, "Paris - Encyclopedia"), ("source-2", TRAVEL, "Visit Paris")]
+    assert texts(answer) == "The capital of France is Paris, a city of museums."
+    assert "search the web" not in json.dumps([p for p in parts if p["type"] != "reasoning"])
+    assert chat["finishes"][0]["finishReason"] == "stop"
+    assert answer["metadata"]["finish"] == "complete" and answer["metadata"]["stop_reason"] == "end_turn"
+    # The chunks, in order: one step (the search result does not end it), then finish.
+    first_turn = chat["chunks"][:[c["type"] for c in chat["chunks"]].index("finish") + 1]
+    assert kinds(first_turn) == ["start", "start-step", "reasoning-start", "reasoning-delta", "reasoning-end",
+                               "tool-input-start", "tool-input-available", "tool-output-available",
+                               "text-start", "text-delta", "source-url", "text-delta", "source-url", "text-delta",
+                               "text-end", "finish-step", "finish"]
+    for chunk in chat["chunks"]:
+        check_chunk(chunk)
+
+    # What was asked upstream: the body's thinking and effort, the web search tool; and the
+    # next turn sends the thinking (signed) and the search back as the API needs them.
+    first, follow = upstream.requests()[-2]["body"], upstream.requests()[-1]["body"]
+    assert first["thinking"] == thinking and first.get("output_config", {}).get("effort") == "low"
+    assert any(t.get("name") == "web_search" and t["type"].startswith("web_search_") for t in first["tools"])
+    assert [b["type"] for b in follow["messages"][1]["content"]][:3] == [
+        "thinking", "server_tool_use", "web_search_tool_result"]
+    assert texts(second) == "You are welcome."
+    if transport == "ws":
+        assert result["sockets"] == 1
+
+
+async def test_use_chat_documents_and_document_sources(shared_server: Server, upstream, node_client):
+    """File parts (a PDF, a text file) reach the model as document blocks titled by their file
+    names; what the answer cites from them comes back as source-document parts."""
+    upstream.script({"blocks": [
+        {"type": "text", "text": "The report", "citations": [
+            {"type": "page_location", "cited_text": "Revenue grew.", "document_index": 0,
+             "document_title": "report.pdf", "start_page_number": 1, "end_page_number": 2}]},
+        {"type": "text", "text": " and the notes agree.", "citations": [
+            {"type": "char_location", "cited_text": "grew", "document_index": 1, "document_title": None,
+             "start_char_index": 0, "end_char_index": 4}]}]})
+    result = await node_client({"url": shared_server.url, "transport": "ws", "chats": {"a": {"id": chat_id()}},
+                                "steps": [{"op": "send", "chat": "a", "text": "Compare them.", "files": [
+                                    file_part("application/pdf", PDF_URL, "report.pdf"),
+                                    file_part("text/plain", NOTES_URL, "notes.txt")]}]})
+    chat = result["chats"]["a"]
+    assert chat["status"] == "ready" and chat["error"] is None, chat
+    answer = chat["messages"][1]
+    assert [(p["sourceId"], p["mediaType"], p["title"]) for p in answer["parts"] if p["type"] == "source-document"] \
+        == [("source-1", "application/pdf", "report.pdf"), ("source-2", "text/plain", "Document 2")]
+    assert texts(answer) == "The report and the notes agree."
+    sent = upstream.requests()[-1]["body"]["messages"][-1]["content"]
+    documents = [b for b in sent if b["type"] == "document"]
+    assert [(d["source"]["type"], d.get("title")) for d in documents] == [("base64", "report.pdf"),
+                                                                        ("text", "notes.txt")]
+    assert documents[0]["source"]["data"] == base64.b64encode(PDF).decode()
+    assert documents[1]["source"] == {"type": "text", "media_type": "text/plain", "data": NOTES}
+    assert [b["type"] for b in sent] == ["document", "document", "text"]  # (the client puts files first)
+    assert sent[2]["text"] == "Compare them."
+
+
+async def test_a_paused_turn_goes_on_in_the_same_message(start_server, upstream):
+    """pause_turn (a long server tool loop) never reaches the client: the engine continues the
+    turn, and the stream stays one message and one step, ending with `stop`."""
+    server = start_server(SERVER_TOOLS="web_search")
+    paused = searched_answer()
+    paused["blocks"] = paused["blocks"][:3]  # thinking, the search and its results
+    upstream.script({**paused, "stop_reason": "pause_turn"},
+                    {"blocks": [{"type": "text", "text": "Paris.", "citations": [cite(WIKI, "Paris", "Capital.")]}]})
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        r, chunks = await post_chat(client, chat_body(chat_id(), "What is the capital of France?"))
+    assert kinds(chunks) == ["start", "start-step", "reasoning-start", "reasoning-delta", "reasoning-end",
+                             "tool-input-start", "tool-input-available", "tool-output-available", "source-url",
+                             "text-start", "text-delta", "text-end", "finish-step", "finish"]
+    assert chunks[-1]["finishReason"] == "stop" and chunks[-1]["messageMetadata"]["finish"] == "complete"
+    assert text_of(chunks) == "Paris."
+    assert len(upstream.requests()) == 2  # the continuation
+
+
+async def test_finish_reasons_from_the_server(shared_server: Server, upstream):
+    """turn_end's `finish` on the wire: a refusal is content-filter, a cut-off answer is length."""
+    async with httpx.AsyncClient(base_url=shared_server.url, timeout=30) as client:
+        upstream.script({"text": "I can't help with that.", "stop_reason": "refusal",
+                         "stop_details": {"type": "refusal", "category": "cyber", "explanation": None}})
+        r, chunks = await post_chat(client, chat_body(chat_id(), "something bad"))
+        assert chunks[-1]["finishReason"] == "content-filter"
+        assert chunks[-1]["messageMetadata"]["finish"] == "refused"
+        assert chunks[-1]["messageMetadata"]["stop_details"]["category"] == "cyber"
+        upstream.script({"text": "a b c", "stop_reason": "max_tokens"})
+        r, chunks = await post_chat(client, chat_body(chat_id(), "go on"))
+        assert chunks[-1]["finishReason"] == "length" and chunks[-1]["messageMetadata"]["finish"] == "truncated"
+
+
 # -- the wire protocol, from Python ------------------------------------------------------------
 def test_chunk_mapping_escapes_text_and_is_deterministic():
     from server import events as ev
@@ -337,14 +496,7 @@ def test_chunk_mapping_escapes_text_and_is_deterministic():
                                              "error": "bad"}),
            ev.text_delta("T", 6, "after"),
            ev.encode("T", 7, "turn_end", {"stop_reason": "end_turn", "cancelled": False})]
-    runs = []
-    for _ in range(2):
-        mapper = UIChunks("T")
-        runs.append([c for e in log for c in mapper.feed(e)])
-    assert runs[0] == runs[1]
-    chunks = [json.loads(c) for c in runs[0]]
-    for chunk in chunks:
-        check_chunk(chunk)
+    chunks = mapped(log)
     assert chunks[3] == {"type": "text-delta", "id": "text-1", "delta": tricky}
     assert [c["type"] for c in chunks] == [
         "start", "start-step", "text-start", "text-delta", "text-end", "tool-input-start", "tool-input-error",
@@ -352,6 +504,330 @@ def test_chunk_mapping_escapes_text_and_is_deterministic():
         "finish"]
     assert chunks[6]["errorText"] == "bad" and chunks[6]["input"] == {"x": 1}
     assert UIChunks("T").feed(log[-1])[0] == '{"type":"start","messageId":"T"}'
+
+
+def mapped(log: list[Any]) -> list[dict[str, Any]]:
+    """The chunks UIChunks makes of a turn's events: the same on every run (a resume relies on
+    it), each one with exactly the keys the `ai` package's schema allows."""
+    from server.transports.ai_sdk import UIChunks
+
+    runs = []
+    for _ in range(2):
+        mapper = UIChunks("T")
+        runs.append([c for e in log for c in mapper.feed(e)])
+    assert runs[0] == runs[1]
+    chunks = [json.loads(c) for c in runs[0]]
+    for raw, chunk in zip(runs[0], chunks):
+        check_chunk(chunk)
+        assert raw == json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)  # compact
+    return chunks
+
+
+class TurnLog:
+    """A turn's encoded events, numbered as the engine numbers them."""
+
+    def __init__(self) -> None:
+        from server import events
+
+        self.ev = events
+        self.events = [events.encode("T", 1, "turn_start", {"session_id": "S", "turn_id": "T", "model": "m"})]
+
+    def add(self, type_: str, **payload: Any) -> "TurnLog":
+        self.events.append(self.ev.encode("T", len(self.events) + 1, type_, payload))
+        return self
+
+    def text(self, text: str) -> "TurnLog":
+        self.events.append(self.ev.text_delta("T", len(self.events) + 1, text))
+        return self
+
+    def thinking(self, text: str) -> "TurnLog":
+        return self.add("thinking_delta", thinking=text)
+
+    def end(self, **payload: Any) -> list[Any]:
+        """The turn_end, `payload` over the defaults; a key given as None is left out."""
+        merged = {"session_id": "S", "turn_id": "T", "model": "m", "stop_reason": "end_turn", "finish": "complete",
+                  "truncated": False, "cancelled": False, **payload}
+        self.add("turn_end", **{k: v for k, v in merged.items() if v is not None})
+        return self.events
+
+
+def test_thinking_maps_to_reasoning_never_mixed_into_text():
+    log = (TurnLog().thinking("Let me ").thinking('think "hard".\n').text("The answer").text(" is 4.")
+           .add("tool_call", tool_use_id="tu", name="calculator")
+           .add("tool_input", tool_use_id="tu", name="calculator", input={"expression": "2+2"}, valid=True)
+           .add("tool_result", tool_use_id="tu", name="calculator", is_error=False, output="4")
+           .thinking("Now ").thinking("check.").text("Checked.").thinking("More?").end())
+    chunks = mapped(log)
+    assert chunks == [
+        {"type": "start", "messageId": "T"},
+        {"type": "start-step"},
+        {"type": "reasoning-start", "id": "reasoning-1"},
+        {"type": "reasoning-delta", "id": "reasoning-1", "delta": "Let me "},
+        {"type": "reasoning-delta", "id": "reasoning-1", "delta": 'think "hard".\n'},
+        {"type": "reasoning-end", "id": "reasoning-1"},  # text starts: the reasoning ends
+        {"type": "text-start", "id": "text-1"},
+        {"type": "text-delta", "id": "text-1", "delta": "The answer"},
+        {"type": "text-delta", "id": "text-1", "delta": " is 4."},
+        {"type": "text-end", "id": "text-1"},
+        {"type": "tool-input-start", "toolCallId": "tu", "toolName": "calculator"},
+        {"type": "tool-input-available", "toolCallId": "tu", "toolName": "calculator",
+         "input": {"expression": "2+2"}},
+        {"type": "tool-output-available", "toolCallId": "tu", "output": "4"},
+        {"type": "finish-step"},
+        {"type": "start-step"},  # interleaved thinking opens the next model call's step
+        {"type": "reasoning-start", "id": "reasoning-2"},
+        {"type": "reasoning-delta", "id": "reasoning-2", "delta": "Now "},
+        {"type": "reasoning-delta", "id": "reasoning-2", "delta": "check."},
+        {"type": "reasoning-end", "id": "reasoning-2"},
+        {"type": "text-start", "id": "text-2"},
+        {"type": "text-delta", "id": "text-2", "delta": "Checked."},
+        {"type": "text-end", "id": "text-2"},  # reasoning starts: the text ends
+        {"type": "reasoning-start", "id": "reasoning-3"},
+        {"type": "reasoning-delta", "id": "reasoning-3", "delta": "More?"},
+        {"type": "reasoning-end", "id": "reasoning-3"},  # any other event ends it: here turn_end
+        {"type": "finish-step"},
+        {"type": "finish", "finishReason": "stop", "messageMetadata": {
+            "session_id": "S", "turn_id": "T", "model": "m", "stop_reason": "end_turn", "usage": None,
+            "estimated_cost_usd": None, "finish": "complete"}},
+    ]
+    # A thinking-only turn that fails: the reasoning is closed before the error.
+    failed = TurnLog().thinking("hmm").add("error", code="overloaded", message="Overloaded.").events
+    assert [c["type"] for c in mapped(failed)] == [
+        "start", "start-step", "reasoning-start", "reasoning-delta", "reasoning-end", "error", "finish"]
+    # Any other event ends reasoning too (here a citation), and the next thinking is a new part.
+    cited = (TurnLog().thinking("a").add("citation", citation={"type": "web_search_result_location",
+                                                               "url": "https://x.example/", "cited_text": "c"})
+             .thinking("b").end())
+    assert [(c["type"], c.get("id")) for c in mapped(cited)][2:8] == [
+        ("reasoning-start", "reasoning-1"), ("reasoning-delta", "reasoning-1"), ("reasoning-end", "reasoning-1"),
+        ("source-url", None), ("reasoning-start", "reasoning-2"), ("reasoning-delta", "reasoning-2")]
+
+
+WEB_RESULTS = [{"type": "web_search_result", "url": "https://a.example/one", "title": "One",
+                "encrypted_content": "EqgB", "page_age": "April 1, 2026"},
+               {"type": "web_search_result", "url": "https://b.example/two", "title": "Two",
+                "encrypted_content": "EqgC", "page_age": None}]
+
+
+def test_server_tools_are_provider_executed_and_do_not_end_the_step():
+    log = (TurnLog().text("Searching.")
+           .add("tool_call", tool_use_id="srvtoolu_1", name="web_search", server=True)
+           .add("tool_input", tool_use_id="srvtoolu_1", name="web_search", input={"query": "q"}, valid=True,
+                server=True)
+           .add("tool_result", tool_use_id="srvtoolu_1", name="web_search", is_error=False, server=True,
+                result_type="web_search_tool_result", output=WEB_RESULTS)
+           .add("tool_call", tool_use_id="srvtoolu_2", name="web_search", server=True)
+           .add("tool_input", tool_use_id="srvtoolu_2", name="web_search", input={"query": "r"}, valid=True,
+                server=True)
+           .add("tool_result", tool_use_id="srvtoolu_2", name="web_search", is_error=True, server=True,
+                result_type="web_search_tool_result",
+                error={"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"})
+           .add("tool_call", tool_use_id="srvtoolu_3", name="code_execution", server=True)
+           .add("tool_call", tool_use_id="toolu_c", name="calculator")
+           .add("tool_input", tool_use_id="srvtoolu_3", name="code_execution", input={"code": "print(1)"},
+                valid=True, server=True)
+           .add("tool_input", tool_use_id="toolu_c", name="calculator", input={"expression": "1+1"}, valid=True)
+           .add("tool_result", tool_use_id="srvtoolu_3", name="code_execution", is_error=False, server=True,
+                result_type="code_execution_tool_result",
+                output={"type": "code_execution_result", "stdout": "1\n", "stderr": "", "return_code": 0,
+                        "content": []})
+           .add("tool_result", tool_use_id="toolu_c", name="calculator", is_error=False, output="2")
+           .text("Done.").end())
+    chunks = mapped(log)
+    assert chunks[1:] == [
+        {"type": "start-step"},
+        {"type": "text-start", "id": "text-1"},
+        {"type": "text-delta", "id": "text-1", "delta": "Searching."},
+        {"type": "text-end", "id": "text-1"},
+        {"type": "tool-input-start", "toolCallId": "srvtoolu_1", "toolName": "web_search", "providerExecuted": True},
+        {"type": "tool-input-available", "toolCallId": "srvtoolu_1", "toolName": "web_search",
+         "input": {"query": "q"}, "providerExecuted": True},
+        {"type": "tool-output-available", "toolCallId": "srvtoolu_1", "output": WEB_RESULTS,
+         "providerExecuted": True},  # no finish-step: the API goes on within the same call
+        {"type": "tool-input-start", "toolCallId": "srvtoolu_2", "toolName": "web_search", "providerExecuted": True},
+        {"type": "tool-input-available", "toolCallId": "srvtoolu_2", "toolName": "web_search",
+         "input": {"query": "r"}, "providerExecuted": True},
+        {"type": "tool-output-error", "toolCallId": "srvtoolu_2", "errorText": "web_search: max_uses_exceeded",
+         "providerExecuted": True},
+        {"type": "tool-input-start", "toolCallId": "srvtoolu_3", "toolName": "code_execution",
+         "providerExecuted": True},
+        {"type": "tool-input-start", "toolCallId": "toolu_c", "toolName": "calculator"},
+        {"type": "tool-input-available", "toolCallId": "srvtoolu_3", "toolName": "code_execution",
+         "input": {"code": "print(1)"}, "providerExecuted": True},
+        {"type": "tool-input-available", "toolCallId": "toolu_c", "toolName": "calculator",
+         "input": {"expression": "1+1"}},
+        {"type": "tool-output-available", "toolCallId": "srvtoolu_3",
+         "output": {"type": "code_execution_result", "stdout": "1\n", "stderr": "", "return_code": 0, "content": []},
+         "providerExecuted": True},  # the client tool's call is still open: the step goes on
+        {"type": "tool-output-available", "toolCallId": "toolu_c", "output": "2"},
+        {"type": "finish-step"},  # the client tool's result ends the step, as always
+        {"type": "start-step"},
+        {"type": "text-start", "id": "text-2"},
+        {"type": "text-delta", "id": "text-2", "delta": "Done."},
+        {"type": "text-end", "id": "text-2"},
+        {"type": "finish-step"},
+        chunks[-1],
+    ]
+    assert chunks[-1]["finishReason"] == "stop"
+    # A server tool's result for a call the client never saw still makes a complete tool part.
+    orphan = TurnLog().add("tool_result", tool_use_id="srvtoolu_9", name="web_fetch", is_error=False, server=True,
+                           result_type="web_fetch_tool_result", output={"type": "web_fetch_result"}).end()
+    assert mapped(orphan)[2:4] == [
+        {"type": "tool-input-start", "toolCallId": "srvtoolu_9", "toolName": "web_fetch", "providerExecuted": True},
+        {"type": "tool-output-available", "toolCallId": "srvtoolu_9", "output": {"type": "web_fetch_result"},
+         "providerExecuted": True}]
+
+
+def test_citations_map_to_one_source_per_url_or_document():
+    def web(url: str, title: str | None, text: str) -> dict[str, Any]:
+        return {"type": "web_search_result_location", "url": url, "title": title, "cited_text": text,
+                "encrypted_index": "Eo8B"}
+
+    chars = {"type": "char_location", "cited_text": "c", "document_index": 0, "document_title": "notes.txt",
+             "start_char_index": 0, "end_char_index": 5, "file_id": None}
+    log = (TurnLog()
+           .add("citation", citation=web("https://a.example/one", "One", "first"))
+           .text("Cited one.")
+           .add("citation", citation=web("https://a.example/one", "One", "again"))  # the same url: no new source
+           .text(" Again.")
+           .add("citation", citation=web("https://b.example/two", None, "untitled"))
+           .add("citation", citation=chars)
+           .add("citation", citation={**chars, "start_char_index": 9})  # the same document
+           .add("citation", citation={"type": "page_location", "cited_text": "p", "document_index": 1,
+                                      "document_title": None, "start_page_number": 2, "end_page_number": 3})
+           .add("citation", citation={"type": "content_block_location", "cited_text": "b", "document_index": 2,
+                                      "document_title": "", "start_block_index": 0, "end_block_index": 1})
+           .add("citation", citation={"type": "search_result_location", "cited_text": "s", "source": "kb://faq",
+                                      "title": "FAQ", "search_result_index": 0, "start_block_index": 0,
+                                      "end_block_index": 1})
+           .add("citation", citation={"type": "a_future_location", "cited_text": "?"})  # unknown: no source
+           .add("citation", citation=None)
+           .add("citation", citation={"type": "future_with_url", "url": "https://c.example/"})  # has a url
+           .text(" End.").end())
+    chunks = mapped(log)
+    sources = [c for c in chunks if c["type"].startswith("source-")]
+    assert sources == [
+        {"type": "source-url", "sourceId": "source-1", "url": "https://a.example/one", "title": "One"},
+        {"type": "source-url", "sourceId": "source-2", "url": "https://b.example/two"},
+        {"type": "source-document", "sourceId": "source-3", "mediaType": "text/plain", "title": "notes.txt"},
+        {"type": "source-document", "sourceId": "source-4", "mediaType": "application/pdf", "title": "Document 2"},
+        {"type": "source-document", "sourceId": "source-5", "mediaType": "text/plain", "title": "Document 3"},
+        {"type": "source-document", "sourceId": "source-6", "mediaType": "text/plain", "title": "FAQ"},
+        {"type": "source-url", "sourceId": "source-7", "url": "https://c.example/"},
+    ]
+    # Sources do not interrupt the text: one text part; a citation first opens the step.
+    assert kinds(chunks)[:4] == ["start", "start-step", "source-url", "text-start"]
+    assert [c["type"] for c in chunks].count("text-start") == 1
+    assert text_of(chunks) == "Cited one. Again. End."
+
+
+@pytest.mark.parametrize("finish, stop_reason, reason", [
+    ("complete", "end_turn", "stop"), ("complete", "stop_sequence", "stop"),
+    ("truncated", "max_tokens", "length"), ("truncated", "model_context_window_exceeded", "length"),
+    ("refused", "refusal", "content-filter"), ("unknown", "a_new_reason", "other"),
+    ("a-future-finish", "end_turn", "other"),
+    (None, "end_turn", "stop"), (None, "max_tokens", "length"), (None, "refusal", "content-filter"),
+    (None, "tool_use", "tool-calls"), (None, "something", "other"),  # (no `finish`: as before)
+])
+def test_finish_reasons(finish, stop_reason, reason):
+    end = {"stop_reason": stop_reason, "finish": finish, "truncated": finish == "truncated"}
+    if stop_reason == "refusal":
+        end["stop_details"] = {"type": "refusal", "category": "cyber", "explanation": None}
+    chunks = mapped(TurnLog().text("x").end(**end))
+    assert chunks[-2:] == [{"type": "finish-step"}, chunks[-1]]
+    assert chunks[-1]["finishReason"] == reason
+    metadata = chunks[-1]["messageMetadata"]
+    assert metadata["stop_reason"] == stop_reason
+    assert ("finish" in metadata) == (finish is not None) and metadata.get("finish") == finish
+    assert metadata.get("stop_details") == end.get("stop_details")
+
+
+def test_a_cancelled_turn_aborts_then_finishes_other():
+    for end in ({"finish": "cancelled", "cancelled": True, "stop_reason": "cancelled"},
+                {"cancelled": True, "stop_reason": "cancelled", "finish": None}):  # (no `finish`)
+        chunks = mapped(TurnLog().thinking("t").end(**end))
+        assert kinds(chunks)[-5:] == ["reasoning-delta", "reasoning-end", "finish-step", "abort", "finish"]
+        assert chunks[-2] == {"type": "abort", "reason": "cancelled"}
+        assert chunks[-1]["finishReason"] == "other"
+
+
+def test_resumed_websocket_frames_skip_exactly_what_the_client_has():
+    """The n-th chunk of a turn is the same on every replay, with reasoning, server tools and
+    sources too: a resume after sequence n gets the rest, numbered as before."""
+    from server.transports.ai_sdk_ws import ChunkFrames
+
+    log = (TurnLog().thinking("think").add("tool_call", tool_use_id="s1", name="web_search", server=True)
+           .add("tool_input", tool_use_id="s1", name="web_search", input={"query": "q"}, valid=True, server=True)
+           .add("tool_result", tool_use_id="s1", name="web_search", is_error=False, server=True,
+                result_type="web_search_tool_result", output=WEB_RESULTS)
+           .add("citation", citation={"type": "web_search_result_location", "url": "https://a.example/one",
+                                      "title": "One", "cited_text": "c", "encrypted_index": "x"})
+           .text("Answer.").end())
+    full = [json.loads(f) for f in ChunkFrames("r", "T", -1).frames(log)]
+    for last in (0, 4, 9, len(full) - 2):
+        frames = ChunkFrames("r", "T", last)
+        resumed = [json.loads(f) for f in frames.frames(log[:3])] + [json.loads(f) for f in frames.frames(log[3:])]
+        assert resumed == full[last + 1:]
+
+
+def test_file_parts_become_image_and_document_blocks():
+    from server.config import Settings
+    from server.errors import ApiError
+    from server.transports.ai_sdk import chat_turn_request
+
+    settings = Settings.from_env({})
+
+    def content(*parts: dict[str, Any], **extra: Any) -> Any:
+        body = {"id": "c" * 16, "messages": [{"id": "m1", "role": "user", "parts": list(parts)}], **extra}
+        return chat_turn_request(body, body, "p", settings)
+
+    req = content({"type": "text", "text": "Summarise these."}, file_part("application/pdf", PDF_URL, "report.pdf"),
+                  file_part("application/pdf", "https://example.com/paper.pdf"),
+                  file_part("text/plain", NOTES_URL, "notes.txt"),
+                  file_part("text/plain;charset=utf-8", "data:text/plain,a%20b%0Ac", None))
+    assert req.content == [
+        {"type": "text", "text": "Summarise these."},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                        "data": base64.b64encode(PDF).decode()}, "title": "report.pdf"},
+        {"type": "document", "source": {"type": "url", "url": "https://example.com/paper.pdf"}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": NOTES},
+         "title": "notes.txt"},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "a b\nc"}},
+    ]
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
+    assert content(file_part("image/png", "data:image/png;base64," + png)).content == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}]
+
+    # `citations: true` turns citations on for the attached documents (not for images or text parts).
+    cited = content({"type": "text", "text": "Cite it."}, file_part("text/plain", NOTES_URL, "notes.txt"),
+                    citations=True)
+    assert cited.content[1]["citations"] == {"enabled": True} and "citations" not in cited.content[0]
+    with pytest.raises(ApiError) as bad_citations:
+        content({"type": "text", "text": "hi"}, citations="yes")
+    assert bad_citations.value.code == "invalid_request"
+
+    # `thinking` and `effort` pass through from the body (checked as for POST /agent).
+    req = content({"type": "text", "text": "hi"}, thinking={"type": "enabled", "budget_tokens": 2048},
+                  effort="low", max_tokens=4096)
+    assert req.thinking == {"type": "enabled", "budget_tokens": 2048} and req.effort == "low"
+    with pytest.raises(ApiError) as bad:
+        content({"type": "text", "text": "hi"}, thinking={"type": "enabled", "budget_tokens": 10})
+    assert bad.value.code == "invalid_thinking"
+
+    for part, code in [
+        (file_part("application/zip", "data:application/zip;base64,UEs="), "invalid_request"),
+        (file_part("application/pdf", "data:application/pdf,%25PDF"), "invalid_document"),  # not base64
+        (file_part("application/pdf", "http://example.com/a.pdf"), "invalid_document"),  # not https
+        (file_part("application/pdf", "data:application/pdf;base64," + base64.b64encode(b"no pdf").decode()),
+         "invalid_document"),
+        (file_part("text/plain", "https://example.com/a.txt"), "invalid_document"),  # text: a data URL only
+        (file_part("text/plain", "data:text/plain;base64,//79"), "invalid_document"),  # not UTF-8
+        (file_part("text/plain", "data:text/plain;base64,@@@"), "invalid_document"),  # not base64
+        ({"type": "file", "url": PDF_URL}, "invalid_request"),  # no mediaType
+    ]:
+        with pytest.raises(ApiError) as refused:
+            content({"type": "text", "text": "hi"}, part)
+        assert refused.value.code == code, part
 
 
 async def test_headers_chunk_order_and_done(shared_server: Server, upstream):

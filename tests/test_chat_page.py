@@ -2,7 +2,8 @@
 
 Debian's `chromium` and `chromium-driver` packages are used (never a downloaded browser): the
 module installs them with apt-get when they are missing, and skips with the reason printed
-only where apt-get cannot be used. Screenshot: test-artifacts/chat-page.png.
+only where apt-get cannot be used. Screenshots: test-artifacts/chat-page.png and
+chat-page-thinking.png (thinking, server tools, sources).
 """
 
 from __future__ import annotations
@@ -246,3 +247,122 @@ def test_page_headers_and_assets(start_server):
         assert a.status_code == 200 and kind in a.headers["content-type"]
     assert httpx.get(server.url + "/static/__init__.py").status_code == 404, "only the web/ folder is served"
     assert json.loads(httpx.get(server.url + "/health").text)["offline_model"] is False
+
+
+THOUGHT = " ".join(["The user asks for the capital of France; I will search the web and check it by running code."] * 3)
+WIKI = "https://en.example.org/wiki/Paris"
+EVIL_TITLE = '<img src=x onerror="window.__pwned=1">Evil'
+
+
+def _cite(url: str, title: str) -> dict[str, Any]:
+    return {"type": "web_search_result_location", "url": url, "title": title, "cited_text": "Paris is the capital.",
+            "encrypted_index": "Eo8BCioIAhgB"}
+
+
+def test_thinking_server_tools_citations_and_finish_notes(browser, start_server, upstream):
+    """Thinking streams into its own folding section, never into the answer; Anthropic's tools
+    are marked as such, with search results as links and code output as text; citations are
+    numbered sources under the answer; refusals and cut-off answers get a note. Nothing the
+    model or a tool wrote becomes markup, and only http(s) links are made."""
+    server = page_server(start_server, SERVER_TOOLS="web_search,code_execution")
+    page = Page(browser, server)
+    page.js("window.__violations = []; document.addEventListener('securitypolicyviolation', "
+            "(e) => window.__violations.push(e.violatedDirective));")
+    upstream.script({"pace_ms": 40, "blocks": [
+        {"type": "thinking", "thinking": THOUGHT},
+        {"type": "server_tool_use", "id": "srvtoolu_search", "name": "web_search", "input": {"query": "capital"}},
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_search", "content": [
+            {"type": "web_search_result", "url": WIKI, "title": "Paris - Encyclopedia", "encrypted_content": "E1",
+             "page_age": "2 days ago"},
+            {"type": "web_search_result", "url": "javascript:window.__pwned=1", "title": EVIL_TITLE,
+             "encrypted_content": "E2", "page_age": None},
+            {"type": "web_search_result", "url": "http://plain.example.com/a?b=1&c=<2>", "title": "Plain",
+             "encrypted_content": "E3", "page_age": None}]},
+        {"type": "server_tool_use", "id": "srvtoolu_code", "name": "code_execution",
+         "input": {"code": "print(6*7)"}},
+        {"type": "code_execution_tool_result", "tool_use_id": "srvtoolu_code", "content": {
+            "type": "code_execution_result", "stdout": "42\n", "stderr": "<b>warning</b>", "return_code": 0,
+            "content": []}},
+        {"type": "text", "text": "The capital is "},
+        {"type": "text", "text": "Paris", "citations": [_cite(WIKI, "Paris - Encyclopedia"),
+                                                         _cite("javascript:window.__pwned=1", EVIL_TITLE)]},
+        {"type": "text", "text": ".", "citations": [
+            {"type": "char_location", "cited_text": "Paris", "document_index": 0, "document_title": "notes.txt",
+             "start_char_index": 0, "end_char_index": 5},
+            _cite(WIKI, "Paris - Encyclopedia")]},  # cited again: still one source
+    ]})
+    page.send("What is the capital of France?")
+
+    def thinking_view() -> dict[str, Any]:
+        return page.js("""
+            const a = document.querySelectorAll('article.msg.assistant')[arguments[0]];
+            const t = a && a.querySelector('.answer > details.thinking');
+            return t ? {text: t.querySelector('.thinking-text').textContent, open: t.open,
+                        summary: t.querySelector('summary').textContent,
+                        answer: Array.from(a.querySelectorAll('.answer > .text')).map(x => x.textContent).join(''),
+                        first: a.querySelector('.answer').firstElementChild === t} : {};""", 0)
+
+    live = wait_for(lambda: (lambda t: t if t.get("text", "").startswith("The user asks") else None)(thinking_view()),
+                    what="thinking to stream")
+    assert live["open"] and live["answer"] == "" and live["first"], "live, open, above the (empty) answer"
+    assert len(live["text"]) < len(THOUGHT) and live["summary"] == "Thinking…"
+    answer = page.wait_answer(0, timeout=30)
+    assert answer["text"] == "The capital is Paris.", "the thinking is never part of the answer"
+    done = thinking_view()
+    assert done["text"] == THOUGHT and done["open"] is False and done["summary"] == "Thinking"
+
+    view = page.js("""
+        const a = document.querySelectorAll('article.msg.assistant')[0];
+        const links = (root) => Array.from(root.querySelectorAll('a')).map(l => ({
+            href: l.getAttribute('href'), text: l.textContent, target: l.target, rel: l.rel}));
+        return {
+          tools: Array.from(a.querySelectorAll('details.tool')).map(t => ({
+            cls: t.className, name: t.querySelector('.tool-name').textContent,
+            badge: (t.querySelector('.tool-badge') || {}).textContent || null,
+            state: t.querySelector('.tool-state').textContent, text: t.textContent,
+            results: Array.from(t.querySelectorAll('.results li')).map(li => li.textContent), links: links(t)})),
+          sources: Array.from(a.querySelectorAll('.sources li')).map(li => ({text: li.textContent,
+                                                                         links: links(li)})),
+          sourcesShown: !a.querySelector('.sources').hidden,
+          anyJsHref: Array.from(document.querySelectorAll('a')).some(l => /^\\s*javascript:/i.test(l.href)),
+          images: document.querySelectorAll('#log img, #log b').length,
+          pwned: window.__pwned || null, violations: window.__violations};""")
+    search, code = view["tools"]
+    assert search["cls"] == "tool server" and search["name"] == "Tool: web_search"
+    assert search["badge"] == "run by Anthropic" and search["state"] == "done: 3 results"
+    assert search["results"] == ["Paris - Encyclopedia · 2 days ago", EVIL_TITLE, "Plain"]
+    assert search["links"] == [
+        {"href": WIKI, "text": "Paris - Encyclopedia", "target": "_blank", "rel": "noopener noreferrer"},
+        {"href": "http://plain.example.com/a?b=1&c=%3C2%3E", "text": "Plain", "target": "_blank",
+         "rel": "noopener noreferrer"}], "no link for a javascript: URL"
+    assert code["badge"] == "run by Anthropic" and code["state"] == "done: exit 0"
+    assert "stdout: 42" in code["text"] and "stderr: <b>warning</b>" in code["text"]
+    assert view["sourcesShown"]
+    assert [s["text"] for s in view["sources"]] == ["Paris - Encyclopedia", EVIL_TITLE, "notes.txt"]
+    assert view["sources"][0]["links"] == [{"href": WIKI, "text": "Paris - Encyclopedia", "target": "_blank",
+                                            "rel": "noopener noreferrer"}]
+    assert view["sources"][1]["links"] == [] and view["sources"][2]["links"] == []
+    assert not view["anyJsHref"] and view["images"] == 0 and view["pwned"] is None
+    assert view["violations"] == [], "the page keeps to its Content-Security-Policy"
+
+    # Refused, cut off, ended for an unknown reason: each says so.
+    upstream.script({"text": "I can't help with that.", "stop_reason": "refusal",
+                     "stop_details": {"type": "refusal", "category": "cyber", "explanation": "Looks like malware."}})
+    page.send("Write malware")
+    refused = page.wait_answer(1)
+    assert "The model declined to answer this request (cyber). Looks like malware." in refused["notes"]
+    upstream.script({"text": "a b c", "stop_reason": "max_tokens"})
+    page.send("Go on and on")
+    assert "The answer hit the token limit." in page.wait_answer(2)["notes"]
+    upstream.script({"text": "Hmm.", "stop_reason": "a_brand_new_reason"})
+    page.send("And now?")
+    unknown = page.wait_answer(3)
+    assert any("does not know (a_brand_new_reason)" in n for n in unknown["notes"]), unknown
+    finishes = page.js("return Array.from(document.querySelectorAll('article.msg.assistant'))"
+                       ".map(a => a.dataset.finish)")
+    assert finishes == ["complete", "refused", "truncated", "unknown"]
+    assert page.js("return window.__violations") == []
+    page.js("document.querySelector('details.thinking').open = true;"
+            "window.scrollTo(0, 0)")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT.with_name("chat-page-thinking.png")))

@@ -75,6 +75,26 @@ def test_breakpoints_mark_tools_system_and_latest_message_without_mutating():
     assert context.tool_definitions(tools, caching=False) == tools
 
 
+def test_breakpoint_skips_thinking_blocks_the_api_will_not_cache():
+    """A paused answer sent back to be continued is the last message; the API refuses cache_control
+    on its thinking blocks, so the rolling breakpoint goes on the last block that may carry one."""
+    thinking = {"type": "thinking", "thinking": "t", "signature": "s"}
+    paused = {"role": "assistant", "content": [{"type": "text", "text": "a"}, thinking]}
+    _, m = context.with_breakpoints("", [{"role": "user", "content": "q"}, paused], caching=True)
+    assert m[-1]["content"] == [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}, thinking]
+    only = {"role": "assistant", "content": [thinking]}
+    assert context.with_breakpoints("", [only], caching=True)[1] == [only]
+
+
+def test_document_estimates():
+    text = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x" * 1000}}
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "A" * 80_000}}
+    url = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+    assert context.message_chars({"role": "user", "content": [text]}) == 1008
+    assert context.message_chars({"role": "user", "content": [pdf]}) == 10_008
+    assert context.message_chars({"role": "user", "content": [url]}) == 6008
+
+
 def test_calibrated_ratio():
     assert context.chars_per_token(0, 0) == context.DEFAULT_CHARS_PER_TOKEN
     assert context.chars_per_token(1000, 4200) == 4.2

@@ -10,6 +10,9 @@ to end.
     url = await fake.start()
     fake.script({"text": "Hello there"}, {"status": 529, "times": 2})
     client = anthropic.AsyncAnthropic(api_key="test", base_url=url)
+
+It refuses what the API refuses in a request's shape (:mod:`.checks`), signs the thinking it
+answers with (:mod:`.signing`) and answers ``GET /v1/models/{id}`` (:mod:`.catalog`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import unquote
 
+from . import catalog, checks
 from .http import READ_SIZE, HttpConnection, HttpRequest
 from .model import build_stream, cache_usage, count_input_tokens, dumps, error_body, message_json, new_id, plan_for
 
@@ -65,6 +70,8 @@ class FakeAnthropic:
         self.requests: list[RecordedRequest] = []
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._cache: set[str] = set()  # the prompt-cache simulation's written prefixes
+        # models the fake knows besides the SDK's: id -> fields merged into its ModelInfo (see catalog)
+        self.models: dict[str, dict[str, Any]] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on ``host:port`` (0 = any free port) and return the base URL."""
@@ -105,10 +112,11 @@ class FakeAnthropic:
             self._queue.extend([spec] * (times if isinstance(times, int) and times > 0 else 1))
 
     def reset(self) -> None:
-        """Clear the script queue, the recorded requests and the prompt-cache memory."""
+        """Clear the script queue, the recorded requests, the prompt-cache memory and the added models."""
         self._queue.clear()
         self.requests.clear()
         self._cache.clear()
+        self.models.clear()
 
     @property
     def queued(self) -> int:
@@ -159,6 +167,15 @@ class FakeAnthropic:
             except (ValueError, TypeError) as exc:
                 status = 400
                 answer = error_body("invalid_request_error", f"script must be a JSON object or list: {exc}")
+        elif route == ("POST", "/_fake/models"):  # {id: ModelInfo fields} to know or override
+            try:
+                payload = json.loads(req.body or b"null")
+                if not isinstance(payload, dict) or not all(isinstance(v, dict) for v in payload.values()):
+                    raise ValueError("expected {model id: {ModelInfo fields}}")
+                self.models.update(payload)
+                answer = {"models": sorted(self.models)}
+            except ValueError as exc:
+                status, answer = 400, error_body("invalid_request_error", f"models: {exc}")
         elif route == ("GET", "/_fake/requests"):
             answer = [r.to_json() for r in self.requests]
         elif route == ("POST", "/_fake/reset"):
@@ -198,8 +215,16 @@ class FakeAnthropic:
         if refusal:
             return await self._send(conn, rec, headers, *refusal)
         body = rec.body
+        if req.path.startswith(MODELS_PATH):
+            model_id = unquote(req.path[len(MODELS_PATH):])
+            info = catalog.model_info(model_id, self.models)
+            if info is None:
+                return await self._send(conn, rec, headers, 404, "not_found_error", f"model: {model_id}")
+            return await self._send(conn, rec, headers, 200, answer=info)
         if req.path.endswith("count_tokens"):
             return await self._send(conn, rec, headers, 200, answer={"input_tokens": count_input_tokens(body)})
+        if problem := checks.problem(body, self.models, req.headers.get("anthropic-beta", "")):
+            return await self._send(conn, rec, headers, 400, "invalid_request_error", problem)
         plan = plan_for(body, self._queue.popleft() if self._queue else None, self.pace_ms)
         rec.source = plan.source
         if plan.status != 200:
@@ -238,15 +263,22 @@ class FakeAnthropic:
             rec.closed_early = not rec.finished
 
 
+MODELS_PATH = "/v1/models/"
+
+
 def _refusal(req: HttpRequest, rec: RecordedRequest, api_key: str | None) -> tuple[int, str, str] | None:
     """Why the API refuses a request: (status, error type, message); None if it does not."""
-    if req.path not in ("/v1/messages", "/v1/messages/count_tokens"):
+    model_id = req.path[len(MODELS_PATH):] if req.path.startswith(MODELS_PATH) else ""
+    models = bool(model_id) and "/" not in model_id
+    if not models and req.path not in ("/v1/messages", "/v1/messages/count_tokens"):
         return 404, "not_found_error", f"Not found: {req.method} {req.path}"
-    if req.method != "POST":
+    if req.method != ("GET" if models else "POST"):
         return 405, "invalid_request_error", f"Method {req.method} not allowed"
     key = req.headers["authorization"][7:].strip() if rec.auth == "bearer" else req.headers.get("x-api-key", "")
     if not key or (api_key is not None and key != api_key):
         return 401, "authentication_error", "x-api-key header is required" if rec.auth is None else "invalid x-api-key"
+    if models:
+        return None
     body, problem = rec.body, None
     if not isinstance(body, dict):
         problem = "request body must be a JSON object"

@@ -2,6 +2,12 @@
 
 Pure (no I/O), so the HTTP layer only writes bytes: :func:`plan_for` resolves a request's
 answer into a :class:`Plan`, :func:`build_stream` turns that into ready-to-write, chunk-framed segments.
+
+An answer's content is ``thinking`` (text; signed), ``redacted_thinking`` (any string; sealed), ``text``
+(or ``tokens``) and ``tool_use`` calls, in that order — or ``blocks``: the content blocks in their
+non-streaming form, streamed as the API streams each kind (``_start``/``_deltas`` on a block replace
+its content_block_start block / its deltas). ``stop_reason``, ``stop_sequence``, ``stop_details``,
+``container`` and ``usage`` (overriding any usage field) complete it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring  # C-accelerated: a JSON string literal, no ensure_ascii
 from typing import Any
 
+from . import signing
 from .http import chunk
 
 # HTTP status -> the API's error type for it and that type's default message
@@ -51,9 +58,21 @@ def error_body(error_type: str, message: str, request_id: str | None = None) -> 
     return body
 
 
-# One content block: its content_block_start form, delta type, delta field, delta values, and
-# its form in a non-streaming message.
-Block = tuple[dict[str, Any], str, str, list[str], dict[str, Any]]
+# usage fields only message_delta carries (message_start has the prompt's)
+DELTA_USAGE = ("output_tokens_details", "server_tool_use")
+
+
+@dataclass(slots=True)
+class Block:
+    """One content block: its content_block_start form, its deltas as runs of (delta type, field, values)
+    (strings, but a citations_delta's citation objects; delta type "" = raw delta objects written verbatim),
+    its form in a non-streaming message, and the output tokens it counts (thinking ones apart)."""
+
+    start: dict[str, Any]
+    runs: list[tuple[str, str, list[Any]]]
+    final: dict[str, Any]
+    tokens: int
+    thinking_tokens: int | None = None  # None: not a thinking block
 
 
 @dataclass
@@ -68,15 +87,29 @@ class Plan:
     blocks: list[Block]
     deltas: int
     stop_reason: str
-    usage: dict[str, int]  # overrides
+    usage: dict[str, Any]  # overrides
     error: tuple[str, str]  # type, message
     error_headers: list[tuple[str, str]]
     error_after: int | None
     drop_after: int | None
+    stop_sequence: str | None = None
+    stop_extra: dict[str, Any] | None = None  # stop_details / container, as the script gives them
 
     @property
     def output_tokens(self) -> int:
-        return self.usage.get("output_tokens", max(1, self.deltas))
+        return self.usage.get("output_tokens", max(1, sum(b.tokens for b in self.blocks)))
+
+    def usage_details(self) -> dict[str, Any]:
+        """The usage fields message_delta carries besides output_tokens: thinking tokens, server tool requests."""
+        details: dict[str, Any] = {}
+        thinking = [b.thinking_tokens for b in self.blocks if b.thinking_tokens is not None]
+        if thinking:
+            details["output_tokens_details"] = {"thinking_tokens": sum(thinking)}
+        calls = [b.final.get("name") for b in self.blocks if b.final.get("type") == "server_tool_use"]
+        if calls:
+            details["server_tool_use"] = {"web_search_requests": calls.count("web_search"),
+                                          "web_fetch_requests": calls.count("web_fetch")}
+        return details | {k: self.usage[k] for k in DELTA_USAGE if k in self.usage}
 
 
 def split_words(text: str) -> list[str]:
@@ -111,8 +144,93 @@ def _string(spec: dict[str, Any], key: str, default: str) -> str:
     return v if isinstance(v, str) and v else default
 
 
-def plan_from_spec(spec: dict[str, Any], source: str, default_pace_ms: float) -> Plan:
-    """Turn a script/directive dict into a :class:`Plan` (unknown keys are ignored)."""
+def text_block(text: str, citations: Any = None, final: dict[str, Any] | None = None) -> Block:
+    """Streamed as the API does: an empty start (``citations: []`` when it has any), one citations_delta
+    per citation, then the text ~1 word per delta."""
+    start: dict[str, Any] = {"type": "text", "text": ""}
+    runs: list[tuple[str, str, list[Any]]] = []
+    if isinstance(citations, list) and citations:
+        start["citations"] = []
+        runs.append(("citations_delta", "citation", citations))
+    words = split_words(text)
+    runs.append(("text_delta", "text", words))
+    return Block(start, runs, final or {"type": "text", "text": text}, len(words))
+
+
+def thinking_block(thought: str, omit: bool = False, signature: Any = None) -> Block:
+    """Thinking ~1 word per delta (none when the request asked ``display: omitted``: the text is then empty),
+    then one signature_delta: the fake's signature unless ``signature`` is given."""
+    words = split_words(thought)
+    shown = "" if omit else thought
+    sig = signature if isinstance(signature, str) else signing.sign(shown, thought)
+    runs = [("signature_delta", "signature", [sig])]
+    if not omit:
+        runs.insert(0, ("thinking_delta", "thinking", words))
+    return Block({"type": "thinking", "thinking": "", "signature": ""}, runs,
+                 {"type": "thinking", "thinking": shown, "signature": sig}, len(words), len(words))
+
+
+def redacted_block(opaque: str) -> Block:
+    """Complete in its start event: ``data`` seals ``opaque``."""
+    block = {"type": "redacted_thinking", "data": signing.seal(opaque)}
+    return Block(block, [], block, 1, 1)
+
+
+def tool_block(block: dict[str, Any]) -> Block:
+    """A tool_use / server_tool_use: started with an empty input, then the input JSON in partial_json deltas."""
+    kind, raw = block.get("type"), block.get("input", {})
+    input_json = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
+    head = {"type": kind, "id": str(block.get("id") or new_id("srvtoolu_" if kind == "server_tool_use" else "toolu_")),
+            "name": str(block.get("name", "tool"))}
+    head |= {k: v for k, v in block.items() if k not in ("type", "id", "name", "input")}
+    chunks = _json_chunks(input_json)
+    return Block({**head, "input": {}}, [("input_json_delta", "partial_json", chunks)],
+                 {**head, "input": _parsed(input_json)}, len(chunks))
+
+
+def listed_block(entry: dict[str, Any], omit: bool) -> Block:
+    """A ``blocks`` entry (a block in its non-streaming form; ``_start``/``_deltas`` replace what is streamed)."""
+    block = {k: v for k, v in entry.items() if k not in ("_start", "_deltas")}
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text") if isinstance(block.get("text"), str) else ""
+        made = text_block(text, block.get("citations"), {**block, "text": text})
+    elif kind == "thinking":
+        made = thinking_block(str(block.get("thinking", "")), omit, block.get("signature"))
+    elif kind == "redacted_thinking":
+        made = redacted_block(str(block.get("data", "")))
+    elif kind in ("tool_use", "server_tool_use"):
+        made = tool_block(block)
+    else:  # a server tool's result, or any other block: complete in its start event
+        made = Block(block, [], block, 0)
+    if isinstance(entry.get("_start"), dict):
+        made.start = entry["_start"]
+    if isinstance(entry.get("_deltas"), list):
+        made.runs = [("", "", entry["_deltas"])]
+    return made
+
+
+def _scripted_blocks(spec: dict[str, Any], omit: bool) -> list[Block]:
+    """The blocks of a script without ``blocks``: thinking, redacted thinking, text, tool calls."""
+    text, tokens = spec.get("text"), spec.get("tokens")
+    if not isinstance(text, str):
+        text = " ".join(f"tok{i}" for i in range(tokens)) if isinstance(tokens, int) and tokens >= 0 else None
+    blocks: list[Block] = []
+    if isinstance(thought := spec.get("thinking"), str):
+        blocks.append(thinking_block(thought, omit))
+    if isinstance(opaque := spec.get("redacted_thinking"), str):
+        blocks.append(redacted_block(opaque))
+    tools = [tool_block({"type": "tool_use", "id": entry.get("id"), "name": entry.get("name", "tool"),
+                         "input": entry.get("input", {})})
+             for entry in spec.get("tool_use") or [] if isinstance(entry, dict)]
+    if text is None and not tools and not blocks:
+        text = ""
+    return [*blocks, *([text_block(text)] if text is not None else []), *tools]
+
+
+def plan_from_spec(spec: dict[str, Any], source: str, default_pace_ms: float, omit_thinking: bool = False) -> Plan:
+    """Turn a script/directive dict into a :class:`Plan` (unknown keys are ignored). ``omit_thinking``:
+    the request asked for thinking ``display: omitted``."""
     status = spec.get("status")
     status = status if isinstance(status, int) else 200
     if status == 200:  # the error of an error_after cut
@@ -126,34 +244,25 @@ def plan_from_spec(spec: dict[str, Any], source: str, default_pace_ms: float) ->
     if isinstance(spec.get("should_retry"), bool):
         headers.append(("x-should-retry", "true" if spec["should_retry"] else "false"))
 
-    text, tokens = spec.get("text"), spec.get("tokens")
-    if not isinstance(text, str):
-        text = " ".join(f"tok{i}" for i in range(tokens)) if isinstance(tokens, int) and tokens >= 0 else None
-    tools: list[Block] = []
-    for entry in spec.get("tool_use") or []:
-        if isinstance(entry, dict):
-            raw = entry.get("input", {})
-            input_json = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
-            call = {"type": "tool_use", "id": str(entry.get("id") or new_id("toolu_")),
-                    "name": str(entry.get("name", "tool"))}
-            tools.append(({**call, "input": {}}, "input_json_delta", "partial_json", _json_chunks(input_json),
-                          {**call, "input": _parsed(input_json)}))
-    if text is None and not tools:
-        text = ""
-    blocks = tools if text is None else [({"type": "text", "text": ""}, "text_delta", "text", split_words(text),
-                                          {"type": "text", "text": text}), *tools]
+    listed = spec.get("blocks")
+    blocks = ([listed_block(e, omit_thinking) for e in listed if isinstance(e, dict)] if isinstance(listed, list)
+              else _scripted_blocks(spec, omit_thinking))
     stop_reason = spec.get("stop_reason")
+    calls = any(b.final.get("type") == "tool_use" for b in blocks)
     usage = spec.get("usage")
     pace, ttft = spec.get("pace_ms"), spec.get("ttft_ms")
     return Plan(
         source=source, status=status,
         pace_s=(pace if _number(pace) else default_pace_ms) / 1000.0,
         ttft_s=(ttft if _number(ttft) else 0.0) / 1000.0,
-        blocks=blocks, deltas=sum(len(b[3]) for b in blocks),
-        stop_reason=stop_reason if isinstance(stop_reason, str) else "tool_use" if tools else "end_turn",
-        usage={k: int(v) for k, v in usage.items() if isinstance(v, (int, float))} if isinstance(usage, dict) else {},
+        blocks=blocks, deltas=sum(len(values) for b in blocks for _, _, values in b.runs),
+        stop_reason=stop_reason if isinstance(stop_reason, str) else "tool_use" if calls else "end_turn",
+        usage={k: int(v) if _number(v) or isinstance(v, bool) else v for k, v in usage.items()
+               if isinstance(v, (int, float, str, dict)) or v is None} if isinstance(usage, dict) else {},
         error=(etype, message), error_headers=headers,
         error_after=_count(spec.get("error_after")), drop_after=_count(spec.get("drop_after")),
+        stop_sequence=spec["stop_sequence"] if isinstance(spec.get("stop_sequence"), str) else None,
+        stop_extra={k: spec[k] for k in ("stop_details", "container") if k in spec} or None,
     )
 
 
@@ -201,26 +310,36 @@ def find_expression(text: str) -> str | None:
 
 def plan_for(body: dict[str, Any], script: dict[str, Any] | None, pace_ms: float) -> Plan:
     """The answer to a request: the next script, else a directive in the last user message, else the
-    deterministic offline model (calculator tool calls, tool-result echo, or a friendly echo)."""
+    deterministic offline model (calculator tool calls, tool-result echo, or a friendly echo; each after a
+    short thinking block when the request enables thinking)."""
+    thinking = body.get("thinking")
+    thinking = thinking if isinstance(thinking, dict) else {}
+    omit = thinking.get("display") == "omitted"
     if script is not None:
-        return plan_from_spec(script, "script", pace_ms)
+        return plan_from_spec(script, "script", pace_ms, omit)
     content = next((m.get("content") for m in reversed(body.get("messages") or [])
                     if isinstance(m, dict) and m.get("role") == "user"), None)  # the last user message's
     text = content_text(content)
     if (directive := find_directive(text)) is not None:
-        return plan_from_spec(directive, "directive", pace_ms)
+        return plan_from_spec(directive, "directive", pace_ms, omit)
     blocks = content if isinstance(content, list) else []
     results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
     calculator = any(isinstance(t, dict) and t.get("name") == "calculator" for t in body.get("tools") or [])
+    said = " ".join(text.split())[:200]
     if results:
         out = content_text(results[0].get("content"))
         spec: dict[str, Any] = {"text": f"The tool failed: {out}" if results[0].get("is_error")
                                 else f"The result is {out}."}
+        thought = f"The tool answered: {' '.join(out.split())[:100]}"
     elif calculator and (expr := find_expression(text)):
         spec = {"tool_use": [{"name": "calculator", "input": {"expression": expr}}]}
+        thought = f"The user wrote: {said[:100]}. The calculator can work out {expr}."
     else:
-        spec = {"text": OFFLINE_PREFIX + " ".join(text.split())[:200]}
-    return plan_from_spec(spec, "default", pace_ms)
+        spec = {"text": OFFLINE_PREFIX + said}
+        thought = f"The user wrote: {said[:100]}"
+    if thinking.get("type") in ("enabled", "adaptive"):
+        spec["thinking"] = thought
+    return plan_from_spec(spec, "default", pace_ms, omit)
 
 
 def count_input_tokens(body: dict[str, Any]) -> int:
@@ -274,11 +393,18 @@ def cache_usage(seen: set[str], body: dict[str, Any]) -> dict[str, int]:
 
 def message_json(plan: Plan, model: str, usage: dict[str, int], *, streaming: bool = False) -> dict[str, Any]:
     """The non-streaming response body, or (``streaming``) the empty message that message_start carries."""
-    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
-            "content": [] if streaming else [b[4] for b in plan.blocks],
-            "stop_reason": None if streaming else plan.stop_reason, "stop_sequence": None,
-            "usage": {k: plan.usage.get(k, v) for k, v in usage.items()}
-            | {"output_tokens": 1 if streaming else plan.output_tokens}}
+    prompt = {k: plan.usage.get(k, v) for k, v in usage.items()}
+    if plan.usage.keys() - usage.keys():  # the script's other usage fields, but those message_delta carries
+        prompt |= {k: v for k, v in plan.usage.items() if k not in usage and k not in ("output_tokens", *DELTA_USAGE)}
+    message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
+               "content": [] if streaming else [b.final for b in plan.blocks],
+               "stop_reason": None if streaming else plan.stop_reason,
+               "stop_sequence": None if streaming else plan.stop_sequence,
+               "usage": prompt | ({"output_tokens": 1} if streaming
+                                  else {"output_tokens": plan.output_tokens, **plan.usage_details()})}
+    if plan.stop_extra and not streaming:
+        message |= plan.stop_extra
+    return message
 
 
 def _event(name: str, data: str) -> bytes:
@@ -305,16 +431,23 @@ def build_stream(plan: Plan, model: str, usage: dict[str, int]) -> tuple[list[Se
     # (paced, bytes, is_text_delta)
     events: list[tuple[bool, bytes, bool]] = [(False, _event("message_start", dumps(start)), False),
                                               (False, _PING, False)]
-    for index, (block, delta_type, key, values, _) in enumerate(plan.blocks):
-        block_start = {"type": "content_block_start", "index": index, "content_block": block}
+    for index, block in enumerate(plan.blocks):
+        block_start = {"type": "content_block_start", "index": index, "content_block": block.start}
         events.append((False, _event("content_block_start", dumps(block_start)), False))
-        prefix = f'{{"type":"content_block_delta","index":{index},"delta":{{"type":"{delta_type}","{key}":'
-        is_text = delta_type == "text_delta"
-        events += [(True, _event("content_block_delta", prefix + encode_basestring(v) + "}}"), is_text)
-                   for v in values]
+        for delta_type, key, values in block.runs:
+            if not delta_type:  # raw delta objects
+                prefix = f'{{"type":"content_block_delta","index":{index},"delta":'
+                events += [(True, _event("content_block_delta", prefix + dumps(v) + "}"),
+                            isinstance(v, dict) and v.get("type") == "text_delta") for v in values]
+                continue
+            prefix = f'{{"type":"content_block_delta","index":{index},"delta":{{"type":"{delta_type}","{key}":'
+            is_text = delta_type == "text_delta"
+            encode = dumps if delta_type == "citations_delta" else encode_basestring
+            events += [(True, _event("content_block_delta", prefix + encode(v) + "}}"), is_text) for v in values]
         events.append((False, _event("content_block_stop", f'{{"type":"content_block_stop","index":{index}}}'), False))
-    delta = {"type": "message_delta", "delta": {"stop_reason": plan.stop_reason, "stop_sequence": None},
-             "usage": {"output_tokens": plan.output_tokens}}
+    delta = {"type": "message_delta", "delta": {"stop_reason": plan.stop_reason, "stop_sequence": plan.stop_sequence,
+                                                **(plan.stop_extra or {})},
+             "usage": {"output_tokens": plan.output_tokens, **plan.usage_details()}}
     events += [(False, _event("message_delta", dumps(delta)), False), (False, _MESSAGE_STOP, False)]
 
     cut_after = plan.error_after if plan.error_after is not None else plan.drop_after

@@ -3,11 +3,15 @@
 Speaks the UI message stream protocol v1 of the `ai` package (pinned and verified in tests/node):
 SSE `data: <chunk JSON>` lines ending with `data: [DONE]`; ai_sdk_ws.py sends the same chunks.
 `UIChunks` makes them of our events: `start`, per model call a step (`start-step`..`finish-step`)
-of text blocks (`text-start`, `text-delta`s, `text-end`) and tool calls (`tool-input-*`,
-`tool-output-*`), then `finish` (after `abort` if cancelled, or `error`). The n-th chunk of a turn
-is always the same, so a resumed WebSocket stream skips what the client has.
+of reasoning (`reasoning-start`, `reasoning-delta`s, `reasoning-end`: the model's thinking), text
+blocks (`text-start`, `text-delta`s, `text-end`), tool calls (`tool-input-*`, `tool-output-*`;
+`providerExecuted` for the API's server tools such as web search) and sources (`source-url`,
+`source-document`: what the answer cites, once each), then `finish` (after `abort` if cancelled,
+or `error`). The n-th chunk of a turn is always the same, so a resumed WebSocket stream skips what
+the client has.
 
-The chat `id` is our session (history lives on the server): only the last user message is used.
+The chat `id` is our session (history lives on the server): only the last user message is used,
+its text parts and its file parts (images; PDFs and plain text as documents).
 A valid session id is used as is (created on first use); any other chat id maps to a stable
 session id per principal.
 """
@@ -15,9 +19,11 @@ session id per principal.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -38,13 +44,24 @@ _RAW_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
                 (b"x-accel-buffering", b"no")]
 DONE = b"data: [DONE]\n\n"
 
+# `turn_end.finish` -> the `finish` chunk's finishReason; FINISH_REASONS (by stop_reason) when a
+# turn_end has no `finish` (logged by an older server).
+FINISHES = {"complete": "stop", "truncated": "length", "refused": "content-filter", "cancelled": "other",
+            "unknown": "other"}
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "tool_use": "tool-calls", "refusal": "content-filter"}
-# The events that open a step (each model call is one) and those that end an open text block.
-OPENS_STEP = frozenset({"turn_start", "text_delta", "tool_call"})
-ENDS_TEXT = frozenset({"tool_call", "tool_input", "tool_result", "turn_end", "error"})
+# The events that open a step (each model call is one) and those that end an open text block
+# (reasoning ends at any event but a thinking_delta; it never coexists with open text).
+OPENS_STEP = frozenset({"turn_start", "text_delta", "thinking_delta", "tool_call", "citation"})
+ENDS_TEXT = frozenset({"thinking_delta", "tool_call", "tool_input", "tool_result", "turn_end", "error"})
+# A citation's location type -> the media type of the cited document (`source-document`).
+CITED_DOCUMENTS = {"char_location": "text/plain", "content_block_location": "text/plain",
+                   "page_location": "application/pdf"}
+# The turn_end keys a client gets as the message's metadata (the last two only when present).
+METADATA = ("session_id", "turn_id", "model", "stop_reason", "usage", "estimated_cost_usd")
+OPTIONAL_METADATA = ("finish", "stop_details")
 # Body fields a client may add (DefaultChatTransport `body`, WebSocket frame `body`).
-PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect")
+PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect", "thinking", "effort")
 MAX_CHAT_ID_CHARS = 256
 
 
@@ -79,6 +96,13 @@ def chat_turn_request(request: dict[str, Any], extra: dict[str, Any], principal:
         raise ApiError("invalid_request", "The last message must be a user message.", field="messages")
     body = {k: extra[k] for k in PASSED_THROUGH if k in extra}
     body |= {"message": _content(last.get("parts")), "session_id": session_id}
+    citations = extra.get("citations", False)
+    if not isinstance(citations, bool):
+        raise ApiError("invalid_request", "`citations` must be a boolean.", field="citations")
+    if citations and isinstance(body["message"], list):  # (attached files: cite them)
+        for block in body["message"]:
+            if block["type"] == "document":
+                block["citations"] = {"enabled": True}
     if valid_message_id(last.get("id")):
         body["message_id"] = last["id"]  # a retried send joins the turn it started
     req = parse_turn_request(body, settings)
@@ -87,7 +111,7 @@ def chat_turn_request(request: dict[str, Any], extra: dict[str, Any], principal:
 
 
 def _content(parts: Any) -> str | list[dict[str, Any]]:
-    """UI message parts -> our message: text parts, and image file parts as image blocks."""
+    """UI message parts -> our message: text parts, and file parts as image or document blocks."""
     if not isinstance(parts, list):
         raise ApiError("invalid_request", "The last message has no `parts`.", field="messages")
     blocks: list[dict[str, Any]] = []
@@ -99,23 +123,95 @@ def _content(parts: Any) -> str | list[dict[str, Any]]:
             blocks.append({"type": "text", "text": check_text(part["text"], f"`messages[-1].parts[{i}].text`",
                                                               "messages")})
         elif kind == "file":
-            blocks.append(_image(part))
+            blocks.append(_file(part))
         # step-start, data-*, reasoning...: nothing the model should see from a user message
     if not blocks:
         raise ApiError("invalid_request", "The last user message has no text.", field="messages")
     return blocks[0]["text"] if len(blocks) == 1 and blocks[0]["type"] == "text" else blocks
 
 
-def _image(part: dict[str, Any]) -> dict[str, Any]:
+def _file(part: dict[str, Any]) -> dict[str, Any]:
+    """A file part (`{mediaType, url, filename?}`): an image, a PDF or a plain-text document block.
+    The blocks are validated (sizes, https URLs, base64) with every message, in requests.py."""
     media_type, url = part.get("mediaType"), part.get("url")
-    if not isinstance(media_type, str) or not media_type.startswith("image/") or not isinstance(url, str):
-        raise ApiError("invalid_request", "Only image files can be attached.", field="messages")
+    if not isinstance(media_type, str) or not isinstance(url, str):
+        raise ApiError("invalid_request", "A file part needs a `mediaType` and a `url`.", field="messages")
+    kind = media_type.partition(";")[0].strip().lower()
+    if kind.startswith("image/"):
+        return _image(media_type, url)
+    if kind not in ("application/pdf", "text/plain"):
+        raise ApiError("invalid_request", "Only images, PDFs and plain-text files can be attached.",
+                       field="messages")
+    if kind == "application/pdf":
+        if url.startswith("data:"):
+            header, _, data = url.partition(",")
+            if not header.endswith(";base64"):
+                raise ApiError("invalid_document", "A PDF data URL must be base64.", field="messages")
+            source: dict[str, Any] = {"type": "base64", "media_type": "application/pdf", "data": data}
+        else:
+            source = {"type": "url", "url": url}  # validated (https only) later
+    else:
+        source = {"type": "text", "media_type": "text/plain", "data": _text_file(url)}
+    document: dict[str, Any] = {"type": "document", "source": source}
+    filename = part.get("filename")
+    if isinstance(filename, str) and filename.strip():
+        document["title"] = filename
+    return document
+
+
+def _text_file(url: str) -> str:
+    """The UTF-8 text of a text/plain data URL (base64, as browsers make them, or percent-encoded)."""
+    header, comma, data = url.partition(",")
+    if not url.startswith("data:") or not comma:
+        raise ApiError("invalid_document", "A text file must be attached as a data: URL.", field="messages")
+    try:
+        raw = base64.b64decode(data, validate=True) if header.endswith(";base64") else unquote_to_bytes(data)
+        return raw.decode("utf-8")
+    except (binascii.Error, ValueError):  # (UnicodeDecodeError is a ValueError)
+        raise ApiError("invalid_document", "A text file must be UTF-8 text in a valid data: URL.",
+                       field="messages") from None
+
+
+def _image(media_type: str, url: str) -> dict[str, Any]:
     if url.startswith("data:"):
         header, _, data = url.partition(",")
         if not header.endswith(";base64"):
             raise ApiError("invalid_image", "An image data URL must be base64.")
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return {"type": "image", "source": {"type": "url", "url": url}}  # validated (https only) later
+
+
+def _source(citation: Any) -> tuple[Any, dict[str, Any]] | None:
+    """A citation -> (what it cites, the source chunk less its sourceId), or None for a location
+    this server does not know: a URL (web search results, or any citation with a `url`), else a
+    document of the user's message (by its index: `document_title` or "Document <n>"), or a
+    search result block's `source` (a URL, or a name)."""
+    if not isinstance(citation, dict):
+        return None
+    url = citation.get("url")
+    if isinstance(url, str) and url:
+        chunk: dict[str, Any] = {"type": "source-url", "url": url}
+        if isinstance(citation.get("title"), str):
+            chunk["title"] = citation["title"]
+        return ("url", url), chunk
+    if citation.get("type") == "search_result_location":  # (a search_result block of the request)
+        source, title, index = citation.get("source"), citation.get("title"), citation.get("search_result_index")
+        if isinstance(source, str) and source.startswith(("https://", "http://")):
+            chunk = {"type": "source-url", "url": source}
+            if isinstance(title, str):
+                chunk["title"] = title
+            return ("url", source), chunk
+        if not isinstance(source, str) or not source:
+            return None
+        return ("search_result", index, source), {"type": "source-document", "mediaType": "text/plain",
+                                                  "title": title if isinstance(title, str) and title else source}
+    media_type = CITED_DOCUMENTS.get(citation.get("type"))  # type: ignore[arg-type]
+    index = citation.get("document_index")
+    if media_type is None or isinstance(index, bool) or not isinstance(index, int):
+        return None
+    title = citation.get("document_title")
+    return ("document", index), {"type": "source-document", "mediaType": media_type,
+                                 "title": title if isinstance(title, str) and title else f"Document {index + 1}"}
 
 
 class UIChunks:
@@ -125,8 +221,12 @@ class UIChunks:
         self.pending = [dumps({"type": "start", "messageId": turn_id})]  # (for the next feed)
         self.step_open = False
         self.text_id: str | None = None
+        self.reasoning_id: str | None = None  # (never open together with text_id)
         self.text_blocks = 0
-        self.open_calls: set[str] = set()
+        self.reasoning_blocks = 0
+        self.open_calls: set[str] = set()  # the step's client tool calls still without a result
+        self.server_calls: set[str] = set()  # the turn's server tool calls the client has seen
+        self.sources: dict[Any, str] = {}  # what is cited -> its sourceId
         self.done = False
 
     def feed(self, event: Event) -> list[str]:
@@ -140,16 +240,32 @@ class UIChunks:
             out.append('{"type":"start-step"}')
         if kind == "text_delta":
             if self.text_id is None:
+                if self.reasoning_id is not None:
+                    self._end_reasoning(out)
                 self.text_blocks += 1
                 self.text_id = f"text-{self.text_blocks}"
                 out.append(f'{{"type":"text-start","id":"{self.text_id}"}}')
             out.append(f'{{"type":"text-delta","id":"{self.text_id}","delta":{text_literal(event)}}}')
             return out
+        if self.reasoning_id is not None and kind != "thinking_delta":
+            self._end_reasoning(out)
         if self.text_id is not None and kind in ENDS_TEXT:
             out.append(f'{{"type":"text-end","id":"{self.text_id}"}}')
             self.text_id = None
         e = json.loads(event.data)
-        if kind == "tool_call":
+        if kind == "thinking_delta":
+            if self.reasoning_id is None:
+                self.reasoning_blocks += 1
+                self.reasoning_id = f"reasoning-{self.reasoning_blocks}"
+                out.append(f'{{"type":"reasoning-start","id":"{self.reasoning_id}"}}')
+            thinking = e.get("thinking")
+            out.append(f'{{"type":"reasoning-delta","id":"{self.reasoning_id}","delta":'
+                       f'{dumps(thinking if isinstance(thinking, str) else "")}}}')
+        elif kind == "citation":
+            self._cite(out, e.get("citation"))
+        elif e.get("server") is True and kind in ("tool_call", "tool_input", "tool_result"):
+            self._server_tool(out, kind, e)
+        elif kind == "tool_call":
             self.open_calls.add(e["tool_use_id"])
             out.append(dumps({"type": "tool-input-start", "toolCallId": e["tool_use_id"], "toolName": e["name"]}))
         elif kind == "tool_input":
@@ -167,18 +283,63 @@ class UIChunks:
             if not self.open_calls:
                 self._close_step(out)
         elif kind == "turn_end":
-            self._close_step(out)
-            if e.get("cancelled"):
-                out.append('{"type":"abort","reason":"cancelled"}')
-            reason = "other" if e.get("cancelled") else FINISH_REASONS.get(e.get("stop_reason") or "", "other")
-            metadata = {k: e.get(k) for k in ("session_id", "turn_id", "model", "stop_reason", "usage",
-                                              "estimated_cost_usd")}
-            out.append(dumps({"type": "finish", "finishReason": reason, "messageMetadata": metadata}))
+            self._finish(out, e)
         elif kind == "error":
             out.append(dumps({"type": "error", "errorText": str(e.get("message") or "The turn failed.")}))
             out.append('{"type":"finish","finishReason":"error"}')
         self.done = event.terminal
         return out
+
+    def _finish(self, out: list[str], e: dict[str, Any]) -> None:
+        """turn_end: `finish` (after `abort` if cancelled), the turn's outcome as its metadata.
+        (Not inlined in `feed`: a comprehension over `e` there would make it a cell variable,
+        a cost on every text delta.)"""
+        self._close_step(out)
+        finish = e.get("finish")
+        if e.get("cancelled") or finish == "cancelled":
+            out.append('{"type":"abort","reason":"cancelled"}')
+            reason = "other"
+        elif isinstance(finish, str):
+            reason = FINISHES.get(finish, "other")
+        else:  # (no `finish`: by the model's stop_reason)
+            reason = FINISH_REASONS.get(e.get("stop_reason") or "", "other")
+        metadata = {k: e.get(k) for k in METADATA} | {k: e[k] for k in OPTIONAL_METADATA if k in e}
+        out.append(dumps({"type": "finish", "finishReason": reason, "messageMetadata": metadata}))
+
+    def _server_tool(self, out: list[str], kind: str, e: dict[str, Any]) -> None:
+        """A tool the API runs (web search, code execution...): `providerExecuted`, and its result
+        does not end the step (the model call goes on; only client tool results end one)."""
+        call_id, name = str(e.get("tool_use_id")), str(e.get("name") or "server_tool")
+        if kind == "tool_call" or call_id not in self.server_calls:  # (a result for a call never shown)
+            self.server_calls.add(call_id)
+            out.append(dumps({"type": "tool-input-start", "toolCallId": call_id, "toolName": name,
+                              "providerExecuted": True}))
+        if kind == "tool_input":
+            out.append(dumps({"type": "tool-input-available", "toolCallId": call_id, "toolName": name,
+                              "input": e.get("input"), "providerExecuted": True}))
+        elif kind == "tool_result":
+            if e.get("is_error"):
+                error = e.get("error")
+                code = error.get("error_code") if isinstance(error, dict) else None
+                text = error if isinstance(error, str) else f"{name}: {code}" if isinstance(code, str) else dumps(error)
+                out.append(dumps({"type": "tool-output-error", "toolCallId": call_id, "errorText": text,
+                                  "providerExecuted": True}))
+            else:
+                out.append(dumps({"type": "tool-output-available", "toolCallId": call_id, "output": e.get("output"),
+                                  "providerExecuted": True}))
+
+    def _cite(self, out: list[str], citation: Any) -> None:
+        """A `source-*` chunk the first time something is cited in this turn."""
+        found = _source(citation)
+        if found is None or found[0] in self.sources:
+            return
+        key, chunk = found
+        source_id = self.sources[key] = f"source-{len(self.sources) + 1}"
+        out.append(dumps({"type": chunk.pop("type"), "sourceId": source_id, **chunk}))
+
+    def _end_reasoning(self, out: list[str]) -> None:
+        out.append(f'{{"type":"reasoning-end","id":"{self.reasoning_id}"}}')
+        self.reasoning_id = None
 
     def ending(self) -> list[str]:
         """After a follow that ended without the terminal event (the worker stops): `server_restarting`."""

@@ -32,6 +32,8 @@ async def agent(request: Request) -> Response:
     req = parse_turn_request(parse_json_body(await request.body()), engine.settings)
     handle = await engine.start(req, principal_of(request))
     calls: dict[str, dict[str, Any]] = {}  # (the tool calls' inputs and results, by id)
+    thinking: list[str] = []
+    citations: list[Any] = []
     final: dict[str, Any] | None = None
     async for batch in engine.follow(handle.session_id, handle.turn_id):
         for event in batch:
@@ -40,17 +42,27 @@ async def agent(request: Request) -> Response:
             elif event.type in ("tool_input", "tool_result"):
                 e = json.loads(event.data)
                 call = calls.setdefault(e["tool_use_id"], {"tool_use_id": e["tool_use_id"], "name": e["name"]})
+                if e.get("server"):
+                    call["server"] = True  # run by the API (web search, code execution...)
                 if e["type"] == "tool_input":
                     call["input"] = e["input"]
                 else:
                     call["is_error"] = e["is_error"]
                     call["output" if not e["is_error"] else "error"] = e.get("output", e.get("error"))
+            elif event.type == "thinking_delta":
+                thinking.append(json.loads(event.data)["thinking"])
+            elif event.type == "citation":
+                citations.append(json.loads(event.data)["citation"])
     if final is None:  # the follow ended without a terminal event: the server is stopping
         raise ApiError("server_restarting")
     if final["type"] == "error":
         return error_event_response(final, handle.session_id, handle.turn_id)
-    return JSONResponse({k: v for k, v in final.items() if k not in ("type", "id")}
-                        | {"tool_calls": list(calls.values())})
+    answer = {k: v for k, v in final.items() if k not in ("type", "id")} | {"tool_calls": list(calls.values())}
+    if thinking:
+        answer["thinking"] = "".join(thinking)
+    if citations:
+        answer["citations"] = citations
+    return JSONResponse(answer)
 
 
 async def get_session(request: Request) -> Response:

@@ -4,7 +4,8 @@
 //
 // scenario: {url, transport: "http" | "ws", key?, chats: {name: {id, messages?}}, steps: [step...]}
 // steps (run in order; "parallel" runs its steps concurrently):
-//   {op: "send", chat, text, body?}        Chat.sendMessage (what useChat's sendMessage does)
+//   {op: "send", chat, text, files?, body?}  Chat.sendMessage (what useChat's sendMessage does);
+//                                          files: FileUIParts {type: "file", mediaType, url, filename?}
 //   {op: "stop", chat, text, afterChars, body?}  sendMessage, then Chat.stop() once the answer
 //                                          has at least afterChars characters
 //   {op: "resume", chat}                   Chat.resumeStream() (useChat({resume: true}))
@@ -134,7 +135,8 @@ async function run(step) {
   const record = chats[step.chat];
   switch (step.op) {
     case 'send':
-      await record.chat.sendMessage({ text: step.text }, step.body ? { body: step.body } : undefined);
+      await record.chat.sendMessage(step.files ? { text: step.text, files: step.files } : { text: step.text },
+                                    step.body ? { body: step.body } : undefined);
       return;
     case 'stop': {
       const sending = record.chat.sendMessage({ text: step.text }, step.body ? { body: step.body } : undefined);

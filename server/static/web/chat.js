@@ -1,5 +1,10 @@
 // The built-in chat page: one WebSocket to /agent/ws, no dependencies, no build step.
 //
+// An answer shows, in the order they stream: the model's thinking (a folding "Thinking"
+// section, never mixed into the answer), its text, tool calls (those the API runs itself,
+// such as web search, marked "run by Anthropic"), and under it the sources its text cites.
+// Model and tool text is only ever set as text; links are http(s) only, opened in a new tab.
+//
 // Reconnect-and-resume: every event carries `id` = "<turn_id>:<seq>". The page remembers the
 // session, the turn it is showing and the last seq it applied. When the socket drops, it
 // reconnects to /agent/ws?session_id=… and sends {"type":"resume", turn_id, last_event_id};
@@ -62,15 +67,87 @@
     scrollDown();
   }
 
+  // Links to what the model or a tool named: http(s) only, a new tab without an opener or
+  // referrer, the text always as text (never markup).
+  function safeHref(url) {
+    if (typeof url !== "string") return null;
+    try {
+      const u = new URL(url);  // (no base: a relative or scheme-less URL throws)
+      return u.protocol === "https:" || u.protocol === "http:" ? u.href : null;
+    } catch {
+      return null;
+    }
+  }
+
+  function link(url, text, cls) {
+    const href = safeHref(url);
+    const label = typeof text === "string" && text.trim() ? text : String(url ?? "");
+    if (!href) return el("span", cls, label);
+    const a = el("a", cls, label);
+    a.href = href;
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    return a;
+  }
+
+  function clip(text, n) {
+    const s = String(text).replace(/\s+/g, " ").trim();
+    return s.length > n ? s.slice(0, n - 1) + "…" : s;
+  }
+
+  // What a citation points at: [key, label, href?] (one source entry per distinct key), or null.
+  function citedSource(c) {
+    if (!c || typeof c !== "object") return null;
+    if (typeof c.url === "string" && c.url) return ["url:" + c.url, c.title || c.url, c.url];
+    if (c.type === "search_result_location" && typeof c.source === "string" && c.source) {
+      return safeHref(c.source) ? ["url:" + c.source, c.title || c.source, c.source]
+        : [`search:${c.search_result_index}:${c.source}`, c.title || c.source, null];
+    }
+    if (["char_location", "page_location", "content_block_location"].includes(c.type) &&
+        Number.isInteger(c.document_index)) {
+      return [`doc:${c.document_index}`, c.document_title || `Document ${c.document_index + 1}`, null];
+    }
+    return null;
+  }
+
+  const SERVER_TOOL_LABEL = "run by Anthropic";
+
   class AnswerView {
     constructor() {
       this.root = addMessage("assistant");
       this.root.setAttribute("aria-busy", "true");
       this.body = el("div", "answer");
-      this.root.append(this.body);
+      this.sources = el("section", "sources");
+      this.sources.hidden = true;
+      this.sources.setAttribute("aria-label", "Sources");
+      this.sources.append(el("div", "sources-title", "Sources"), el("ol"));
+      this.root.append(this.body, this.sources);
       this.segment = null;  // the text node being appended to
+      this.thinking = null; // the thinking section being streamed
       this.tools = new Map();
+      this.cited = new Map();
       this.text = "";
+    }
+    appendThinking(text) {
+      if (!this.thinking) {
+        const box = el("details", "thinking");
+        box.open = true;  // streamed live; folded once the model moves on
+        const summary = el("summary", null, "Thinking…");
+        const div = el("div", "thinking-text");
+        const node = document.createTextNode("");
+        div.append(node);
+        box.append(summary, div);
+        this.body.append(box);
+        this.thinking = { box, summary, node };
+        this.segment = null;  // text after the thinking starts a new paragraph
+      }
+      this.thinking.node.appendData(text);
+    }
+    endThinking() {
+      if (!this.thinking) return;
+      this.thinking.summary.textContent = "Thinking";
+      this.thinking.box.open = false;
+      this.thinking = null;
     }
     appendText(text) {
       if (!this.segment) {
@@ -82,14 +159,16 @@
       this.segment.appendData(text);
       this.text += text;
     }
-    tool(id, name) {
+    tool(id, name, server) {
       let t = this.tools.get(id);
       if (!t) {
-        const box = el("details", "tool");
+        const box = el("details", server ? "tool server" : "tool");
         const summary = el("summary");
-        summary.append(el("span", "tool-name", "Tool: " + name), el("span", "tool-state", "running…"));
+        summary.append(el("span", "tool-name", "Tool: " + name));
+        if (server) summary.append(el("span", "tool-badge", SERVER_TOOL_LABEL));
+        summary.append(el("span", "tool-state", "running…"));
         box.append(summary);
-        t = { box, state: summary.lastChild, input: null, output: null };
+        t = { box, state: summary.lastChild, input: null, output: null, server: !!server };
         this.tools.set(id, t);
         this.body.append(box);
         this.segment = null;  // text after a tool call starts a new paragraph
@@ -97,34 +176,110 @@
       return t;
     }
     toolInput(ev) {
-      const t = this.tool(ev.tool_use_id, ev.name);
+      const t = this.tool(ev.tool_use_id, ev.name, ev.server);
       if (!t.input) { t.input = el("pre", "input"); t.box.append(t.input); }
       t.input.textContent = "input: " + JSON.stringify(ev.input, null, 2);
       if (ev.valid === false) t.state.textContent = "invalid input: " + (ev.error || "");
     }
     toolResult(ev) {
-      const t = this.tool(ev.tool_use_id, ev.name);
-      if (!t.output) { t.output = el("pre", "output"); t.box.append(t.output); }
+      const t = this.tool(ev.tool_use_id, ev.name, ev.server);
+      if (t.output) t.output.remove();
       const value = ev.is_error ? ev.error : ev.output;
-      t.output.textContent = (ev.is_error ? "error: " : "result: ") +
-        (typeof value === "string" ? value : JSON.stringify(value, null, 2));
-      const preview = String(typeof value === "string" ? value : JSON.stringify(value)).replace(/\s+/g, " ");
-      t.state.textContent = (ev.is_error ? "failed: " : "done: ") +
-        (preview.length > 60 ? preview.slice(0, 59) + "…" : preview);
+      const shown = ev.server ? this.serverOutput(ev, value) : null;
+      if (shown) {
+        t.output = shown.node;
+        t.state.textContent = shown.state;
+      } else {
+        t.output = el("pre", "output", (ev.is_error ? "error: " : "result: ") +
+                      (typeof value === "string" ? value : JSON.stringify(value, null, 2)));
+        t.state.textContent = (ev.is_error ? "failed: " : "done: ") +
+          clip(typeof value === "string" ? value : JSON.stringify(value), 60);
+      }
+      t.box.append(t.output);
       t.box.classList.toggle("failed", !!ev.is_error);
+    }
+    // A server tool's result, readable: web search results as links, code execution's output...
+    // null: shown as JSON, as a client tool's.
+    serverOutput(ev, value) {
+      if (ev.is_error) {
+        const code = value && typeof value === "object" ? value.error_code : null;
+        return { node: el("pre", "output", "error: " + (code || JSON.stringify(value))),
+                 state: "failed: " + clip(code || JSON.stringify(value), 60) };
+      }
+      if (Array.isArray(value) && value.every((r) => r && typeof r === "object" && "url" in r)) {
+        const list = el("ul", "results");
+        for (const r of value) {
+          const item = el("li");
+          item.append(link(r.url, r.title || r.url));
+          if (typeof r.page_age === "string" && r.page_age) item.append(el("span", "age", " · " + r.page_age));
+          list.append(item);
+        }
+        return { node: list, state: `done: ${value.length} result${value.length === 1 ? "" : "s"}` };
+      }
+      if (value && typeof value === "object" && ("stdout" in value || "stderr" in value ||
+                                                  "encrypted_stdout" in value)) {
+        const box = el("div", "output");
+        const stdout = typeof value.stdout === "string" ? value.stdout
+          : ("encrypted_stdout" in value ? "(encrypted)" : "");
+        box.append(el("pre", "stdout", "stdout: " + stdout));
+        if (value.stderr) box.append(el("pre", "stderr", "stderr: " + value.stderr));
+        const code = Number.isInteger(value.return_code) ? value.return_code : null;
+        return { node: box, state: code === null ? "done" : `done: exit ${code}` };
+      }
+      if (value && typeof value === "object" && value.type === "web_fetch_result") {
+        const title = value.content && typeof value.content.title === "string" ? value.content.title : "";
+        const box = el("div", "output");
+        box.append(link(value.url, title || value.url));
+        return { node: box, state: "done: fetched" };
+      }
+      return null;
+    }
+    cite(citation) {
+      const found = citedSource(citation);
+      if (!found || this.cited.has(found[0])) return;
+      const [key, label, href] = found;
+      this.cited.set(key, this.cited.size + 1);
+      const item = el("li");
+      const entry = href ? link(href, label, "source") : el("span", "source document", label);
+      if (typeof citation.cited_text === "string" && citation.cited_text) {
+        entry.title = clip(citation.cited_text, 300);  // (a property: text, not markup)
+      }
+      item.append(entry);
+      this.sources.lastChild.append(item);
+      this.sources.hidden = false;
     }
     note(text, cls = "notice") {
       this.root.append(el("p", cls, text));
     }
     finish(ev) {
+      this.endThinking();
       this.root.setAttribute("aria-busy", "false");
       this.root.dataset.state = ev.type === "turn_end" ? (ev.cancelled ? "cancelled" : "done") : "error";
       if (ev.type === "turn_end") {
-        if (ev.cancelled) this.note("Stopped.");
-        else if (ev.truncated) this.note("The answer hit the token limit.");
+        const finish = ev.finish || (ev.cancelled ? "cancelled" : ev.truncated ? "truncated"
+          : ev.stop_reason === "refusal" ? "refused" : "complete");
+        this.root.dataset.finish = finish;
+        if (finish === "cancelled") this.note("Stopped.");
+        else if (finish === "truncated") {
+          this.note(ev.stop_reason === "model_context_window_exceeded"
+            ? "The answer was cut off: the conversation no longer fits the model's context window."
+            : "The answer hit the token limit.", "notice warn");
+        } else if (finish === "refused") {
+          const d = ev.stop_details && typeof ev.stop_details === "object" ? ev.stop_details : {};
+          let text = "The model declined to answer this request";
+          if (typeof d.category === "string" && d.category) text += ` (${d.category.replace(/_/g, " ")})`;
+          text += ".";
+          if (typeof d.explanation === "string" && d.explanation) text += " " + d.explanation;
+          this.note(text, "notice warn");
+        } else if (finish === "unknown") {
+          this.note(`The answer ended for a reason this page does not know (${ev.stop_reason || "no reason"}).`,
+                    "notice warn");
+        }
         const u = ev.usage || {};
         const parts = [`${u.input_tokens || 0} in / ${u.output_tokens || 0} out tokens`];
         if (u.cache_read_input_tokens) parts.push(`${u.cache_read_input_tokens} cached`);
+        const searches = u.server_tool_use && u.server_tool_use.web_search_requests;
+        if (searches) parts.push(`${searches} web search${searches === 1 ? "" : "es"}`);
         if (typeof ev.estimated_cost_usd === "number") parts.push(`$${ev.estimated_cost_usd.toFixed(4)}`);
         this.note(parts.join(" · "), "meta");
       } else {
@@ -321,13 +476,16 @@
     }
     state.lastSeq = seq;
     const view = state.view;
+    if (view && ev.type !== "thinking_delta") view.endThinking();  // (thinking is never mixed into the answer)
     switch (ev.type) {
       case "turn_start":
         state.sessionId = ev.session_id;
         state.pending = null;
         break;
       case "text_delta": view.appendText(ev.text); break;
-      case "tool_call": view.tool(ev.tool_use_id, ev.name); break;
+      case "thinking_delta": view.appendThinking(String(ev.thinking ?? "")); break;
+      case "citation": view.cite(ev.citation); break;
+      case "tool_call": view.tool(ev.tool_use_id, ev.name, ev.server); break;
       case "tool_input": view.toolInput(ev); break;
       case "tool_result": view.toolResult(ev); break;
       case "turn_end":
