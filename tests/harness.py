@@ -179,9 +179,10 @@ def history_texts(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
-async def ws_turn(ws: Any, text: str) -> list[dict[str, Any]]:
-    """Send one message on an open /agent/ws socket; its events up to the terminal one."""
-    await ws.send(json.dumps({"type": "message", "message": text}))
+async def ws_turn(ws: Any, text: str, **fields: Any) -> list[dict[str, Any]]:
+    """Send one message (with any other request `fields`) on an open /agent/ws socket; its events
+    up to the terminal one."""
+    await ws.send(json.dumps({"type": "message", "message": text, **fields}))
     events = []
     while True:
         event = json.loads(await ws.recv())

@@ -91,6 +91,15 @@ async def test_thinking_tokens_are_counted_and_priced_as_output(claude, upstream
     assert end["estimated_cost_usd"] == pytest.approx((input_tokens * 3 + 52 * 15) / 1e6, abs=1e-8)
 
 
+async def test_json_answer_keeps_thinking_blocks_apart(claude, upstream):
+    upstream.script({"thinking": "First I compute.", "tool_use": [{"name": CALC, "input": {"expression": "1+1"}}]},
+                    {"thinking": "Then I answer.", "text": "Two."})
+    async with httpx.AsyncClient(base_url=claude.url, timeout=30) as client:
+        r = await client.post("/agent", json={"message": "1+1?"})
+    assert r.status_code == 200, r.text
+    assert r.json()["thinking"] == "First I compute.\n\nThen I answer." and r.json()["text"] == "Two."
+
+
 async def test_redacted_thinking_survives_the_tool_loop_unchanged(claude, upstream):
     upstream.script({"thinking": "Hmm.", "redacted_thinking": "classified",
                      "tool_use": [{"name": CALC, "input": {"expression": "3*3"}, "id": "toolu_R"}]},
@@ -199,9 +208,12 @@ async def test_server_tool_error_result_is_marked(claude, upstream):
     fetch = {"type": "server_tool_use", "id": "srvtoolu_F", "name": "web_fetch", "input": {"url": "https://x.test"}}
     failed = {"type": "web_fetch_tool_result", "tool_use_id": "srvtoolu_F",
               "content": {"type": "web_fetch_tool_result_error", "error_code": "url_not_accessible"}}
-    upstream.script({"blocks": [fetch, failed, {"type": "text", "text": "I could not fetch it."}]})
-    async with websockets.connect(f"{claude.ws_url}/agent/ws") as ws:
-        events = await ws_turn(ws, "Fetch https://x.test")
+    upstream.script({"blocks": [{"type": "thinking", "thinking": "I will fetch it."}, fetch, failed,
+                                {"type": "text", "text": "I could not fetch it."}]})
+    async with websockets.connect(f"{claude.ws_url}/agent/ws") as ws:  # (thinking chosen in the frame)
+        events = await ws_turn(ws, "Fetch https://x.test", thinking={"type": "enabled", "budget_tokens": 1500})
+    assert upstream.requests()[-1]["body"]["thinking"] == {"type": "enabled", "budget_tokens": 1500}
+    assert [e["thinking"] for e in events if e["type"] == "thinking_delta"] == ["I ", "will ", "fetch ", "it."]
     result = next(e for e in events if e["type"] == "tool_result")
     assert result["is_error"] is True and result["error"] == failed["content"] and result["server"] is True
     assert events[-1]["type"] == "turn_end" and events[-1]["text"] == "I could not fetch it."

@@ -35,8 +35,14 @@ async def agent(request: Request) -> Response:
     thinking: list[str] = []
     citations: list[Any] = []
     final: dict[str, Any] | None = None
+    previous = ""  # (the type of the event before: thinking blocks apart are joined by a blank line)
     async for batch in engine.follow(handle.session_id, handle.turn_id):
         for event in batch:
+            if event.type == "thinking_delta":
+                if thinking and previous != "thinking_delta":
+                    thinking.append("\n\n")
+                thinking.append(json.loads(event.data)["thinking"])
+            previous = event.type
             if event.terminal:
                 final = json.loads(event.data)
             elif event.type in ("tool_input", "tool_result"):
@@ -49,8 +55,6 @@ async def agent(request: Request) -> Response:
                 else:
                     call["is_error"] = e["is_error"]
                     call["output" if not e["is_error"] else "error"] = e.get("output", e.get("error"))
-            elif event.type == "thinking_delta":
-                thinking.append(json.loads(event.data)["thinking"])
             elif event.type == "citation":
                 citations.append(json.loads(event.data)["citation"])
     if final is None:  # the follow ended without a terminal event: the server is stopping
