@@ -39,4 +39,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
 # drains turns for GRACEFUL_SHUTDOWN_SECONDS (25), then uvicorn closes the connections (its
 # 30 s bound the streams still open); give the container more than that
 # (docker stop -t 40, Kubernetes terminationGracePeriodSeconds: 40, fly.toml kill_timeout).
-CMD ["sh", "-c", "exec uvicorn server.app:app --host \"$HOST\" --port \"$PORT\" --loop uvloop --http server.http_protocol:HeadDeadlineProtocol --ws-per-message-deflate false --ws-max-size 8388608 --timeout-graceful-shutdown 30 --proxy-headers"]
+CMD ["sh", "-c", "exec uvicorn server.app:app --host \"$HOST\" --port \"$PORT\" --loop uvloop --http server.http_protocol:HeadDeadlineProtocol --ws-per-message-deflate false --ws-max-size 8388608 --timeout-graceful-shutdown 30 --proxy-headers --no-access-log"]

@@ -235,8 +235,10 @@ class Fake:
 
 
 def base_env() -> dict[str, str]:
+    """The bench's own environment minus what configures a server; OTEL_* too: tracing is on only
+    where the benchmark asks for it (the "otel" target), never inherited from the shell."""
     return {k: v for k, v in os.environ.items()
-            if not k.startswith(("ANTHROPIC_", "REDIS_", "AGENT_", "WEB_CONCURRENCY"))}
+            if not k.startswith(("ANTHROPIC_", "REDIS_", "AGENT_", "WEB_CONCURRENCY", "OTEL_"))}
 
 
 class Server:

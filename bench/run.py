@@ -4,6 +4,8 @@
     scripts/bench --quick         smaller numbers (under a minute)
     scripts/bench --only 1,5      some sections (1 stream CPU, 2 stretch, 3 short turns,
                                   4 TTFT, 5 memory, 6 Redis, 7 seed/floor comparison)
+    scripts/bench --tracing       also "otel": ours with OpenTelemetry tracing at 100% sampling
+                                  (sections 1-4), exporting OTLP/HTTP to a sink in this process
 
 Prints a table (and writes it to bench-results/latest.txt). No thresholds are enforced: the
 targets from the issue are printed beside the figures. Everything runs on 127.0.0.1: a
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import procs
+from .otlp_sink import OtlpSink
 from .procs import API_KEY, RESULTS, Fake, LoadGen, Redis, Server
 from .redis_proxy import RedisProxy
 
@@ -138,6 +141,7 @@ class Bench:
         self.targets: dict[str, Target] = {}
         self.server_logs: list[tuple[str, int, list[tuple[int, str]]]] = []
         self.quiet_waits: list[str] = []
+        self.sink: OtlpSink | None = None  # the OTLP receiver of the "otel" target (--tracing)
 
     def stop_server(self, label: str, server: Server) -> None:
         """Stop a server; report warnings/errors from its log (incl. those logged while it drained)
@@ -177,17 +181,31 @@ class Bench:
         self.redis = Redis(a.redis_url)
         self.fake = Fake()
         log(f"redis {self.redis.url} ({'private' if self.redis.private else 'external'}), fake {self.fake.url}")
+        if "otel" in a.targets:
+            self.sink = OtlpSink().start()
+            log(f"otel: OTLP sink on {self.sink.endpoint}")
         want = a.sections
         load_sections = [s for s in ("1", "3", "4") if s in want or ("2" in want and s == "1")]
-        if load_sections:
-            for name in a.targets:
-                self._run_target(name, load_sections)
-        if "5" in want:
-            self.section_memory()
-        if "6" in want:
-            self.section_redis()
+        try:
+            if load_sections:
+                for name in a.targets:
+                    self._run_target(name, load_sections)
+            if "5" in want:
+                self.section_memory()
+            if "6" in want:
+                self.section_redis()
+        finally:
+            if self.sink is not None:
+                self.sink.stop()
         report = self.render(time.monotonic() - t_start)
         return report
+
+    def otel_env(self) -> dict[str, str]:
+        """Tracing on for the "otel" target only: every span sampled, the SDK's other defaults
+        (batch span processor: 5 s schedule delay, 512-span batches, a 2048-span queue)."""
+        assert self.sink is not None
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": self.sink.endpoint, "OTEL_SERVICE_NAME": "bench-otel",
+                "OTEL_TRACES_SAMPLER": "always_on"}
 
     def _lg_run(self, lg: LoadGen, target: Target, spec: dict[str, Any], clients: int, rounds: int,
                 ramp: float = 0.0, timeout: float = 120.0) -> dict[str, Any]:
@@ -207,7 +225,11 @@ class Bench:
             t = Target(name, "127.0.0.1", self.fake.port, [self.fake.proc.pid])
         else:
             log(f"starting {name} server ({a.workers} worker{'s' if a.workers > 1 else ''})")
-            server = Server(name, self.fake, self.redis.url, workers=a.workers)
+            if name == "otel":  # ours, traced
+                server = Server("ours", self.fake, self.redis.url, workers=a.workers, extra_env=self.otel_env(),
+                                tag="-otel")
+            else:
+                server = Server(name, self.fake, self.redis.url, workers=a.workers)
             t = Target(name, "127.0.0.1", server.port, server.pids(), server)
         self.targets[name] = t
         lg = LoadGen(f"-{name}")
@@ -229,6 +251,8 @@ class Bench:
             lg.stop()
             if server is not None:
                 self.stop_server(name, server)
+            if name == "otel" and self.sink is not None:  # (the server flushed its spans as it stopped)
+                t.results["sink"] = self.sink.snapshot()
 
     # -- sections 1 + 2: paced streams ---------------------------------------------------------
     def load_stream(self, lg: LoadGen, t: Target) -> None:
@@ -237,7 +261,7 @@ class Bench:
         ideal = a.events * a.pace_ms / 1000
         log(f"{t.name}: {a.concurrency} streams x {a.events} events x {a.pace_ms} ms, {a.rounds} rounds")
         self.wait_quiet(f"{t.name} streams")
-        profiler = self._start_profiler(t, "streams") if (a.profile and t.name == "ours") else None
+        profiler = self._start_profiler(t, "streams") if (a.profile and t.name in ("ours", "otel")) else None
         try:
             out = self._lg_run(lg, t, t.stream_spec(text), a.concurrency, a.rounds, ramp=ideal,
                                timeout=max(120.0, ideal * 20))
@@ -267,7 +291,7 @@ class Bench:
         a = self.a
         self.wait_quiet(f"{t.name} short turns")
         log(f"{t.name}: short turns, {a.turn_clients} clients x {a.turn_rounds} turns")
-        profiler = self._start_profiler(t, "turns") if (a.profile and t.name == "ours") else None
+        profiler = self._start_profiler(t, "turns") if (a.profile and t.name in ("ours", "otel")) else None
         try:
             out = self._lg_run(lg, t, t.turn_spec(directive(tokens=5) + " short turn", a.session_turns),
                                a.turn_clients, a.turn_rounds)
@@ -306,8 +330,8 @@ class Bench:
         pid = t.cpu_pids[-1]  # the worker (or the single in-process server)
         RESULTS.mkdir(exist_ok=True)
         argv = [spy, "record", "--pid", str(pid), "--rate", "200", "--duration", "3600",
-                "--format", "raw", "-o", str(RESULTS / f"profile-ours-{what}.txt")]
-        log(f"py-spy recording pid {pid} -> {RESULTS / f'profile-ours-{what}.txt'} "
+                "--format", "raw", "-o", str(RESULTS / f"profile-{t.name}-{what}.txt")]
+        log(f"py-spy recording pid {pid} -> {RESULTS / f'profile-{t.name}-{what}.txt'} "
             f"(summary: python -m bench.profile_report <file>)")
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 preexec_fn=procs._die_with_parent)
@@ -438,7 +462,9 @@ class Bench:
         out.append("ours = python -m server; seed = bench/seed_app.py (SDK messages.stream(), dict history, no "
                    "Redis); floor = the fake upstream read directly"
                    + ("; aiohttp = ours with the SDK's DefaultAioHttpClient instead of our upstream transport"
-                      if "aiohttp" in T else ""))
+                      if "aiohttp" in T else "")
+                   + ("; otel = ours with tracing on (OTEL_TRACES_SAMPLER=always_on: 100% sampling, OTLP/HTTP "
+                      "protobuf to a sink in the bench process, the SDK's batch defaults)" if "otel" in T else ""))
         out.append("")
         hdr = f"{'#':<2} {'metric':<40} {'ours':>10} {'seed':>10} {'floor':>10} {'ours/seed':>9} {'ours/floor':>10}  target"
         out += [hdr, "-" * len(hdr)]
@@ -481,6 +507,19 @@ class Bench:
                     row("1" if sec == "stream" else "3", f"{lab}, SDK aiohttp",
                         [fmt(v[1], unit, digits), "—", "—"], [ratio(v[1], v[0]) + " ours", ""],
                         "switch if within 1.15x of ours")
+        if "otel" in T:  # the cost of tracing at 100% sampling: otel vs ours, same run
+            for sec, key, lab, unit, digits, scale in (
+                    ("stream", "us_per_event", "server CPU per event", " µs", 1, 1),
+                    ("stream", "stretch_p50", "completion stretch, median", "x", 2, 1),
+                    ("turn", "ms_per_turn", "server CPU per short turn", " ms", 2, 1),
+                    ("turn", "lat_p50", "short turn latency, p50", " ms", 1, 1000),
+                    ("ttft", "p50", "TTFT p50 (raw)", " ms", 2, 1)):
+                v = [get("ours", sec, key), get("otel", sec, key)]
+                v = [x * scale if x is not None else None for x in v]
+                if v[1] is not None:
+                    row({"stream": "1", "turn": "3", "ttft": "4"}[sec], f"{lab}, tracing on",
+                        [fmt(v[1], unit, digits), "—", "—"], [ratio(v[1], v[0]) + " ours", ""],
+                        "cost of tracing (100% sampled)")
         mem = getattr(self, "memory", None)
         if mem:
             # The target is per connection (an idle WebSocket, an open SSE stream); the last row
@@ -504,7 +543,7 @@ class Bench:
         out.append("")
 
         # details
-        for name in ("ours", "aiohttp", "seed", "floor"):
+        for name in ("ours", "otel", "aiohttp", "seed", "floor"):
             s = T[name].results.get("stream") if name in T else None
             if s:
                 c = s["cpu"]
@@ -518,7 +557,7 @@ class Bench:
                            + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
                 if s["errors"]:
                     out.append(f"             errors: {s['errors']}")
-        for name in ("ours", "aiohttp", "seed", "floor"):
+        for name in ("ours", "otel", "aiohttp", "seed", "floor"):
             s = T[name].results.get("turn") if name in T else None
             if s:
                 c = s["cpu"]
@@ -527,12 +566,21 @@ class Bench:
                            f"loadgen {c['loadgen']:.2f}" + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
                 if s["errors"]:
                     out.append(f"             errors: {s['errors']}")
-        for name in ("ours", "seed", "floor"):
+        for name in ("ours", "otel", "seed", "floor"):
             s = T[name].results.get("ttft") if name in T else None
             if s:
                 out.append(f"[4   {name:5}] {s['n']} streams; raw TTFT p50 {fmt(s['p50'], ' ms', 2)}, "
                            f"p99 {fmt(s['p99'], ' ms', 2)}" + (f"; errors {s['errors']}" if s["errors"] else "")
                            + (f"; server RSS after {s['rss_mb']:.0f} MB" if s["rss_mb"] else ""))
+        sink = T["otel"].results.get("sink") if "otel" in T else None
+        if sink:
+            served = 60 + sum(T["otel"].results.get(sec, {}).get(k) or 0  # 60: the warm-up requests
+                              for sec, k in (("stream", "streams"), ("turn", "turns"), ("turn", "failed"),
+                                             ("ttft", "n")))
+            out.append(f"[otel sink] {sink['spans']} spans in {sink['requests']} OTLP export requests "
+                       f"({sink['bytes'] / 1e6:.1f} MB on the wire, {sink['errors']} refused) for ~{served} "
+                       f"requests served: {sink['spans'] / max(served, 1):.1f} spans and "
+                       f"{sink['bytes'] / max(sink['spans'], 1):.0f} B per span")
         if mem:
             for key, m in mem.items():
                 out.append(f"[5 {key:10}] {m['open']} open in {m['secs']:.1f} s, server RSS before "
@@ -591,12 +639,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY) for ours and seed")
     p.add_argument("--only", default="", help="sections, e.g. 1,3 or stream,memory (1-7; 7 = seed/floor columns)")
     p.add_argument("--targets", default=None,
-                   help="columns for sections 1-4: ours,aiohttp,seed,floor (default: ours,seed,floor when "
-                        "section 7 runs, else ours); aiohttp = ours on the SDK's DefaultAioHttpClient")
+                   help="columns for sections 1-4: ours,otel,aiohttp,seed,floor (default: ours,seed,floor when "
+                        "section 7 runs, else ours); aiohttp = ours on the SDK's DefaultAioHttpClient; otel = "
+                        "ours with tracing on (see --tracing)")
+    p.add_argument("--tracing", action="store_true",
+                   help="also run 'otel' in sections 1-4: ours with OpenTelemetry tracing at 100%% sampling, "
+                        "exporting OTLP/HTTP to a sink in the bench process (same as adding otel to --targets)")
     p.add_argument("--mem-count", type=int, help="WebSockets / SSE streams held open (default 1000; quick 200)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of a private redis-server")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy record our worker during sections 1 and 3 (bench-results/profile-ours-*.txt; "
+                   help="py-spy record our worker during sections 1 and 3 (bench-results/profile-ours-*.txt, and "
+                        "profile-otel-*.txt with --tracing; "
                         "the profiled run's CPU figures include py-spy's pauses)")
     p.add_argument("--quiet-wait", type=float, default=None,
                    help="before each load, wait up to this many s for the (shared) box to be idle (default 30; quick 3)")
@@ -631,9 +684,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     else:
         targets = ["ours", "seed", "floor"] if "7" in a.sections else ["ours"]
+    if a.tracing and "otel" not in targets:
+        targets += ["ours", "otel"]  # (the cost is read against ours, in the same run)
     if "4" in a.sections and "floor" not in targets:
         targets.append("floor")  # the TTFT baseline
-    a.targets = [t for t in ("ours", "aiohttp", "seed", "floor") if t in targets]
+    a.targets = [t for t in ("ours", "otel", "aiohttp", "seed", "floor") if t in targets]
     return a
 
 
@@ -656,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     paths = [out]
     if out == str(RESULTS / "latest.txt") and not args.only:  # also keep the last run of each kind
-        paths.append(str(RESULTS / f"latest-{'quick' if args.quick else 'full'}.txt"))
+        traced = "-tracing" if "otel" in args.targets else ""  # (a traced run keeps its own file)
+        paths.append(str(RESULTS / f"latest-{'quick' if args.quick else 'full'}{traced}.txt"))
     for path in paths:
         with open(path, "w") as f:
             f.write(report)

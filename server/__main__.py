@@ -34,7 +34,8 @@ def main() -> int:
                 loop="uvloop", http="server.http_protocol:HeadDeadlineProtocol",  # httptools + HEADER_TIMEOUT_SECONDS
                 ws_per_message_deflate=settings.ws_compression, ws_max_size=settings.max_ws_frame_bytes,
                 timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds) + 5,
-                log_level=settings.log_level.lower(), proxy_headers=True)
+                log_level=settings.log_level.lower(), proxy_headers=True,
+                access_log=False)  # (ours: one JSON line per request, server/middleware.py)
     return 0
 
 

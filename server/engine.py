@@ -17,7 +17,7 @@ from typing import Any, AsyncGenerator, Callable, NamedTuple
 
 import anthropic
 
-from . import context, metrics, structured
+from . import context, metrics, structured, tracing
 from .capabilities import ModelCapabilities
 from .config import Settings
 from .errors import ApiError, from_exception, from_upstream, store_unavailable
@@ -37,6 +37,7 @@ INTERRUPTED_FIELDS = ('"code":"interrupted","message":"The turn was interrupted 
                       'send the message again.","retryable":true')
 INTERRUPT_WAIT_SECONDS = 10.0
 REMOTE_POLL_MS = 1000
+LINK_WAIT_MS = 500  # (tracing) longest wait for a remote turn's first logged event, to link to its span
 INTERLEAVED_THINKING = "interleaved-thinking-2025-05-14"
 # stop_reason -> `finish` of turn_end (an unknown future reason: "unknown"; pause_turn is continued).
 FINISH = {"end_turn": "complete", "stop_sequence": "complete", "tool_use": "complete", "max_tokens": "truncated",
@@ -87,6 +88,7 @@ class _Progress:
     last_prompt_chars: int = 0
     first_token_at: float | None = None
     structured: Any = None
+    call_span: Any = None  # (tracing) the model call's span while a failure may interrupt it; `_run` ends it
 
 
 class Engine:
@@ -106,6 +108,7 @@ class Engine:
         self._tools_json = (RawJSON(json.dumps(sent_tools, ensure_ascii=False, separators=(",", ":")).encode())
                             if tool_defs else None)
         self.housekeeper = Housekeeper(store, settings)
+        self.store_system = "redis" if "redis" in type(store).__module__ else "memory"  # (commit spans)
         self.accepting = True
         self.stopping = False  # set once draining is over: remote followers end too
         self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
@@ -126,6 +129,8 @@ class Engine:
             if isinstance(result, Started):
                 break
             if isinstance(result, Duplicate):
+                if tracing.enabled:
+                    await self.link_turn(session_id, result.turn_id)
                 return TurnHandle(session_id, result.turn_id)  # an idempotent retry joins it
             if isinstance(result, NotFound):
                 if create and req.session_id is not None:  # create_if_missing: it exists, continue it
@@ -143,10 +148,32 @@ class Engine:
         if result.stale_turn_id:
             await self.store.abandon_turn(session_id, result.stale_turn_id, INTERRUPTED_FIELDS)
         turn = Turn(self.housekeeper, session_id, turn_id)
+        if tracing.enabled:  # the turn's span: a child of this request's (or WebSocket frame's)
+            turn.span = tracing.start_turn(session_id, turn_id, req.model, principal)
+            turn.traceparent = tracing.traceparent(turn.span)
         self.turns[turn_id] = turn
         turn.task = asyncio.create_task(self._run(turn, req, result, principal), name=f"turn-{turn_id}")
         metrics.turn_started()
         return TurnHandle(session_id, turn_id)
+
+    async def link_turn(self, session_id: str, turn_id: str) -> None:
+        """(Tracing on) Link the current span, of a request following a turn it did not start (a
+        resume, an idempotent retry), to the turn's span: kept by the turn here, else read from the
+        `traceparent` of its turn_start event in the log (the turn runs on another worker)."""
+        turn = self.turns.get(turn_id)
+        parent = turn.traceparent if turn is not None else None
+        if turn is None:
+            try:
+                events = await self.store.read_events(session_id, turn_id, 0, 0)
+                if not events and await self.store.lock_holder(session_id) == turn_id:
+                    # Running elsewhere, its first events not flushed yet: they are at most a flush away.
+                    events = await self.store.read_events(session_id, turn_id, 0, LINK_WAIT_MS)
+            except Exception:  # noqa: BLE001 — a missing link is no reason to fail the request
+                return
+            if events and events[0].type == "turn_start":
+                parent = json.loads(events[0].data).get("traceparent")
+        if parent:
+            tracing.link_current(parent, turn_id)
 
     def follow(self, session_id: str, turn_id: str, after_seq: int = 0) -> AsyncGenerator[list[Event], None]:
         """Events of a turn after `after_seq`, from memory if it runs here, else from the
@@ -243,6 +270,8 @@ class Engine:
     async def _run(self, turn: Turn, req: TurnRequest, started: Started, principal: str) -> None:
         progress = _Progress(messages=[req.user_message()])
         outcome, error = "completed", None
+        if turn.span is not None:
+            tracing.activate(turn.span)  # (this task's context: its log lines and spans are the turn's)
         try:
             await self._loop(turn, req, started, progress)
         except asyncio.CancelledError:
@@ -255,14 +284,20 @@ class Engine:
         upstream_id = error.extra.get("upstream_request_id") if error else None
         if upstream_id and upstream_id not in progress.request_ids:
             progress.request_ids.append(upstream_id)
+        if progress.call_span is not None:  # the model call this failure (or cancel) interrupted
+            tracing.end_span(progress.call_span, error.code if error else None,
+                             {"anthropic.request_id": upstream_id} if upstream_id else None)
         try:
-            await self._finish(turn, req, progress, outcome, error, principal)
+            outcome, error = await self._finish(turn, req, progress, outcome, error, principal)
         except Exception as exc:  # the commit itself failed: the store did not answer (or a bug)
             failure = from_exception(exc)
+            outcome, error = "failed", failure
             log.warning("turn %s could not be committed (%s)", turn.turn_id, failure.code)
             turn.publish_final(turn.terminal_event("error", failure.payload()))
         finally:
             self.turns.pop(turn.turn_id, None)
+            if turn.span is not None:  # (the turn's span ends with the turn, whoever still follows it)
+                tracing.end_turn(turn.span, outcome, error.code if error else None)
 
     async def _loop(self, turn: Turn, req: TurnRequest, started: Started, progress: _Progress) -> None:
         s = self.settings
@@ -329,7 +364,9 @@ class Engine:
                 turn.emit("structured_output_retry", {"error": problem})
                 continue
             uses = [b for b in progress.blocks if b["type"] == "tool_use"]
-            results = await self.tools.run_all([(b["id"], b["name"], b["input"]) for b in uses])
+            calls = [(b["id"], b["name"], b["input"]) for b in uses]
+            results = await (self.tools.run_all(calls) if turn.span is None
+                             else tracing.run_tools(turn.span, calls, self.tools.run_all))
             for o in results:
                 turn.emit("tool_result", {"tool_use_id": o.tool_use_id, "name": o.name, "is_error": o.is_error,
                                           ("error" if o.is_error else "output"): o.output})
@@ -353,13 +390,22 @@ class Engine:
         text_parts: dict[int, list[str]] = {}  # text and thinking, joined once at the end
         call_usage = Usage()
         await self.upstream_gate.acquire()  # ApiError("overloaded") after UPSTREAM_QUEUE_TIMEOUT_SECONDS
+        # (tracing) the call's span, and what its events say once: never touched per delta
+        span = request_id = response = stop_reason = first_chunk_at = None
+        call_started = 0.0
         try:
+            if turn.span is not None:
+                span = progress.call_span = tracing.start_model_call(turn.span, params)
+                call_started = time.monotonic()
             async with open_stream(self.client, params, self.settings.stream_coalesce_ms / 1000, betas) as upstream:
-                if upstream.request_id:
-                    progress.request_ids.append(upstream.request_id)
+                if request_id := upstream.request_id:
+                    progress.request_ids.append(request_id)
                 if not turn.events:
-                    turn.emit("turn_start", {"session_id": turn.session_id, "turn_id": turn.turn_id,
-                                             "model": req.model, "max_tokens": req.max_tokens})
+                    opening = {"session_id": turn.session_id, "turn_id": turn.turn_id, "model": req.model,
+                               "max_tokens": req.max_tokens}
+                    if turn.traceparent is not None:  # (followers on any worker link to the turn's span)
+                        opening["traceparent"] = turn.traceparent
+                    turn.emit("turn_start", opening)
                 async for event in upstream.events():
                     if type(event) is TextDelta:
                         text = event.text
@@ -375,6 +421,8 @@ class Engine:
                         self._apply_delta(turn, progress, blocks[base + event["index"]], event["delta"],
                                           base + event["index"], json_parts, text_parts)
                     elif kind == "content_block_start":
+                        if first_chunk_at is None:
+                            first_chunk_at = time.monotonic()
                         block = dict(event["content_block"])
                         blocks.append(block)
                         self._block_started(turn, progress, block, len(blocks) - 1, text_parts)
@@ -384,10 +432,11 @@ class Engine:
                         if index in json_parts or block["type"] in ("tool_use", "server_tool_use"):
                             self._complete_input(turn, block, json_parts.pop(index, []))
                     elif kind == "message_start":
-                        call_usage = Usage.from_api(event["message"].get("usage"))
+                        response = event["message"]
+                        call_usage = Usage.from_api(response.get("usage"))
                     elif kind == "message_delta":
                         delta = event.get("delta") or {}
-                        progress.stop_reason = delta.get("stop_reason")
+                        progress.stop_reason = stop_reason = delta.get("stop_reason")
                         progress.stop_sequence = delta.get("stop_sequence")
                         progress.stop_details = delta.get("stop_details")
                         if isinstance(container := delta.get("container"), dict) and container.get("id"):
@@ -400,6 +449,12 @@ class Engine:
             progress.model_calls += 1
             progress.usage.add(call_usage)
             progress.last_prompt_tokens = call_usage.prompt_tokens or progress.last_prompt_tokens
+            if span is not None:  # (a failed call's span is ended by `_run`, with the turn's error)
+                tracing.model_call_result(span, call_started, request_id, response, call_usage, stop_reason,
+                                          first_chunk_at, blocks[base:])
+        if span is not None:
+            progress.call_span = None
+            tracing.end_span(span)
         # What the API would refuse when the history is sent back goes: empty text blocks (and an
         # empty assistant message), a thinking block cut before its signature, a tool call the answer
         # stopped in (max_tokens) without asking for it to be run.
@@ -426,9 +481,13 @@ class Engine:
             content = block.get("content")
             is_error = isinstance(content, dict) and str(content.get("type", "")).endswith("_error")
             call_id = block.get("tool_use_id")
-            turn.emit("tool_result", {"tool_use_id": call_id, "name": progress.server_calls.get(call_id, kind),
+            name = progress.server_calls.get(call_id, kind)
+            turn.emit("tool_result", {"tool_use_id": call_id, "name": name,
                                       "is_error": is_error, "server": True, "result_type": kind,
                                       ("error" if is_error else "output"): content})
+            metrics.tool_finished(name, "error" if is_error else "ok")  # (run by the API: no duration here)
+            if turn.span is not None:
+                tracing.server_tool(turn.span, name, call_id, is_error, content)
         elif kind != "redacted_thinking" and kind not in _unknown_seen:
             _unknown_seen.add(kind)
             log.warning("content block of unknown type %r: kept and sent back as it is", kind)
@@ -490,7 +549,8 @@ class Engine:
         turn.emit("tool_input", payload)
 
     async def _finish(self, turn: Turn, req: TurnRequest, progress: _Progress, outcome: str,
-                      error: ApiError | None, principal: str) -> None:
+                      error: ApiError | None, principal: str) -> tuple[str, ApiError | None]:
+        """Commit the turn and publish its terminal event; the outcome (and error) it ended with."""
         turn.finishing = True  # a cancel arriving now must not interrupt the commit
         messages = self._messages_to_commit(progress, outcome, error)
         cost = self.prices.cost(req.model, progress.usage)
@@ -531,10 +591,13 @@ class Engine:
                 payload["partial_text"] = "".join(progress.text)
         unsent = await self.housekeeper.release(turn)
         final = turn.terminal_event(final_type, payload)
-        committed = await self.store.finish_turn(turn.session_id, turn.turn_id, TurnCommit(
-            messages=messages, record=record, usage=progress.usage, cost_usd=cost,
-            last_input_tokens=progress.last_prompt_tokens, last_input_chars=progress.last_prompt_chars,
-            events=[*unsent, final]))
+        with tracing.commit(turn.span, self.store_system) if turn.span is not None else tracing.NOOP as span:
+            committed = await self.store.finish_turn(turn.session_id, turn.turn_id, TurnCommit(
+                messages=messages, record=record, usage=progress.usage, cost_usd=cost,
+                last_input_tokens=progress.last_prompt_tokens, last_input_chars=progress.last_prompt_chars,
+                events=[*unsent, final]))
+            if not committed and span is not None:
+                tracing.commit_lost(span)
         if not committed:
             # The lock expired under us (a long stall): someone may have declared this turn
             # interrupted and started another; our answer must not be written.
@@ -547,15 +610,19 @@ class Engine:
         for listener in self.turn_listeners:
             listener(principal, progress.usage)
         turn.publish_final(final)
-        turn_log.info("turn %s", outcome, extra={"fields": {
+        fields = {
             "event": "turn", "session_id": turn.session_id, "turn_id": turn.turn_id,
             "principal": principal, "outcome": outcome, "error": error.code if error else None,
             "stop_reason": progress.stop_reason, **common,
             "ttft_ms": round((progress.first_token_at - turn.started_at) * 1000, 1)
             if progress.first_token_at else None,
             "duration_ms": round(duration * 1000, 1),
-        }})
+        }
+        if turn.span is not None:
+            fields["trace_id"] = tracing.trace_id(turn.span)
+        turn_log.info("turn %s", outcome, extra={"fields": fields})
         metrics.turn_finished(outcome, req.model, duration, progress.usage, cost)
+        return outcome, (error if committed else ApiError("interrupted"))
 
     @staticmethod
     def _messages_to_commit(progress: _Progress, outcome: str, error: ApiError | None) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 import anthropic
 
-from . import metrics
+from . import metrics, tracing
 from .config import Settings
 from .engine import Engine
 from .store.memory import MemoryStore
@@ -34,6 +34,7 @@ FOLLOWER_FLUSH_SECONDS = 0.25
 
 @asynccontextmanager
 async def components(settings: Settings) -> AsyncIterator[Engine]:
+    tracing.setup(settings)  # (this worker's own tracer provider, when OTEL_* asks for traces)
     fake = None
     base_url, api_key = settings.anthropic_base_url, settings.anthropic_api_key
     if settings.offline:
@@ -72,6 +73,8 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
         if fake is not None:
             await fake.stop()
         metrics.worker_stopped()
+        if tracing.enabled:  # the spans still buffered (a blocking export: not in the loop)
+            await asyncio.to_thread(tracing.shutdown)
 
 
 @functools.cache  # once per process

@@ -3,12 +3,16 @@
 Loggers under `server.` pass structured fields as `extra={"fields": {...}}`, merged into the
 line. Never log request bodies, keys or per-token events. Every line carries the request id
 (server/middleware.py): a context variable, inherited by the tasks a request starts (a turn,
-a WebSocket's forwarding task), so their lines carry it too.
+a WebSocket's forwarding task), so their lines carry it too; with tracing on, also the current
+trace id (server/tracing.py).
 
-uvicorn's and websockets' lines keep their format, redacted (README "Security"): at DEBUG
-they carry handshake headers and every WebSocket frame; access lines the query string. A
-handshake refused with an HTTP status (the guard's `_deny_websocket`) is not a server error
-(anyone can cause one): uvicorn's ERROR line about it is dropped, its INFO line remains.
+The access log is ours (`server.access`, server/middleware.py: one JSON line per request or
+WebSocket connection, no query string); uvicorn's is off. uvicorn's and websockets' other lines
+keep their format, redacted (README "Security"): at DEBUG they carry handshake headers and every
+WebSocket frame. uvicorn's WebSocket handshake lines are its access log under another logger:
+the accepted one is dropped (the access line says it), a refusal's INFO line stays, without its
+query string. A handshake refused with an HTTP status (the guard's `_deny_websocket`) is not a
+server error (anyone can cause one): uvicorn's ERROR line about it is dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from contextvars import ContextVar
 from urllib.parse import unquote_plus
 
+from . import tracing
+
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 # Set in the connection's task context when a WebSocket handshake is answered with an HTTP refusal.
 handshake_refused: ContextVar[bool] = ContextVar("handshake_refused", default=False)
@@ -32,6 +38,7 @@ SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "api-key", "x-api-key", "
 _PARAM_RE = re.compile(r"([?&;])([^=&;#?\s\"']+)=([^&;#\s\"']*)")
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 _FRAME_LINES = frozenset({"< %s", "> %s"})  # websockets' frame lines (at DEBUG, on uvicorn.error)
+_WS_HANDSHAKE = '%s - "WebSocket %s" '  # (uvicorn's handshake lines: [accepted], 403 or %d)
 _UNFINISHED_HANDSHAKE = frozenset({"ASGI callable returned without completing handshake.",  # websockets-sansio, wsproto
                                    "ASGI callable returned without sending handshake."})  # websockets (legacy)
 
@@ -42,6 +49,8 @@ class JsonFormatter(logging.Formatter):
                 "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         if (rid := request_id.get()) is not None:
             line["request_id"] = rid
+        if tracing.enabled and (trace_id := tracing.current_trace_id()) is not None:
+            line["trace_id"] = trace_id
         if isinstance(fields := getattr(record, "fields", None), dict):
             line.update(fields)
         if record.exc_info:
@@ -82,6 +91,11 @@ def redact_record(record: logging.LogRecord) -> bool:
     if isinstance(record.msg, str):
         if record.msg in _UNFINISHED_HANDSHAKE and handshake_refused.get():
             return False  # (a refused handshake is not a server error)
+        if record.msg.startswith(_WS_HANDSHAKE) and isinstance(args, tuple) and len(args) >= 2:
+            if record.msg.endswith("[accepted]"):
+                return False  # (the JSON access line has it, with its status 101)
+            record.args = (args[0], str(args[1]).split("?", 1)[0], *args[2:])  # a refusal, without its query
+            return True
         if record.msg in _FRAME_LINES and isinstance(args, tuple) and len(args) == 1 \
                 and hasattr(args[0], "opcode") and hasattr(args[0], "data"):
             # The frame without its payload: `TEXT [51 bytes]` (a close keeps its code).

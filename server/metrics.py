@@ -27,7 +27,10 @@ from typing import Any
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, multiprocess)
 from prometheus_client import values as _values
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.responses import Response
+
+from . import tracing
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DIR_PREFIX = "agent-metrics-"
@@ -128,6 +131,11 @@ class Metrics:
         self.upstream_errors = Counter("agent_upstream_errors", "Turns failed by the model API, by our error code.",
                                        ["code"])
         self.rate_limited = Counter("agent_rate_limited", "Requests rejected by our own rate limiter.", ["scope"])
+        self.tool_calls = Counter("agent_tool_calls", "Tool calls by tool and outcome (ok, error, timeout, invalid; "
+                                  "server tools: ok or error).", ["tool", "outcome"])
+        self.tool_duration = Histogram("agent_tool_duration_seconds", "Tool run time by tool (the tools this server "
+                                       "runs).", ["tool"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5,
+                                                                    10, 30, 60))
 
 
 _metrics: Metrics | None = None
@@ -152,14 +160,21 @@ def turn_started() -> None:
     setup().turns_started.inc()
 
 
+def _exemplar() -> dict[str, str] | None:
+    """The current trace as a latency sample's exemplar (OpenMetrics; kept by the in-memory registry
+    only: prometheus-client's multiprocess mode has no exemplars, so several workers show none)."""
+    trace_id = tracing.current_trace_id() if tracing.enabled else None
+    return {"trace_id": trace_id} if trace_id else None
+
+
 def first_token(seconds: float) -> None:
-    setup().time_to_first_token.observe(seconds)
+    setup().time_to_first_token.observe(seconds, _exemplar())
 
 
 def turn_finished(outcome: str, model: str, seconds: float, usage: Any, cost: float) -> None:
     m = setup()
     m.turns.labels(outcome).inc()
-    m.turn_duration.labels(outcome).observe(seconds)
+    m.turn_duration.labels(outcome).observe(seconds, _exemplar())
     for kind, value in (("input", usage.input_tokens), ("output", usage.output_tokens),
                         ("cache_read", usage.cache_read_input_tokens),
                         ("cache_write", usage.cache_creation_input_tokens)):
@@ -167,6 +182,14 @@ def turn_finished(outcome: str, model: str, seconds: float, usage: Any, cost: fl
             m.tokens.labels(model, kind).inc(value)
     if cost:
         m.cost_usd.labels(model).inc(cost)
+
+
+def tool_finished(tool: str, outcome: str, seconds: float | None = None) -> None:
+    """One tool call ended; `seconds` for the tools this server runs (a server tool's run time is not known)."""
+    m = setup()
+    m.tool_calls.labels(tool, outcome).inc()
+    if seconds is not None:
+        m.tool_duration.labels(tool).observe(seconds, _exemplar())
 
 
 def upstream_error(code: str) -> None:
@@ -214,7 +237,8 @@ def worker_stopped() -> None:
 
 
 def metrics_endpoint(request: Any) -> Any:
-    """`GET /metrics`: a plain function, so Starlette runs it (file reads) in its thread pool."""
+    """`GET /metrics`: a plain function, so Starlette runs it (file reads) in its thread pool. A scraper
+    that asks for OpenMetrics (Prometheus does, to store exemplars) gets it, exemplars included."""
     setup()
     registry = REGISTRY
     if MULTIPROC_DIR:
@@ -226,5 +250,8 @@ def metrics_endpoint(request: Any) -> Any:
                 multiprocess.mark_process_dead(pid, MULTIPROC_DIR)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, MULTIPROC_DIR)
+    if "application/openmetrics-text" in request.headers.get("accept", ""):
+        return Response(openmetrics.generate_latest(registry), headers={
+            "Content-Type": openmetrics.CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})
     return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST,
                                                         "Cache-Control": "no-store"})

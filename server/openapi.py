@@ -163,7 +163,9 @@ SCHEMAS: dict[str, Any] = {
         description="The whole answer of `POST /agent` (the `turn_end` event plus `tool_calls`)."),
     "Event": {"description": "A turn event: SSE `data:` (with the same `id:`) or one WebSocket text frame.", "oneOf": [
         _event("turn_start", "The turn began.",
-               {"session_id": _STRING, "turn_id": _STRING, "model": _STRING, "max_tokens": _INT},
+               {"session_id": _STRING, "turn_id": _STRING, "model": _STRING, "max_tokens": _INT,
+                "traceparent": {"type": "string", "description": "With tracing on: the W3C trace context of "
+                                "the turn's span (a follower links to it)."}},
                "session_id", "turn_id"),
         _event("text_delta", "Streamed answer text.", {"text": _STRING}, "text"),
         _event("thinking_delta", "Streamed thinking text (never part of `text`).", {"thinking": _STRING}, "thinking"),

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncGenerator
+from typing import Any, AsyncGenerator
 
 from . import events as ev
 from .config import Settings
@@ -26,6 +26,11 @@ FAILURE_LOG_EVERY = 30.0
 
 
 class Turn:
+    # (tracing on) The turn's span and its W3C traceparent (server/tracing.py); off, these class
+    # defaults are all a turn has: nothing per turn or per event.
+    span: Any = None
+    traceparent: str | None = None
+
     def __init__(self, housekeeper: Housekeeper, session_id: str, turn_id: str):
         self.housekeeper = housekeeper
         self.session_id = session_id

@@ -340,3 +340,40 @@ def test_importing_metrics_touches_no_files(tmp_path, given_dir):
         if step == "import":
             assert list(tmp_path.iterdir()) == [], "importing server.metrics touched no file"
     assert list(tmp_path.iterdir()) != [], "setup() (worker startup) does create the directory"
+
+
+async def test_tool_calls_are_counted_and_timed_by_tool_and_outcome(shared_server, upstream):
+    def calls(samples: Samples) -> dict[str, float]:
+        return {outcome: value(samples, "agent_tool_calls_total", tool=tool, outcome=outcome)
+                for tool, outcome in (("calculator", "ok"), ("calculator", "invalid"), ("<unknown>", "invalid"))}
+
+    before = scrape(shared_server)
+    upstream.script({"tool_use": [{"name": "calculator", "input": {"expression": "2+2"}},
+                                  {"name": "calculator", "input": {}},
+                                  {"name": "no_such_tool", "input": {}}]},
+                    {"text": "Done."})
+    r = await post_turn(shared_server, {"message": "Compute"})
+    assert r.status_code == 200, r.text
+    after = scrape(shared_server)
+    assert {k: after_v - calls(before)[k] for k, after_v in calls(after).items()} == {"ok": 1, "invalid": 1}
+    assert value(after, "agent_tool_calls_total", tool="<unknown>", outcome="invalid") \
+        - value(before, "agent_tool_calls_total", tool="<unknown>", outcome="invalid") == 1
+    # Only runs are timed (an invalid call never ran).
+    assert value(after, "agent_tool_duration_seconds_count", tool="calculator") \
+        - value(before, "agent_tool_duration_seconds_count", tool="calculator") == 1
+
+
+async def test_latency_histograms_carry_trace_exemplars_in_openmetrics(start_server, upstream):
+    """With tracing on and one worker (prometheus-client keeps no exemplars in multiprocess mode),
+    a scraper asking for OpenMetrics gets the trace id of a recent sample in each latency bucket."""
+    server = start_server(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9", OTEL_BSP_SCHEDULE_DELAY="60000")
+    upstream.script({"tool_use": [{"name": "calculator", "input": {"expression": "6*7"}}]}, {"text": "42."})
+    r = await post_turn(server, {"message": "6*7?"})
+    assert r.status_code == 200, r.text
+    plain = httpx.get(server.url + "/metrics")
+    assert plain.headers["content-type"].startswith("text/plain") and "trace_id" not in plain.text
+    om = httpx.get(server.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    for metric in ("agent_tool_duration_seconds_bucket", "agent_turn_duration_seconds_bucket",
+                   "agent_time_to_first_token_seconds_bucket"):
+        assert re.search(rf'^{metric}{{[^}}]*}} \S+ # {{trace_id="[0-9a-f]{{32}}"}}', om.text, re.M), metric

@@ -252,7 +252,7 @@ async def test_current_time_defaults_to_utc(tools: ToolSet) -> None:
 @pytest.mark.parametrize("zone", ["Mars/Olympus_Mons", "../../etc/passwd", ""])
 async def test_current_time_invalid_zone(tools: ToolSet, zone: str) -> None:
     outcome = await tools.run_one("t", "current_time", {"timezone": zone})
-    assert outcome.is_error
+    assert outcome.is_error and outcome.outcome == "invalid" and outcome.seconds == 0
     assert outcome.input is None
     assert f"unknown timezone {zone!r}" in outcome.output
     assert "Value error," not in outcome.output
@@ -303,7 +303,7 @@ async def test_sync_tool_exception_is_reported() -> None:
     outcome = await toolset.run_one("x", "boom", {})
     assert outcome.is_error
     assert outcome.output == "RuntimeError: disk on fire"
-    assert outcome.input == {}
+    assert outcome.input == {} and outcome.outcome == "error"
 
 
 @pytest.mark.asyncio
@@ -317,7 +317,7 @@ async def test_non_string_results_are_json() -> None:
     slept = await toolset.run_one("a", "sleep", {"seconds": 0, "label": "x"})
     assert slept.output == '{"label": "x", "note": "ünïcode"}'
     listed = await toolset.run_one("b", "list", {})
-    assert listed.output == "[1, 2, 3]" and not listed.is_error
+    assert listed.output == "[1, 2, 3]" and not listed.is_error and listed.outcome == "ok"
 
 
 @pytest.mark.asyncio
@@ -327,6 +327,7 @@ async def test_async_tool_timeout() -> None:
     assert outcome.is_error
     assert "timed out" in outcome.output and "0.05" in outcome.output
     assert outcome.input == {"seconds": 5.0, "label": "x"}
+    assert outcome.outcome == "timeout" and 0.04 < outcome.seconds < 1  # (its own run time, for spans)
 
 
 @pytest.mark.asyncio
@@ -343,7 +344,7 @@ async def test_run_all_keeps_order_and_runs_in_parallel(tools: ToolSet) -> None:
     elapsed = time.perf_counter() - start
     assert elapsed < 0.35
     assert [o.tool_use_id for o in outcomes] == ["1", "2", "3", "4"]
-    assert json.loads(outcomes[0].output)["label"] == "first"
+    assert json.loads(outcomes[0].output)["label"] == "first" and outcomes[0].seconds >= 0.2
     assert outcomes[1].is_error and "division by zero" in outcomes[1].output
     assert json.loads(outcomes[2].output)["label"] == "second"
     assert outcomes[3].output == "42"

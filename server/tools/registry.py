@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import GenerateJsonSchema
+
+from .. import metrics
 
 
 class _Untitled(GenerateJsonSchema):
@@ -53,6 +56,8 @@ class ToolOutcome:
     output: str
     is_error: bool
     input: dict[str, Any] | None
+    outcome: str = "ok"  # ok | error | timeout | invalid (as `agent_tool_calls` counts them)
+    seconds: float = 0.0  # how long the tool ran (0 when it did not: invalid input)
 
     def tool_result_block(self) -> dict[str, Any]:
         block = {"type": "tool_result", "tool_use_id": self.tool_use_id, "content": self.output}
@@ -98,24 +103,35 @@ class ToolSet(dict[str, Tool]):
     async def run_one(self, tool_use_id: str, name: str, raw_input: object) -> ToolOutcome:
         """Validate and run one call; never raises for tool failures, reports them instead.
         Sync functions run in a thread (not blocking the event loop), abandoned on timeout
-        (threads cannot be killed): sync tools should be bounded on their own as well."""
+        (threads cannot be killed): sync tools should be bounded on their own as well.
+        Counted in `agent_tool_calls` by outcome, timed in `agent_tool_duration_seconds`."""
         model, error = self.validate(name, raw_input)
         if model is None:
-            return ToolOutcome(tool_use_id, name, error, True, None)
+            metrics.tool_finished(name if name in self else "<unknown>", "invalid")
+            return ToolOutcome(tool_use_id, name, error, True, None, "invalid")
         tool = self[name]
         args = model.model_dump(mode="json")
-        awaitable = tool.func(model) if inspect.iscoroutinefunction(tool.func) else asyncio.to_thread(tool.func, model)
+        started = time.monotonic()
+        outcome, output = await self._run(tool, model)
+        seconds = time.monotonic() - started
+        metrics.tool_finished(name, outcome, seconds)
+        return ToolOutcome(tool_use_id, name, output, outcome != "ok", args, outcome, seconds)
+
+    @staticmethod
+    async def _run(tool: Tool, model: BaseModel) -> tuple[str, str]:
+        """(outcome: ok, timeout or error; the tool_result text)."""
+        func = tool.func
+        awaitable = func(model) if inspect.iscoroutinefunction(func) else asyncio.to_thread(func, model)
         try:
             result = await asyncio.wait_for(awaitable, timeout=tool.timeout_s)
         except asyncio.TimeoutError:
-            return ToolOutcome(tool_use_id, name, f"tool {name!r} timed out after {tool.timeout_s:g} s", True, args)
+            return "timeout", f"tool {tool.name!r} timed out after {tool.timeout_s:g} s"
         except Exception as exc:  # reported to the model, which may retry differently
-            return ToolOutcome(tool_use_id, name, f"{type(exc).__name__}: {exc}", True, args)
+            return "error", f"{type(exc).__name__}: {exc}"
         try:  # tool_result content is text; structured results travel as JSON
-            output = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+            return "ok", result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
         except (TypeError, ValueError) as exc:
-            return ToolOutcome(tool_use_id, name, f"tool returned an unserialisable result: {exc}", True, args)
-        return ToolOutcome(tool_use_id, name, output, False, args)
+            return "error", f"tool returned an unserialisable result: {exc}"
 
     async def run_all(self, calls: list[tuple[str, str, object]]) -> list[ToolOutcome]:
         """Run (tool_use_id, name, input) calls concurrently; results keep call order."""

@@ -28,6 +28,7 @@ from urllib.parse import unquote_to_bytes
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .. import tracing
 from ..config import Settings
 from ..engine import Engine
 from ..errors import ApiError
@@ -379,6 +380,8 @@ async def chat_resume(request: Request) -> Response:
     session_id = session_for_chat(request.path_params["chat_id"], principal)
     turn_id, running = await chat_turn(engine, session_id, principal)
     turn_id = turn_id if running else None  # (a finished turn is not resumed over HTTP)
+    if tracing.enabled and turn_id is not None:
+        await engine.link_turn(session_id, turn_id)
     return await open_stream(engine, session_id, turn_id, ChunkEvents(turn_id or ""), _RAW_HEADERS, wait=False)
 
 

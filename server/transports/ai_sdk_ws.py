@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 from starlette.websockets import WebSocket
 
+from .. import tracing
 from ..errors import ApiError
 from ..events import Event, dumps
 from ..requests import parse_json_body, valid_text
@@ -86,6 +87,8 @@ class ChatSocket(FramedSocket):
         kind = frame.get("type")
         if kind not in ("send", "resume", "abort"):
             raise ApiError("invalid_request", "Frame `type` must be one of: send, resume, abort.")
+        if tracing.enabled:
+            tracing.annotate("agent.ws.frame_type", kind)
         await getattr(self, "_" + kind)(request_id, frame)
 
     def _make_room(self, request_id: str) -> None:
@@ -113,6 +116,8 @@ class ChatSocket(FramedSocket):
         if turn_id is None:  # idle, or the last turn's log has expired
             await self.send(dumps({"type": "no-active", "requestId": request_id}))
             return
+        if tracing.enabled:
+            await self.engine.link_turn(session_id, turn_id)
         self.follow(request_id, session_id, turn_id, ChunkFrames(request_id, turn_id, -1 if last is None else last))
 
     async def _abort(self, request_id: str, _frame: dict[str, Any]) -> None:

@@ -19,10 +19,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from .. import tracing
 from ..engine import Engine
 from ..errors import ApiError
 from ..events import Event
-from ..middleware import body_send
+from ..middleware import body_send, count_body_bytes, route_of
 from ..security import principal_of
 from .errors import internal_error
 from .http_api import error_event_response
@@ -101,13 +102,14 @@ class EventStream(Forward):
     task group or body generator. A small task cancels the pump when the client leaves (uvicorn
     drops writes to a closed connection silently: a stream would run on to its end for nobody)."""
 
-    __slots__ = ("first", "headers", "send")  # (the events already taken; the raw ASGI head)
+    __slots__ = ("first", "headers", "send", "sent")  # (the events already taken; the raw ASGI head; body bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         # The body is pumped by its own task: waking it resumes a short stack, not this request's
         # (server, middleware, routing), and its writes skip the middleware that only see the start.
         self.send = body_send(scope, send)
+        self.sent = 0  # (for the access log: these writes pass no middleware that could count them)
         pump = asyncio.create_task(self.run(self, self.first))
         watcher = asyncio.create_task(self._watch(receive, pump))
         try:
@@ -118,6 +120,7 @@ class EventStream(Forward):
             # only the pump was: the client left, and the response is simply over
         finally:
             watcher.cancel()
+            count_body_bytes(scope, self.sent)
             await self.abandon()
 
     @staticmethod
@@ -127,16 +130,20 @@ class EventStream(Forward):
         pump.cancel()  # the client left
 
     async def heartbeat(self) -> None:
+        self.sent += 14
         await self.send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
 
     async def write(self, batch: list[Event], framing: Any) -> bool:
         last = batch[-1].terminal  # (the terminal batch also ends the body)
         body = framing.frames(batch) + framing.closing() if last else framing.frames(batch)
+        self.sent += len(body)
         await self.send({"type": "http.response.body", "body": body, "more_body": not last})
         return last
 
     async def end(self, framing: Any) -> None:
-        await self.send({"type": "http.response.body", "body": framing.closing(), "more_body": False})
+        body = framing.closing()
+        self.sent += len(body)
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class FramedSocket:
@@ -163,6 +170,10 @@ class FramedSocket:
             while (message := await self.ws.receive())["type"] != "websocket.disconnect":
                 if message.get("text") is None:
                     await self.binary_frame()
+                elif tracing.enabled:  # a span per frame: the turn a frame starts is its child
+                    scope = self.ws.scope
+                    with tracing.ws_message(route_of(scope), scope.get("state", {}).get("request_id")):
+                        await self.handle(message["text"])
                 else:
                     await self.handle(message["text"])
         except WebSocketDisconnect:
@@ -180,6 +191,8 @@ class FramedSocket:
         try:
             await handling
         except ApiError as exc:
+            if tracing.enabled:
+                tracing.record_error(exc.code)
             await self.send(error_frame(exc))
         except WebSocketDisconnect:
             raise  # the client left: the receive loop ends
@@ -187,6 +200,8 @@ class FramedSocket:
             if isinstance(exc, (RuntimeError, OSError)) and self.ws.application_state != WebSocketState.CONNECTED:
                 return  # a send merely raced the socket closing
             error = internal_error(exc)
+            if tracing.enabled:
+                tracing.record_error(error.code)
             if error.code == "internal":
                 self.log.exception(f"unexpected error handling a {self.where} frame", exc_info=exc)
             with suppress(*SOCKET_GONE):  # (if the socket went away meanwhile, the receive loop sees it)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .. import tracing
 from ..security import principal_of
 from ..engine import valid_session_id
 from ..events import resume_after, sse_frame
@@ -38,5 +39,7 @@ async def resume_stream(request: Request) -> Response:
     session_id = valid_session_id(request.path_params["session_id"])
     turn_id, _running = await engine.resumable_turn(session_id, principal_of(request))
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if tracing.enabled and turn_id is not None:
+        await engine.link_turn(session_id, turn_id)
     return await open_stream(engine, session_id, turn_id, EventFrames, _RAW_HEADERS,
                              after_seq=resume_after(last_event_id, turn_id))

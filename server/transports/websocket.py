@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
+from .. import tracing
 from ..engine import Engine, valid_session_id
 from ..errors import ApiError
 from ..events import resume_after
@@ -74,6 +75,8 @@ class AgentSocket(FramedSocket):
     async def _dispatch(self, raw: str) -> None:
         frame = parse_json_body(raw)
         kind = frame.get("type")
+        if tracing.enabled and isinstance(kind, str):
+            tracing.annotate("agent.ws.frame_type", kind[:64])
         if kind in ("message", "cancel", "resume"):
             await getattr(self, "_" + kind)(frame)
         elif kind == "ping":
@@ -116,6 +119,8 @@ class AgentSocket(FramedSocket):
         if turn_id is None:
             await self.send(json.dumps({"type": "no_active_turn", "session_id": session_id}))
             return
+        if tracing.enabled:
+            await self.engine.link_turn(session_id, turn_id)
         self.follow(None, session_id, turn_id, EventTexts, resume_after(last_event_id, turn_id),
                     self.cancel_on_disconnect)
 
