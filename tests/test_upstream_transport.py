@@ -703,8 +703,14 @@ async def test_another_transports_body_lingers_until_the_shared_grid(monkeypatch
     wire = delta * 2 + b'data: {"type":"message_stop"}\n\n'
     loop = asyncio.get_running_loop()
     sleeps: list[float] = []  # when each linger ends
-    sleep = asyncio.sleep
-    monkeypatch.setattr(asyncio, "sleep", lambda delay: sleeps.append(loop.time() + delay) or sleep(delay))
+    sleep, clock, read = asyncio.sleep, loop.time, [0.0]
+
+    def time() -> float:  # (the `now` the linger read: a later reading would be late by a busy box's lag)
+        read[0] = clock()
+        return read[0]
+
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(asyncio, "sleep", lambda delay: sleeps.append(read[0] + delay) or sleep(delay))
     stream = UpstreamStream(httpx2.Response(200, stream=Pieces(wire, len(delta))), coalesce=0.08)
     times = [loop.time() async for _ in stream.events()]
     assert len(times) == 3 and times[1] - times[0] >= 0.08 - 1e-3
