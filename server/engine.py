@@ -488,7 +488,9 @@ class Engine:
             metrics.tool_finished(name, "error" if is_error else "ok")  # (run by the API: no duration here)
             if turn.span is not None:
                 tracing.server_tool(turn.span, name, call_id, is_error, content)
-        elif kind != "redacted_thinking" and kind not in _unknown_seen:
+        elif kind == "redacted_thinking":  # (encrypted: nothing to show but that it happened)
+            turn.emit("thinking_redacted", {})
+        elif kind not in _unknown_seen:
             _unknown_seen.add(kind)
             log.warning("content block of unknown type %r: kept and sent back as it is", kind)
 

@@ -169,6 +169,8 @@ SCHEMAS: dict[str, Any] = {
                "session_id", "turn_id"),
         _event("text_delta", "Streamed answer text.", {"text": _STRING}, "text"),
         _event("thinking_delta", "Streamed thinking text (never part of `text`).", {"thinking": _STRING}, "thinking"),
+        _event("thinking_redacted", "Part of the thinking was encrypted for safety (a `redacted_thinking` "
+               "block, kept and sent back): nothing to show.", {}),
         _event("citation", "A citation of the text that follows it (a document, web search or web fetch "
                "result), as the model service gives it.", {"citation": {"type": "object"}}, "citation"),
         _event("tool_call", "The model started a tool call.", {**_TOOL, **_SERVER}, "tool_use_id", "name"),

@@ -551,6 +551,18 @@ class TurnLog:
         return self.events
 
 
+def test_redacted_thinking_is_an_empty_marked_reasoning_part():
+    chunks = mapped(TurnLog().thinking("Plan.").add("thinking_redacted").text("Done.").end())
+    assert chunks[2:9] == [
+        {"type": "reasoning-start", "id": "reasoning-1"},
+        {"type": "reasoning-delta", "id": "reasoning-1", "delta": "Plan."},
+        {"type": "reasoning-end", "id": "reasoning-1"},
+        {"type": "reasoning-start", "id": "reasoning-2", "providerMetadata": {"anthropic": {"redacted": True}}},
+        {"type": "reasoning-end", "id": "reasoning-2"},
+        {"type": "text-start", "id": "text-1"},
+        {"type": "text-delta", "id": "text-1", "delta": "Done."}]
+
+
 def test_thinking_maps_to_reasoning_never_mixed_into_text():
     log = (TurnLog().thinking("Let me ").thinking('think "hard".\n').text("The answer").text(" is 4.")
            .add("tool_call", tool_use_id="tu", name="calculator")

@@ -105,8 +105,12 @@ async def test_redacted_thinking_survives_the_tool_loop_unchanged(claude, upstre
                      "tool_use": [{"name": CALC, "input": {"expression": "3*3"}, "id": "toolu_R"}]},
                     {"text": "Nine."})
     async with httpx.AsyncClient(base_url=claude.url, timeout=30) as client:
-        end = (await sse_turn(client, {"message": "3*3?"}))[-1]
+        events = await sse_turn(client, {"message": "3*3?"})
+    end = events[-1]
     assert end["type"] == "turn_end" and end["text"] == "Nine.", end
+    # Clients learn that some thinking was encrypted (there is nothing of it to show).
+    assert [e["type"] for e in events if e["type"].startswith("thinking")] == [
+        "thinking_delta", "thinking_redacted"]
     sent = without_cache_control(upstream.requests()[1]["body"]["messages"][-2])["content"]
     assert [b["type"] for b in sent] == ["thinking", "redacted_thinking", "tool_use"]
     assert sent[1]["data"]  # the fake checks it is the data it issued

@@ -53,8 +53,9 @@ FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "le
                   "tool_use": "tool-calls", "refusal": "content-filter"}
 # The events that open a step (each model call is one) and those that end an open text block
 # (reasoning ends at any event but a thinking_delta; it never coexists with open text).
-OPENS_STEP = frozenset({"turn_start", "text_delta", "thinking_delta", "tool_call", "citation"})
-ENDS_TEXT = frozenset({"thinking_delta", "tool_call", "tool_input", "tool_result", "turn_end", "error"})
+OPENS_STEP = frozenset({"turn_start", "text_delta", "thinking_delta", "thinking_redacted", "tool_call", "citation"})
+ENDS_TEXT = frozenset({"thinking_delta", "thinking_redacted", "tool_call", "tool_input", "tool_result", "turn_end",
+                       "error"})
 # A citation's location type -> the media type of the cited document (`source-document`).
 CITED_DOCUMENTS = {"char_location": "text/plain", "content_block_location": "text/plain",
                    "page_location": "application/pdf"}
@@ -254,7 +255,12 @@ class UIChunks:
             out.append(f'{{"type":"text-end","id":"{self.text_id}"}}')
             self.text_id = None
         e = json.loads(event.data)
-        if kind == "thinking_delta":
+        if kind == "thinking_redacted":  # an empty reasoning part, marked (as the AI SDK's Anthropic provider does)
+            self.reasoning_blocks += 1
+            rid = f"reasoning-{self.reasoning_blocks}"
+            out.append(f'{{"type":"reasoning-start","id":"{rid}","providerMetadata":{{"anthropic":{{"redacted":true}}}}}}')
+            out.append(f'{{"type":"reasoning-end","id":"{rid}"}}')
+        elif kind == "thinking_delta":
             if self.reasoning_id is None:
                 self.reasoning_blocks += 1
                 self.reasoning_id = f"reasoning-{self.reasoning_blocks}"

@@ -476,7 +476,7 @@
     }
     state.lastSeq = seq;
     const view = state.view;
-    if (view && ev.type !== "thinking_delta") view.endThinking();  // (thinking is never mixed into the answer)
+    if (view && ev.type !== "thinking_delta" && ev.type !== "thinking_redacted") view.endThinking();  // (thinking is never mixed into the answer)
     switch (ev.type) {
       case "turn_start":
         state.sessionId = ev.session_id;
@@ -484,6 +484,7 @@
         break;
       case "text_delta": view.appendText(ev.text); break;
       case "thinking_delta": view.appendThinking(String(ev.thinking ?? "")); break;
+      case "thinking_redacted": view.appendThinking("\n[Part of the reasoning was encrypted for safety.]\n"); break;
       case "citation": view.cite(ev.citation); break;
       case "tool_call": view.tool(ev.tool_use_id, ev.name, ev.server); break;
       case "tool_input": view.toolInput(ev); break;
