@@ -108,7 +108,7 @@ class Engine:
         self._tools_json = (RawJSON(json.dumps(sent_tools, ensure_ascii=False, separators=(",", ":")).encode())
                             if tool_defs else None)
         self.housekeeper = Housekeeper(store, settings)
-        self.store_system = "redis" if "redis" in type(store).__module__ else "memory"  # (commit spans)
+        self.store_system = "redis" if settings.redis_url else "memory"  # (commit spans, as /health says it)
         self.accepting = True
         self.stopping = False  # set once draining is over: remote followers end too
         self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
@@ -412,8 +412,7 @@ class Engine:
                         text_parts[base + event.index].append(text)
                         progress.text.append(text)
                         if progress.first_token_at is None:
-                            progress.first_token_at = time.monotonic()
-                            metrics.first_token(progress.first_token_at - turn.started_at)
+                            self._first_token(turn, progress)
                         turn.emit_text(text, event.json)
                         continue
                     kind = event["type"]
@@ -465,6 +464,12 @@ class Engine:
         if not blocks:
             blocks.append({"type": "text", "text": "(no answer)"})
 
+    @staticmethod
+    def _first_token(turn: Turn, progress: _Progress) -> None:
+        """The turn's first streamed token (text or thinking): its time to first token."""
+        progress.first_token_at = time.monotonic()
+        metrics.first_token(progress.first_token_at - turn.started_at)
+
     def _block_started(self, turn: Turn, progress: _Progress, block: dict[str, Any], index: int,
                        text_parts: dict[int, list[str]]) -> None:
         kind = block["type"]
@@ -503,8 +508,7 @@ class Engine:
             thinking = delta.get("thinking") or ""
             text_parts.setdefault(index, []).append(thinking)
             if progress.first_token_at is None:
-                progress.first_token_at = time.monotonic()
-                metrics.first_token(progress.first_token_at - turn.started_at)
+                self._first_token(turn, progress)
             turn.emit("thinking_delta", {"thinking": thinking})
         elif kind == "signature_delta":
             block["signature"] = delta.get("signature", "")

@@ -27,7 +27,9 @@ from .transports.errors import unexpected
 _HEADER = b"x-request-id"
 _BODY_SEND = "body_send"
 _BODY_BYTES = "body_bytes"  # (bytes a response wrote through `body_send`, past this middleware)
-_PRINCIPAL = "agent.principal"  # (security.keys.SCOPE_KEY: set once the caller is authenticated)
+# security.keys.SCOPE_KEY, set once the caller is authenticated (not imported: the security
+# package imports this module)
+_PRINCIPAL = "agent.principal"
 _MAX_LOGGED_PATH = 1024
 _UNMATCHED = "<unmatched>"
 access_log = logging.getLogger("server.access")

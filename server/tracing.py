@@ -170,10 +170,7 @@ def force_flush(timeout_ms: int = 5000) -> bool:
 # -- ids ----------------------------------------------------------------------------------
 def current_trace_id() -> str | None:
     """The current span's trace id (32 hex) for log lines and exemplars; None when off or none."""
-    if not enabled:
-        return None
-    ctx = _trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+    return trace_id(_trace.get_current_span()) if enabled else None
 
 
 def trace_id(span: Any) -> str | None:

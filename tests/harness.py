@@ -151,6 +151,20 @@ async def sse_turn(client: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
     return events
 
 
+async def chat_and_leave(client: Any, url: str, chat_id: str, question: dict[str, Any], deltas: int = 3) -> str:
+    """POST /api/chat (the AI SDK) with `question`, read `deltas` text deltas and hang up (the turn
+    goes on); the turn's id."""
+    body = {"id": chat_id, "trigger": "submit-message", "messages": [question]}
+    async with client.stream("POST", url + "/api/chat", json=body) as r:
+        assert r.status_code == 200
+        seen = 0
+        async for line in r.aiter_lines():
+            seen += '"text-delta"' in line
+            if seen == deltas:
+                break
+        return r.headers["x-turn-id"]
+
+
 def sse_events(lines: list[str]) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
 

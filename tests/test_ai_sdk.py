@@ -22,7 +22,7 @@ import httpx
 import pytest
 import websockets
 
-from .harness import Server, eventually, history_texts
+from .harness import Server, chat_and_leave, eventually, history_texts
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 
@@ -238,16 +238,8 @@ async def test_resume_a_running_turn(shared_server: Server, upstream, node_clien
     # 3 s: the turn still runs when the node client (slow to start on a loaded box) resumes it.
     question = user('Count #fake{"tokens":100,"pace_ms":30}', "u1")
     full = " ".join(f"tok{i}" for i in range(100))
-    async with httpx.AsyncClient(base_url=shared_server.url, timeout=30) as client:
-        async with client.stream("POST", "/api/chat", json={"id": cid, "trigger": "submit-message",
-                                                            "messages": [question]}) as r:
-            assert r.status_code == 200
-            turn_id = r.headers["x-turn-id"]
-            seen = 0
-            async for line in r.aiter_lines():
-                seen += '"text-delta"' in line
-                if seen == 3:
-                    break  # the client goes away; the turn goes on
+    async with httpx.AsyncClient(timeout=30) as client:
+        turn_id = await chat_and_leave(client, shared_server.url, cid, question)  # (the turn goes on)
     # The page reloads: useChat({resume: true}) with the messages it had stored.
     result = await node_client({"url": shared_server.url, "transport": transport, "chats": {"a": {
         "id": cid, "messages": [question]}}, "steps": [{"op": "resume", "chat": "a"},

@@ -32,7 +32,7 @@ import httpx
 import pytest
 import websockets
 
-from .harness import FakeUpstream, Server, server_env, sse_events
+from .harness import FakeUpstream, Server, chat_and_leave, server_env, sse_events
 from .otlp_collector import OtlpCollector, Span, span_strings
 
 KEY = "agent-client-key-" + secrets.token_hex(12)  # AGENT_API_KEYS (a client's key)
@@ -414,15 +414,7 @@ async def test_ai_sdk_resume_on_the_other_instance_links_to_the_turn(traced, ups
     question = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "count"}]}
     rid_b = rid()
     async with httpx.AsyncClient(timeout=30, headers=AUTH) as client:
-        async with client.stream("POST", a.url + "/api/chat", json={"id": cid, "trigger": "submit-message",
-                                                                    "messages": [question]}) as r:
-            assert r.status_code == 200
-            turn_id = r.headers["x-turn-id"]
-            seen = 0
-            async for line in r.aiter_lines():
-                seen += '"text-delta"' in line
-                if seen == 3:
-                    break  # the client goes away; the turn goes on
+        turn_id = await chat_and_leave(client, a.url, cid, question)  # (the turn goes on)
         r = await client.get(f"{b.url}/api/chat/{cid}/stream", headers={"X-Request-ID": rid_b})
         assert r.status_code == 200 and '"finish"' in r.text
     [turn] = collector.wait_span(TURN, agent__turn_id=turn_id)

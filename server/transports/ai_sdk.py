@@ -145,13 +145,8 @@ def _file(part: dict[str, Any]) -> dict[str, Any]:
         raise ApiError("invalid_request", "Only images, PDFs and plain-text files can be attached.",
                        field="messages")
     if kind == "application/pdf":
-        if url.startswith("data:"):
-            header, _, data = url.partition(",")
-            if not header.endswith(";base64"):
-                raise ApiError("invalid_document", "A PDF data URL must be base64.", field="messages")
-            source: dict[str, Any] = {"type": "base64", "media_type": "application/pdf", "data": data}
-        else:
-            source = {"type": "url", "url": url}  # validated (https only) later
+        source = _source_of(url, "application/pdf",
+                            ApiError("invalid_document", "A PDF data URL must be base64.", field="messages"))
     else:
         source = {"type": "text", "media_type": "text/plain", "data": _text_file(url)}
     document: dict[str, Any] = {"type": "document", "source": source}
@@ -175,12 +170,19 @@ def _text_file(url: str) -> str:
 
 
 def _image(media_type: str, url: str) -> dict[str, Any]:
-    if url.startswith("data:"):
-        header, _, data = url.partition(",")
-        if not header.endswith(";base64"):
-            raise ApiError("invalid_image", "An image data URL must be base64.")
-        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-    return {"type": "image", "source": {"type": "url", "url": url}}  # validated (https only) later
+    return {"type": "image", "source": _source_of(url, media_type,
+                                                  ApiError("invalid_image", "An image data URL must be base64."))}
+
+
+def _source_of(url: str, media_type: str, not_base64: ApiError) -> dict[str, Any]:
+    """A file part's URL as a block's source: a data URL's base64 data, else the URL itself
+    (validated, https only, with the message in requests.py)."""
+    if not url.startswith("data:"):
+        return {"type": "url", "url": url}
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise not_base64
+    return {"type": "base64", "media_type": media_type, "data": data}
 
 
 def _source(citation: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -190,23 +192,21 @@ def _source(citation: Any) -> tuple[Any, dict[str, Any]] | None:
     search result block's `source` (a URL, or a name)."""
     if not isinstance(citation, dict):
         return None
-    url = citation.get("url")
-    if isinstance(url, str) and url:
-        chunk: dict[str, Any] = {"type": "source-url", "url": url}
-        if isinstance(citation.get("title"), str):
-            chunk["title"] = citation["title"]
-        return ("url", url), chunk
-    if citation.get("type") == "search_result_location":  # (a search_result block of the request)
-        source, title, index = citation.get("source"), citation.get("title"), citation.get("search_result_index")
-        if isinstance(source, str) and source.startswith(("https://", "http://")):
-            chunk = {"type": "source-url", "url": source}
-            if isinstance(title, str):
-                chunk["title"] = title
-            return ("url", source), chunk
+    url, title = citation.get("url"), citation.get("title")
+    if citation.get("type") == "search_result_location" and not (isinstance(url, str) and url):
+        source = citation.get("source")  # (a search_result block of the request: a URL, or a name)
         if not isinstance(source, str) or not source:
             return None
-        return ("search_result", index, source), {"type": "source-document", "mediaType": "text/plain",
-                                                  "title": title if isinstance(title, str) and title else source}
+        if not source.startswith(("https://", "http://")):
+            return (("search_result", citation.get("search_result_index"), source),
+                    {"type": "source-document", "mediaType": "text/plain",
+                     "title": title if isinstance(title, str) and title else source})
+        url = source
+    if isinstance(url, str) and url:
+        chunk: dict[str, Any] = {"type": "source-url", "url": url}
+        if isinstance(title, str):
+            chunk["title"] = title
+        return ("url", url), chunk
     media_type = CITED_DOCUMENTS.get(citation.get("type"))  # type: ignore[arg-type]
     index = citation.get("document_index")
     if media_type is None or isinstance(index, bool) or not isinstance(index, int):

@@ -130,20 +130,19 @@ class EventStream(Forward):
         pump.cancel()  # the client left
 
     async def heartbeat(self) -> None:
-        self.sent += 14
-        await self.send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+        await self._body(b": keep-alive\n\n", True)
 
     async def write(self, batch: list[Event], framing: Any) -> bool:
         last = batch[-1].terminal  # (the terminal batch also ends the body)
-        body = framing.frames(batch) + framing.closing() if last else framing.frames(batch)
-        self.sent += len(body)
-        await self.send({"type": "http.response.body", "body": body, "more_body": not last})
+        await self._body(framing.frames(batch) + framing.closing() if last else framing.frames(batch), not last)
         return last
 
     async def end(self, framing: Any) -> None:
-        body = framing.closing()
+        await self._body(framing.closing(), False)
+
+    async def _body(self, body: bytes, more: bool) -> None:
         self.sent += len(body)
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        await self.send({"type": "http.response.body", "body": body, "more_body": more})
 
 
 class FramedSocket:
