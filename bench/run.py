@@ -3,7 +3,8 @@
     scripts/bench                 full run (a few minutes)
     scripts/bench --quick         smaller numbers (under a minute)
     scripts/bench --only 1,5      some sections (1 stream CPU, 2 stretch, 3 short turns,
-                                  4 TTFT, 5 memory, 6 Redis, 7 seed/floor comparison)
+                                  4 TTFT, 5 memory, 6 Redis, 7 seed/floor comparison,
+                                  8 Redis sizing: what one Redis node carries)
     scripts/bench --tracing       also "otel": ours with OpenTelemetry tracing at 100% sampling
                                   (sections 1-4), exporting OTLP/HTTP to a sink in this process
 
@@ -28,14 +29,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import procs
+from . import procs, sizing
 from .otlp_sink import OtlpSink
 from .procs import API_KEY, RESULTS, Fake, LoadGen, Redis, Server
 from .redis_proxy import RedisProxy
 
 MODEL = "claude-sonnet-4-5"
 SECTION_NAMES = {"1": "stream", "2": "stretch", "3": "turn", "4": "ttft", "5": "memory", "6": "redis",
-                 "7": "compare"}
+                 "7": "compare", "8": "sizing"}
 
 
 # -- small helpers -------------------------------------------------------------------------
@@ -194,6 +195,8 @@ class Bench:
                 self.section_memory()
             if "6" in want:
                 self.section_redis()
+            if "8" in want:
+                self.section_sizing()
         finally:
             if self.sink is not None:
                 self.sink.stop()
@@ -441,6 +444,11 @@ class Bench:
             proxy.stop()
         self.redis_rows = rows
 
+    # -- section 8: Redis sizing (bench/sizing.py) -------------------------------------------------
+    def section_sizing(self) -> None:
+        """What one Redis node carries: its own private redis-server, whatever --redis-url says."""
+        self.sizing = sizing.run(self)
+
     # -- report ---------------------------------------------------------------------------------
     def render(self, elapsed: float) -> str:
         a = self.a
@@ -540,6 +548,10 @@ class Bench:
                 ["", ""], "")
             row("6", "Redis commands incl. inside Lua", ["/".join(str(r["all_cmds"]) for r in trips), "—", "—"],
                 ["", ""], "")
+        sz = getattr(self, "sizing", None)
+        if sz:
+            for metric, value, carries in sizing.summary(sz):
+                row("8", metric, [value, "—", "—"], ["", ""], carries)
         out.append("")
 
         # details
@@ -596,6 +608,8 @@ class Bench:
                 cmds = " ".join(f"{k}={v}" for k, v in order(r["cmds"]))
                 out.append(f"    {r['label']:<52} {r['trips']:>5} {r['processed']:>5} {r['all_cmds']:>5} "
                            f"{r['up']:>7} {r['down']:>7}  {sent} | {cmds}")
+        if sz:
+            out += sizing.render(sz, a.pace_ms)
         for label, _sigterms, problems in self.server_logs:
             if problems:
                 shown = "; ".join(f"{n} x {k}" for n, k in problems[:4])
@@ -623,6 +637,11 @@ class Bench:
         out.append("    running conversation: the turn task, its upstream HTTP connection, its Redis lock renewal.")
         out.append(" 6  trips = server->Redis round trips (a pipeline or an EVALSHA is one), counted by a TCP proxy;")
         out.append("    sent = commands on the wire; all = INFO commandstats delta, incl. commands run inside Lua.")
+        out.append(" 8  a fresh private redis-server; Redis CPU (INFO used_cpu_sys+user, minus its idle rate) per short")
+        out.append("    turn and per stream-second of streams held open at the bench's pace; 'per Redis core' = 1 /")
+        out.append("    that (Redis runs commands on one thread: plan for ~50% of it). Memory: used_memory per session")
+        out.append("    (keys after the turns' event logs are deleted; those expire EVENT_LOG_TTL_SECONDS after a turn)")
+        out.append("    and its growth per stream-minute while the streams run (MEMORY USAGE per event as a check).")
         for n in self.notes:
             out.append(f" !  {n}")
         return "\n".join(out) + "\n"
@@ -637,7 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pace-ms", type=float, default=20.0, help="ms between events (default 20)")
     p.add_argument("--rounds", type=int, help="streams per client in sections 1/2 (default 2; quick 1)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY) for ours and seed")
-    p.add_argument("--only", default="", help="sections, e.g. 1,3 or stream,memory (1-7; 7 = seed/floor columns)")
+    p.add_argument("--only", default="",
+                   help="sections, e.g. 1,3 or stream,memory (1-8; 7 = seed/floor columns, 8 = Redis sizing)")
     p.add_argument("--targets", default=None,
                    help="columns for sections 1-4: ours,otel,aiohttp,seed,floor (default: ours,seed,floor when "
                         "section 7 runs, else ours); aiohttp = ours on the SDK's DefaultAioHttpClient; otel = "
@@ -675,7 +695,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in filter(None, (x.strip().lower() for x in a.only.split(","))):
         num = next((k for k, v in SECTION_NAMES.items() if v == item), item)
         if num not in SECTION_NAMES:
-            p.error(f"--only: unknown section {item!r} (1-7 or {', '.join(SECTION_NAMES.values())})")
+            p.error(f"--only: unknown section {item!r} (1-8 or {', '.join(SECTION_NAMES.values())})")
         chosen.add(num)
     a.sections = chosen or set(SECTION_NAMES)
     if a.sections == {"7"}:

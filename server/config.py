@@ -176,6 +176,11 @@ class Settings:
     anthropic_max_retries: int = _env(2, _int(0, 10))
     upstream_timeout_seconds: float = _env(120.0, _float(1, 3600))
     redis_url: str | None = _env(None, _parse_redis_url)
+    redis_cluster: bool = _env(False, _parse_bool)
+    redis_tls_ca_file: str | None = _env(None, str)
+    redis_tls_cert_file: str | None = _env(None, str)
+    redis_tls_key_file: str | None = _env(None, str)
+    redis_wait_replicas: int = _env(0, _int(0, 16))
     host: str = _env("127.0.0.1", str, nonempty=True)
     port: int = _env(8000, _int(0, 65535))
     web_concurrency: int = _env(1, _int(1, 256))
@@ -281,6 +286,7 @@ class Settings:
         if settings.web_concurrency > 1 and not settings.redis_url:
             raise ConfigError("WEB_CONCURRENCY: more than one worker needs REDIS_URL; with in-memory sessions "
                               "each worker would keep its own history and conversations would split")
+        _check_redis(settings)
         try:
             tools = load_toolset(settings.enabled_tools)
         except ValueError as exc:
@@ -294,6 +300,38 @@ class Settings:
             if allowed and blocked:
                 raise ConfigError(f"{tool}_BLOCKED_DOMAINS: cannot be set together with {tool}_ALLOWED_DOMAINS")
         return settings
+
+
+def _check_redis(settings: Settings) -> None:
+    """Redis options that cannot work are startup errors, not a first turn's 500."""
+    url = settings.redis_url or ""
+    needs_url = [name for name, value in (("REDIS_CLUSTER", settings.redis_cluster),
+                                          ("REDIS_WAIT_REPLICAS", settings.redis_wait_replicas),
+                                          ("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
+                                          ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
+                                          ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file)) if value]
+    if needs_url and not url:
+        raise ConfigError(f"{needs_url[0]}: needs REDIS_URL")
+    if settings.redis_cluster and url.startswith("unix://"):
+        raise ConfigError("REDIS_CLUSTER: needs a redis:// or rediss:// URL naming one of the cluster's nodes")
+    tls_files = {name: path for name, path in (("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
+                                               ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
+                                               ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file)) if path}
+    if tls_files and not url.startswith("rediss://"):
+        raise ConfigError(f"{next(iter(tls_files))}: needs a rediss:// REDIS_URL (TLS)")
+    if bool(settings.redis_tls_cert_file) != bool(settings.redis_tls_key_file):
+        raise ConfigError("REDIS_TLS_CERT_FILE: a client certificate needs REDIS_TLS_KEY_FILE, and the key the certificate")
+    for name, path in tls_files.items():
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}: cannot read {path!r}")
+
+
+def redis_tls_options(settings: Settings) -> dict[str, str]:
+    """redis-py's ssl_* arguments for the TLS files (a rediss:// URL verifies the server's
+    certificate against the system's CAs unless REDIS_TLS_CA_FILE names others)."""
+    options = {"ssl_ca_certs": settings.redis_tls_ca_file, "ssl_certfile": settings.redis_tls_cert_file,
+               "ssl_keyfile": settings.redis_tls_key_file}
+    return {k: v for k, v in options.items() if v}
 
 
 def _check_thinking(settings: Settings) -> None:

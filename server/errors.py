@@ -117,7 +117,10 @@ _STORE_BUSY_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYA
 
 def store_unavailable(exc: BaseException) -> bool:
     """Whether `exc` is the session store (Redis) failing to answer: retryable, never a 500."""
-    return isinstance(exc, (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError)) or \
+    # (a cluster: no node reachable, a slot without a master, redirects that outlasted our retries)
+    return isinstance(exc, (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError,
+                            redis_exceptions.RedisClusterException, redis_exceptions.ClusterError,
+                            redis_exceptions.AskError, redis_exceptions.TryAgainError)) or \
         isinstance(exc, redis_exceptions.ResponseError) and str(exc).startswith(_STORE_BUSY_REPLIES)
 
 

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 import anthropic
 
 from . import metrics, tracing
-from .config import Settings
+from .config import Settings, redis_tls_options
 from .engine import Engine
 from .store.memory import MemoryStore
 from .store.redis import RedisStore
@@ -52,7 +52,9 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     retention = dict(session_ttl=settings.session_ttl_seconds, lock_ttl=settings.turn_lock_ttl_seconds,
                      log_ttl=settings.event_log_ttl_seconds, log_maxlen=settings.event_log_maxlen,
                      idempotency_ttl=settings.idempotency_ttl_seconds)
-    store = RedisStore(settings.redis_url, **retention) if settings.redis_url else MemoryStore(**retention)
+    store = RedisStore(settings.redis_url, cluster=settings.redis_cluster, tls=redis_tls_options(settings),
+                       wait_replicas=settings.redis_wait_replicas, **retention) \
+        if settings.redis_url else MemoryStore(**retention)
     engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
                     PriceTable(settings.model_prices, settings.web_search_price_per_1k))
     await store.start(engine.cancel_local)

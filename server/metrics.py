@@ -136,6 +136,10 @@ class Metrics:
         self.tool_duration = Histogram("agent_tool_duration_seconds", "Tool run time by tool (the tools this server "
                                        "runs).", ["tool"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5,
                                                                     10, 30, 60))
+        self.store_retries = Counter("agent_store_retries", "Hot Redis commands sent again after a node failed "
+                                     "or redirected them (a failover, a restart, a resharding).")
+        self.store_unreplicated = Counter("agent_store_unreplicated_commits", "Commits that reached fewer "
+                                          "replicas than REDIS_WAIT_REPLICAS in time (a failover could lose them).")
 
 
 _metrics: Metrics | None = None
@@ -190,6 +194,14 @@ def tool_finished(tool: str, outcome: str, seconds: float | None = None) -> None
     m.tool_calls.labels(tool, outcome).inc()
     if seconds is not None:
         m.tool_duration.labels(tool).observe(seconds, _exemplar())
+
+
+def store_retry() -> None:
+    setup().store_retries.inc()
+
+
+def store_replication_lagged() -> None:
+    setup().store_unreplicated.inc()
 
 
 def upstream_error(code: str) -> None:

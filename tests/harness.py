@@ -75,11 +75,17 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = LOG_DIR / f"{name}-{self.port}.log"
 
-    def start(self, timeout: float = 60.0) -> "Server":
+    def start(self, timeout: float = 60.0, wait: bool = True) -> "Server":
+        """Start the process; with `wait`, return once /ready answers 200 (else call wait_ready:
+        several servers then start side by side)."""
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.wait_ready(timeout) if wait else self
+
+    def wait_ready(self, timeout: float = 60.0) -> "Server":
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,6 +1,6 @@
 """Turn lifecycle across workers: resume, one turn per session, cancel, idempotency,
-crash recovery, graceful shutdown, heartbeats. Two server processes share one Redis, so
-"another worker" is another process (as on another machine)."""
+crash recovery, graceful shutdown, heartbeats. Two server processes share one Redis (or one
+Redis Cluster), so "another worker" is another process (as on another machine)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import pytest
 import websockets
 from httpx_sse import aconnect_sse
 
+from .conftest import BOTH_STORES
 from .harness import eventually
+
+pytestmark = BOTH_STORES  # every test once on a single Redis, once on a Redis Cluster
 
 FULL_40 = " ".join(f"tok{i}" for i in range(40))
 
@@ -22,7 +25,8 @@ FULL_40 = " ".join(f"tok{i}" for i in range(40))
 def pair(start_server):
     """Two independent servers (one worker each) on one Redis."""
     env = {"TURN_LOCK_TTL_SECONDS": 2, "HEARTBEAT_SECONDS": 15}
-    return start_server(name="worker-a", **env), start_server(name="worker-b", **env)
+    a, b = start_server(name="worker-a", wait=False, **env), start_server(name="worker-b", wait=False, **env)
+    return a.wait_ready(), b.wait_ready()
 
 
 async def read_sse(client, method, url, *, limit=None, **kw):

@@ -29,6 +29,7 @@ from server.errors import ApiError
 from server.engine import UpstreamGate
 from server.security.limits import MemoryLimiter
 
+from .conftest import BOTH_STORES
 from .harness import ROOT, Server, eventually, server_env, ws_turn
 
 ORIGIN = "https://app.example"
@@ -336,7 +337,8 @@ async def test_auth_disabled_limits_per_client_ip(start_server, upstream):
 
 
 # -- rate limits --------------------------------------------------------------------------
-async def test_requests_per_minute_hold_across_two_workers(start_server, redis_url):
+@BOTH_STORES
+async def test_requests_per_minute_hold_across_two_workers(start_server, store_client):
     key, other = new_key(), new_key()
     server = start_server(workers=2, AGENT_API_KEYS=f"{key},{other}", RATE_LIMIT_RPM=5)
     assert len(server.worker_pids()) >= 2
@@ -358,7 +360,7 @@ async def test_requests_per_minute_hold_across_two_workers(start_server, redis_u
     assert (await one(other)).status_code == 404, "another key has its own budget"
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         assert (await client.get("/health")).status_code == 200, "/health is never limited"
-    ttl = redis.Redis.from_url(redis_url).pttl(f"agent:rl:{{{principal(key)}}}:rpm")
+    ttl = store_client.pttl(f"agent:rl:{{{principal(key)}}}:rpm")
     assert 0 < ttl <= 60_000, "the shared counter is in Redis and expires by itself"
 
 
@@ -402,7 +404,8 @@ async def test_websocket_messages_count_as_requests(start_server, upstream):
     assert len(upstream.requests()) == 2
 
 
-async def test_concurrent_stream_cap(start_server, upstream, redis_url):
+@BOTH_STORES
+async def test_concurrent_stream_cap(start_server, upstream, store_client):
     key, other = new_key(), new_key()
     server = start_server(workers=2, AGENT_API_KEYS=f"{key},{other}", MAX_CONCURRENT_STREAMS_PER_PRINCIPAL=2,
                           RATE_LIMIT_RPM=0)
@@ -419,8 +422,7 @@ async def test_concurrent_stream_cap(start_server, upstream, redis_url):
         assert r.status_code == 429 and r.json()["error"]["limit"] == "concurrent_streams" and "retry-after" in r.headers
         assert (await client.post("/agent", json={"message": "plain JSON is not a stream"})).status_code == 200
         assert (await ws_status(url, additional_headers=auth(other)))[0] == 101, "per principal"
-        slots = redis.Redis.from_url(redis_url).zrange(f"agent:rl:{{{principal(key)}}}:streams", 0, -1,
-                                                       withscores=True)
+        slots = store_client.zrange(f"agent:rl:{{{principal(key)}}}:streams", 0, -1, withscores=True)
         now_ms = time.time() * 1000
         assert len(slots) == 2 and all(now_ms < score <= now_ms + 31_000 for _, score in slots), \
             "slots carry an expiry, so a crashed worker's slots free themselves"

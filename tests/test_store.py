@@ -1,4 +1,5 @@
-"""Both store backends keep the same contract (memory for one process, Redis for many)."""
+"""Every store backend keeps the same contract (memory for one process, Redis or a Redis
+Cluster for many)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from server.usage import Usage
 LOCK_TTL = 0.3
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request, redis_url):
     kw = dict(lock_ttl=LOCK_TTL, log_ttl=60, log_maxlen=1000, idempotency_ttl=60)
     if request.param == "memory":
         s = MemoryStore(session_ttl=3600, **kw)
+    elif request.param == "cluster":
+        s = RedisStore(request.getfixturevalue("redis_cluster").url, cluster=True, session_ttl=3600, **kw)
     else:
         s = RedisStore(redis_url, session_ttl=3600, **kw)
     yield s
@@ -146,10 +149,10 @@ async def test_redis_channel_shares_one_connection_in_order_and_recovers(redis_u
     callers waiting on it, and the next call gets a new one."""
     from redis.exceptions import ResponseError
 
-    from server.store.redis import CommandChannel
+    from server.store.redis_channel import CommandChannel
 
     pool = aioredis.ConnectionPool.from_url(redis_url)
-    channel = CommandChannel(pool, timeout=1.0)
+    channel = CommandChannel(pool.connection_class, pool.connection_kwargs, timeout=1.0)
     admin = aioredis.Redis.from_url(redis_url)
     key = f"test:{new_id()}"
     try:
@@ -217,9 +220,9 @@ async def test_redis_hand_encoded_commands_edge_cases(redis_url):
         assert [m["content"][0]["text"] for m in (await store.get_session(other, "o")).history] == ["q", "ünïcode"]
 
         # The shared connection is killed while idle: noticed at once, replaced by the next call.
-        (client_id,) = await store._channel.execute([_command(b"CLIENT", b"ID")])
+        (client_id,) = await store._router.channel.execute([_command(b"CLIENT", b"ID")])
         await admin.client_kill_filter(_id=client_id)
-        assert await eventually(lambda: store._channel._conn is None)
+        assert await eventually(lambda: store._router.channel._conn is None)
         await store.flush([LogBatch(sid, t1, [encode(t1, 3, "text_delta", {"text": "x"})])], [])
         assert [e.seq for e in await store.read_events(sid, t1, 2, 0)] == [3]
     finally:

@@ -11,11 +11,16 @@ in one Redis Cluster slot and the Lua scripts below stay legal there.
                                       f (first seq), t (type of the last event), d (the events'
                                       JSON joined by newlines)
     agent:{sid}:mids          hash    client message_id -> "<turn id> <expiry (unix s)>" (idempotency)
-    agent:cancel              channel turn ids to cancel, heard by every worker
+    agent:cancel              channel turn ids to cancel, heard by every worker (on a cluster:
+                              the sharded channel agent:{cancel})
 
 Round trips per turn: one to begin (lock + history), one to finish (fenced commit + final
 events), none per token; the running turns' event-log writes and lock renewals share one
-round trip per flush interval (see the Housekeeper in turns.py).
+round trip per flush interval (see the Housekeeper in turns.py), one per master on a cluster.
+
+Redis Cluster (`cluster=True`): redis-py's cluster client for everything but the hot commands,
+which `ClusterRouter` sends to their slot's master (redis_channel.py). Every script touches
+the keys of one hash tag, so it runs on one node.
 """
 
 from __future__ import annotations
@@ -30,28 +35,34 @@ from collections import deque
 from typing import Any, Iterable
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, RedisError
 
+from .. import metrics
 from ..events import Event
 from ..usage import Usage
 from .base import (ABANDONED_SEQ, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, StoredMessage, TurnCommit)
+from .redis_channel import ClusterRouter, CommandChannel, SingleRouter
 
 log = logging.getLogger("server.store")
 
 CANCEL_CHANNEL = "agent:cancel"
+CLUSTER_CANCEL_CHANNEL = "agent:{cancel}"  # a sharded channel lives in a slot: tag it
+WAIT_TIMEOUT_MS = 1000  # how long a commit waits for REDIS_WAIT_REPLICAS acknowledgements
 
 # KEYS: meta msgs lock mids turns   ARGV: turn owner create lock_ms ttl idem_ttl now message_id
 # Ownership is checked before anything else: a `message_id` of another principal's session
 # must answer exactly as a session that does not exist (no turn, no hint that it exists).
+# Run twice (a retry after a lost reply, a failover), it answers the same: the session it
+# created is its own (`last` is this turn) and so is the idempotency entry it wrote.
 _BEGIN = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if ARGV[3] == '1' then
+local again = owner == ARGV[2] and redis.call('HGET', KEYS[1], 'last') == ARGV[1]
+if ARGV[3] == '1' and not again then
   if owner then return {'not_found'} end
   redis.call('DEL', KEYS[4])
   redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created', ARGV[7])
@@ -60,7 +71,7 @@ elseif owner ~= ARGV[2] then
 end
 if ARGV[8] ~= '' then
   local turn, expires = string.match(redis.call('HGET', KEYS[4], ARGV[8]) or '', '^(%S+) (%S+)$')
-  if turn and tonumber(expires) > tonumber(ARGV[7]) then return {'duplicate', turn} end
+  if turn and turn ~= ARGV[1] and tonumber(expires) > tonumber(ARGV[7]) then return {'duplicate', turn} end
 end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return {'busy', holder} end
@@ -155,18 +166,33 @@ def _evalsha(script: Any, keys: list[str], args: list[bytes | str | int | float]
 
 class RedisStore:
     def __init__(self, url: str, *, session_ttl: int, lock_ttl: float, log_ttl: int, log_maxlen: int,
-                 idempotency_ttl: int, max_connections: int = 200):
-        # A blocking pool: past max_connections a burst of commits waits instead of failing.
+                 idempotency_ttl: int, max_connections: int = 200, cluster: bool = False,
+                 tls: dict[str, str] | None = None, wait_replicas: int = 0):
         # Socket timeouts (above followers' 1 s XREAD BLOCK): an unresponsive Redis fails a
         # request, once. A broken connection is retried on a fresh one: every command sent
         # is idempotent (a begin, commit or abandon that did run answers the same).
-        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2,
-                      supported_errors=(RedisConnectionError,))
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20,
-                                                        health_check_interval=30, socket_timeout=15,
-                                                        socket_connect_timeout=5, retry=retry)
-        self.redis = aioredis.Redis(connection_pool=pool)
-        self._channel = CommandChannel(pool, timeout=15.0)  # begin, commit and flush; timeout as the pool's
+        # `tls`: redis-py's ssl_* arguments (CA, client certificate), for rediss:// URLs.
+        options: dict[str, Any] = dict(health_check_interval=30, socket_timeout=15, socket_connect_timeout=5,
+                                       **(tls or {}))
+        self.redis: aioredis.Redis | RedisCluster
+        if cluster:
+            # The cluster client retries a failed node on a reloaded slot map itself. Its pools
+            # do not block: past max_connections per node a command fails.
+            self.redis = RedisCluster.from_url(url, max_connections=max_connections, **options)
+            self._router: SingleRouter | ClusterRouter = ClusterRouter(self.redis, timeout=15.0)
+        else:
+            # A blocking pool: past max_connections a burst of commits waits instead of failing.
+            retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2,
+                          supported_errors=(RedisConnectionError,))
+            pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=20,
+                                                            retry=retry, **options)
+            self.redis = aioredis.Redis(connection_pool=pool)
+            # begin, commit and flush; timeout as the pool's
+            self._router = SingleRouter(CommandChannel(pool.connection_class, pool.connection_kwargs, timeout=15.0))
+        self.cluster = cluster
+        self.wait_replicas = wait_replicas
+        self._wait = _command(b"WAIT", b"%d" % wait_replicas, b"%d" % WAIT_TIMEOUT_MS) if wait_replicas else None
+        self._wait_warned_at = -math.inf
         self.session_ttl = session_ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.log_ttl = log_ttl
@@ -181,7 +207,7 @@ class RedisStore:
         keys = _keys(session_id, "meta", "msgs", "lock", "mids", "turns")
         args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
                 time.time(), message_id or ""]
-        status, *result = await self._run_script(self._begin, keys, args)
+        status, *result = (await self._run_script(self._begin, keys, args))[0]
         if status == b"started":
             fields, history, stale = result
             return Started(meta=_meta_from_hash(zip(fields[::2], fields[1::2])),
@@ -191,7 +217,7 @@ class RedisStore:
         return (Busy if status == b"busy" else Duplicate)(result[0].decode())
 
     async def renew_lock(self, session_id: str, turn_id: str) -> bool:
-        return bool(await self._renew(keys=[_k(session_id, "lock")], args=[turn_id, self.lock_ms]))
+        return bool((await self._run_script(self._renew, [_k(session_id, "lock")], [turn_id, self.lock_ms]))[0])
 
     async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]:
         """Every running turn's new events (one XADD each) and the due lock renewals, in one
@@ -200,37 +226,45 @@ class RedisStore:
         timer per reply)."""
         maxlen = b"%d" % self.log_maxlen
         first_ttl = b"%d" % (self.log_ttl + 3600)
-        commands: list[bytes] = []
+        groups: list[tuple[bytes, list[bytes]]] = []
         for b in batches:
             key = _k(b.session_id, f"log:{b.turn_id}").encode()
             last = b.events[-1]
-            commands.append(_xadd(key, maxlen, last.seq, b.events[0].seq, last.type.encode(),
-                                  b"\n".join([e.data for e in b.events])))
+            commands = [_xadd(key, maxlen, last.seq, b.events[0].seq, last.type.encode(),
+                              b"\n".join([e.data for e in b.events]))]
             if b.first:
                 # While the turn runs its log outlives a session's patience; a crashed worker's
                 # log still expires. The commit sets the final TTL.
                 commands.append(_command(b"EXPIRE", key, first_ttl))
-        commands += [_evalsha(self._renew, [_k(sid, "lock")], [tid, self.lock_ms]) for sid, tid in renewals]
-        results = await self._channel.execute(commands) if commands else []
-        split = len(results) - len(renewals)
-        for result in results[:split]:
-            # A retried flush may repeat an entry that did land: its id is refused, fine.
-            if isinstance(result, Exception) and "equal or smaller" not in str(result):
-                raise result
-        renewed = results[split:]
+            groups.append((key, commands))
+        for sid, tid in renewals:
+            lock = _k(sid, "lock")
+            groups.append((lock.encode(), [_evalsha(self._renew, [lock], [tid, self.lock_ms])]))
+        results = await self._router.execute_groups(groups) if groups else []
+        for replies in results[:len(batches)]:
+            for result in replies:
+                # A retried flush may repeat an entry that did land: its id is refused, fine.
+                if isinstance(result, Exception) and "equal or smaller" not in str(result):
+                    raise result
+        renewed = [replies[0] for replies in results[len(batches):]]
         if any(isinstance(r, NoScriptError) for r in renewed):  # Redis restarted or was flushed
             return [await self.renew_lock(sid, tid) for sid, tid in renewals]
         return [not isinstance(r, Exception) and bool(r) for r in renewed]
 
-    async def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA on the shared channel (the per-turn begin and commit); a Redis that lost its
-        scripts (restart, SCRIPT FLUSH) gets them through redis-py."""
-        (result,) = await self._channel.execute([_evalsha(script, keys, args)])
-        if isinstance(result, NoScriptError):
-            return await script(keys=keys, args=args)
-        if isinstance(result, Exception):
-            raise result
-        return result
+    async def _run_script(self, script: Any, keys: list[str], args: list[Any], *after: bytes) -> list[Any]:
+        """EVALSHA on the shared channel, and `after` (more commands for the same node) in the
+        same write: the script's result, then the replies to `after`. A node without the script
+        (a restart, SCRIPT FLUSH, a promoted replica: Redis 7 does not replicate its script
+        cache) gets SCRIPT LOAD in front of the same write."""
+        key = keys[0].encode()
+        commands = [_evalsha(script, keys, args), *after]
+        replies = await self._router.execute(key, commands)
+        if isinstance(replies[0], NoScriptError):
+            replies = (await self._router.execute(key, [_command(b"SCRIPT", b"LOAD", script.script.encode()),
+                                                        *commands]))[1:]
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return replies
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
         keys = _keys(session_id, "meta", "msgs", "lock", "turns", f"log:{turn_id}")
@@ -244,11 +278,21 @@ class RedisStore:
             events[0].seq, events[-1].seq, events[-1].type, b"\n".join(e.data for e in events),
         ]
         args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
-        return bool(await self._run_script(self._finish, keys, args))
+        # With wait_replicas, WAIT in the same write: the commit is on that many replicas
+        # before the client hears of it, so a failover (which promotes a replica) keeps it.
+        committed, *acked = await self._run_script(self._finish, keys, args, *filter(None, [self._wait]))
+        if committed and acked and (isinstance(acked[0], Exception) or acked[0] < self.wait_replicas):
+            metrics.store_replication_lagged()
+            now = time.monotonic()
+            if now - self._wait_warned_at >= 30:
+                self._wait_warned_at = now
+                log.warning("a commit reached %s of %d replicas within %d ms (REDIS_WAIT_REPLICAS): "
+                            "a failover now could lose it", acked[0], self.wait_replicas, WAIT_TIMEOUT_MS)
+        return bool(committed)
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
         keys = _keys(session_id, "meta", "lock", f"log:{turn_id}")
-        return bool(await self._abandon(keys=keys, args=[turn_id, error_fields, self.log_ttl, ABANDONED_SEQ]))
+        return bool((await self._run_script(self._abandon, keys, [turn_id, error_fields, self.log_ttl, ABANDONED_SEQ]))[0])
 
     async def read_events(self, session_id: str, turn_id: str, after_seq: int,
                           block_ms: int) -> list[Event]:
@@ -291,15 +335,23 @@ class RedisStore:
         if await self.redis.hget(_k(session_id, "meta"), "owner") != owner.encode():
             return False
         keys = _keys(session_id, "meta", "msgs", "turns", "lock", "mids")
-        keys += [key async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500)]
+        # (on a cluster, only the session's node holds its keys)
+        where = {"target_nodes": self.redis.get_node_from_key(keys[0])} if isinstance(self.redis, RedisCluster) else {}
+        keys += [key async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500, **where)]
         await self.redis.delete(*keys)
         return True
 
     async def publish_cancel(self, turn_id: str) -> None:
-        await self.redis.publish(CANCEL_CHANNEL, turn_id)
+        if isinstance(self.redis, RedisCluster):
+            await self.redis.spublish(CLUSTER_CANCEL_CHANNEL, turn_id)
+        else:
+            await self.redis.publish(CANCEL_CHANNEL, turn_id)
 
     async def start(self, on_cancel: CancelHandler) -> None:
         """One pub/sub subscription per worker hears every cancel; no per-turn subscribe."""
+        if isinstance(self.redis, RedisCluster):
+            await self._listen_on_cluster(self.redis, on_cancel)
+            return
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(CANCEL_CHANNEL)
 
@@ -326,6 +378,42 @@ class RedisStore:
 
         self._listener = asyncio.create_task(listen(), name="cancel-listener")
 
+    async def _listen_on_cluster(self, cluster: RedisCluster, on_cancel: CancelHandler) -> None:
+        """A sharded channel (SSUBSCRIBE): served by one master and its replicas, instead of a
+        classic channel's broadcast to every node. When that master fails, the subscription
+        is made again on the slot's new master (a cancel sent in between is lost, as one sent
+        while a single Redis restarts)."""
+        await cluster.initialize()  # (the slot map: which master serves the channel)
+        pubsub = cluster.pubsub()
+        await pubsub.ssubscribe(CLUSTER_CANCEL_CHANNEL)
+
+        async def listen() -> None:
+            nonlocal pubsub
+            lost = False  # said once per outage
+            while True:
+                try:
+                    if lost:
+                        pubsub = cluster.pubsub()
+                        await pubsub.ssubscribe(CLUSTER_CANCEL_CHANNEL)
+                        log.info("cancel listener subscribed again")
+                        lost = False
+                    message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message and message.get("type") == "smessage":
+                        on_cancel(message["data"].decode())
+                except asyncio.CancelledError:
+                    await pubsub.aclose()
+                    raise
+                except (RedisError, OSError) as exc:
+                    if not lost:
+                        log.warning("cancel listener lost its Redis node (%s); subscribing again every second",
+                                    type(exc).__name__)
+                    lost = True
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()
+                    await asyncio.sleep(1.0)
+
+        self._listener = asyncio.create_task(listen(), name="cancel-listener")
+
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.redis.ping(), 2.0))
@@ -337,7 +425,7 @@ class RedisStore:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await self._listener
-        await self._channel.close()
+        await self._router.close()
         await self.redis.aclose()
 
 
@@ -348,126 +436,3 @@ def _meta_from_hash(pairs: Iterable[tuple[bytes, bytes]]) -> SessionMeta:
                        usage=Usage(n["in"], n["out"], n["cw"], n["cr"]), cost_usd=float(h.get("cost", 0)),
                        last_turn_id=h.get("last") or None, active_turn_id=h.get("active") or None,
                        message_count=n["nmsgs"], last_input_tokens=n["last_in"], last_input_chars=n["last_chars"])
-
-
-class CommandChannel:
-    """One Redis connection shared by every caller of the hot commands (begin, commit, flush).
-
-    Redis answers a connection's commands in order, so concurrent callers can share one: each
-    writes its encoded commands in one go and waits for as many replies, which a reader task
-    hands out first in, first out. That saves a pool checkout per call (lock, health check,
-    timers) and sends concurrent turns' commands in fewer writes.
-
-    A caller that stops waiting (cancelled with its turn) leaves its replies to be read and
-    dropped, so the order holds. A connection that fails or does not answer within `timeout`
-    fails every caller waiting on it and is replaced by the next call, as is one idle longer
-    than `max_idle` (a NAT or a proxy may have dropped it silently).
-    """
-    def __init__(self, pool: aioredis.ConnectionPool, *, timeout: float, max_idle: float = 30.0) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._max_idle = max_idle
-        self._conn: AbstractConnection | None = None
-        self._calls: deque[tuple[asyncio.Future[list[Any]], int, float]] = deque()  # (waiter, replies due, sent at)
-        self._tasks: list[asyncio.Task[None]] = []  # the reader and the watchdog of `_conn`
-        self._connecting = asyncio.Lock()  # (bound to no loop until first used)
-        self._closing: set[asyncio.Future[None]] = set()
-        self._last_used = 0.0
-
-    async def execute(self, commands: list[bytes]) -> list[Any]:
-        """Send encoded commands in one write and return their replies, an error reply as
-        its `ResponseError` (not raised). Raises redis' ConnectionError or TimeoutError."""
-        now = time.monotonic()
-        conn = self._conn
-        if conn is None or not conn.is_connected or now - self._last_used > self._max_idle:
-            conn = await self._connect(now)
-        self._last_used = now
-        waiter = asyncio.get_running_loop().create_future()
-        self._calls.append((waiter, len(commands), now))  # (appended and written in one step: the order of the replies)
-        try:
-            await conn.send_packed_command(b"".join(commands), check_health=False)
-        except BaseException as exc:  # a failed (or interrupted) write: the connection is unusable
-            waiter.cancel()
-            if self._conn is conn:
-                self._drop(exc if isinstance(exc, RedisConnectionError)
-                           else RedisConnectionError(f"Redis write failed: {exc!r}"))
-            raise
-        return await waiter
-
-    async def close(self) -> None:
-        self._drop(RedisConnectionError("the store is closing"))
-        await asyncio.gather(*self._closing, return_exceptions=True)
-
-    async def _connect(self, now: float) -> AbstractConnection:
-        async with self._connecting:
-            conn = self._conn
-            if conn is not None and conn.is_connected and now - self._last_used <= self._max_idle:
-                return conn  # another caller connected meanwhile
-            self._drop(RedisConnectionError("replaced"))
-            # No socket timeout on the connection: reads wait for the reader task, and the
-            # watchdog bounds how long a caller waits. No health checks either (replacing an
-            # idle connection does their job): they cost a clock read per reply.
-            conn = self._pool.connection_class(**{**self._pool.connection_kwargs, "socket_timeout": None,
-                                                  "health_check_interval": 0})
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await conn.connect()  # (AUTH, SELECT, TLS as the URL says)
-            except BaseException as exc:
-                await conn.disconnect(nowait=True)
-                if isinstance(exc, TimeoutError):
-                    raise RedisTimeoutError("Timeout connecting to Redis") from None
-                raise
-            self._conn, self._last_used = conn, now
-            self._tasks = [asyncio.create_task(self._read(conn), name="redis-channel-reader"),
-                           asyncio.create_task(self._watch(conn), name="redis-channel-watchdog")]
-            return conn
-
-    def _drop(self, exc: Exception) -> None:
-        """Fail everyone waiting on the current connection and forget it."""
-        conn, self._conn = self._conn, None
-        calls, self._calls = self._calls, deque()
-        for waiter, _, _ in calls:
-            if not waiter.done():
-                waiter.set_exception(exc)
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        self._tasks = []
-        if conn is not None:  # (a nowait disconnect only closes the socket)
-            closing = asyncio.ensure_future(conn.disconnect(nowait=True))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-
-    async def _read(self, conn: AbstractConnection) -> None:
-        calls = self._calls
-        replies: list[Any] = []  # the oldest call's, so far
-        try:
-            while True:
-                try:
-                    reply = await conn.read_response(disable_decoding=True, timeout=math.inf,
-                                                     disconnect_on_error=False)
-                except ResponseError as exc:
-                    reply = exc
-                if not calls:
-                    raise RedisConnectionError("a reply nobody asked for")
-                replies.append(reply)
-                waiter, count, _ = calls[0]
-                if len(replies) == count:
-                    calls.popleft()
-                    if not waiter.done():  # (a caller that gave up: dropped)
-                        waiter.set_result(replies)
-                    replies = []
-        except Exception as exc:  # noqa: BLE001 — the connection is gone: tell every caller
-            if self._conn is conn:
-                self._drop(exc if isinstance(exc, RedisConnectionError)
-                           else RedisConnectionError(f"Redis connection failed: {exc!r}"))
-
-    async def _watch(self, conn: AbstractConnection) -> None:
-        """Fail the callers of a connection whose oldest command waits longer than `timeout`."""
-        interval = min(1.0, self._timeout / 4)
-        while self._conn is conn:
-            await asyncio.sleep(interval)
-            if self._calls and time.monotonic() - self._calls[0][2] > self._timeout:
-                self._drop(RedisTimeoutError(f"Redis did not answer within {self._timeout:g} s"))
-

@@ -1,0 +1,69 @@
+"""REDIS_CLUSTER=true on a real three-master Redis Cluster: sessions land on every master and
+all succeed (a plain client fails on every key another node serves), a turn costs two Redis
+round trips there too, and WebSocket tickets stay single-use. The lifecycle suite
+(test_lifecycle.py), the store contract (test_store.py) and the shared rate limits
+(test_security.py) also run on the cluster; failover is in test_redis_failover.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import httpx
+import pytest
+import websockets
+
+from .harness import ws_turn
+
+pytestmark = pytest.mark.parametrize("store_env", ["cluster"], indirect=True)
+
+
+def command_calls(cluster) -> Counter[str]:  # type: ignore[no-untyped-def]
+    """Commands run so far, summed over the masters (INFO commandstats; the commands a script
+    runs count too, so only EVALSHA and SCRIPT LOAD tell round trips)."""
+    calls: Counter[str] = Counter()
+    for node in cluster.masters():
+        for name, stats in node.client().info("commandstats").items():
+            calls[name.removeprefix("cmdstat_")] += int(stats["calls"])
+    return calls
+
+
+async def test_sessions_on_every_master_two_round_trips_per_turn(start_server, upstream, redis_cluster,
+                                                                 store_client):
+    a, b = start_server(name="cluster-a", wait=False), start_server(name="cluster-b", wait=False)
+    a.wait_ready(), b.wait_ready()
+    upstream.script(*[{"text": "ok"}] * 24)
+    before = command_calls(redis_cluster)
+    async with httpx.AsyncClient(timeout=30) as client:
+        replies = await asyncio.gather(*(client.post((a, b)[n % 2].url + "/agent", json={"message": f"q{n}"})
+                                         for n in range(12)))
+        assert [r.status_code for r in replies] == [200] * 12, [r.text for r in replies if r.status_code != 200]
+        sids = [r.json()["session_id"] for r in replies]
+        for n, sid in enumerate(sids):  # a second turn from the other server sees the first
+            r = await client.post((b, a)[n % 2].url + "/agent", json={"message": "again", "session_id": sid})
+            assert r.status_code == 200 and r.json()["text"] == "ok"
+    after = command_calls(redis_cluster)
+    spent = {name: after[name] - before[name] for name in after}
+    # A server's first begins and commits on a master find the script missing there: NOSCRIPT,
+    # then SCRIPT LOAD and EVALSHA again in one write. Every other turn: one EVALSHA each.
+    assert spent["evalsha"] - spent["script|load"] == 2 * 24, "begin and commit: two round trips per turn"
+    homes = {redis_cluster.master_for_key(f"agent:{{{sid}}}:meta").port for sid in sids}
+    assert len(homes) == 3, "twelve sessions spread over the three masters"
+    for sid in sids:
+        assert len(store_client.lrange(f"agent:{{{sid}}}:msgs", 0, -1)) == 4
+
+
+async def test_websocket_ticket_is_single_use_across_servers(start_server, upstream):
+    key = "sk-agent-cluster-ticket-key-0123456789"
+    a = start_server(name="ticket-a", AGENT_API_KEYS=key, wait=False)
+    b = start_server(name="ticket-b", AGENT_API_KEYS=key)
+    a.wait_ready()
+    upstream.script({"text": "via ticket"})
+    async with httpx.AsyncClient(timeout=30) as client:
+        ticket = (await client.post(a.url + "/ws-ticket", headers={"Authorization": f"Bearer {key}"})).json()["ticket"]
+    async with websockets.connect(f"{b.ws_url}/agent/ws?ticket={ticket}") as ws:
+        assert (await ws_turn(ws, "hi"))[-1]["text"] == "via ticket"
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(f"{a.ws_url}/agent/ws?ticket={ticket}")
+    assert refused.value.response.status_code == 401
+
