@@ -28,15 +28,20 @@ redis_answers() {
   (exec 3<>/dev/tcp/127.0.0.1/6379 && printf 'PING\r\n' >&3 && timeout 2 head -c 5 <&3) 2>/dev/null | grep -q PONG
 }
 
+# ensure_redis_server: the redis-server program (the tests start Redis Clusters and a Redis
+# of their own with it), installed with apt-get if missing.
+ensure_redis_server() {
+  if command -v redis-server >/dev/null 2>&1; then return 0; fi
+  echo "[bootstrap] installing redis-server (apt-get)" >&2
+  local sudo=""
+  [ "$(id -u)" = "0" ] || sudo="sudo"
+  $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >&2
+}
+
 # ensure_redis: a Redis on 127.0.0.1:6379, installed with apt-get and started if none answers.
 ensure_redis() {
   if redis_answers; then return 0; fi
-  if ! command -v redis-server >/dev/null 2>&1; then
-    echo "[bootstrap] installing redis-server (apt-get)" >&2
-    local sudo=""
-    [ "$(id -u)" = "0" ] || sudo="sudo"
-    $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >&2
-  fi
+  ensure_redis_server
   echo "[bootstrap] starting redis-server on 127.0.0.1:6379" >&2
   mkdir -p /tmp/agent-redis
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \

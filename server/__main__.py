@@ -3,10 +3,13 @@ loudly what is real and what is not, then hand over to uvicorn with matching fla
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import uvicorn
 from dotenv import load_dotenv
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from .config import ConfigError, Settings
 from .metrics import prepare_supervisor
@@ -30,13 +33,26 @@ def main() -> int:
     print("\n".join(banner), file=sys.stderr, flush=True)
     # Before uvicorn spawns the workers: one empty metrics directory they all write to.
     prepare_supervisor(settings.web_concurrency)
-    uvicorn.run("server.app:app", host=settings.host, port=settings.port, workers=settings.web_concurrency,
-                loop="uvloop", http="server.http_protocol:HeadDeadlineProtocol",  # httptools + HEADER_TIMEOUT_SECONDS
-                ws_per_message_deflate=settings.ws_compression, ws_max_size=settings.max_ws_frame_bytes,
-                timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds) + 5,
-                log_level=settings.log_level.lower(), proxy_headers=True,
-                access_log=False)  # (ours: one JSON line per request, server/middleware.py)
-    return 0
+    config = uvicorn.Config(
+        "server.app:app", host=settings.host, port=settings.port, workers=settings.web_concurrency,
+        loop="uvloop", http="server.http_protocol:HeadDeadlineProtocol",  # httptools + HEADER_TIMEOUT_SECONDS
+        ws_per_message_deflate=settings.ws_compression, ws_max_size=settings.max_ws_frame_bytes,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds) + 5,
+        log_level=settings.log_level.lower(), proxy_headers=True,
+        access_log=False)  # (ours: one JSON line per request, server/middleware.py)
+    # What uvicorn.run does, but a worker that cannot start (Redis unreachable, a bad
+    # certificate) ends the process with uvicorn's STARTUP_FAILURE (3) whatever the number of
+    # workers: uvicorn.run exits 0 then when there are several, which a restart policy or a
+    # deploy check takes for a clean stop.
+    if settings.web_concurrency == 1:
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # (Ctrl-C: a stop, as uvicorn.run takes it)
+            server.run()
+        return 0 if server.started else STARTUP_FAILURE
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    with contextlib.suppress(KeyboardInterrupt):
+        supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 if __name__ == "__main__":

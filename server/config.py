@@ -322,8 +322,20 @@ def _check_redis(settings: Settings) -> None:
     if bool(settings.redis_tls_cert_file) != bool(settings.redis_tls_key_file):
         raise ConfigError("REDIS_TLS_CERT_FILE: a client certificate needs REDIS_TLS_KEY_FILE, and the key the certificate")
     for name, path in tls_files.items():
-        if not os.access(path, os.R_OK):
+        if not os.access(path, os.R_OK) or os.path.isdir(path):
             raise ConfigError(f"{name}: cannot read {path!r}")
+    if tls_files:  # load them as the first connection will: a wrong file fails here, named
+        import ssl
+
+        try:
+            context = ssl.create_default_context(cafile=settings.redis_tls_ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"REDIS_TLS_CA_FILE: not a CA certificate file ({exc})") from None
+        if settings.redis_tls_cert_file:
+            try:
+                context.load_cert_chain(settings.redis_tls_cert_file, settings.redis_tls_key_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(f"REDIS_TLS_CERT_FILE: not a certificate matching REDIS_TLS_KEY_FILE ({exc})") from None
 
 
 def redis_tls_options(settings: Settings) -> dict[str, str]:

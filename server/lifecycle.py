@@ -10,8 +10,10 @@ import logging
 import signal
 from contextlib import asynccontextmanager, suppress
 from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 import anthropic
+from redis.exceptions import RedisError
 
 from . import metrics, tracing
 from .config import Settings, redis_tls_options
@@ -57,7 +59,12 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
         if settings.redis_url else MemoryStore(**retention)
     engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
                     PriceTable(settings.model_prices, settings.web_search_price_per_1k))
-    await store.start(engine.cancel_local)
+    try:
+        await store.start(engine.cancel_local)
+    except (RedisError, OSError) as exc:  # the worker cannot start: say why in one line, first
+        log.error("cannot use Redis at %s (%s: %s); check REDIS_URL%s", _where(settings.redis_url or ""),
+                  type(exc).__name__, exc, " and REDIS_TLS_*" if (settings.redis_url or "").startswith("rediss:") else "")
+        raise
     engine.housekeeper.start()
     if not settings.redis_url:
         log.warning("sessions are kept in memory (REDIS_URL is not set): they vanish on restart")
@@ -137,3 +144,9 @@ def _dump_tasks_on_sigusr1() -> None:
 
     with suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+
+
+def _where(url: str) -> str:
+    """A Redis URL without its credentials, for a log line."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"

@@ -7,6 +7,7 @@ round trips there too, and WebSocket tickets stay single-use. The lifecycle suit
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import httpx
@@ -67,3 +68,27 @@ async def test_websocket_ticket_is_single_use_across_servers(start_server, upstr
         await websockets.connect(f"{a.ws_url}/agent/ws?ticket={ticket}")
     assert refused.value.response.status_code == 401
 
+
+
+async def test_followers_on_another_server_read_logs_on_every_master(start_server, upstream, redis_cluster):
+    """Streams running on one server, each followed from the other: the event-log flush writes
+    to every master in one pass, and each follower's XREAD BLOCK reads its log's node."""
+    a, b = start_server(name="logs-a", wait=False), start_server(name="logs-b", wait=False)
+    a.wait_ready(), b.wait_ready()
+    upstream.script(*[{"tokens": 30, "pace_ms": 20}] * 9)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async def run_and_follow(n: int) -> tuple[str, str, str]:
+            async with client.stream("POST", a.url + "/agent/stream", json={"message": f"count {n}"}) as r:
+                data = (json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: "))
+                sid = (await anext(data))["session_id"]
+                followed = await client.get(f"{b.url}/sessions/{sid}/stream")  # from the start, on b
+                own = [event async for event in data]
+            events = [json.loads(line[6:]) for line in followed.text.splitlines() if line.startswith("data: ")]
+            assert followed.status_code == 200 and events and events[-1]["type"] == "turn_end", \
+                (followed.status_code, followed.text[-500:])
+            return sid, own[-1]["text"], events[-1]["text"]
+
+        results = await asyncio.gather(*(run_and_follow(n) for n in range(9)))
+    full = " ".join(f"tok{i}" for i in range(30))
+    assert [(mine, theirs) for _, mine, theirs in results] == [(full, full)] * 9
+    assert len({redis_cluster.master_for_key(f"agent:{{{sid}}}:meta").port for sid, _, _ in results}) == 3

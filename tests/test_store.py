@@ -235,3 +235,28 @@ def test_new_ids_never_start_with_a_dash():
     ids = [new_id() for _ in range(5000)]
     assert not [i for i in ids if i.startswith("-")]
     assert len(set(ids)) == 5000 and all(len(i) == 22 for i in ids)
+
+
+async def test_cluster_flush_writes_once_per_master(redis_cluster):
+    """The event-log flush of turns whose logs live on three masters: one write per master
+    (not one per turn), each turn's entry on its own node, the lock renewals likewise."""
+    store = RedisStore(redis_cluster.url, cluster=True, session_ttl=3600, lock_ttl=30, log_ttl=60,
+                       log_maxlen=1000, idempotency_ttl=60)
+    try:
+        turns = [(new_id(), new_id()) for _ in range(12)]
+        for sid, tid in turns:
+            assert isinstance(await store.begin_turn(sid, tid, owner="o", create=True, message_id=None), Started)
+        batches = [LogBatch(sid, tid, [encode(tid, 1, "turn_start", {})], first=True) for sid, tid in turns]
+        assert await store.flush(batches, turns) == [True] * 12  # (and the renewal script loaded where missing)
+        writes = []
+        for channel in store._router._channels.values():
+            channel.execute = (lambda original: lambda commands: writes.append(len(commands)) or original(commands))(
+                channel.execute)
+        batches = [LogBatch(sid, tid, [encode(tid, 2, "text_delta", {"text": "x"})]) for sid, tid in turns]
+        assert await store.flush(batches, turns) == [True] * 12
+        assert len(writes) == len({redis_cluster.master_for_key(f"agent:{{{sid}}}:meta").port for sid, _ in turns}) == 3
+        assert sum(writes) == 12 * 2  # an XADD per turn, a renewal per lock
+        for sid, tid in turns:
+            assert [e.seq for e in await store.read_events(sid, tid, 0, 0)] == [1, 2]
+    finally:
+        await store.close()

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from typing import Any, Iterable
 
 import redis.asyncio as aioredis
@@ -189,7 +188,6 @@ class RedisStore:
             self.redis = aioredis.Redis(connection_pool=pool)
             # begin, commit and flush; timeout as the pool's
             self._router = SingleRouter(CommandChannel(pool.connection_class, pool.connection_kwargs, timeout=15.0))
-        self.cluster = cluster
         self.wait_replicas = wait_replicas
         self._wait = _command(b"WAIT", b"%d" % wait_replicas, b"%d" % WAIT_TIMEOUT_MS) if wait_replicas else None
         self._wait_warned_at = -math.inf
@@ -247,8 +245,10 @@ class RedisStore:
                 if isinstance(result, Exception) and "equal or smaller" not in str(result):
                     raise result
         renewed = [replies[0] for replies in results[len(batches):]]
-        if any(isinstance(r, NoScriptError) for r in renewed):  # Redis restarted or was flushed
-            return [await self.renew_lock(sid, tid) for sid, tid in renewals]
+        if any(isinstance(r, NoScriptError) for r in renewed):  # a restart, a SCRIPT FLUSH, a failover
+            load = _command(b"SCRIPT", b"LOAD", self._renew.script.encode())
+            again = await self._router.execute_groups([(key, [load, *commands]) for key, commands in groups[len(batches):]])
+            renewed = [replies[1] for replies in again]
         return [not isinstance(r, Exception) and bool(r) for r in renewed]
 
     async def _run_script(self, script: Any, keys: list[str], args: list[Any], *after: bytes) -> list[Any]:
@@ -348,75 +348,70 @@ class RedisStore:
             await self.redis.publish(CANCEL_CHANNEL, turn_id)
 
     async def start(self, on_cancel: CancelHandler) -> None:
-        """One pub/sub subscription per worker hears every cancel; no per-turn subscribe."""
+        """One pub/sub subscription per worker hears every cancel; no per-turn subscribe.
+
+        On a cluster, a sharded channel (SSUBSCRIBE): served by its slot's master (and
+        replicas) instead of a classic channel's broadcast to every node. A subscription whose
+        node fails or restarts is made again, on a new connection (on a cluster: on the slot's
+        new master), every half second until it works; a cancel published in between is lost.
+        """
         if isinstance(self.redis, RedisCluster):
-            await self._listen_on_cluster(self.redis, on_cancel)
-            return
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(CANCEL_CHANNEL)
+            cluster = self.redis
+            await cluster.initialize()  # (the slot map: which master serves the channel)
+
+            async def subscribe() -> Any:
+                pubsub = cluster.pubsub()
+                await pubsub.ssubscribe(CLUSTER_CANCEL_CHANNEL)
+                return pubsub
+
+            def receive(pubsub: Any) -> Any:
+                return pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
+        else:
+            single = self.redis
+
+            async def subscribe() -> Any:
+                pubsub = single.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(CANCEL_CHANNEL)
+                return pubsub
+
+            def receive(pubsub: Any) -> Any:
+                return pubsub.get_message(timeout=1.0)
+
+        first = await subscribe()
 
         async def listen() -> None:
-            lost = False  # said once per outage
+            pubsub, lost = first, False  # (said once per outage)
             while True:
                 try:
-                    if lost:
-                        await pubsub.subscribe(CANCEL_CHANNEL)
+                    if pubsub is None:
+                        pubsub = await asyncio.wait_for(subscribe(), 5.0)
                         log.info("cancel listener subscribed again")
                         lost = False
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            on_cancel(message["data"].decode())
-                except asyncio.CancelledError:
-                    await pubsub.aclose()
-                    raise
-                except (RedisError, OSError) as exc:
-                    if not lost:
-                        log.warning("cancel listener lost Redis (%s); resubscribing every second",
-                                    type(exc).__name__)
-                    lost = True
-                    await asyncio.sleep(1.0)
-
-        self._listener = asyncio.create_task(listen(), name="cancel-listener")
-
-    async def _listen_on_cluster(self, cluster: RedisCluster, on_cancel: CancelHandler) -> None:
-        """A sharded channel (SSUBSCRIBE): served by one master and its replicas, instead of a
-        classic channel's broadcast to every node. When that master fails, the subscription
-        is made again on the slot's new master (a cancel sent in between is lost, as one sent
-        while a single Redis restarts)."""
-        await cluster.initialize()  # (the slot map: which master serves the channel)
-        pubsub = cluster.pubsub()
-        await pubsub.ssubscribe(CLUSTER_CANCEL_CHANNEL)
-
-        async def listen() -> None:
-            nonlocal pubsub
-            lost = False  # said once per outage
-            while True:
-                try:
-                    if lost:
-                        pubsub = cluster.pubsub()
-                        await pubsub.ssubscribe(CLUSTER_CANCEL_CHANNEL)
-                        log.info("cancel listener subscribed again")
-                        lost = False
-                    message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message and message.get("type") == "smessage":
+                    message = await receive(pubsub)
+                    if message and message.get("type") in ("message", "smessage"):
                         on_cancel(message["data"].decode())
                 except asyncio.CancelledError:
-                    await pubsub.aclose()
-                    raise
-                except (RedisError, OSError) as exc:
-                    if not lost:
-                        log.warning("cancel listener lost its Redis node (%s); subscribing again every second",
-                                    type(exc).__name__)
-                    lost = True
-                    with contextlib.suppress(RedisError, OSError):
+                    if pubsub is not None:
                         await pubsub.aclose()
-                    await asyncio.sleep(1.0)
+                    raise
+                except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                    if not lost:
+                        log.warning("cancel listener lost Redis (%s); subscribing again", type(exc).__name__)
+                    lost = True
+                    if pubsub is not None:
+                        with contextlib.suppress(RedisError, OSError):
+                            await pubsub.aclose()
+                    pubsub = None
+                    await asyncio.sleep(0.5)
 
         self._listener = asyncio.create_task(listen(), name="cancel-listener")
 
     async def ping(self) -> bool:
+        # On a cluster, one node: a shard failing over must not take every server out of its
+        # load balancer (the other shards' sessions still work).
+        where = {"target_nodes": RedisCluster.RANDOM} if isinstance(self.redis, RedisCluster) else {}
         try:
-            return bool(await asyncio.wait_for(self.redis.ping(), 2.0))
+            return bool(await asyncio.wait_for(self.redis.ping(**where), 2.0))
         except (RedisError, OSError, asyncio.TimeoutError):
             return False
 

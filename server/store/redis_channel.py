@@ -71,11 +71,12 @@ class Router:
                 for i in idx:
                     replies = outcome[at:at + len(groups[i][1])]
                     at += len(replies)
-                    if any(_not_now(r) for r in replies):
-                        retry.append(i)
-                        failure = next(r for r in replies if _not_now(r))
-                    else:
+                    redirect = next((r for r in replies if _not_now(r)), None)
+                    if redirect is None:
                         results[i] = replies
+                    else:
+                        retry.append(i)
+                        failure = redirect
             if not retry:
                 return results
             if time.monotonic() - started + delay > self._retry_for:
