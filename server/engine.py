@@ -114,6 +114,7 @@ class Engine:
         self.upstream_gate = UpstreamGate(settings.max_concurrent_upstream, settings.upstream_queue_timeout_seconds)
         self.capabilities = ModelCapabilities(client)
         self.turn_listeners: list[Callable[[str, Usage], None]] = []  # (principal, usage) per finished turn
+        self._recancels: set[asyncio.Task[None]] = set()
 
     async def start(self, req: TurnRequest, principal: str) -> TurnHandle:
         """Lock the session and start the turn; raises ApiError (busy, not found, ...)."""
@@ -220,12 +221,31 @@ class Engine:
         """Cancel the session's running turn wherever it runs; returns its id (or None)."""
         turn_id, running = _found(await self.store.last_turn(session_id, principal))
         if running:
-            await self.cancel_turn(turn_id)
+            await self.cancel_turn(session_id, turn_id)
         return turn_id if running else None
 
-    async def cancel_turn(self, turn_id: str) -> None:
-        if not self.cancel_local(turn_id):
-            await self.store.publish_cancel(turn_id)
+    async def cancel_turn(self, session_id: str, turn_id: str) -> None:
+        """Cancel the turn wherever it runs. Pub/sub does not keep a message for a listener
+        that is resubscribing (its Redis node failed over or restarted), so a cancel meant for
+        another worker is published again a few times, for about 5 s, while the turn still
+        holds the session's lock."""
+        if self.cancel_local(turn_id):
+            return
+        await self.store.publish_cancel(turn_id)
+        task = asyncio.create_task(self._cancel_again(session_id, turn_id), name=f"recancel-{turn_id}")
+        self._recancels.add(task)
+        task.add_done_callback(self._recancels.discard)
+
+    async def _cancel_again(self, session_id: str, turn_id: str) -> None:
+        for delay in (0.5, 1.0, 1.5, 2.0):
+            await asyncio.sleep(delay)
+            try:
+                if await self.store.lock_holder(session_id) != turn_id:
+                    return  # it stopped (or its lock expired)
+                await self.store.publish_cancel(turn_id)
+            except Exception as exc:  # noqa: BLE001 — the store failing: try again at the next step
+                if not store_unavailable(exc):
+                    raise
 
     async def resumable_turn(self, session_id: str, principal: str) -> tuple[str | None, bool]:
         """The session's running or recent turn (its log not yet expired), and whether it runs."""
@@ -243,7 +263,7 @@ class Engine:
         if not await self.store.delete_session(session_id, principal):
             raise ApiError("session_not_found")
         if running:  # (a running turn has an id)
-            await self.cancel_turn(turn_id)
+            await self.cancel_turn(session_id, turn_id)
 
     async def drain(self, grace: float) -> None:
         """Stop taking turns, give running ones `grace` seconds, then stop them."""
@@ -255,6 +275,8 @@ class Engine:
             self.cancel_local(turn.turn_id, "server_restarting")
         if self.turns:  # (a turn's task is set as it is registered)
             await asyncio.wait([t.task for t in self.turns.values()], timeout=5.0)
+        for task in self._recancels:
+            task.cancel()
         self.stopping = True
 
     def cancel_local(self, turn_id: str, reason: str = "cancelled") -> bool:

@@ -220,9 +220,9 @@ async def test_redis_hand_encoded_commands_edge_cases(redis_url):
         assert [m["content"][0]["text"] for m in (await store.get_session(other, "o")).history] == ["q", "ünïcode"]
 
         # The shared connection is killed while idle: noticed at once, replaced by the next call.
-        (client_id,) = await store._router.channel.execute([_command(b"CLIENT", b"ID")])
+        (client_id,) = await store._router.channels.shared.execute([_command(b"CLIENT", b"ID")])
         await admin.client_kill_filter(_id=client_id)
-        assert await eventually(lambda: store._router.channel._conn is None)
+        assert await eventually(lambda: store._router.channels.shared._conn is None)
         await store.flush([LogBatch(sid, t1, [encode(t1, 3, "text_delta", {"text": "x"})])], [])
         assert [e.seq for e in await store.read_events(sid, t1, 2, 0)] == [3]
     finally:
@@ -249,7 +249,7 @@ async def test_cluster_flush_writes_once_per_master(redis_cluster):
         batches = [LogBatch(sid, tid, [encode(tid, 1, "turn_start", {})], first=True) for sid, tid in turns]
         assert await store.flush(batches, turns) == [True] * 12  # (and the renewal script loaded where missing)
         writes = []
-        for channel in store._router._channels.values():
+        for channel in (channels.shared for channels in store._router._channels.values()):
             channel.execute = (lambda original: lambda commands: writes.append(len(commands)) or original(commands))(
                 channel.execute)
         batches = [LogBatch(sid, tid, [encode(tid, 2, "text_delta", {"text": "x"})]) for sid, tid in turns]
@@ -258,5 +258,29 @@ async def test_cluster_flush_writes_once_per_master(redis_cluster):
         assert sum(writes) == 12 * 2  # an XADD per turn, a renewal per lock
         for sid, tid in turns:
             assert [e.seq for e in await store.read_events(sid, tid, 0, 0)] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_wait_for_replicas_holds_no_other_command(redis_url):
+    """REDIS_WAIT_REPLICAS against a Redis with no replica: the commit's WAIT times out (the
+    commit stands, counted as unreplicated), other sessions' begins are not queued behind it,
+    and that node's next commits skip the wait for a while."""
+    from server import metrics
+
+    store = RedisStore(redis_url, session_ttl=3600, lock_ttl=30, log_ttl=60, log_maxlen=1000,
+                       idempotency_ttl=60, wait_replicas=1)
+    try:
+        (sid, tid), (other, other_tid) = (new_id(), new_id()), (new_id(), new_id())
+        assert isinstance(await store.begin_turn(sid, tid, owner="o", create=True, message_id=None), Started)
+        before = metrics.setup().store_unreplicated._value.get()
+        waiting = asyncio.create_task(store.finish_turn(sid, tid, commit(tid, "kept", 1)))
+        await asyncio.sleep(0.05)
+        began = await store.begin_turn(other, other_tid, owner="o", create=True, message_id=None)
+        assert isinstance(began, Started) and not waiting.done(), "the begin did not queue behind the WAIT"
+        assert await waiting is True
+        assert metrics.setup().store_unreplicated._value.get() == before + 1
+        assert await asyncio.wait_for(store.finish_turn(other, other_tid, commit(other_tid, "quick", 1)), 0.5)
+        assert [m["content"][0]["text"] for m in (await store.get_session(sid, "o")).history] == ["q", "kept"]
     finally:
         await store.close()

@@ -45,13 +45,14 @@ from ..events import Event
 from ..usage import Usage
 from .base import (ABANDONED_SEQ, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, StoredMessage, TurnCommit)
-from .redis_channel import ClusterRouter, CommandChannel, SingleRouter
+from .redis_channel import ClusterRouter, NodeChannels, SingleRouter
 
 log = logging.getLogger("server.store")
 
 CANCEL_CHANNEL = "agent:cancel"
 CLUSTER_CANCEL_CHANNEL = "agent:{cancel}"  # a sharded channel lives in a slot: tag it
 WAIT_TIMEOUT_MS = 1000  # how long a commit waits for REDIS_WAIT_REPLICAS acknowledgements
+LAGGING_SKIP_SECONDS = 5  # then how long that node's commits do not wait
 
 # KEYS: meta msgs lock mids turns   ARGV: turn owner create lock_ms ttl idem_ttl now message_id
 # Ownership is checked before anything else: a `message_id` of another principal's session
@@ -187,10 +188,11 @@ class RedisStore:
                                                             retry=retry, **options)
             self.redis = aioredis.Redis(connection_pool=pool)
             # begin, commit and flush; timeout as the pool's
-            self._router = SingleRouter(CommandChannel(pool.connection_class, pool.connection_kwargs, timeout=15.0))
+            self._router = SingleRouter(NodeChannels(pool.connection_class, pool.connection_kwargs, timeout=15.0))
         self.wait_replicas = wait_replicas
         self._wait = _command(b"WAIT", b"%d" % wait_replicas, b"%d" % WAIT_TIMEOUT_MS) if wait_replicas else None
         self._wait_warned_at = -math.inf
+        self._lagging: dict[str, float] = {}  # node -> until when its commits skip WAIT
         self.session_ttl = session_ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.log_ttl = log_ttl
@@ -251,17 +253,17 @@ class RedisStore:
             renewed = [replies[1] for replies in again]
         return [not isinstance(r, Exception) and bool(r) for r in renewed]
 
-    async def _run_script(self, script: Any, keys: list[str], args: list[Any], *after: bytes) -> list[Any]:
-        """EVALSHA on the shared channel, and `after` (more commands for the same node) in the
-        same write: the script's result, then the replies to `after`. A node without the script
-        (a restart, SCRIPT FLUSH, a promoted replica: Redis 7 does not replicate its script
-        cache) gets SCRIPT LOAD in front of the same write."""
+    async def _run_script(self, script: Any, keys: list[str], args: list[Any], wait: bytes | None = None) -> list[Any]:
+        """EVALSHA on the shared channel: [the script's result]. With `wait` (a WAIT command),
+        both in one write on a connection of their own (WAIT holds it): [result, replicas].
+        A node without the script (a restart, SCRIPT FLUSH, a promoted replica: Redis 7 does
+        not replicate its script cache) gets SCRIPT LOAD in front of the same write."""
         key = keys[0].encode()
-        commands = [_evalsha(script, keys, args), *after]
-        replies = await self._router.execute(key, commands)
+        commands = [_evalsha(script, keys, args), *([wait] if wait else [])]
+        replies = await self._router.execute(key, commands, holding=wait is not None)
         if isinstance(replies[0], NoScriptError):
             replies = (await self._router.execute(key, [_command(b"SCRIPT", b"LOAD", script.script.encode()),
-                                                        *commands]))[1:]
+                                                        *commands], holding=wait is not None))[1:]
         if isinstance(replies[0], Exception):
             raise replies[0]
         return replies
@@ -279,15 +281,22 @@ class RedisStore:
         ]
         args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
         # With wait_replicas, WAIT in the same write: the commit is on that many replicas
-        # before the client hears of it, so a failover (which promotes a replica) keeps it.
-        committed, *acked = await self._run_script(self._finish, keys, args, *filter(None, [self._wait]))
-        if committed and acked and (isinstance(acked[0], Exception) or acked[0] < self.wait_replicas):
+        # before the client hears of it, so a failover (which promotes a replica) keeps it. A
+        # node whose replicas did not answer in time commits without waiting for a while, so
+        # a replica outage does not cost every commit the full wait.
+        node = self._router.node_of(keys[0].encode()) if self._wait else ""
+        now = time.monotonic()
+        wait = self._wait if self._wait and self._lagging.get(node, 0.0) <= now else None
+        committed, *acked = await self._run_script(self._finish, keys, args, wait)
+        if committed and self._wait and (not acked or isinstance(acked[0], Exception) or acked[0] < self.wait_replicas):
             metrics.store_replication_lagged()
-            now = time.monotonic()
-            if now - self._wait_warned_at >= 30:
-                self._wait_warned_at = now
-                log.warning("a commit reached %s of %d replicas within %d ms (REDIS_WAIT_REPLICAS): "
-                            "a failover now could lose it", acked[0], self.wait_replicas, WAIT_TIMEOUT_MS)
+            if acked:  # (a timed-out WAIT, not a skipped one)
+                self._lagging[node] = now + LAGGING_SKIP_SECONDS
+                if now - self._wait_warned_at >= 30:
+                    self._wait_warned_at = now
+                    log.warning("a commit reached %s of %d replicas within %d ms (REDIS_WAIT_REPLICAS): a "
+                                "failover now could lose it; commits there wait for none for %d s",
+                                acked[0], self.wait_replicas, WAIT_TIMEOUT_MS, LAGGING_SKIP_SECONDS)
         return bool(committed)
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:

@@ -48,11 +48,13 @@ class Router:
     def __init__(self, *, retry_for: float) -> None:
         self._retry_for = retry_for
 
-    async def execute(self, key: bytes, commands: list[bytes]) -> list[Any]:
-        """Commands that all touch `key`'s slot: their replies (error replies as values)."""
-        return (await self.execute_groups([(key, commands)]))[0]
+    async def execute(self, key: bytes, commands: list[bytes], *, holding: bool = False) -> list[Any]:
+        """Commands that all touch `key`'s slot: their replies (error replies as values).
+        `holding`: the commands hold their connection (WAIT): send them on one of their own."""
+        return (await self.execute_groups([(key, commands)], holding=holding))[0]
 
-    async def execute_groups(self, groups: list[tuple[bytes, list[bytes]]]) -> list[list[Any]]:
+    async def execute_groups(self, groups: list[tuple[bytes, list[bytes]]], *,
+                             holding: bool = False) -> list[list[Any]]:
         """Several (key, commands) groups, in one round trip per node."""
         results: list[list[Any]] = [[] for _ in groups]
         pending = list(range(len(groups)))
@@ -60,7 +62,7 @@ class Router:
         while True:
             failure: BaseException | None = None
             retry: list[int] = []
-            for idx, outcome in await self._send(groups, pending):
+            for idx, outcome in await self._send(groups, pending, holding):
                 if isinstance(outcome, BaseException):
                     if not isinstance(outcome, _NODE_FAILURES):
                         raise outcome
@@ -90,13 +92,17 @@ class Router:
             await self._recover(time.monotonic())
             pending = retry
 
-    async def _send(self, groups: list[tuple[bytes, list[bytes]]],
-                    pending: list[int]) -> list[tuple[list[int], list[Any] | BaseException]]:
+    async def _send(self, groups: list[tuple[bytes, list[bytes]]], pending: list[int],
+                    holding: bool) -> list[tuple[list[int], list[Any] | BaseException]]:
         """Send the pending groups: (their indexes, the replies or the failure) per write."""
         raise NotImplementedError
 
     async def _recover(self, failed_at: float) -> None:
         pass
+
+    def node_of(self, key: bytes) -> str:
+        """The node serving `key` now ("" for a single Redis)."""
+        return ""
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -105,21 +111,21 @@ class Router:
 class SingleRouter(Router):
     """One Redis: every group in one write on one connection."""
 
-    def __init__(self, channel: "CommandChannel", *, retry_for: float = 2.0) -> None:
+    def __init__(self, channels: "NodeChannels", *, retry_for: float = 2.0) -> None:
         super().__init__(retry_for=retry_for)
-        self.channel = channel
+        self.channels = channels
 
-    async def _send(self, groups: list[tuple[bytes, list[bytes]]],
-                    pending: list[int]) -> list[tuple[list[int], list[Any] | BaseException]]:
+    async def _send(self, groups: list[tuple[bytes, list[bytes]]], pending: list[int],
+                    holding: bool) -> list[tuple[list[int], list[Any] | BaseException]]:
+        channel = self.channels.holding() if holding else self.channels.shared
         try:
-            replies: list[Any] | BaseException = await self.channel.execute(
-                [c for i in pending for c in groups[i][1]])
+            replies: list[Any] | BaseException = await channel.execute([c for i in pending for c in groups[i][1]])
         except RedisConnectionError as exc:
             replies = exc
         return [(pending, replies)]
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channels.close()
 
 
 class ClusterRouter(Router):
@@ -131,12 +137,12 @@ class ClusterRouter(Router):
         super().__init__(retry_for=retry_for)
         self.cluster = cluster
         self._timeout = timeout
-        self._channels: dict[str, CommandChannel] = {}
+        self._channels: dict[str, NodeChannels] = {}
         self._refreshing = asyncio.Lock()  # (bound to no loop until first used)
         self._refreshed_at = 0.0
 
-    async def _send(self, groups: list[tuple[bytes, list[bytes]]],
-                    pending: list[int]) -> list[tuple[list[int], list[Any] | BaseException]]:
+    async def _send(self, groups: list[tuple[bytes, list[bytes]]], pending: list[int],
+                    holding: bool) -> list[tuple[list[int], list[Any] | BaseException]]:
         nodes = self.cluster.nodes_manager
         if not nodes.slots_cache:
             try:
@@ -150,19 +156,27 @@ class ClusterRouter(Router):
                 by_node.setdefault(node.name, (node, []))[1].append(i)
         except _NODE_FAILURES as exc:  # a slot no master serves (yet)
             return [(pending, exc)]
-        outcomes = await asyncio.gather(*(self._channel(node).execute([c for i in idx for c in groups[i][1]])
-                                          for node, idx in by_node.values()), return_exceptions=True)
+        channels = [self._channels_of(node) for node, _ in by_node.values()]
+        outcomes = await asyncio.gather(*((c.holding() if holding else c.shared).execute(
+            [c for i in idx for c in groups[i][1]]) for c, (_, idx) in zip(channels, by_node.values())),
+            return_exceptions=True)
         for (node, _), outcome in zip(by_node.values(), outcomes):
             if isinstance(outcome, _NODE_FAILURES):  # asked last when the slot map is reloaded
                 nodes.move_node_to_end_of_cached_nodes(node.name)
         return [(idx, outcome) for (_, idx), outcome in zip(by_node.values(), outcomes)]
 
-    def _channel(self, node: ClusterNode) -> "CommandChannel":
-        channel = self._channels.get(node.name)
-        if channel is None:
-            channel = self._channels[node.name] = CommandChannel(node.connection_class, node.connection_kwargs,
-                                                                 timeout=self._timeout)
-        return channel
+    def node_of(self, key: bytes) -> str:
+        try:
+            return self.cluster.nodes_manager.get_node_from_slot(key_slot(key)).name
+        except _NODE_FAILURES:
+            return ""
+
+    def _channels_of(self, node: ClusterNode) -> "NodeChannels":
+        channels = self._channels.get(node.name)
+        if channels is None:
+            channels = self._channels[node.name] = NodeChannels(node.connection_class, node.connection_kwargs,
+                                                                timeout=self._timeout)
+        return channels
 
     async def _recover(self, failed_at: float) -> None:
         async with self._refreshing:
@@ -181,6 +195,34 @@ class ClusterRouter(Router):
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+class NodeChannels:
+    """A node's connections for the hot commands: `shared`, the one they all share, and up to
+    `spares` more for commands that hold their connection until they return (a commit's
+    WAIT): Redis reads nothing more from a connection while WAIT waits, so on the shared one
+    a WAIT would delay every begin, flush and lock renewal behind it."""
+
+    def __init__(self, connection_class: type[AbstractConnection], connection_kwargs: dict[str, Any], *,
+                 timeout: float, spares: int = 16) -> None:
+        self._new = lambda: CommandChannel(connection_class, connection_kwargs, timeout=timeout)
+        self.shared = self._new()
+        self._spares: list[CommandChannel] = []
+        self._limit = spares
+
+    def holding(self) -> "CommandChannel":
+        """An idle spare, a new one, or (all busy, at the limit) the least busy."""
+        for channel in self._spares:
+            if not channel.pending:
+                return channel
+        if len(self._spares) < self._limit:
+            self._spares.append(self._new())
+            return self._spares[-1]
+        return min(self._spares, key=lambda channel: channel.pending)
+
+    async def close(self) -> None:
+        for channel in (self.shared, *self._spares):
+            await channel.close()
 
 
 class CommandChannel:
@@ -209,6 +251,11 @@ class CommandChannel:
         self._connecting = asyncio.Lock()  # (bound to no loop until first used)
         self._closing: set[asyncio.Future[None]] = set()
         self._last_used = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting for their replies."""
+        return len(self._calls)
 
     async def execute(self, commands: list[bytes]) -> list[Any]:
         """Send encoded commands in one write and return their replies, an error reply as

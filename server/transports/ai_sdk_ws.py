@@ -123,7 +123,7 @@ class ChatSocket(FramedSocket):
     async def _abort(self, request_id: str, _frame: dict[str, Any]) -> None:
         forward = self.stop(request_id)
         if forward is not None and forward.started:
-            await self.engine.cancel_turn(forward.turn_id)
+            await self.engine.cancel_turn(forward.session_id, forward.turn_id)
 
 
 async def chat_ws(ws: WebSocket) -> None:

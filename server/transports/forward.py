@@ -35,11 +35,12 @@ SOCKET_GONE = (WebSocketDisconnect, RuntimeError, OSError)  # (what a send to a 
 class Forward:
     """One client following one turn from after `after_seq`."""
 
-    __slots__ = ("engine", "turn_id", "events", "framing", "cancel_on_disconnect", "started", "finished", "task")
+    __slots__ = ("engine", "session_id", "turn_id", "events", "framing", "cancel_on_disconnect", "started", "finished", "task")
 
     def __init__(self, engine: Engine, session_id: str, turn_id: str, framing: Any, after_seq: int = 0,
                  cancel_on_disconnect: bool = False, started: bool = False):
         self.engine = engine
+        self.session_id = session_id
         self.turn_id = turn_id
         self.events: AsyncGenerator[list[Event], None] = engine.follow(session_id, turn_id, after_seq)
         self.framing = framing
@@ -68,7 +69,7 @@ class Forward:
     async def abandon(self) -> None:
         """The client left: cancel the turn if it asked for that and its stream had not ended."""
         if self.cancel_on_disconnect and not self.finished:
-            await self.engine.cancel_turn(self.turn_id)
+            await self.engine.cancel_turn(self.session_id, self.turn_id)
 
 
 async def open_stream(engine: Engine, session_id: str, turn_id: str | None, framing: Any,
