@@ -305,18 +305,15 @@ class Settings:
 def _check_redis(settings: Settings) -> None:
     """Redis options that cannot work are startup errors, not a first turn's 500."""
     url = settings.redis_url or ""
-    needs_url = [name for name, value in (("REDIS_CLUSTER", settings.redis_cluster),
-                                          ("REDIS_WAIT_REPLICAS", settings.redis_wait_replicas),
-                                          ("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
-                                          ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
-                                          ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file)) if value]
+    tls_files = {name: path for name, path in (("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
+                                               ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
+                                               ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file)) if path}
+    needs_url = [*(["REDIS_CLUSTER"] if settings.redis_cluster else []),
+                 *(["REDIS_WAIT_REPLICAS"] if settings.redis_wait_replicas else []), *tls_files]
     if needs_url and not url:
         raise ConfigError(f"{needs_url[0]}: needs REDIS_URL")
     if settings.redis_cluster and url.startswith("unix://"):
         raise ConfigError("REDIS_CLUSTER: needs a redis:// or rediss:// URL naming one of the cluster's nodes")
-    tls_files = {name: path for name, path in (("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
-                                               ("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
-                                               ("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file)) if path}
     if tls_files and not url.startswith("rediss://"):
         raise ConfigError(f"{next(iter(tls_files))}: needs a rediss:// REDIS_URL (TLS)")
     if bool(settings.redis_tls_cert_file) != bool(settings.redis_tls_key_file):

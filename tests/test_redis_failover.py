@@ -136,11 +136,16 @@ async def test_cluster_master_killed_under_load(replicated_cluster, start_server
         killed.append(victim)
         await asyncio.to_thread(replicated_cluster.wait_healthy, 30)  # a replica took over its slots
 
+    await survive(a, b, upstream, fail, "cluster")
+
+
+async def survive(a: Any, b: Any, upstream: Any, fail: Callable[[int], Awaitable[None]], name: str) -> None:
+    """The load through servers a and b, with `fail` once per round; then everything checked."""
     load = await run_with_failures([a.url, b.url], fail)
     for server in (a, b):
         assert server.proc.poll() is None, server.log()
-    await check_histories(load, a.url, "cluster")
-    assert await store_retries(a, b) > 0, "the failovers were felt (and retried)"
+    await check_histories(load, a.url, name)
+    assert await store_retries(a, b) > 0, "the failures were felt (and retried)"
     await cancel_across_workers(a, b, upstream)
 
 
@@ -208,12 +213,7 @@ async def test_single_redis_restarted_under_load(tmp_path, start_server, upstrea
             await asyncio.sleep(0.3)  # down for a moment
             await asyncio.to_thread(store.start)
 
-        load = await run_with_failures([a.url, b.url], fail)
-        for server in (a, b):
-            assert server.proc.poll() is None, server.log()
-        await check_histories(load, a.url, "single")
-        assert await store_retries(a, b) > 0, "the restarts were felt (and retried)"
-        await cancel_across_workers(a, b, upstream)
+        await survive(a, b, upstream, fail, "single")
     finally:
         store.kill()
         LOG_DIR.mkdir(parents=True, exist_ok=True)
