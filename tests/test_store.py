@@ -210,6 +210,8 @@ async def test_redis_hand_encoded_commands_edge_cases(redis_url):
         assert [(e.seq, json.loads(e.data)) for e in await store.read_events(sid, t1, 0, 0)] == [
             (1, {"type": "turn_start", "id": f"{t1}:1"}), (2, {"type": "text_delta", "id": f"{t1}:2", "text": "é"})]
 
+        await admin.expire(key, 5)  # a turn running past its log's first TTL: each renewal extends it
+        assert await store.flush([], [(sid, t1)]) == [True] and await admin.ttl(key) > 3600
         await admin.script_flush()
         assert await store.flush([], [(sid, t1), (sid, new_id())]) == [True, False]  # NOSCRIPT: reloaded
         await admin.script_flush()
@@ -255,7 +257,7 @@ async def test_cluster_flush_writes_once_per_master(redis_cluster):
         batches = [LogBatch(sid, tid, [encode(tid, 2, "text_delta", {"text": "x"})]) for sid, tid in turns]
         assert await store.flush(batches, turns) == [True] * 12
         assert len(writes) == len({redis_cluster.master_for_key(f"agent:{{{sid}}}:meta").port for sid, _ in turns}) == 3
-        assert sum(writes) == 12 * 2  # an XADD per turn, a renewal per lock
+        assert sum(writes) == 12 * 3  # per turn: an XADD, a lock renewal and its log's EXPIRE
         for sid, tid in turns:
             assert [e.seq for e in await store.read_events(sid, tid, 0, 0)] == [1, 2]
     finally:

@@ -238,8 +238,11 @@ class RedisStore:
                 commands.append(_command(b"EXPIRE", key, first_ttl))
             groups.append((key, commands))
         for sid, tid in renewals:
+            # The lock, and the running turn's log with it: a turn streaming longer than the
+            # log's first TTL keeps it.
             lock = _k(sid, "lock")
-            groups.append((lock.encode(), [_evalsha(self._renew, [lock], [tid, self.lock_ms])]))
+            groups.append((lock.encode(), [_evalsha(self._renew, [lock], [tid, self.lock_ms]),
+                                           _command(b"EXPIRE", _k(sid, f"log:{tid}").encode(), first_ttl)]))
         results = await self._router.execute_groups(groups) if groups else []
         for replies in results[:len(batches)]:
             for result in replies:
