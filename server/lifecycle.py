@@ -10,7 +10,6 @@ import logging
 import signal
 from contextlib import asynccontextmanager, suppress
 from typing import AsyncIterator
-from urllib.parse import urlsplit
 
 import anthropic
 from redis.exceptions import RedisError
@@ -18,6 +17,7 @@ from redis.exceptions import RedisError
 from . import metrics, tracing
 from .config import Settings, redis_tls_options
 from .engine import Engine
+from .logs import url_without_secrets
 from .store.memory import MemoryStore
 from .store.redis import RedisStore
 from .tools import load_toolset
@@ -62,7 +62,7 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     try:
         await store.start(engine.cancel_local)
     except (RedisError, OSError) as exc:  # the worker cannot start: say why in one line, first
-        log.error("cannot use Redis at %s (%s: %s); check REDIS_URL%s", _where(settings.redis_url or ""),
+        log.error("cannot use Redis at %s (%s: %s); check REDIS_URL%s", url_without_secrets(settings.redis_url or ""),
                   type(exc).__name__, exc, " and REDIS_TLS_*" if (settings.redis_url or "").startswith("rediss:") else "")
         raise
     engine.housekeeper.start()
@@ -144,9 +144,3 @@ def _dump_tasks_on_sigusr1() -> None:
 
     with suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
-
-
-def _where(url: str) -> str:
-    """A Redis URL without its credentials, for a log line."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"

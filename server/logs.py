@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from contextvars import ContextVar
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 from . import tracing
 
@@ -84,6 +84,16 @@ def redact(text: str) -> str:
         text = _PARAM_RE.sub(lambda m: f"{m[1]}{m[2]}=<redacted>" if unquote_plus(m[2]).lower() in SECRET_PARAMS
                              else m[0], text)
     return _SECRET_RE.sub(r"\1<redacted>", text)
+
+
+def url_without_secrets(url: str) -> str:
+    """A service URL for a log line: scheme, host, port and path only (a query string or a
+    `user:password@` could hold a secret)."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    except ValueError:
+        return "(an unparsable URL)"
 
 
 def redact_record(record: logging.LogRecord) -> bool:

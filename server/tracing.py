@@ -129,16 +129,11 @@ def _exporter(env: Mapping[str, str]) -> Any:
 
 
 def _endpoint(env: Mapping[str, str]) -> str:
-    """Where spans go, for the startup line: scheme, host and path only (a query string or a
-    `user:password@` could hold a secret)."""
-    from urllib.parse import urlsplit
+    """Where spans go, for the startup line (without what could hold a secret)."""
+    from .logs import url_without_secrets  # (logs imports this module)
 
-    url = (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
-    try:
-        parts = urlsplit(url)
-        return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
-    except ValueError:
-        return "(an unparsable URL)"
+    return url_without_secrets(
+        (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip())
 
 
 def _version() -> str:

@@ -155,6 +155,11 @@ def _xadd(key: bytes, maxlen: bytes, seq: int, first_seq: int, type_: bytes, dat
                len(type_), type_, len(data), data))
 
 
+def _script_load(script: Any) -> bytes:
+    """SCRIPT LOAD of a registered script: sent before its EVALSHA to a node that lacks it."""
+    return _command(b"SCRIPT", b"LOAD", script.script.encode())
+
+
 def _evalsha(script: Any, keys: list[str], args: list[bytes | str | int | float]) -> bytes:
     """EVALSHA of a registered script, its arguments encoded as redis-py would."""
     for value in args:
@@ -251,7 +256,7 @@ class RedisStore:
                     raise result
         renewed = [replies[0] for replies in results[len(batches):]]
         if any(isinstance(r, NoScriptError) for r in renewed):  # a restart, a SCRIPT FLUSH, a failover
-            load = _command(b"SCRIPT", b"LOAD", self._renew.script.encode())
+            load = _script_load(self._renew)
             again = await self._router.execute_groups([(key, [load, *commands]) for key, commands in groups[len(batches):]])
             renewed = [replies[1] for replies in again]
         return [not isinstance(r, Exception) and bool(r) for r in renewed]
@@ -265,8 +270,7 @@ class RedisStore:
         commands = [_evalsha(script, keys, args), *([wait] if wait else [])]
         replies = await self._router.execute(key, commands, holding=wait is not None)
         if isinstance(replies[0], NoScriptError):
-            replies = (await self._router.execute(key, [_command(b"SCRIPT", b"LOAD", script.script.encode()),
-                                                        *commands], holding=wait is not None))[1:]
+            replies = (await self._router.execute(key, [_script_load(script), *commands], holding=wait is not None))[1:]
         if isinstance(replies[0], Exception):
             raise replies[0]
         return replies

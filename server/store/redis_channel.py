@@ -35,6 +35,11 @@ _REDIRECTS = (AskError, TryAgainError, ClusterDownError)
 _NODE_FAILURES = (RedisConnectionError, RedisClusterException)
 
 
+def _commands(groups: list[tuple[bytes, list[bytes]]], indexes: list[int]) -> list[bytes]:
+    """The commands of the groups at `indexes`, in order: what one write to a node carries."""
+    return [command for i in indexes for command in groups[i][1]]
+
+
 def _not_now(reply: Any) -> bool:
     return isinstance(reply, _REDIRECTS) or isinstance(reply, ResponseError) and str(reply).startswith("LOADING")
 
@@ -117,9 +122,8 @@ class SingleRouter(Router):
 
     async def _send(self, groups: list[tuple[bytes, list[bytes]]], pending: list[int],
                     holding: bool) -> list[tuple[list[int], list[Any] | BaseException]]:
-        channel = self.channels.holding() if holding else self.channels.shared
         try:
-            replies: list[Any] | BaseException = await channel.execute([c for i in pending for c in groups[i][1]])
+            replies: list[Any] | BaseException = await self.channels.execute(_commands(groups, pending), holding)
         except RedisConnectionError as exc:
             replies = exc
         return [(pending, replies)]
@@ -156,10 +160,8 @@ class ClusterRouter(Router):
                 by_node.setdefault(node.name, (node, []))[1].append(i)
         except _NODE_FAILURES as exc:  # a slot no master serves (yet)
             return [(pending, exc)]
-        channels = [self._channels_of(node) for node, _ in by_node.values()]
-        outcomes = await asyncio.gather(*((c.holding() if holding else c.shared).execute(
-            [c for i in idx for c in groups[i][1]]) for c, (_, idx) in zip(channels, by_node.values())),
-            return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._channels_of(node).execute(_commands(groups, idx), holding)
+                                          for node, idx in by_node.values()), return_exceptions=True)
         for (node, _), outcome in zip(by_node.values(), outcomes):
             if isinstance(outcome, _NODE_FAILURES):  # asked last when the slot map is reloaded
                 nodes.move_node_to_end_of_cached_nodes(node.name)
@@ -209,6 +211,10 @@ class NodeChannels:
         self.shared = self._new()
         self._spares: list[CommandChannel] = []
         self._limit = spares
+
+    async def execute(self, commands: list[bytes], holding: bool = False) -> list[Any]:
+        """`CommandChannel.execute` on the shared connection, or (`holding`) on a spare."""
+        return await (self.holding() if holding else self.shared).execute(commands)
 
     def holding(self) -> "CommandChannel":
         """An idle spare, a new one, or (all busy, at the limit) the least busy."""
