@@ -18,7 +18,8 @@ from starlette.staticfiles import StaticFiles
 from . import lifecycle, logs, metrics, openapi, static
 from .config import ConfigError, Settings
 from .security import AllowlistCORS, Guard, SecurityMiddleware, cors_options, opens_stream, public, starts_turn
-from .transports.http_api import agent, cancel_session, delete_session, get_session, health, ready
+from .transports.http_api import (agent, cancel_session, delete_session, get_session, health, ready, tool_approval,
+                                  tool_result)
 from .transports.sse import agent_stream, resume_stream
 from .transports.websocket import agent_ws
 from .transports.ai_sdk import chat, chat_resume
@@ -53,6 +54,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
         opens_stream(Route("/sessions/{session_id}/stream", resume_stream, methods=["GET"])),
         Route("/sessions/{session_id}/cancel", cancel_session, methods=["POST"]),
+        Route("/sessions/{session_id}/tool-approvals", tool_approval, methods=["POST"]),  # human in the loop
+        Route("/sessions/{session_id}/tool-results", tool_result, methods=["POST"]),      # client tools
         Route("/ws-ticket", guard.ws_ticket, methods=["POST"]),
         # Vercel AI SDK `useChat` (UI message stream protocol v1; WebSocketChatTransport)
         starts_turn(opens_stream(Route("/api/chat", chat, methods=["POST"]))),

@@ -22,10 +22,11 @@ from .capabilities import ModelCapabilities
 from .config import Settings
 from .errors import ApiError, from_exception, from_upstream, store_unavailable
 from .events import Event, encode, unlogged
-from .requests import TurnRequest, interleaved_beta, thinking_params
-from .store.base import (ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store, TurnCommit,
-                         new_id, valid_id)
+from .requests import TOOL_USE_ID, TurnRequest, check_text, image_block, interleaved_beta, thinking_params
+from .store.base import (ABANDONED_SEQ, ANSWERED, Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store,
+                         TurnCommit, new_id, valid_id)
 from .tools import ToolSet, server_tools
+from .tools.registry import ToolOutcome
 from .turns import Housekeeper, Turn
 from .upstream import RawJSON, TextDelta, open_stream
 from .usage import PriceTable, Usage
@@ -39,6 +40,11 @@ INTERRUPT_WAIT_SECONDS = 10.0
 REMOTE_POLL_MS = 1000
 LINK_WAIT_MS = 500  # (tracing) longest wait for a remote turn's first logged event, to link to its span
 INTERLEAVED_THINKING = "interleaved-thinking-2025-05-14"
+# A turn waiting for tool answers also reads them every this many seconds: the notice that one
+# arrived (pub/sub) is lost while a worker's listener resubscribes.
+ANSWER_POLL_SECONDS = 2.0
+WAIT_KEY_MARGIN_SECONDS = 60  # the store keeps a wait this much longer than the turn waits
+MAX_REASON_CHARS = 2000
 # stop_reason -> `finish` of turn_end (an unknown future reason: "unknown"; pause_turn is continued).
 FINISH = {"end_turn": "complete", "stop_sequence": "complete", "tool_use": "complete", "max_tokens": "truncated",
           "model_context_window_exceeded": "truncated", "refusal": "refused"}
@@ -88,6 +94,8 @@ class _Progress:
     last_prompt_chars: int = 0
     first_token_at: float | None = None
     structured: Any = None
+    client_tools: dict[str, dict[str, Any]] = field(default_factory=dict)  # the request's, by name
+    problems: dict[str, str] = field(default_factory=dict)  # tool_use id -> why its input is invalid
     call_span: Any = None  # (tracing) the model call's span while a failure may interrupt it; `_run` ends it
 
 
@@ -101,12 +109,10 @@ class Engine:
         self.prices = prices
         self.turns: dict[str, Turn] = {}
         metrics.setup()  # (at worker startup: the engine is built in the lifespan)
-        tool_defs = [*(tools.definitions() if tools else []), *server_tools.definitions(settings)]
-        self._tool_chars = sum(len(json.dumps(t)) for t in tool_defs)
-        # The tool definitions (with their cache breakpoint) are the same on every call: encoded once.
-        sent_tools = context.tool_definitions(tool_defs, settings.prompt_caching)
-        self._tools_json = (RawJSON(json.dumps(sent_tools, ensure_ascii=False, separators=(",", ":")).encode())
-                            if tool_defs else None)
+        self._tools_version: Any = object()  # (of the tools encoded below: none yet)
+        self._tool_defs: list[dict[str, Any]] = []
+        self._tools_encoded: tuple[RawJSON | None, int] = (None, 0)
+        self.approval_required = frozenset(settings.tools_requiring_approval)
         self.housekeeper = Housekeeper(store, settings)
         self.store_system = "redis" if settings.redis_url else "memory"  # (commit spans, as /health says it)
         self.accepting = True
@@ -116,10 +122,37 @@ class Engine:
         self.turn_listeners: list[Callable[[str, Usage], None]] = []  # (principal, usage) per finished turn
         self._recancels: set[asyncio.Task[None]] = set()
 
+    def _tools_param(self, req: TurnRequest) -> tuple[RawJSON | None, int]:
+        """The `tools` to send (JSON, the cache breakpoint on the last) and their size in characters.
+        Encoded once per version of the tool list (MCP servers change it); a request's client
+        tools come last, encoded with its turn."""
+        version = getattr(self.tools, "version", None)  # TODO(A): self.tools.version
+        if version != self._tools_version:
+            self._tool_defs = [*(self.tools.definitions() if self.tools is not None else []),
+                               *server_tools.definitions(self.settings)]
+            self._tools_encoded = self._encode_tools(self._tool_defs)
+            self._tools_version = version
+        if not req.client_tools:
+            return self._tools_encoded
+        return self._encode_tools([*self._tool_defs, *req.client_tools.values()])
+
+    def _encode_tools(self, defs: list[dict[str, Any]]) -> tuple[RawJSON | None, int]:
+        if not defs:
+            return None, 0
+        sent = context.tool_definitions(defs, self.settings.prompt_caching)
+        return (RawJSON(json.dumps(sent, ensure_ascii=False, separators=(",", ":")).encode()),
+                sum(len(json.dumps(t)) for t in defs))
+
     async def start(self, req: TurnRequest, principal: str) -> TurnHandle:
         """Lock the session and start the turn; raises ApiError (busy, not found, ...)."""
         if not self.accepting:
             raise ApiError("server_restarting")
+        if req.client_tools:
+            self._tools_param(req)  # (the server's tool names, current)
+            clash = sorted(set(req.client_tools) & {t["name"] for t in self._tool_defs if "name" in t})
+            if clash:
+                raise ApiError("invalid_request", f"`client_tools`: {', '.join(clash)} is the name of a tool of "
+                               "this server; client tools need names of their own.", field="client_tools")
         create = req.session_id is None or req.create_if_missing
         session_id = req.session_id or new_id()
         deadline = time.monotonic() + INTERRUPT_WAIT_SECONDS
@@ -289,8 +322,85 @@ class Engine:
             turn.task.cancel()
         return True
 
+    def on_notice(self, message: str) -> None:
+        """A notice any worker published (the store calls this on every worker): a turn to
+        cancel, or (ANSWERED + turn id) a turn whose waiting tool calls got an answer."""
+        if message.startswith(ANSWERED):
+            turn = self.turns.get(message[len(ANSWERED):])
+            if turn is not None and turn.answered is not None:
+                turn.answered.set()
+        else:
+            self.cancel_local(message)
+
+    async def pending_tools(self, session_id: str, principal: str) -> tuple[str | None, dict[str, str]]:
+        """(the running turn, {tool_use_id: "approval" | "client"} of its calls waiting for an answer)."""
+        return _found(await self.store.waiting_tools(session_id, principal))
+
+    async def answer_tools(self, session_id: str, principal: str, answers: list[Any]) -> str:
+        """Record answers to a turn's waiting tool calls, from any worker, and wake the turn:
+        `{"tool_use_id", "approved", "reason"?}` decides an approval, `{"tool_use_id", "output",
+        "is_error"?}` is a client tool's result. Returns the turn's id. Only the session's owner
+        may answer (else 404); a call no running turn waits for, or one already answered, is
+        409 `tool_call_not_pending`."""
+        checked = [self._tool_answer(answer) for answer in answers]
+        if not checked:
+            raise ApiError("invalid_request", "No tool answer given.")
+        turn_id = None
+        try:
+            for call_id, kind, data in checked:
+                status, detail = await self.store.answer_tool(session_id, principal, call_id, kind, data)
+                if status == "not_found":
+                    raise ApiError("session_not_found")
+                if status == "wrong_kind":
+                    wanted = "an approval (`approved`)" if detail == "approval" else "a result (`output`)"
+                    raise ApiError("invalid_request", f"Tool call {call_id} waits for {wanted}.",
+                                   field="approved" if kind == "approval" else "output")
+                if status != "ok":
+                    raise ApiError("tool_call_not_pending", f"No running turn of this session waits for an answer "
+                                   f"to tool call {call_id}" + (" any more (it was answered)." if status == "answered"
+                                                                 else "."))
+                turn_id = detail
+        finally:
+            if turn_id is not None:
+                await self._wake(turn_id)
+        assert turn_id is not None
+        return turn_id
+
+    async def _wake(self, turn_id: str) -> None:
+        turn = self.turns.get(turn_id)
+        if turn is not None:
+            if turn.answered is not None:
+                turn.answered.set()
+        else:
+            await self.store.notify_answered(turn_id)
+
+    def _tool_answer(self, answer: Any) -> tuple[str, str, str]:
+        """(tool_use_id, kind, the answer's JSON as the store keeps it), or a 400 naming the field."""
+        if not isinstance(answer, dict):
+            raise ApiError("invalid_request", "A tool answer must be a JSON object.")
+        call_id = answer.get("tool_use_id")
+        if not isinstance(call_id, str) or not TOOL_USE_ID.fullmatch(call_id):
+            raise ApiError("invalid_request", "`tool_use_id` must be the id of a tool call.", field="tool_use_id")
+        if ("approved" in answer) == ("output" in answer):
+            raise ApiError("invalid_request", "A tool answer has either `approved` (an approval) or `output` "
+                           "(a client tool's result).")
+        if "approved" in answer:
+            reason = answer.get("reason")
+            if not isinstance(answer["approved"], bool):
+                raise ApiError("invalid_request", "`approved` must be a boolean.", field="approved")
+            if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
+                raise ApiError("invalid_request", f"`reason` must be a string of at most {MAX_REASON_CHARS} "
+                               "characters.", field="reason")
+            check_text(reason or "", "`reason`", "reason")
+            return call_id, "approval", json.dumps({"approved": answer["approved"], "reason": reason})
+        is_error = answer.get("is_error", False)
+        if not isinstance(is_error, bool):
+            raise ApiError("invalid_request", "`is_error` must be a boolean.", field="is_error")
+        output = tool_output(answer["output"], self.settings)
+        return call_id, "client", json.dumps({"output": output, "is_error": is_error}, ensure_ascii=False)
+
     async def _run(self, turn: Turn, req: TurnRequest, started: Started, principal: str) -> None:
-        progress = _Progress(messages=[req.user_message()])
+        progress = _Progress(messages=[req.user_message()], client_tools=req.client_tools or {})
         outcome, error = "completed", None
         if turn.span is not None:
             tracing.activate(turn.span)  # (this task's context: its log lines and spans are the turn's)
@@ -338,7 +448,8 @@ class Engine:
         betas = INTERLEAVED_THINKING if interleaved_beta(req, s) else None
         correction_at: int | None = None
         ratio = context.chars_per_token(started.meta.last_input_tokens, started.meta.last_input_chars)
-        fixed_chars = len(system) + self._tool_chars
+        tools_json, tool_chars = self._tools_param(req)
+        fixed_chars = len(system) + tool_chars
         paused = False
         for iteration in range(s.max_tool_iterations):
             messages = started.history + progress.messages
@@ -351,8 +462,8 @@ class Engine:
             params: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens, "messages": sent}
             if sys_param:
                 params["system"] = sys_param
-            if self._tools_json is not None:
-                params["tools"] = self._tools_json
+            if tools_json is not None:
+                params["tools"] = tools_json
             if thinking:
                 params.update(thinking)
             if progress.container:
@@ -387,11 +498,13 @@ class Engine:
                 continue
             uses = [b for b in progress.blocks if b["type"] == "tool_use"]
             calls = [(b["id"], b["name"], b["input"]) for b in uses]
-            results = await (self.tools.run_all(calls) if turn.span is None
-                             else tracing.run_tools(turn.span, calls, self.tools.run_all))
+            results = await self._run_calls(turn, progress, calls)
             for o in results:
-                turn.emit("tool_result", {"tool_use_id": o.tool_use_id, "name": o.name, "is_error": o.is_error,
-                                          ("error" if o.is_error else "output"): o.output})
+                result = {"tool_use_id": o.tool_use_id, "name": o.name, "is_error": o.is_error,
+                          ("error" if o.is_error else "output"): o.output}
+                if o.name in progress.client_tools:
+                    result["client"] = True
+                turn.emit("tool_result", result)
             progress.messages.append({"role": "user", "content": [o.tool_result_block() for o in results]})
         # The model kept asking for tools (or pausing): end with an assistant message so history stays valid.
         stopped = {"type": "text", "text": "[Stopped: the tool iteration limit was reached.]"}
@@ -400,6 +513,85 @@ class Engine:
         else:
             progress.messages.append({"role": "assistant", "content": [stopped]})
         raise ApiError("max_iterations", f"The model asked for tools {s.max_tool_iterations} times in a row.")
+
+    async def _run_calls(self, turn: Turn, progress: _Progress, calls: list[tuple[str, str, Any]]) -> list[ToolOutcome]:
+        """Run the answer's tool calls; results in call order. Calls to client tools, and to tools
+        that need approval, are announced and waited for first (see `_wait_for_answers`); a
+        denied call or a client tool's result becomes its tool_result without running anything here."""
+        waits = {call_id: "client" if name in progress.client_tools else "approval"
+                 for call_id, name, _input in calls if call_id not in progress.problems
+                 and (name in progress.client_tools or name in self.approval_required)}
+        answers = await self._wait_for_answers(turn, calls, waits) if waits else {}
+        outcomes: dict[str, ToolOutcome] = {}
+        for call_id, name, raw_input in calls:
+            answer = answers.get(call_id)
+            if name in progress.client_tools:
+                outcomes[call_id] = _client_outcome(call_id, name, raw_input, answer, progress.problems.get(call_id),
+                                                    self.settings.tool_approval_timeout_seconds)
+            elif call_id in waits and not (answer and answer.get("approved")):
+                reason = (answer or {}).get("reason")
+                text = ("The user denied this tool call" + (f": {reason}" if reason else ".") if answer
+                        else f"Not approved within {self.settings.tool_approval_timeout_seconds:g} s: not run.")
+                outcomes[call_id] = ToolOutcome(tool_use_id=call_id, name=name, output=text, is_error=True,
+                                                input=raw_input, outcome="denied")
+        if outcomes:
+            for o in outcomes.values():
+                metrics.tool_finished(o.name, o.outcome)
+        run = [call for call in calls if call[0] not in outcomes]
+        if run:
+            ran = await (self.tools.run_all(run) if turn.span is None
+                         else tracing.run_tools(turn.span, run, self.tools.run_all))
+            outcomes.update((o.tool_use_id, o) for o in ran)
+        return [outcomes[call_id] for call_id, _name, _input in calls]
+
+    async def _wait_for_answers(self, turn: Turn, calls: list[tuple[str, str, Any]],
+                                waits: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """Announce the calls that wait (`tool_approval_request`, `client_tool_call`: each lists
+        every call this pause waits for), then wait for their answers, from any worker, up to
+        TOOL_APPROVAL_TIMEOUT_SECONDS. The turn keeps its lock meanwhile (renewed, heartbeats flow)
+        and can be cancelled. Approvals are announced as decided (`tool_approval`)."""
+        sid, tid = turn.session_id, turn.turn_id
+        timeout = self.settings.tool_approval_timeout_seconds
+        await self.store.wait_for_tools(sid, tid, waits, timeout + WAIT_KEY_MARGIN_SECONDS)
+        turn.answered = asyncio.Event()
+        pending = list(waits)
+        for call_id, name, raw_input in calls:
+            if call_id in waits:
+                request = {"tool_use_id": call_id, "name": name, "input": raw_input, "timeout_s": timeout,
+                           "pending": pending}
+                if waits[call_id] == "approval":
+                    turn.emit("tool_approval_request", {"tool_use_id": call_id, "approval_id": call_id, **request})
+                else:
+                    turn.emit("client_tool_call", request)
+        deadline = time.monotonic() + timeout
+        answers: dict[str, str] = {}
+        try:
+            while len(answers) < len(waits) and (left := deadline - time.monotonic()) > 0:
+                try:
+                    async with asyncio.timeout(min(left, ANSWER_POLL_SECONDS)):
+                        await turn.answered.wait()
+                except TimeoutError:
+                    pass
+                turn.answered.clear()
+                try:
+                    answers = await self.store.tool_answers(sid, tid, close=False)
+                except Exception as exc:  # noqa: BLE001 — the store failing: read again at the next tick
+                    if not store_unavailable(exc):
+                        raise
+            answers = await self.store.tool_answers(sid, tid, close=True)  # (later answers: not pending)
+        finally:
+            turn.answered = None
+        decided = {call_id: json.loads(answers[call_id]) for call_id in waits if call_id in answers}
+        for call_id, kind in waits.items():
+            if kind == "approval":
+                answer = decided.get(call_id)
+                event = {"tool_use_id": call_id, "approved": bool(answer and answer["approved"])}
+                if answer is None:
+                    event["timed_out"] = True
+                elif answer.get("reason"):
+                    event["reason"] = answer["reason"]
+                turn.emit("tool_approval", event)
+        return decided
 
     async def _call_model(self, turn: Turn, req: TurnRequest, params: dict[str, Any],
                           progress: _Progress, betas: str | None = None) -> None:
@@ -451,7 +643,7 @@ class Engine:
                         index = base + event["index"]
                         block = blocks[index]
                         if index in json_parts or block["type"] in ("tool_use", "server_tool_use"):
-                            self._complete_input(turn, block, json_parts.pop(index, []))
+                            self._complete_input(turn, progress, block, json_parts.pop(index, []))
                     elif kind == "message_start":
                         response = event["message"]
                         call_usage = Usage.from_api(response.get("usage"))
@@ -554,7 +746,7 @@ class Engine:
                 else:
                     block[key] = value
 
-    def _complete_input(self, turn: Turn, block: dict[str, Any], parts: list[str]) -> None:
+    def _complete_input(self, turn: Turn, progress: _Progress, block: dict[str, Any], parts: list[str]) -> None:
         """A block's input, streamed as JSON text: parsed; a tool call's is validated and shown."""
         raw = "".join(parts)
         try:
@@ -569,7 +761,13 @@ class Engine:
                                      "valid": True, "server": True})
         if block["type"] != "tool_use":
             return
-        _model, problem = self.tools.validate(block["name"], block["input"])
+        client = progress.client_tools.get(block["name"])
+        if client is None:
+            _model, problem = self.tools.validate(block["name"], block["input"])
+        else:
+            problem = _client_input_problem(block["name"], block["input"], client["input_schema"])
+        if problem is not None:
+            progress.problems[block["id"]] = problem
         payload: dict[str, Any] = {"tool_use_id": block["id"], "name": block["name"], "input": block["input"],
                                    "valid": problem is None}
         if problem is not None:
@@ -673,6 +871,50 @@ class Engine:
         if done[-1]["role"] == "user":
             return [*done, {"role": "assistant", "content": [{"type": "text", "text": "[cancelled]"}]}]
         return done
+
+
+def _client_input_problem(name: str, raw_input: Any, schema: dict[str, Any]) -> str | None:
+    """Why the model's input for a client tool does not match its schema (None: it does)."""
+    if not isinstance(raw_input, dict) or "_invalid_json" in raw_input:
+        return f"invalid input for tool '{name}': the input is not a JSON object"
+    problem = structured.check(raw_input, schema, len(json.dumps(raw_input)))
+    return f"invalid input for tool '{name}': {problem}" if problem else None
+
+
+def _client_outcome(call_id: str, name: str, raw_input: Any, answer: dict[str, Any] | None, problem: str | None,
+                    timeout: float) -> ToolOutcome:
+    """A client tool call's tool_result: the client's output, or why there is none."""
+    if problem is not None:  # (the client never saw the call)
+        return ToolOutcome(tool_use_id=call_id, name=name, output=problem, is_error=True, input=None, outcome="invalid")
+    if answer is None:
+        return ToolOutcome(tool_use_id=call_id, name=name, output=f"The client returned no result within {timeout:g} s.",
+                           is_error=True, input=raw_input, outcome="timeout")
+    return ToolOutcome(tool_use_id=call_id, name=name, output=answer["output"], is_error=answer["is_error"],
+                       input=raw_input, outcome="error" if answer["is_error"] else "ok")
+
+
+def tool_output(value: Any, settings: Settings) -> str | list[dict[str, Any]]:
+    """A client tool's result as tool_result content: text as it is, a list of text and image
+    blocks as it is (validated), any other JSON value as its JSON text."""
+    if isinstance(value, list) and value and all(isinstance(b, dict) and b.get("type") in ("text", "image")
+                                                 for b in value):
+        content: str | list[dict[str, Any]] = []
+        for i, block in enumerate(value):
+            if block["type"] == "text":
+                if not isinstance(block.get("text"), str) or set(block) - {"type", "text"}:
+                    raise ApiError("invalid_request", f"`output[{i}]` must be a text block of a `text` string.",
+                                   field="output")
+                content.append({"type": "text", "text": check_text(block["text"], f"`output[{i}].text`", "output")})
+            else:
+                content.append(image_block(block, i, settings))
+        size = sum(len(b.get("text", "")) for b in content)
+    else:
+        content = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        check_text(content, "`output`", "output")
+        size = len(content)
+    if size > settings.max_message_chars:
+        raise ApiError("message_too_long", "`output` is too long.", field="output")
+    return content
 
 
 def _found(value: Any) -> Any:

@@ -38,6 +38,7 @@ ERRORS: dict[str, tuple[int, bool, str]] = {
     "method_not_allowed": (405, False, "Method not allowed."),
     "request_timeout": (408, True, "The request did not arrive in time."),
     "session_busy": (409, True, "A turn is already running on this session."),
+    "tool_call_not_pending": (409, False, "No running turn waits for an answer to that tool call."),
     "body_too_large": (413, False, "The request body is too large."),
     "message_too_long": (413, False, "The message is too long."),
     "image_too_large": (413, False, "An image is too large."),

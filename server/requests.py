@@ -23,6 +23,10 @@ ON_BUSY = {"reject", "interrupt"}
 THINKING_KEYS = {"enabled": {"type", "budget_tokens", "display"}, "adaptive": {"type", "display"},
                  "disabled": {"type"}, "between_tools": {"type"}}
 MIN_THINKING_BUDGET = 1024  # the API's minimum budget_tokens
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # (fullmatch) the API's tool names
+TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")  # (fullmatch) a tool call's id, as the API makes them
+MAX_CLIENT_TOOLS = 64
+MAX_TOOL_DESCRIPTION_CHARS = 10_000
 DOCUMENT_SOURCES = ("base64", "url", "text")
 # A PDF page object: `/Type /Page` (any PDF whitespace between), the name ending there: next comes
 # whitespace, a delimiter or the end (`/Pages` is the page tree, `/PageLabel` a label). Pages inside
@@ -49,6 +53,7 @@ class TurnRequest:
     create_if_missing: bool = False       # start `session_id` as a new session if it does not exist
     thinking: dict[str, Any] | None = None  # the API's thinking config; None: the deployment's
     effort: str | None = None             # output_config.effort; None: the deployment's
+    client_tools: dict[str, dict[str, Any]] | None = None  # tools the client runs: name -> API definition
 
     def user_message(self) -> dict[str, Any]:
         content = self.content
@@ -132,7 +137,37 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
     return TurnRequest(content=content, session_id=session_id, system=system, model=model,
                        max_tokens=max_tokens, message_id=message_id, on_busy=on_busy,
                        cancel_on_disconnect=cancel_on_disconnect, response_schema=schema,
-                       thinking=thinking, effort=effort)
+                       thinking=thinking, effort=effort, client_tools=_client_tools(body.get("client_tools")))
+
+
+def _client_tools(value: Any) -> dict[str, dict[str, Any]] | None:
+    """`client_tools`: tools the client runs itself (name, description, JSON Schema of the input),
+    as API tool definitions by name. The model's calls to them are validated against the schema
+    before the client sees them; the turn waits for the client's result."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_CLIENT_TOOLS:
+        raise _invalid(f"`client_tools` must be a list of at most {MAX_CLIENT_TOOLS} tools.", "client_tools")
+    tools: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(value):
+        where = f"client_tools[{i}]"
+        if not isinstance(tool, dict) or set(tool) - {"name", "description", "input_schema"}:
+            raise _invalid(f"`{where}` must be an object of `name`, `description` and `input_schema`.",
+                           "client_tools")
+        name, description, schema = tool.get("name"), tool.get("description", ""), tool.get("input_schema")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name) or name in tools:
+            raise _invalid(f"`{where}.name` must be a unique name of 1-64 characters of [a-zA-Z0-9_-].",
+                           "client_tools")
+        if not isinstance(description, str) or len(description) > MAX_TOOL_DESCRIPTION_CHARS:
+            raise _invalid(f"`{where}.description` must be a string of at most {MAX_TOOL_DESCRIPTION_CHARS} "
+                           "characters.", "client_tools")
+        check_text(description, f"`{where}.description`", "client_tools")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise _invalid(f"`{where}.input_schema` must be a JSON Schema with \"type\": \"object\".",
+                           "client_tools")
+        structured.check_schema(schema, f"{where}.input_schema")
+        tools[name] = {"name": name, "description": description, "input_schema": schema}
+    return tools or None
 
 
 def _thinking(body: dict[str, Any], max_tokens: int, settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
@@ -246,8 +281,13 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
     return check_text(content, "`message`", "message") if isinstance(content, str) else content
 
 
-def _image(source: Any, i: int, settings: Settings) -> dict[str, Any]:
-    where = f"`message[{i}].source`"
+def image_block(block: dict[str, Any], i: int, settings: Settings) -> dict[str, Any]:
+    """An image block of a client tool's `output` (checked as a message's images are)."""
+    return _image(block.get("source"), i, settings, f"`output[{i}].source`")
+
+
+def _image(source: Any, i: int, settings: Settings, where: str | None = None) -> dict[str, Any]:
+    where = where or f"`message[{i}].source`"
     if not isinstance(source, dict):
         raise ApiError("invalid_image", f"{where} must be an object.")
     kind = source.get("type")

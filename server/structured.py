@@ -125,28 +125,28 @@ def _validator_class(base: Any) -> Any:
 _dialect = partial(jsonschema.validators.validator_for, default=jsonschema.Draft202012Validator)
 
 
-def _invalid(message: str) -> ApiError:
-    return ApiError("invalid_request", message, field="response_schema")
+def _invalid(message: str, name: str) -> ApiError:
+    return ApiError("invalid_request", message, field=name.split("[")[0])
 
 
-def check_schema(schema: dict[str, Any]) -> None:
+def check_schema(schema: dict[str, Any], name: str = "response_schema") -> None:
     """Refuse (400) a schema that is invalid, too big or deep, holds a lone surrogate, refers
     outside itself, or uses a pattern RE2 cannot run, so that validating answers against it
     later is bounded (and it can be kept and sent on)."""
-    _check_tree(schema)  # first: json.dumps recurses, and cannot encode a lone surrogate
+    _check_tree(schema, name)  # first: json.dumps recurses, and cannot encode a lone surrogate
     if len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_SCHEMA_BYTES:
-        raise _invalid(f"`response_schema` is larger than {MAX_SCHEMA_BYTES} bytes of JSON.")
+        raise _invalid(f"`{name}` is larger than {MAX_SCHEMA_BYTES} bytes of JSON.", name)
     if not isinstance(schema.get("$schema", ""), str):
-        raise _invalid("`response_schema` `$schema` must be a string.")
+        raise _invalid(f"`{name}` `$schema` must be a string.", name)
     cls = _dialect(schema)
     # jsonschema's check_schema on our keywords: its stock `uniqueItems` is quadratic, and
     # `format: regex` would compile with `re` (RE2's job, below).
     meta = _validator_class(_dialect(cls.META_SCHEMA))(cls.META_SCHEMA, registry=_NO_FETCH)
     error = next(meta.iter_errors(schema), None)
     if error is not None:
-        raise _invalid(f"`response_schema` is not a valid JSON Schema: {error.message}")
+        raise _invalid(f"`{name}` is not a valid JSON Schema: {error.message}", name)
     seen: set[str] = set()
-    for sub in _reachable(cls, schema):
+    for sub in _reachable(cls, schema, name):
         seen.update(sub)
         regexes = [("/pattern", sub["pattern"])] if isinstance(sub.get("pattern"), str) else []
         if isinstance(sub.get("patternProperties"), dict):
@@ -156,15 +156,15 @@ def check_schema(schema: dict[str, Any]) -> None:
                 _compile(pattern)
             except re2.error as exc:
                 reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-                raise _invalid(f"`response_schema` pattern {pattern!r} at {_where(schema, sub)}{at} is not "
+                raise _invalid(f"`{name}` pattern {pattern!r} at {_where(schema, sub)}{at} is not "
                                f"supported ({reason}); patterns are matched by RE2: no backreferences or "
-                               "lookaround.") from None
+                               "lookaround.", name) from None
     if {"unevaluatedProperties", "patternProperties"} <= seen and "unevaluatedProperties" in cls.VALIDATORS:
-        raise _invalid("`response_schema` cannot use `unevaluatedProperties` together with "
-                       "`patternProperties` (those patterns would not run on RE2).")
+        raise _invalid(f"`{name}` cannot use `unevaluatedProperties` together with "
+                       "`patternProperties` (those patterns would not run on RE2).", name)
 
 
-def _check_tree(schema: dict[str, Any]) -> None:
+def _check_tree(schema: dict[str, Any], name: str) -> None:
     """Refuses a lone surrogate in any key or string and nesting deeper than MAX_SCHEMA_DEPTH
     (iteratively: jsonschema and json.dumps recurse)."""
     from .requests import check_text  # (requests imports this module)
@@ -172,13 +172,13 @@ def _check_tree(schema: dict[str, Any]) -> None:
     while todo:
         node, depth = todo.pop()
         if isinstance(node, str):
-            check_text(node, "A string in `response_schema`", "response_schema")
+            check_text(node, f"A string in `{name}`", name.split("[")[0])
             continue
         if depth > MAX_SCHEMA_DEPTH:
-            raise _invalid(f"`response_schema` is nested deeper than {MAX_SCHEMA_DEPTH} levels.")
+            raise _invalid(f"`{name}` is nested deeper than {MAX_SCHEMA_DEPTH} levels.", name)
         for key, child in (node.items() if isinstance(node, dict) else enumerate(node)):
             if isinstance(key, str):
-                check_text(key, "A key in `response_schema`", "response_schema")
+                check_text(key, f"A key in `{name}`", name.split("[")[0])
             if isinstance(child, (str, dict, list)):
                 todo.append((child, depth + 1))
 
@@ -200,7 +200,7 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def _reachable(cls: Any, schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _reachable(cls: Any, schema: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
     """Every subschema validation can reach through keywords and `$ref`s, each once; a
     reference that does not resolve inside the schema is a 400."""
     spec = referencing.jsonschema.specification_with(cls.ID_OF(cls.META_SCHEMA))
@@ -220,8 +220,8 @@ def _reachable(cls: Any, schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 try:
                     resolved = resolver.lookup(sub[keyword])
                 except (referencing.exceptions.Unresolvable, ValueError):
-                    raise _invalid(f"`response_schema` `{keyword}` {sub[keyword]!r} at {_where(schema, sub)} "
-                                   "does not point inside the schema (nothing is fetched).") from None
+                    raise _invalid(f"`{name}` `{keyword}` {sub[keyword]!r} at {_where(schema, sub)} "
+                                   "does not point inside the schema (nothing is fetched).", name) from None
                 todo.append((resolved.resolver, spec.create_resource(resolved.contents)))
 
 
@@ -242,21 +242,28 @@ def parse(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         return None, f"the answer is not valid JSON ({exc.msg} at position {exc.pos})"
     except RecursionError:
         return None, "the answer is nested too deeply"
+    problem = check(value, schema, len(raw))
+    return (None, problem) if problem else (value, None)
+
+
+def check(value: Any, schema: dict[str, Any], size: int) -> str | None:
+    """The first problem of `value` against `schema` (which passed check_schema), or None;
+    `size` (of its JSON, in characters) sets how long the check may take."""
     validator = _validator_class(_dialect(schema))(schema, registry=_NO_FETCH)
-    budget = CHECK_SECONDS + CHECK_SECONDS_PER_CHAR * len(raw)
+    budget = CHECK_SECONDS + CHECK_SECONDS_PER_CHAR * size
     token = _deadline.set(time.monotonic() + budget)
     try:
         error = best_match(validator.iter_errors(value))
     except TimeoutError:
-        return None, f"checking the answer against the schema took longer than {budget:.2f} s"
+        return f"checking the answer against the schema took longer than {budget:.2f} s"
     except (referencing.exceptions.Unresolvable, re2.error, RecursionError, ValueError) as exc:
-        return None, f"the answer could not be checked against the schema ({exc})"
+        return f"the answer could not be checked against the schema ({exc})"
     finally:
         _deadline.reset(token)
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "the top level"
-        return None, f"{error.message} (at {where})"
-    return value, None
+        return f"{error.message} (at {where})"
+    return None
 
 
 def correction(problem: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class Turn:
     # defaults are all a turn has: nothing per turn or per event.
     span: Any = None
     traceparent: str | None = None
+    answered: asyncio.Event | None = None  # (while it waits for tool answers) set when one may have come
 
     def __init__(self, housekeeper: Housekeeper, session_id: str, turn_id: str):
         self.housekeeper = housekeeper

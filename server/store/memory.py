@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event
-from .base import (ABANDONED_SEQ, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
+from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, TurnCommit)
 
 
@@ -23,6 +23,8 @@ class _Session:
     expires_at: float = 0.0
     lock: tuple[str, float] | None = None  # (turn id, expires at)
     message_ids: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> (turn, expires at)
+    # (turn id, expires at, {tool_use_id: kind}, {tool_use_id: answer JSON}): the calls a turn waits for
+    waiting: tuple[str, float, dict[str, str], dict[str, str]] | None = None
 
 
 @dataclass
@@ -181,6 +183,55 @@ class MemoryStore:
     async def publish_cancel(self, turn_id: str) -> None:
         if self._on_cancel is not None:
             self._on_cancel(turn_id)
+
+    def _waiting(self, s: _Session | None, turn_id: str | None = None) -> tuple[str, float, dict, dict] | None:
+        """The session's waiting tool calls, while their turn still holds the lock (and is `turn_id`)."""
+        w = s.waiting if s is not None else None
+        if w is None or w[1] < time.monotonic() or self._holder(s) != w[0] or turn_id not in (None, w[0]):
+            return None
+        return w
+
+    async def wait_for_tools(self, session_id: str, turn_id: str, calls: dict[str, str], ttl: float) -> None:
+        s = self._session(session_id)
+        if s is not None:
+            s.waiting = (turn_id, time.monotonic() + ttl, dict(calls), {})
+
+    async def answer_tool(self, session_id: str, owner: str, tool_use_id: str, kind: str,
+                          answer: str) -> tuple[str, str | None]:
+        s = self._session(session_id, owner)
+        if s is None:
+            return "not_found", None
+        w = self._waiting(s)
+        if w is None or tool_use_id not in w[2]:
+            return "not_pending", None
+        if w[2][tool_use_id] != kind:
+            return "wrong_kind", w[2][tool_use_id]
+        if tool_use_id in w[3]:
+            return "answered", None
+        w[3][tool_use_id] = answer
+        return "ok", w[0]
+
+    async def tool_answers(self, session_id: str, turn_id: str, close: bool) -> dict[str, str]:
+        s = self._session(session_id)
+        w = self._waiting(s, turn_id)
+        if w is None:
+            return {}
+        if close:
+            s.waiting = None  # type: ignore[union-attr]
+        return dict(w[3])
+
+    async def waiting_tools(self, session_id: str, owner: str) -> tuple[str | None, dict[str, str]] | None:
+        s = self._session(session_id, owner)
+        if s is None:
+            return None
+        w = self._waiting(s)
+        if w is None:
+            return self._holder(s), {}
+        return w[0], {call: kind for call, kind in w[2].items() if call not in w[3]}
+
+    async def notify_answered(self, turn_id: str) -> None:
+        if self._on_cancel is not None:
+            self._on_cancel(ANSWERED + turn_id)
 
     async def start(self, on_cancel: CancelHandler) -> None:
         self._on_cancel = on_cancel

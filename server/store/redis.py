@@ -11,8 +11,11 @@ in one Redis Cluster slot and the Lua scripts below stay legal there.
                                       f (first seq), t (type of the last event), d (the events'
                                       JSON joined by newlines)
     agent:{sid}:mids          hash    client message_id -> "<turn id> <expiry (unix s)>" (idempotency)
-    agent:cancel              channel turn ids to cancel, heard by every worker (on a cluster:
-                              the sharded channel agent:{cancel})
+    agent:{sid}:tools         hash    the tool calls the running turn waits for: turn (its id),
+                                      p:<tool_use_id> (approval | client), a:<tool_use_id> (answer JSON)
+    agent:cancel              channel turn ids to cancel, and "!<turn id>" for a turn whose waiting
+                              tool calls got an answer, heard by every worker (on a cluster: the
+                              sharded channel agent:{cancel})
 
 Round trips per turn: one to begin (lock + history), one to finish (fenced commit + final
 events), none per token; the running turns' event-log writes and lock renewals share one
@@ -43,7 +46,7 @@ from redis.exceptions import NoScriptError, RedisError
 from .. import metrics
 from ..events import Event
 from ..usage import Usage
-from .base import (ABANDONED_SEQ, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
+from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
                    SessionView, Started, StoredMessage, TurnCommit)
 from .redis_channel import ClusterRouter, NodeChannels, SingleRouter
 
@@ -131,6 +134,35 @@ if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then redis.call('HDEL', KEYS
 return 1
 """
 
+# KEYS: tools lock   ARGV: turn ttl_ms kind-pairs...
+_WAIT_TOOLS = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'turn', ARGV[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: meta lock tools   ARGV: owner tool_use_id kind answer
+# Fenced as a commit is: only while the turn that waits still holds the session's lock.
+_ANSWER_TOOL = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return {'not_found'} end
+local turn = redis.call('HGET', KEYS[3], 'turn')
+if not turn or redis.call('GET', KEYS[2]) ~= turn then return {'not_pending'} end
+local kind = redis.call('HGET', KEYS[3], 'p:' .. ARGV[2])
+if not kind then return {'not_pending'} end
+if kind ~= ARGV[3] then return {'wrong_kind', kind} end
+if redis.call('HSETNX', KEYS[3], 'a:' .. ARGV[2], ARGV[4]) == 0 then return {'answered'} end
+return {'ok', turn}
+"""
+
+# KEYS: tools   ARGV: turn close
+_TOOL_ANSWERS = """
+if redis.call('HGET', KEYS[1], 'turn') ~= ARGV[1] then return {} end
+local all = redis.call('HGETALL', KEYS[1])
+if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) end
+return all
+"""
+
 
 def _k(session_id: str, name: str) -> str:
     return f"agent:{{{session_id}}}:{name}"
@@ -205,6 +237,8 @@ class RedisStore:
         self.idempotency_ttl = idempotency_ttl
         self._begin, self._renew, self._finish, self._abandon = map(self.redis.register_script,
                                                                     (_BEGIN, _RENEW, _FINISH, _ABANDON))
+        self._wait_tools, self._answer_tool, self._tool_answers = map(
+            self.redis.register_script, (_WAIT_TOOLS, _ANSWER_TOOL, _TOOL_ANSWERS))
         self._listener: asyncio.Task[None] | None = None
 
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
@@ -350,7 +384,7 @@ class RedisStore:
     async def delete_session(self, session_id: str, owner: str) -> bool:
         if await self.redis.hget(_k(session_id, "meta"), "owner") != owner.encode():
             return False
-        keys = _keys(session_id, "meta", "msgs", "turns", "lock", "mids")
+        keys = _keys(session_id, "meta", "msgs", "turns", "lock", "mids", "tools")
         # (on a cluster, only the session's node holds its keys)
         where = {"target_nodes": self.redis.get_node_from_key(keys[0])} if isinstance(self.redis, RedisCluster) else {}
         keys += [key async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500, **where)]
@@ -362,6 +396,35 @@ class RedisStore:
             await self.redis.spublish(CLUSTER_CANCEL_CHANNEL, turn_id)
         else:
             await self.redis.publish(CANCEL_CHANNEL, turn_id)
+
+    async def wait_for_tools(self, session_id: str, turn_id: str, calls: dict[str, str], ttl: float) -> None:
+        pairs = [x for call, kind in calls.items() for x in (f"p:{call}", kind)]
+        await self._run_script(self._wait_tools, _keys(session_id, "tools", "lock"),
+                               [turn_id, int(ttl * 1000), *pairs])
+
+    async def answer_tool(self, session_id: str, owner: str, tool_use_id: str, kind: str,
+                          answer: str) -> tuple[str, str | None]:
+        status, *detail = (await self._run_script(self._answer_tool, _keys(session_id, "meta", "lock", "tools"),
+                                                  [owner, tool_use_id, kind, answer]))[0]
+        return status.decode(), detail[0].decode() if detail else None
+
+    async def tool_answers(self, session_id: str, turn_id: str, close: bool) -> dict[str, str]:
+        flat = (await self._run_script(self._tool_answers, [_k(session_id, "tools")], [turn_id, int(close)]))[0]
+        return {k[2:].decode(): v.decode() for k, v in zip(flat[::2], flat[1::2]) if k.startswith(b"a:")}
+
+    async def waiting_tools(self, session_id: str, owner: str) -> tuple[str | None, dict[str, str]] | None:
+        pipe = self.redis.pipeline(transaction=False).hget(_k(session_id, "meta"), "owner")
+        found_owner, holder, waiting = await pipe.get(_k(session_id, "lock")).hgetall(_k(session_id, "tools")).execute()
+        if found_owner != owner.encode():
+            return None
+        running = holder.decode() if holder else None
+        if running is None or waiting.get(b"turn") != holder:
+            return running, {}
+        return running, {k[2:].decode(): v.decode() for k, v in waiting.items()
+                         if k.startswith(b"p:") and b"a:" + k[2:] not in waiting}
+
+    async def notify_answered(self, turn_id: str) -> None:
+        await self.publish_cancel(ANSWERED + turn_id)
 
     async def start(self, on_cancel: CancelHandler) -> None:
         """One pub/sub subscription per worker hears every cancel; no per-turn subscribe.

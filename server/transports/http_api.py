@@ -14,6 +14,10 @@ from ..errors import ApiError, status_of
 from ..requests import parse_json_body, parse_turn_request
 
 
+# The events of a turn that waits for the client (or a person): kind of answer it waits for.
+WAITS = {"tool_approval_request": "approval", "client_tool_call": "client"}
+
+
 def engine_of(request: Any) -> Engine:
     return request.app.state.engine
 
@@ -32,6 +36,7 @@ async def agent(request: Request) -> Response:
     req = parse_turn_request(parse_json_body(await request.body()), engine.settings)
     handle = await engine.start(req, principal_of(request))
     calls: dict[str, dict[str, Any]] = {}  # (the tool calls' inputs and results, by id)
+    waiting: dict[str, dict[str, Any]] = {}  # the calls the turn waits for (approval, client tool)
     thinking: list[str] = []
     citations: list[Any] = []
     final: dict[str, Any] | None = None
@@ -57,6 +62,15 @@ async def agent(request: Request) -> Response:
                     call["output" if not e["is_error"] else "error"] = e.get("output", e.get("error"))
             elif event.type == "citation":
                 citations.append(json.loads(event.data)["citation"])
+            elif event.type in WAITS:
+                e = json.loads(event.data)
+                waiting[e["tool_use_id"]] = {"tool_use_id": e["tool_use_id"], "name": e["name"], "input": e["input"],
+                                             "kind": WAITS[event.type], "timeout_s": e["timeout_s"]}
+                if set(e["pending"]) <= set(waiting):
+                    # The turn waits (on the server) for answers this client must send: say so now.
+                    return JSONResponse({"session_id": handle.session_id, "turn_id": handle.turn_id,
+                                         "status": "waiting_for_tools", "pending": list(waiting.values()),
+                                         "tool_calls": list(calls.values())}, status_code=202)
     if final is None:  # the follow ended without a terminal event: the server is stopping
         raise ApiError("server_restarting")
     if final["type"] == "error":
@@ -67,6 +81,29 @@ async def agent(request: Request) -> Response:
     if citations:
         answer["citations"] = citations
     return JSONResponse(answer)
+
+
+async def tool_approval(request: Request) -> Response:
+    """`POST /sessions/{id}/tool-approvals`: approve or deny a tool call the turn waits for."""
+    return await _answer_tool(request, ("tool_use_id", "approved", "reason"))
+
+
+async def tool_result(request: Request) -> Response:
+    """`POST /sessions/{id}/tool-results`: the result of a client tool call the turn waits for."""
+    return await _answer_tool(request, ("tool_use_id", "output", "is_error"))
+
+
+async def _answer_tool(request: Request, fields: tuple[str, ...]) -> Response:
+    session_id = valid_session_id(request.path_params["session_id"])
+    body = parse_json_body(await request.body())
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise ApiError("invalid_request", f"Unknown field(s): {', '.join(unknown)}; expected {', '.join(fields)}.")
+    if fields[1] not in body:
+        raise ApiError("invalid_request", f"`{fields[1]}` is required.", field=fields[1])
+    turn_id = await engine_of(request).answer_tools(session_id, principal_of(request), [body])
+    return JSONResponse({"session_id": session_id, "turn_id": turn_id, "tool_use_id": body["tool_use_id"]},
+                        status_code=202)
 
 
 async def get_session(request: Request) -> Response:
@@ -100,9 +137,12 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """Readiness: the store answers and this worker still takes turns."""
+    """Readiness: the store answers and this worker still takes turns. MCP servers' states are
+    only reported: a server that is down does not make the worker unready (its tools answer errors)."""
     engine = engine_of(request)
     store_ok, accepting = await engine.store.ping(), engine.accepting
     ok = store_ok and accepting
-    return JSONResponse({"status": "ready" if ok else "not_ready", "store": store_ok, "accepting_turns": accepting},
-                        status_code=200 if ok else 503)
+    body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "store": store_ok, "accepting_turns": accepting}
+    if (mcp := getattr(engine, "mcp_servers", None)) is not None:
+        body["mcp"] = mcp.states()
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -1,7 +1,9 @@
 """`WS /agent/ws`: many turns per connection, the same event vocabulary as SSE.
 
 Client frames (JSON text): `message` (the POST /agent body fields), `cancel` (the session's
-running turn), `resume` (`session_id`?, `last_event_id`?), `ping`. Server frames: the turn events,
+running turn), `resume` (`session_id`?, `last_event_id`?), `tool_approval` (`tool_use_id`,
+`approved`, `reason`?) and `tool_result` (`tool_use_id`, `output`, `is_error`?) for a tool call the
+session's turn waits for, `ping`. Server frames: the turn events,
 `ping` heartbeats, `pong`, `error` for a bad frame (the connection stays usable). A connection is
 bound to one session: `?session_id=` at connect, else the first message's. Turns outlive the socket.
 """
@@ -79,10 +81,16 @@ class AgentSocket(FramedSocket):
             tracing.annotate("agent.ws.frame_type", kind[:64])
         if kind in ("message", "cancel", "resume"):
             await getattr(self, "_" + kind)(frame)
+        elif kind in ("tool_approval", "tool_result"):
+            if self.session_id is None:
+                raise ApiError("invalid_request", "No session on this connection yet.")
+            answer = {k: v for k, v in frame.items() if k != "type"}
+            await self.engine.answer_tools(self.session_id, self.principal, [answer])
         elif kind == "ping":
             await self.send(PONG)
         elif kind != "pong":
-            raise ApiError("invalid_request", "Frame `type` must be one of: message, cancel, resume, ping.")
+            raise ApiError("invalid_request", "Frame `type` must be one of: message, cancel, resume, "
+                           "tool_approval, tool_result, ping.")
 
     async def _message(self, frame: dict[str, Any]) -> None:
         await admit_turn(self.ws)  # per-minute limits, as for POST /agent
