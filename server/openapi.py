@@ -134,7 +134,33 @@ SCHEMAS: dict[str, Any] = {
         "thinking": _THINKING,
         "effort": {"enum": list(EFFORTS), "description": "How much effort the model spends (`output_config.effort`); "
                    "omit for the server's default (if the server allows client thinking)."},
+        "client_tools": {"type": "array", "maxItems": 64, "description": "Tools the client runs itself: the model's "
+                         "calls to them (validated against `input_schema`) arrive as `client_tool_call` events, and "
+                         "the turn waits for the result (`POST /sessions/{session_id}/tool-results`, or a WebSocket "
+                         "`tool_result` frame).", "items": _obj({
+                             "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+                             "description": {"type": "string", "maxLength": 10000},
+                             "input_schema": {"type": "object", "description": "A JSON Schema of `type: object`."}},
+                             "name", "input_schema")},
     }, "message", description="One user message; the answer continues the session's conversation."),
+    "ToolApproval": _obj({"tool_use_id": _STRING, "approved": _BOOL,
+                          "reason": {"type": "string", "maxLength": 2000, "description": "Shown to the model with "
+                                     "a denial."}}, "tool_use_id", "approved",
+                         description="A decision on a tool call that waits for approval (TOOLS_REQUIRING_APPROVAL)."),
+    "ToolResultAnswer": _obj({"tool_use_id": _STRING, "is_error": _BOOL, "output": {
+        "description": "Text, a list of `text` and `image` content blocks, or any JSON value (sent as its JSON text)."}},
+        "tool_use_id", "output", description="The result of a client tool call the turn waits for."),
+    "ToolAnswerAccepted": _obj({"session_id": _STRING, "turn_id": _STRING, "tool_use_id": _STRING},
+                               "session_id", "turn_id", "tool_use_id",
+                               description="Recorded; the turn (wherever it runs) goes on. Follow it with "
+                                           "`GET /sessions/{session_id}/stream`."),
+    "WaitingForTools": _obj({
+        "session_id": _STRING, "turn_id": _STRING, "status": {"const": "waiting_for_tools"},
+        "pending": {"type": "array", "items": _obj({**_TOOL, "input": {}, "kind": {"enum": ["approval", "client"]},
+                                                    "timeout_s": _NUMBER}, "tool_use_id", "name", "input", "kind")},
+        "tool_calls": {"type": "array", "items": _ref("ToolCall")}},
+        "session_id", "turn_id", "status", "pending",
+        description="`POST /agent` when the turn waits for answers: send them, then follow the turn's stream."),
     "Usage": _obj({**{k: _INT for k in _USAGE}, **_USAGE_DETAILS}, *_USAGE),
     "ToolCall": _obj({**_TOOL, **_SERVER, "input": {}, "is_error": _BOOL, "output": {}, "error": {}},
                      "tool_use_id", "name"),
@@ -180,9 +206,21 @@ SCHEMAS: dict[str, Any] = {
         _event("tool_result", "The tool's result. A server tool's `output` (or `error`) is its result block's "
                "`content` as the model service gives it.",
                {**_TOOL, **_SERVER, "is_error": _BOOL, "output": {}, "error": {},
+                "client": {"const": True, "description": "One of the request's `client_tools`: the client's result."},
                 "result_type": {"type": "string", "description": "A server tool's result block type, e.g. "
                                 "`web_search_tool_result`."}},
                "tool_use_id", "name", "is_error"),
+        _event("tool_approval_request", "The tool call needs a person's approval: the turn waits (up to `timeout_s`) "
+               "for a decision from any worker. `pending` lists every call this pause waits for.",
+               {**_TOOL, "approval_id": _STRING, "input": {}, "timeout_s": _NUMBER,
+                "pending": {"type": "array", "items": _STRING}}, "tool_use_id", "name", "input", "pending"),
+        _event("client_tool_call", "A call to one of the request's `client_tools`: the turn waits for the client's "
+               "result. `pending` lists every call this pause waits for.",
+               {**_TOOL, "input": {}, "timeout_s": _NUMBER, "pending": {"type": "array", "items": _STRING}},
+               "tool_use_id", "name", "input", "pending"),
+        _event("tool_approval", "The decision on a call that waited for approval (`timed_out`: none came in time).",
+               {"tool_use_id": _STRING, "approved": _BOOL, "reason": _STRING, "timed_out": _BOOL},
+               "tool_use_id", "approved"),
         _event("structured_output", "The answer parsed against `response_schema`.", {"data": {}}, "data"),
         _event("structured_output_retry", "The answer did not match the schema; the model is asked "
                "once more.", {"error": _STRING}, "error"),
@@ -195,6 +233,8 @@ SCHEMAS: dict[str, Any] = {
         {"allOf": [_obj({"type": {"const": "message"}}, "type"), _ref("TurnRequest")]},
         _obj({"type": {"const": "cancel"}}, "type"),
         _obj({"type": {"const": "resume"}, "turn_id": _STRING, "last_event_id": _STRING}, "type"),
+        {"allOf": [_obj({"type": {"const": "tool_approval"}}, "type"), _ref("ToolApproval")]},
+        {"allOf": [_obj({"type": {"const": "tool_result"}}, "type"), _ref("ToolResultAnswer")]},
         _obj({"type": {"enum": ["ping", "pong"]}}, "type"),
     ]},
     "SessionView": _obj({
@@ -251,7 +291,9 @@ _WS_ERRORS = {"401": _error("An API key or ticket is required (`unauthorized`)."
 
 PATHS: dict[str, dict[str, Any]] = {
     "/agent": {"post": _op("turns", "runTurn", "Run one turn and return the whole answer", {
-        "200": _json("TurnResult", "The answer."), **_TURN_ERRORS}, "TurnRequest")},
+        "200": _json("TurnResult", "The answer."),
+        "202": _json("WaitingForTools", "The turn waits for tool approvals or client tool results."),
+        **_TURN_ERRORS}, "TurnRequest")},
     "/agent/stream": {"post": _op("turns", "streamTurn", "Run one turn, streamed as Server-Sent Events", {
         "200": _SSE, **_TURN_ERRORS}, "TurnRequest",
         description="Errors before the first event are HTTP statuses with a JSON body; after it they "
@@ -284,6 +326,14 @@ PATHS: dict[str, dict[str, Any]] = {
         "sessions", "cancelTurn", "Cancel the session's running turn (wherever it runs)", {
         "202": _json("CancelResult", "Cancelled; the stream ends with `turn_end` (cancelled: true)."),
         "200": _json("CancelResult", "No turn was running."), **_SESSION_ERRORS}, parameters=_SESSION_ID)},
+    "/sessions/{session_id}/tool-approvals": {"post": _op(
+        "sessions", "approveToolCall", "Approve or deny a tool call the session's turn waits for", {
+            "202": _json("ToolAnswerAccepted", "Recorded."), **_errors(400, 401, 404, 409)},
+        "ToolApproval", parameters=_SESSION_ID)},
+    "/sessions/{session_id}/tool-results": {"post": _op(
+        "sessions", "sendToolResult", "The result of a client tool call the session's turn waits for", {
+            "202": _json("ToolAnswerAccepted", "Recorded."), **_errors(400, 401, 404, 409, 413)},
+        "ToolResultAnswer", parameters=_SESSION_ID)},
     "/ws-ticket": {"post": _op("auth", "wsTicket", "A single-use ticket for a browser WebSocket (`?ticket=`)", {
         "200": _json("WsTicket", "The ticket (valid about a minute)."), **_errors(401)})},
     "/api/chat": {"post": _op("ai-sdk", "uiChat", "Vercel AI SDK `useChat` endpoint (UI message stream)", {

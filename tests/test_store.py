@@ -134,6 +134,35 @@ async def test_new_turn_after_a_crash_reports_the_stale_turn(store):
     assert isinstance(started, Started) and started.stale_turn_id == t1
 
 
+async def test_waiting_tool_calls_take_one_answer_each_from_the_owner_while_the_turn_holds_the_lock(store):
+    sid, t1, t2 = new_id(), new_id(), new_id()
+    heard = []
+    await store.start(heard.append)
+    await store.begin_turn(sid, t1, owner="alice", create=True, message_id=None)
+    await store.wait_for_tools(sid, t1, {"toolu_a": "approval", "toolu_c": "client"}, ttl=60)
+    assert await store.waiting_tools(sid, "alice") == (t1, {"toolu_a": "approval", "toolu_c": "client"})
+    assert await store.waiting_tools(sid, "bob") is None
+    assert await store.answer_tool(sid, "bob", "toolu_a", "approval", "{}") == ("not_found", None)
+    assert await store.answer_tool(sid, "alice", "toolu_x", "approval", "{}") == ("not_pending", None)
+    assert await store.answer_tool(sid, "alice", "toolu_a", "client", "{}") == ("wrong_kind", "approval")
+    assert await store.answer_tool(sid, "alice", "toolu_a", "approval", '{"approved":true}') == ("ok", t1)
+    assert await store.answer_tool(sid, "alice", "toolu_a", "approval", '{"approved":false}') == ("answered", None)
+    assert await store.waiting_tools(sid, "alice") == (t1, {"toolu_c": "client"})
+    assert await store.tool_answers(sid, t2, close=False) == {}  # (another turn's: none)
+    assert await store.tool_answers(sid, t1, close=False) == {"toolu_a": '{"approved":true}'}
+    await store.notify_answered(t1)
+    await eventually(lambda: heard == ["!" + t1])
+    # Closing the wait takes the answers; later ones are refused.
+    assert await store.tool_answers(sid, t1, close=True) == {"toolu_a": '{"approved":true}'}
+    assert await store.answer_tool(sid, "alice", "toolu_c", "client", "{}") == ("not_pending", None)
+    assert await store.waiting_tools(sid, "alice") == (t1, {})
+    # Fenced: once the turn lost its lock, nothing it waited for can be answered.
+    await store.wait_for_tools(sid, t1, {"toolu_d": "client"}, ttl=60)
+    await asyncio.sleep(LOCK_TTL + 0.1)
+    assert await store.answer_tool(sid, "alice", "toolu_d", "client", "{}") == ("not_pending", None)
+    assert await store.waiting_tools(sid, "alice") == (None, {})
+
+
 async def test_delete(store):
     sid, t1 = new_id(), new_id()
     await store.begin_turn(sid, t1, owner="o", create=True, message_id=None)
