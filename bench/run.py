@@ -4,7 +4,8 @@
     scripts/bench --quick         smaller numbers (under a minute)
     scripts/bench --only 1,5      some sections (1 stream CPU, 2 stretch, 3 short turns,
                                   4 TTFT, 5 memory, 6 Redis, 7 seed/floor comparison,
-                                  8 Redis sizing: what one Redis node carries)
+                                  8 Redis sizing: what one Redis node carries, 9 tool loop:
+                                  CPU per model call of tool-calling turns, and one MCP call's cost)
     scripts/bench --tracing       also "otel": ours with OpenTelemetry tracing at 100% sampling
                                   (sections 1-4), exporting OTLP/HTTP to a sink in this process
 
@@ -36,7 +37,9 @@ from .redis_proxy import RedisProxy
 
 MODEL = "claude-sonnet-4-5"
 SECTION_NAMES = {"1": "stream", "2": "stretch", "3": "turn", "4": "ttft", "5": "memory", "6": "redis",
-                 "7": "compare", "8": "sizing"}
+                 "7": "compare", "8": "sizing", "9": "tools"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MCP_TEST_SERVER = os.path.join(ROOT, "tests", "mcp_server.py")
 
 
 # -- small helpers -------------------------------------------------------------------------
@@ -197,6 +200,8 @@ class Bench:
                 self.section_redis()
             if "8" in want:
                 self.section_sizing()
+            if "9" in want:
+                self.section_tools()
         finally:
             if self.sink is not None:
                 self.sink.stop()
@@ -449,6 +454,40 @@ class Bench:
         """What one Redis node carries: its own private redis-server, whatever --redis-url says."""
         self.sizing = sizing.run(self)
 
+    # -- section 9: the tool loop, and one MCP call ------------------------------------------------
+    def section_tools(self) -> None:
+        """Turns that call one tool (2 model calls each): the calculator (a local tool), then, where
+        the tree has MCP support, the `echo` tool of tests/mcp_server.py over stdio (its process is
+        the server's child, so its CPU is counted)."""
+        assert self.fake is not None and self.redis is not None
+        a = self.a
+        variants = [("local", {}, "calculator", {"expression": "2+2"})]
+        if os.path.exists(os.path.join(ROOT, "server", "tools", "mcp.py")):
+            config = {"mcpServers": {"bench": {"command": sys.executable, "args": [MCP_TEST_SERVER]}}}
+            variants.append(("mcp stdio", {"MCP_SERVERS": json.dumps(config)}, "bench__echo", {"text": "hi"}))
+        self.tool_rows = []
+        for label, env, tool, tool_input in variants:
+            server = Server("ours", self.fake, self.redis.url, workers=1, extra_env=env, tag="-tools")
+            t = Target("ours", "127.0.0.1", server.port, server.pids(), server)
+            lg = LoadGen("-tools")
+            text = directive(tool_use=[{"name": tool, "input": tool_input}]) + " tool turn"
+            try:
+                self._lg_run(lg, t, t.turn_spec(text, a.session_turns), 10, 2)  # warm-up
+                t.cpu_pids = server.pids()
+                self.wait_quiet(f"tool loop ({label})")
+                log(f"tools: {label}, {a.turn_clients} clients x {a.turn_rounds} turns")
+                out = self._lg_run(lg, t, t.turn_spec(text, a.session_turns), a.turn_clients, a.turn_rounds)
+            finally:
+                lg.stop()
+                self.stop_server(f"tools {label}", server)
+            ok = [r for r in out["records"] if not r[6]]
+            lat = [r[3] for r in ok]
+            self.tool_rows.append({"label": label, "tool": tool, "turns": len(ok), "failed": len(out["records"]) - len(ok),
+                                   "errors": out["errors"], "cpu": out["cpu"]["server"],
+                                   "ms_per_call": out["cpu"]["server"] / (2 * len(ok)) * 1e3 if ok else None,
+                                   "lat_p50": pct(lat, 50) * 1e3 if lat else None,
+                                   "lat_p99": pct(lat, 99) * 1e3 if lat else None})
+
     # -- report ---------------------------------------------------------------------------------
     def render(self, elapsed: float) -> str:
         a = self.a
@@ -610,6 +649,17 @@ class Bench:
                            f"{r['up']:>7} {r['down']:>7}  {sent} | {cmds}")
         if sz:
             out += sizing.render(sz, a.pace_ms)
+        for r in getattr(self, "tool_rows", []):
+            out.append(f"[9 {r['label']:9}] {r['turns']} turns calling {r['tool']} (2 model calls each), {r['failed']} "
+                       f"failed; server CPU {fmt(r['ms_per_call'], ' ms', 3)} per model call; turn latency p50 "
+                       f"{fmt(r['lat_p50'], ' ms', 1)}, p99 {fmt(r['lat_p99'], ' ms', 1)}"
+                       + (f"; errors {r['errors']}" if r["errors"] else ""))
+        rows9 = getattr(self, "tool_rows", [])
+        if len(rows9) == 2 and rows9[0]["ms_per_call"] and rows9[1]["ms_per_call"]:
+            extra = 2 * (rows9[1]["ms_per_call"] - rows9[0]["ms_per_call"])  # (per turn: one tool call)
+            out.append(f"[9 overhead ] one MCP call (stdio) instead of a local tool: {extra:+.3f} ms of server CPU "
+                       f"(MCP server process included), {rows9[1]['lat_p50'] - rows9[0]['lat_p50']:+.1f} ms turn "
+                       f"latency p50")
         for label, _sigterms, problems in self.server_logs:
             if problems:
                 shown = "; ".join(f"{n} x {k}" for n, k in problems[:4])
@@ -642,6 +692,8 @@ class Bench:
         out.append("    that (Redis runs commands on one thread: plan for ~50% of it). Memory: used_memory per session")
         out.append("    (keys after the turns' event logs are deleted; those expire EVENT_LOG_TTL_SECONDS after a turn)")
         out.append("    and its growth per stream-minute while the streams run (MEMORY USAGE per event as a check).")
+        out.append(" 9  POST /agent turns whose first model call asks for one tool (the fake's `tool_use` directive) and")
+        out.append("    whose second answers; server CPU (worker + children: the MCP server over stdio) / model calls.")
         for n in self.notes:
             out.append(f" !  {n}")
         return "\n".join(out) + "\n"
@@ -657,7 +709,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="streams per client in sections 1/2 (default 2; quick 1)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY) for ours and seed")
     p.add_argument("--only", default="",
-                   help="sections, e.g. 1,3 or stream,memory (1-8; 7 = seed/floor columns, 8 = Redis sizing)")
+                   help="sections, e.g. 1,3 or stream,memory (1-9; 7 = seed/floor columns, 8 = Redis sizing, "
+                        "9 = tool loop)")
     p.add_argument("--targets", default=None,
                    help="columns for sections 1-4: ours,otel,aiohttp,seed,floor (default: ours,seed,floor when "
                         "section 7 runs, else ours); aiohttp = ours on the SDK's DefaultAioHttpClient; otel = "
@@ -695,7 +748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in filter(None, (x.strip().lower() for x in a.only.split(","))):
         num = next((k for k, v in SECTION_NAMES.items() if v == item), item)
         if num not in SECTION_NAMES:
-            p.error(f"--only: unknown section {item!r} (1-8 or {', '.join(SECTION_NAMES.values())})")
+            p.error(f"--only: unknown section {item!r} (1-9 or {', '.join(SECTION_NAMES.values())})")
         chosen.add(num)
     a.sections = chosen or set(SECTION_NAMES)
     if a.sections == {"7"}:

@@ -199,7 +199,13 @@ class Settings:
     header_timeout_seconds: float = _env(10.0, _float(0.1, 3600))
     body_timeout_seconds: float = _env(30.0, _float(0.1, 3600))
     # tools and the turn engine
-    enabled_tools: tuple[str, ...] = _env(("calculator", "current_time"), _parse_list)
+    # None: every tool of the built-in modules and of TOOL_MODULES; else only these names
+    enabled_tools: tuple[str, ...] | None = _env(None, _parse_list)
+    tool_modules: tuple[str, ...] = _env((), _parse_list)  # importable modules defining @tool functions
+    mcp_servers: str | None = _env(None, str)  # {"mcpServers": {...}}: a JSON file path, or the JSON itself
+    mcp_connect_timeout_seconds: float = _env(10.0, _float(0.1, 600))
+    tools_requiring_approval: tuple[str, ...] = _env((), _parse_list)  # names; MCP tools by namespaced name
+    tool_approval_timeout_seconds: float = _env(600.0, _float(1, 86400))  # also: waiting for a client tool
     max_tool_iterations: int = _env(5, _int(1, 100))
     tool_timeout_seconds: float = _env(10.0, _float(0.01, 600))
     prompt_caching: bool = _env(True, _parse_bool)
@@ -288,12 +294,19 @@ class Settings:
                               "each worker would keep its own history and conversations would split")
         _check_redis(settings)
         try:
-            tools = load_toolset(settings.enabled_tools)
-        except ValueError as exc:
-            raise ConfigError(f"ENABLED_TOOLS: {exc}") from None
+            tools = load_toolset(settings.enabled_tools, settings.tool_modules)
+        except ValueError as exc:  # (the message names the variable, module and tool)
+            raise ConfigError(str(exc)) from None
+        if settings.mcp_servers:
+            from .tools.mcp_config import parse_mcp_servers  # (no `mcp` import: that is the worker's)
+
+            try:
+                parse_mcp_servers(settings.mcp_servers)
+            except ValueError as exc:
+                raise ConfigError(f"MCP_SERVERS: {exc}") from None
         clash = sorted(set(tools) & {server_tools.tool_name(t) for t in settings.server_tools})
         if clash:
-            raise ConfigError(f"SERVER_TOOLS: {', '.join(clash)} is also in ENABLED_TOOLS (tool names must differ)")
+            raise ConfigError(f"SERVER_TOOLS: {', '.join(clash)} is also the name of a tool of this server (tool names must differ)")
         _check_thinking(settings)
         for tool in ("WEB_SEARCH", "WEB_FETCH"):
             allowed, blocked = (getattr(settings, f"{tool.lower()}_{kind}_domains") for kind in ("allowed", "blocked"))

@@ -126,7 +126,7 @@ class Engine:
         """The `tools` to send (JSON, the cache breakpoint on the last) and their size in characters.
         Encoded once per version of the tool list (MCP servers change it); a request's client
         tools come last, encoded with its turn."""
-        version = getattr(self.tools, "version", None)  # TODO(A): self.tools.version
+        version = self.tools.version if self.tools is not None else None
         if version != self._tools_version:
             self._tool_defs = [*(self.tools.definitions() if self.tools is not None else []),
                                *server_tools.definitions(self.settings)]

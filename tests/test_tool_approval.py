@@ -4,7 +4,6 @@ worker: an HTTP endpoint or a WebSocket frame. Two server processes share one Re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from server.tools import ALL_TOOLS, load_toolset
+from server.tools import FunctionTool, available_tools, load_toolset
 from server.tools.calculator import evaluate, format_number
-from server.tools.registry import Tool, ToolOutcome, ToolSet
+from server.tools.registry import ToolOutcome, ToolSet
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_definition_keeps_property_named_title() -> None:
         title: str
         kind: str = "a"
 
-    schema = Tool("t", "d", In, lambda m: None).definition()["input_schema"]
+    schema = FunctionTool("t", "d", In, lambda m: None).definition()["input_schema"]
     assert set(schema["properties"]) == {"title", "kind"}
     assert "title" not in schema["properties"]["title"]
     assert schema["required"] == ["title"]
@@ -299,7 +299,7 @@ def test_validate_returns_model_or_error(tools: ToolSet) -> None:
 
 @pytest.mark.asyncio
 async def test_sync_tool_exception_is_reported() -> None:
-    toolset = ToolSet([Tool("boom", "raises", _Empty, _boom)])
+    toolset = ToolSet([FunctionTool("boom", "raises", _Empty, _boom)])
     outcome = await toolset.run_one("x", "boom", {})
     assert outcome.is_error
     assert outcome.output == "RuntimeError: disk on fire"
@@ -310,8 +310,8 @@ async def test_sync_tool_exception_is_reported() -> None:
 async def test_non_string_results_are_json() -> None:
     toolset = ToolSet(
         [
-            Tool("sleep", "sleeps", _Delay, _sleep),
-            Tool("list", "returns a list", _Empty, _sync_value),
+            FunctionTool("sleep", "sleeps", _Delay, _sleep),
+            FunctionTool("list", "returns a list", _Empty, _sync_value),
         ]
     )
     slept = await toolset.run_one("a", "sleep", {"seconds": 0, "label": "x"})
@@ -322,7 +322,7 @@ async def test_non_string_results_are_json() -> None:
 
 @pytest.mark.asyncio
 async def test_async_tool_timeout() -> None:
-    toolset = ToolSet([Tool("slow", "too slow", _Delay, _sleep, timeout_s=0.05)])
+    toolset = ToolSet([FunctionTool("slow", "too slow", _Delay, _sleep, timeout_s=0.05)])
     outcome = await toolset.run_one("s", "slow", {"seconds": 5, "label": "x"})
     assert outcome.is_error
     assert "timed out" in outcome.output and "0.05" in outcome.output
@@ -332,7 +332,7 @@ async def test_async_tool_timeout() -> None:
 
 @pytest.mark.asyncio
 async def test_run_all_keeps_order_and_runs_in_parallel(tools: ToolSet) -> None:
-    toolset = ToolSet([Tool("sleep", "sleeps", _Delay, _sleep), *ALL_TOOLS.values()])
+    toolset = ToolSet([FunctionTool("sleep", "sleeps", _Delay, _sleep), *available_tools().values()])
     calls: list[tuple[str, str, object]] = [
         ("1", "sleep", {"seconds": 0.2, "label": "first"}),
         ("2", "calculator", {"expression": "1/0"}),
@@ -375,4 +375,4 @@ def test_load_toolset_subset_and_dedupe() -> None:
 
 def test_duplicate_tool_names_rejected() -> None:
     with pytest.raises(ValueError, match="duplicate"):
-        ToolSet([ALL_TOOLS["calculator"], ALL_TOOLS["calculator"]])
+        ToolSet([available_tools()["calculator"], available_tools()["calculator"]])

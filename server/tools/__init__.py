@@ -1,20 +1,12 @@
-"""Tools Claude may call. To add one: write a module with an input model, a
-function and `TOOL = Tool(...)`, then list it in ALL_TOOLS below."""
+"""Tools Claude may call. A tool is a function decorated with `@tool` in any importable module:
+the built-in ones (calculator, current_time) and those of TOOL_MODULES are loaded at startup;
+ENABLED_TOOLS narrows them. See server/tools/functions.py for what a tool function may be."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from .functions import FunctionTool, ToolDefinitionError, tool
+from .modules import BUILTIN_MODULES, available_tools, load_toolset
+from .registry import Tool, ToolOutcome, ToolResult, ToolSet, ToolSource
 
-from . import calculator, current_time
-from .registry import Tool, ToolSet
-
-ALL_TOOLS: dict[str, Tool] = {tool.name: tool for tool in (calculator.TOOL, current_time.TOOL)}
-
-
-def load_toolset(enabled: Iterable[str]) -> ToolSet:
-    """Build the ToolSet for the configured names; unknown names are a config error."""
-    names = list(dict.fromkeys(enabled))  # dedupe, keep order
-    unknown = [name for name in names if name not in ALL_TOOLS]
-    if unknown:
-        raise ValueError(f"unknown tool(s): {', '.join(map(repr, unknown))}; available: {', '.join(ALL_TOOLS)}")
-    return ToolSet(ALL_TOOLS[name] for name in names)
+__all__ = ["BUILTIN_MODULES", "FunctionTool", "Tool", "ToolDefinitionError", "ToolOutcome", "ToolResult", "ToolSet",
+           "ToolSource", "available_tools", "load_toolset", "tool"]

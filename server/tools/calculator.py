@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .registry import Tool
+from .functions import tool
 
 MAX_LENGTH = 200
 MAX_NODES = 200  # counts value nodes (numbers and operations)
@@ -98,6 +98,8 @@ def format_number(value: Number) -> str:
     return str(value) if isinstance(value, int) else format(value, ".12g")
 
 
-TOOL = Tool("calculator", "Evaluate an arithmetic expression exactly and return the numeric result. "
-            "Use it for any non-trivial arithmetic instead of computing in your head.",
-            CalculatorInput, lambda args: format_number(evaluate(args.expression)), timeout_s=5.0)
+@tool(timeout=5.0)
+def calculator(args: CalculatorInput) -> str:
+    """Evaluate an arithmetic expression exactly and return the numeric result.
+    Use it for any non-trivial arithmetic instead of computing in your head."""
+    return format_number(evaluate(args.expression))

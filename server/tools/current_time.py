@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .registry import Tool
+from .functions import tool
 
 
 class CurrentTimeInput(BaseModel):
@@ -28,13 +28,11 @@ class CurrentTimeInput(BaseModel):
         return value
 
 
+@tool(timeout=5.0)
 def current_time(args: CurrentTimeInput) -> str:
+    """Get the current date, time, UTC offset and weekday in a timezone.
+    Use it whenever the answer depends on today's date or the time of day."""
     now = datetime.now(ZoneInfo(args.timezone))
     iso = now.isoformat(timespec="seconds")
     return json.dumps({"timezone": args.timezone, "iso": iso, "utc_offset": iso[len("YYYY-MM-DDTHH:MM:SS"):],
                        "weekday": now.strftime("%A")})  # utc_offset: "+HH:MM"
-
-
-TOOL = Tool("current_time", "Get the current date, time, UTC offset and weekday in a timezone. "
-            "Use it whenever the answer depends on today's date or the time of day.",
-            CurrentTimeInput, current_time, timeout_s=5.0)

@@ -1,0 +1,3 @@
+"""A module importing a package that is not installed."""
+
+import no_such_package_for_tools  # noqa: F401

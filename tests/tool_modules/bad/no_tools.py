@@ -1,0 +1,5 @@
+"""A module that defines no tool."""
+
+
+def helper(x: int) -> int:
+    return x
