@@ -113,6 +113,7 @@ class Engine:
         self._tool_defs: list[dict[str, Any]] = []
         self._tools_encoded: tuple[RawJSON | None, int] = (None, 0)
         self.approval_required = frozenset(settings.tools_requiring_approval)
+        self.mcp_servers: Any = None  # (set by the lifecycle when MCP_SERVERS is: their states for /ready)
         self.housekeeper = Housekeeper(store, settings)
         self.store_system = "redis" if settings.redis_url else "memory"  # (commit spans, as /health says it)
         self.accepting = True
@@ -499,12 +500,6 @@ class Engine:
             uses = [b for b in progress.blocks if b["type"] == "tool_use"]
             calls = [(b["id"], b["name"], b["input"]) for b in uses]
             results = await self._run_calls(turn, progress, calls)
-            for o in results:
-                result = {"tool_use_id": o.tool_use_id, "name": o.name, "is_error": o.is_error,
-                          ("error" if o.is_error else "output"): o.output}
-                if o.name in progress.client_tools:
-                    result["client"] = True
-                turn.emit("tool_result", result)
             progress.messages.append({"role": "user", "content": [o.tool_result_block() for o in results]})
         # The model kept asking for tools (or pausing): end with an assistant message so history stays valid.
         stopped = {"type": "text", "text": "[Stopped: the tool iteration limit was reached.]"}
@@ -515,34 +510,64 @@ class Engine:
         raise ApiError("max_iterations", f"The model asked for tools {s.max_tool_iterations} times in a row.")
 
     async def _run_calls(self, turn: Turn, progress: _Progress, calls: list[tuple[str, str, Any]]) -> list[ToolOutcome]:
-        """Run the answer's tool calls; results in call order. Calls to client tools, and to tools
-        that need approval, are announced and waited for first (see `_wait_for_answers`); a
-        denied call or a client tool's result becomes its tool_result without running anything here."""
+        """Run the answer's tool calls and send their `tool_result` events; results in call order.
+        Calls that need nobody run first; then calls to client tools, and to tools that need
+        approval, are announced and waited for (`_wait_for_answers`): a denied call or a client
+        tool's result becomes its tool_result without running anything here."""
         waits = {call_id: "client" if name in progress.client_tools else "approval"
                  for call_id, name, _input in calls if call_id not in progress.problems
                  and (name in progress.client_tools or name in self.approval_required)}
-        answers = await self._wait_for_answers(turn, calls, waits) if waits else {}
         outcomes: dict[str, ToolOutcome] = {}
+        await self._run_now(turn, progress, [call for call in calls if call[0] not in waits], outcomes)
+        if waits:
+            answers = await self._wait_for_answers(turn, calls, waits)
+            approved = []
+            for call_id, name, raw_input in calls:
+                answer = answers.get(call_id)
+                if waits.get(call_id) == "client":
+                    self._record(turn, progress, outcomes, _client_outcome(
+                        call_id, name, raw_input, answer, None, self.settings.tool_approval_timeout_seconds))
+                elif call_id in waits and answer and answer["approved"]:
+                    approved.append((call_id, name, raw_input))
+                elif call_id in waits:
+                    reason = (answer or {}).get("reason")
+                    text = ("The user denied this tool call" + (f": {reason}" if reason else ".") if answer
+                            else f"Not approved within {self.settings.tool_approval_timeout_seconds:g} s: not run.")
+                    self._record(turn, progress, outcomes, ToolOutcome(
+                        tool_use_id=call_id, name=name, output=text, is_error=True, input=raw_input, outcome="denied"))
+            await self._run_now(turn, progress, approved, outcomes)
+        return [outcomes[call_id] for call_id, _name, _input in calls]
+
+    async def _run_now(self, turn: Turn, progress: _Progress, calls: list[tuple[str, str, Any]],
+                       outcomes: dict[str, ToolOutcome]) -> None:
+        """Run calls (concurrently) and record their outcomes; a client tool call here is one
+        whose input was invalid: its error goes back to the model without the client seeing it."""
+        run = []
         for call_id, name, raw_input in calls:
-            answer = answers.get(call_id)
             if name in progress.client_tools:
-                outcomes[call_id] = _client_outcome(call_id, name, raw_input, answer, progress.problems.get(call_id),
-                                                    self.settings.tool_approval_timeout_seconds)
-            elif call_id in waits and not (answer and answer.get("approved")):
-                reason = (answer or {}).get("reason")
-                text = ("The user denied this tool call" + (f": {reason}" if reason else ".") if answer
-                        else f"Not approved within {self.settings.tool_approval_timeout_seconds:g} s: not run.")
-                outcomes[call_id] = ToolOutcome(tool_use_id=call_id, name=name, output=text, is_error=True,
-                                                input=raw_input, outcome="denied")
-        if outcomes:
-            for o in outcomes.values():
-                metrics.tool_finished(o.name, o.outcome)
-        run = [call for call in calls if call[0] not in outcomes]
+                self._record(turn, progress, outcomes, _client_outcome(
+                    call_id, name, raw_input, None, progress.problems[call_id], 0))
+            else:
+                run.append((call_id, name, raw_input))
         if run:
             ran = await (self.tools.run_all(run) if turn.span is None
                          else tracing.run_tools(turn.span, run, self.tools.run_all))
-            outcomes.update((o.tool_use_id, o) for o in ran)
-        return [outcomes[call_id] for call_id, _name, _input in calls]
+            for o in ran:
+                self._record(turn, progress, outcomes, o, counted=True)
+
+    @staticmethod
+    def _record(turn: Turn, progress: _Progress, outcomes: dict[str, ToolOutcome], o: ToolOutcome,
+                counted: bool = False) -> None:
+        """Keep a call's outcome and send its `tool_result` event (counted in metrics if the
+        ToolSet did not run it)."""
+        outcomes[o.tool_use_id] = o
+        if not counted:
+            metrics.tool_finished(o.name, o.outcome)
+        result = {"tool_use_id": o.tool_use_id, "name": o.name, "is_error": o.is_error,
+                  ("error" if o.is_error else "output"): o.output}
+        if o.name in progress.client_tools:
+            result["client"] = True
+        turn.emit("tool_result", result)
 
     async def _wait_for_answers(self, turn: Turn, calls: list[tuple[str, str, Any]],
                                 waits: dict[str, str]) -> dict[str, dict[str, Any]]:

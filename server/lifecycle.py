@@ -57,15 +57,25 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
     store = RedisStore(settings.redis_url, cluster=settings.redis_cluster, tls=redis_tls_options(settings),
                        wait_replicas=settings.redis_wait_replicas, **retention) \
         if settings.redis_url else MemoryStore(**retention)
-    engine = Engine(settings, client, store, load_toolset(settings.enabled_tools),
+    tools = load_toolset(settings.enabled_tools, settings.tool_modules, settings.tool_timeout_seconds)
+    mcp_servers = None
+    if settings.mcp_servers:  # (only then is the `mcp` SDK imported)
+        from .tools.mcp import McpServers
+
+        mcp_servers = McpServers.from_settings(settings)
+        tools = tools.with_sources(mcp_servers)
+    engine = Engine(settings, client, store, tools,
                     PriceTable(settings.model_prices, settings.web_search_price_per_1k))
+    engine.mcp_servers = mcp_servers  # (for /ready)
     try:
-        await store.start(engine.cancel_local)
+        await store.start(engine.on_notice)
     except (RedisError, OSError) as exc:  # the worker cannot start: say why in one line, first
         log.error("cannot use Redis at %s (%s: %s); check REDIS_URL%s", url_without_secrets(settings.redis_url or ""),
                   type(exc).__name__, exc, " and REDIS_TLS_*" if (settings.redis_url or "").startswith("rediss:") else "")
         raise
     engine.housekeeper.start()
+    if mcp_servers is not None:  # connected before the first turn (bounded by MCP_CONNECT_TIMEOUT_SECONDS)
+        await mcp_servers.start()
     if not settings.redis_url:
         log.warning("sessions are kept in memory (REDIS_URL is not set): they vanish on restart")
     restore = _drain_on_sigterm(engine, settings.graceful_shutdown_seconds)
@@ -77,6 +87,8 @@ async def components(settings: Settings) -> AsyncIterator[Engine]:
         restore()
         await engine.drain(0 if not engine.accepting else settings.graceful_shutdown_seconds)
         await engine.housekeeper.stop()
+        if mcp_servers is not None:
+            await mcp_servers.close()
         await store.close()
         await client.close()
         if fake is not None:

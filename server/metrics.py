@@ -136,6 +136,11 @@ class Metrics:
         self.tool_duration = Histogram("agent_tool_duration_seconds", "Tool run time by tool (the tools this server "
                                        "runs).", ["tool"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5,
                                                                     10, 30, 60))
+        # Each worker has its own connection to each MCP server: the merged value is 1 only when every
+        # live worker's is up.
+        self.mcp_server_up = Gauge("agent_mcp_server_up", "MCP servers (MCP_SERVERS) by name: 1 when this "
+                                   "server's connection is up (in every worker), else 0.", ["server"],
+                                   multiprocess_mode="livemin")
         self.store_retries = Counter("agent_store_retries", "Hot Redis commands sent again after a node failed "
                                      "or redirected them (a failover, a restart, a resharding).")
         self.store_unreplicated = Counter("agent_store_unreplicated_commits", "Commits that reached fewer "
@@ -194,6 +199,11 @@ def tool_finished(tool: str, outcome: str, seconds: float | None = None) -> None
     m.tool_calls.labels(tool, outcome).inc()
     if seconds is not None:
         m.tool_duration.labels(tool).observe(seconds, _exemplar())
+
+
+def mcp_server_up(server: str, up: bool) -> None:
+    """An MCP server's connection came up or went down (server/tools/mcp.py)."""
+    setup().mcp_server_up.labels(server).set(1 if up else 0)
 
 
 def store_retry() -> None:

@@ -250,7 +250,12 @@ SCHEMAS: dict[str, Any] = {
                     "offline_model": {"type": "boolean", "description": "True: answers come from the bundled "
                                       "offline model, not from Claude (no ANTHROPIC_API_KEY)."},
                     "store": {"enum": ["redis", "memory"]}, "accepting_turns": _BOOL}, "status", "offline_model"),
-    "Ready": _obj({"status": {"enum": ["ready", "not_ready"]}, "store": _BOOL, "accepting_turns": _BOOL}, "status"),
+    "Ready": _obj({"status": {"enum": ["ready", "not_ready"]}, "store": _BOOL, "accepting_turns": _BOOL,
+                   "mcp": {"type": "object", "description": "With MCP_SERVERS: each server's connection in this worker "
+                           "(a server that is down does not make the worker unready).",
+                           "additionalProperties": _obj({"state": {"enum": ["up", "starting", "down"]},
+                                                         "tools": _INT, "error": _STRING}, "state", "tools")}},
+                  "status"),
     "WsTicket": _obj({"ticket": _STRING, "expires_in": _NUMBER, "expires_at": _NUMBER}, "ticket", "expires_in"),
     "UIChatRequest": _obj({
         "id": {"type": "string", "minLength": 1, "maxLength": 256, "description": "The chat id (a session)."},

@@ -937,8 +937,6 @@ async def test_bad_requests(shared_server: Server, upstream):
             (chat_body(cid, "hi", trigger="regenerate-message"), "invalid_request"),
             (chat_body(cid, "hi", messageId="m1"), "invalid_request"),
             ({"id": cid, "trigger": "submit-message", "messages": []}, "invalid_request"),
-            ({"id": cid, "messages": [{"id": "a", "role": "assistant", "parts": [{"type": "text", "text": "x"}]}]},
-             "invalid_request"),
             ({"id": cid, "messages": [{"id": "a", "role": "user", "parts": [{"type": "text", "text": "  "}]}]},
              "invalid_request"),
             ({"messages": [user("hi")]}, "invalid_request"),
@@ -947,6 +945,10 @@ async def test_bad_requests(shared_server: Server, upstream):
         for body, code in cases:
             r = await client.post("/api/chat", json=body)
             assert r.status_code == 400 and r.json()["error"]["code"] == code, (body, r.text)
+        # An assistant message last continues a turn waiting for tool answers: here none waits.
+        r = await client.post("/api/chat", json={"id": cid, "messages": [
+            {"id": "a", "role": "assistant", "parts": [{"type": "text", "text": "x"}]}]})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "tool_call_not_pending", r.text
         r = await client.post("/api/chat", content=b"{nope", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
         assert (await client.get(f"/sessions/{cid}")).status_code == 404  # nothing was created

@@ -10,6 +10,15 @@ blocks (`text-start`, `text-delta`s, `text-end`), tool calls (`tool-input-*`, `t
 or `error`). The n-th chunk of a turn is always the same, so a resumed WebSocket stream skips what
 the client has.
 
+Tools that wait for the client (approval, client tools): a call needing approval gets a
+`tool-approval-request` after its input; a client tool's `tool-input-available` is what makes
+useChat's `onToolCall` fire. Once every call of the pause is announced, the stream ends as the
+AI SDK's own server ends it (`finish-step`, `finish` "tool-calls") while the turn waits here. The
+client's answer comes as the next request: the assistant message as its last message, its tool
+parts `approval-responded` (addToolApprovalResponse) or `output-available`/`output-error`
+(addToolOutput); the answers go to the engine and the SAME turn's chunks that follow the pause
+are streamed, from a `start` with the same messageId (a denial: `tool-output-denied`).
+
 The chat `id` is our session (history lives on the server): only the last user message is used,
 its text parts and its file parts (images; PDFs and plain text as documents).
 A valid session id is used as is (created on first use); any other chat id maps to a stable
@@ -22,7 +31,7 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Any
+from typing import Any, Collection
 from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
@@ -63,7 +72,11 @@ CITED_DOCUMENTS = {"char_location": "text/plain", "content_block_location": "tex
 METADATA = ("session_id", "turn_id", "model", "stop_reason", "usage", "estimated_cost_usd")
 OPTIONAL_METADATA = ("finish", "stop_details")
 # Body fields a client may add (DefaultChatTransport `body`, WebSocket frame `body`).
-PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect", "thinking", "effort")
+PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect", "thinking", "effort",
+                  "client_tools")
+# The tool part states of a message that answer a paused call, by the kind of call it waits for.
+ANSWERS = {"approval": ("approval-responded",), "client": ("output-available", "output-error")}
+PAUSE_FINISH = '{"type":"finish","finishReason":"tool-calls"}'
 MAX_CHAT_ID_CHARS = 256
 
 
@@ -217,10 +230,16 @@ def _source(citation: Any) -> tuple[Any, dict[str, Any]] | None:
 
 
 class UIChunks:
-    """One turn's events, fed in order from its first, as UI message chunks (compact JSON text)."""
+    """One turn's events, fed in order from its first, as UI message chunks (compact JSON text).
 
-    def __init__(self, turn_id: str):
-        self.pending = [dumps({"type": "start", "messageId": turn_id})]  # (for the next feed)
+    `answered`: a continuation, after the client answered these paused calls: the chunks up to
+    the end of their pause are made (the state needs them) but not returned (the client has them);
+    what follows starts with `start`. `paused_seq` is the seq of the event that completed the
+    latest pause: a sink whose batch ends there ends the stream with `pause_ending()`."""
+
+    def __init__(self, turn_id: str, answered: Collection[str] = ()):
+        self.start = dumps({"type": "start", "messageId": turn_id})
+        self.pending = [self.start]  # (for the next feed)
         self.step_open = False
         self.text_id: str | None = None
         self.reasoning_id: str | None = None  # (never open together with text_id)
@@ -230,6 +249,12 @@ class UIChunks:
         self.server_calls: set[str] = set()  # the turn's server tool calls the client has seen
         self.sources: dict[Any, str] = {}  # what is cited -> its sourceId
         self.done = False
+        self.waiting: set[str] | None = None  # the pause's calls not announced yet (None: no pause open)
+        self.denied: set[str] = set()  # calls the user denied (their error tool_result is not a chunk)
+        self.paused_seq = -1
+        self.answered = self.sent = frozenset(answered)
+        if self.answered:  # (the instance's `feed` until the answered pause: the live path is untouched)
+            self.feed = self._replaying  # type: ignore[method-assign]
 
     def feed(self, event: Event) -> list[str]:
         if self.done:
@@ -283,12 +308,26 @@ class UIChunks:
             out.append(dumps(chunk))
         elif kind == "tool_result":
             call_id, error = e["tool_use_id"], e.get("error")
-            out.append(dumps({"type": "tool-output-error", "toolCallId": call_id,
-                              "errorText": error if isinstance(error, str) else dumps(error)} if e.get("is_error")
-                             else {"type": "tool-output-available", "toolCallId": call_id, "output": e.get("output")}))
+            # (a denied call is `output-denied`, its error result is the model's; a client tool's result
+            # sent with this very request is the client's own, as it gave it)
+            if call_id not in self.denied and not (e.get("client") and call_id in self.sent):
+                out.append(dumps({"type": "tool-output-error", "toolCallId": call_id,
+                                  "errorText": error if isinstance(error, str) else dumps(error)} if e.get("is_error")
+                                 else {"type": "tool-output-available", "toolCallId": call_id,
+                                       "output": e.get("output")}))
             self.open_calls.discard(e["tool_use_id"])
             if not self.open_calls:
                 self._close_step(out)
+        elif kind == "tool_approval_request":
+            out.append(dumps({"type": "tool-approval-request", "approvalId": e.get("approval_id") or e["tool_use_id"],
+                              "toolCallId": e["tool_use_id"]}))
+            self._announced(event.seq, e)
+        elif kind == "client_tool_call":  # (its tool-input-available is already out: onToolCall fires on it)
+            self._announced(event.seq, e)
+        elif kind == "tool_approval":
+            if not e.get("approved"):
+                self.denied.add(e["tool_use_id"])
+                out.append(dumps({"type": "tool-output-denied", "toolCallId": e["tool_use_id"]}))
         elif kind == "turn_end":
             self._finish(out, e)
         elif kind == "error":
@@ -296,6 +335,41 @@ class UIChunks:
             out.append('{"type":"finish","finishReason":"error"}')
         self.done = event.terminal
         return out
+
+    def _announced(self, seq: int, e: dict[str, Any]) -> None:
+        """A paused call was announced; the last one of its pause completes the pause."""
+        if self.waiting is None:
+            self.waiting = {i for i in e.get("pending") or () if isinstance(i, str)}
+        self.waiting.discard(e["tool_use_id"])
+        if self.waiting:
+            return
+        self.waiting = None
+        if not self.answered:
+            self.paused_seq = seq
+        elif self.answered.intersection(e.get("pending") or ()):
+            self.answered = frozenset()  # the pause the client answered: what follows is new to it
+            self.step_open = False  # (it got this step's finish-step when its stream ended here)
+        # (else an earlier pause of a continuation, answered before: the stream never ends there)
+
+    def pause_ending(self) -> list[str]:
+        """The end of a stream at a pause (the turn waits for the client): as the AI SDK's server ends one."""
+        out: list[str] = []
+        self._close_step(out)
+        out.append(PAUSE_FINISH)
+        return out
+
+    def _replaying(self, event: Event) -> list[str]:
+        """`feed` of a continuation until the answered pause: chunks made, none returned."""
+        if event.terminal:  # the turn ended first (cancelled, failed): the client sees how it ended
+            self.answered = frozenset()
+            self.step_open = False
+        else:
+            UIChunks.feed(self, event)
+        if self.answered:
+            return []
+        del self.feed  # (the class's again)
+        self.pending = [self.start]
+        return self.feed(event) if event.terminal else []
 
     def _finish(self, out: list[str], e: dict[str, Any]) -> None:
         """turn_end: `finish` (after `abort` if cancelled), the turn's outcome as its metadata.
@@ -367,12 +441,86 @@ class ChunkEvents(UIChunks):
     def closing(self) -> bytes:
         return b"".join(b"data: " + c.encode() + b"\n\n" for c in self.ending()) + DONE
 
+    def pause_closing(self) -> bytes:
+        return b"".join(b"data: " + c.encode() + b"\n\n" for c in self.pause_ending()) + DONE
+
+
+def continued_message(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The assistant message a `useChat` request continues (it answers that message's paused
+    tool calls), or None: the request sends a user message."""
+    messages = request.get("messages")
+    if request.get("trigger") == "regenerate-message" or not isinstance(messages, list) or not messages:
+        return None  # (refused by chat_turn_request)
+    last = messages[-1]
+    return last if isinstance(last, dict) and last.get("role") == "assistant" else None
+
+
+def tool_answers(message: dict[str, Any], pending: dict[str, str]) -> list[dict[str, Any]]:
+    """The engine's answers from the tool parts of `message` that answer a `pending` call
+    (tool_use_id -> "approval" | "client"): approvals from `approval-responded` parts
+    (addToolApprovalResponse), client tool results from `output-available`/`output-error` ones
+    (addToolOutput). Parts of calls that are not pending, or not answered yet, are ignored."""
+    parts = message.get("parts")
+    answers: list[dict[str, Any]] = []
+    for part in parts if isinstance(parts, list) else ():
+        if not isinstance(part, dict) or not isinstance(kind := part.get("type"), str):
+            continue
+        call_id = part.get("toolCallId")
+        wanted = pending.get(call_id) if isinstance(call_id, str) else None
+        if not (kind.startswith("tool-") or kind == "dynamic-tool") or part.get("state") not in ANSWERS.get(wanted, ()):
+            continue
+        if wanted == "approval":
+            approval = part.get("approval")
+            approved = approval.get("approved") if isinstance(approval, dict) else None
+            if not isinstance(approved, bool):
+                raise ApiError("invalid_request", "An `approval-responded` tool part needs `approval.approved`.",
+                               field="messages")
+            answer: dict[str, Any] = {"tool_use_id": call_id, "approved": approved}
+            reason = approval.get("reason")  # type: ignore[union-attr]
+            if isinstance(reason, str) and reason.strip():
+                answer["reason"] = check_text(reason, "`approval.reason`", "messages")
+        elif part["state"] == "output-error":
+            error = part.get("errorText")
+            answer = {"tool_use_id": call_id, "output": error if isinstance(error, str) else "The tool failed.",
+                      "is_error": True}
+        else:
+            answer = {"tool_use_id": call_id, "output": part.get("output")}
+        answers.append(answer)
+    return answers
+
+
+async def answer_paused_tools(engine: Engine, request: dict[str, Any], message: dict[str, Any],
+                              principal: str) -> tuple[str, str, set[str]]:
+    """Give the engine the client's answers in `message` (`continued_message`) to the chat's
+    paused calls: (session id, turn id, the calls answered). Nothing pending that the message
+    answers: `tool_call_not_pending` (409)."""
+    session_id = session_for_chat(request.get("id"), principal)
+    if request.get("trigger") not in (None, "submit-message"):
+        raise ApiError("invalid_request", "`trigger` must be 'submit-message'.", field="trigger")
+    try:
+        _turn_id, pending = await engine.pending_tools(session_id, principal)
+    except ApiError as exc:  # (a chat never used, or not this principal's: nothing of it is pending either)
+        if exc.code != "session_not_found":
+            raise
+        pending = {}
+    answers = tool_answers(message, pending)
+    if not answers:
+        raise ApiError("tool_call_not_pending", "The last message is the assistant's, but none of its tool "
+                       "calls waits for an answer: send a user message instead.")
+    turn_id = await engine.answer_tools(session_id, principal, answers)
+    return session_id, turn_id, {a["tool_use_id"] for a in answers}
+
 
 async def chat(request: Request) -> Response:
-    """`POST /api/chat`: `{id, messages, trigger, messageId?, ...body}` -> the UI message stream."""
+    """`POST /api/chat`: `{id, messages, trigger, messageId?, ...body}` -> the UI message stream
+    (of a new turn; or, answering paused tool calls, of the paused turn from that pause on)."""
     engine = engine_of(request)
     principal = principal_of(request)
     body = parse_json_body(await request.body())
+    if (message := continued_message(body)) is not None:
+        session_id, turn_id, answered = await answer_paused_tools(engine, body, message, principal)
+        return await open_stream(engine, session_id, turn_id, ChunkEvents(turn_id, answered), _RAW_HEADERS,
+                                 wait=False, cancel_on_disconnect=body.get("cancel_on_disconnect") is True)
     req = chat_turn_request(body, body, principal, engine.settings)
     handle = await engine.start(req, principal)
     return await open_stream(engine, handle.session_id, handle.turn_id, ChunkEvents(handle.turn_id),

@@ -7,6 +7,10 @@ Client frames (JSON text), chats multiplexed by `requestId`: `send` (`id`: the c
 (after `finish`), `error` (`errorText`: failed before streaming), `no-active` (nothing to resume);
 the client treats any other type as fatal, so keep-alive is the server's WebSocket-level ping.
 
+A send whose last message is the assistant's answers its paused tool calls (approvals, client
+tool outputs) and streams the same turn from that pause on (ai_sdk.py); a stream that reaches a
+pause ends there (`end`) while the turn waits for the answer.
+
 A resume replays the turn's chunks and skips sequences up to `lastSequence`. `abort` of a send
 cancels the turn (the partial answer is kept), of a resume only stops following. A dropped socket
 leaves turns running (unless `cancel_on_disconnect`). Authenticate as on /agent/ws: a
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import suppress
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 from starlette.websockets import WebSocket
 
@@ -26,7 +30,7 @@ from ..errors import ApiError
 from ..events import Event, dumps
 from ..requests import parse_json_body, valid_text
 from ..security import admit_turn
-from .ai_sdk import UIChunks, chat_turn, chat_turn_request, session_for_chat
+from .ai_sdk import UIChunks, answer_paused_tools, chat_turn, chat_turn_request, continued_message, session_for_chat
 from .forward import FramedSocket
 
 log = logging.getLogger("server.ai_sdk_ws")
@@ -39,8 +43,8 @@ class ChunkFrames(UIChunks):
     """The framing of /api/chat/ws: `chunk` frames numbered from 0 (the client has those up to
     `last_sequence`), `start` first and `end` last."""
 
-    def __init__(self, request_id: str, turn_id: str, last_sequence: int):
-        super().__init__(turn_id)
+    def __init__(self, request_id: str, turn_id: str, last_sequence: int, answered: Collection[str] = ()):
+        super().__init__(turn_id, answered)
         rid = dumps(request_id)
         self.opening = '{"type":"start","requestId":' + rid + "}"
         self.end = '{"type":"end","requestId":' + rid + "}"
@@ -53,6 +57,10 @@ class ChunkFrames(UIChunks):
 
     def closing(self) -> Iterator[str]:
         yield from self._numbered(self.ending())
+        yield self.end
+
+    def pause_closing(self) -> Iterator[str]:
+        yield from self._numbered(self.pause_ending())
         yield self.end
 
     def _numbered(self, chunks: Iterable[str]) -> Iterator[str]:
@@ -97,10 +105,25 @@ class ChatSocket(FramedSocket):
         if len(self.forwards) >= MAX_ACTIVE_REQUESTS:
             raise ApiError("overloaded", "Too many concurrent requests on this connection.")
 
+    async def write(self, batch: list[Event], framing: ChunkFrames) -> bool:
+        """A batch's frames; at a pause (the turn waits for the client's answer) the request's end."""
+        for text in framing.frames(batch):
+            await self.send(text)
+        if framing.paused_seq != batch[-1].seq:
+            return False
+        for text in framing.pause_closing():
+            await self.send(text)
+        return True
+
     async def _send(self, request_id: str, frame: dict[str, Any]) -> None:
         await admit_turn(self.ws)  # per-minute limits, as for POST /api/chat
         self._make_room(request_id)
         body = frame.get("body")
+        if (message := continued_message(frame)) is not None:  # answers to the turn's paused tool calls
+            session_id, turn_id, answered = await answer_paused_tools(self.engine, frame, message, self.principal)
+            self.follow(request_id, session_id, turn_id, ChunkFrames(request_id, turn_id, -1, answered), 0,
+                        isinstance(body, dict) and body.get("cancel_on_disconnect") is True, True)
+            return
         req = chat_turn_request(frame, body if isinstance(body, dict) else {}, self.principal, self.engine.settings)
         handle = await self.engine.start(req, self.principal)
         self.follow(request_id, handle.session_id, handle.turn_id, ChunkFrames(request_id, handle.turn_id, -1), 0,

@@ -5,6 +5,9 @@
 (sse.py, websocket.py) or as AI SDK UI message chunks for /api/chat (ai_sdk.py, ai_sdk_ws.py).
 A framing has `frames(batch)` (bytes for SSE, texts for WebSocket), `closing()` after the terminal
 event or an early end, and for WebSocket an `opening` text or None (a `Framing`, or `UIChunks`).
+A framing with `pause_closing()` (the AI SDK's) also ends its stream where the turn pauses for the
+client (approval, client tools): when a batch ends with the event that completed a pause
+(`paused_seq`), `pause_closing()` is written instead and the stream is over (the turn waits on).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ SOCKET_GONE = (WebSocketDisconnect, RuntimeError, OSError)  # (what a send to a 
 class Forward:
     """One client following one turn from after `after_seq`."""
 
-    __slots__ = ("engine", "session_id", "turn_id", "events", "framing", "cancel_on_disconnect", "started", "finished", "task")
+    __slots__ = ("engine", "session_id", "turn_id", "events", "framing", "cancel_on_disconnect", "started", "finished",
+                 "task", "pausable")
 
     def __init__(self, engine: Engine, session_id: str, turn_id: str, framing: Any, after_seq: int = 0,
                  cancel_on_disconnect: bool = False, started: bool = False):
@@ -48,6 +52,7 @@ class Forward:
         self.started = started  # this client started the turn (a resume did not)
         self.finished = False  # the stream ended as it should: nothing to abandon
         self.task: asyncio.Task[None] | None = None  # (a WebSocket's forwards run as tasks)
+        self.pausable = hasattr(framing, "pause_closing")  # (its stream ends at a pause)
 
     async def run(self, sink: EventStream | FramedSocket, first: list[Event] | None = None) -> None:
         """Write `first` (already taken from the follow), then each batch, until `write` says
@@ -134,9 +139,15 @@ class EventStream(Forward):
         await self._body(b": keep-alive\n\n", True)
 
     async def write(self, batch: list[Event], framing: Any) -> bool:
-        last = batch[-1].terminal  # (the terminal batch also ends the body)
-        await self._body(framing.frames(batch) + framing.closing() if last else framing.frames(batch), not last)
-        return last
+        body, last = framing.frames(batch), batch[-1]
+        if last.terminal:  # (the terminal batch also ends the body)
+            await self._body(body + framing.closing(), False)
+            return True
+        if self.pausable and framing.paused_seq == last.seq:  # the turn waits for the client's answer
+            await self._body(body + framing.pause_closing(), False)
+            return True
+        await self._body(body, True)
+        return False
 
     async def end(self, framing: Any) -> None:
         await self._body(framing.closing(), False)

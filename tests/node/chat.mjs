@@ -2,7 +2,11 @@
 //
 // usage: node chat.mjs '<scenario JSON>'   ->  one JSON result on stdout
 //
-// scenario: {url, transport: "http" | "ws", key?, chats: {name: {id, messages?}}, steps: [step...]}
+// scenario: {url, transport: "http" | "ws", key?, chats: {name: {id, messages?, auto?, clientTools?}}, steps: [step...]}
+//   auto: "approvals" | "toolCalls" — `sendAutomaticallyWhen` lastAssistantMessageIsCompleteWith
+//         ApprovalResponses / ToolCalls (useChat's way of sending tool answers back by itself)
+//   clientTools: {toolName: {output} | {errorText}} — `onToolCall` answers these tools with
+//         Chat.addToolOutput (not awaited, as the AI SDK docs say: it would deadlock)
 // steps (run in order; "parallel" runs its steps concurrently):
 //   {op: "send", chat, text, files?, body?}  Chat.sendMessage (what useChat's sendMessage does);
 //                                          files: FileUIParts {type: "file", mediaType, url, filename?}
@@ -12,9 +16,21 @@
 //   {op: "read", chat, text}               transport.sendMessages + readUIMessageStream
 //   {op: "reconnect", chat}                transport.reconnectToStream + readUIMessageStream
 //   {op: "parallel", steps: [...]}
+//   {op: "approve", chat, approved, reason?}  Chat.addToolApprovalResponse for every call waiting
+//                                          for approval in the last message, then waits for the
+//                                          request that sends them (auto) to finish
+//   {op: "use", url}                       later requests go to this server (another worker)
 // The result has, per chat, its messages, status, error, the onFinish calls and the chunks
-// it received, plus `reads` (readUIMessageStream results) and `sockets` (WebSockets opened).
-import { AbstractChat, DefaultChatTransport, WebSocketChatTransport, readUIMessageStream } from 'ai';
+// it received, plus `reads` (readUIMessageStream results), `sockets` (WebSockets opened) and
+// `requests` (what each sendMessages sent: trigger, messageId, the last message).
+import {
+  AbstractChat,
+  DefaultChatTransport,
+  WebSocketChatTransport,
+  lastAssistantMessageIsCompleteWithApprovalResponses,
+  lastAssistantMessageIsCompleteWithToolCalls,
+  readUIMessageStream,
+} from 'ai';
 import WebSocket from 'ws';
 
 const scenario = JSON.parse(process.argv[2]);
@@ -27,19 +43,40 @@ class CountingWebSocket extends WebSocket {
   }
 }
 
+const requests = [];
+function prepare({ id, messages, trigger, messageId }) {
+  const last = messages[messages.length - 1];
+  requests.push({ chatId: id, trigger, messageId: messageId ?? null, last: structuredClone(last) });
+  return undefined; // (the transport's own request)
+}
+
 // Node 20 has no global WebSocket: hand the transport the `ws` implementation.
 // `key` authenticates as a browser would: a header over HTTP, the subprotocols over WebSocket.
-const base =
-  scenario.transport === 'ws'
+function transportFor(url) {
+  return scenario.transport === 'ws'
     ? new WebSocketChatTransport({
-        url: scenario.url.replace(/^http/, 'ws') + '/api/chat/ws',
+        url: url.replace(/^http/, 'ws') + '/api/chat/ws',
         webSocket: CountingWebSocket,
         protocols: scenario.key ? ['agent', `bearer.${scenario.key}`] : undefined,
+        prepareSendMessagesRequest: prepare,
       })
     : new DefaultChatTransport({
-        api: scenario.url + '/api/chat',
+        api: url + '/api/chat',
         headers: scenario.key ? { authorization: `Bearer ${scenario.key}` } : undefined,
+        prepareSendMessagesRequest: prepare,
       });
+}
+const transports = { [scenario.url]: transportFor(scenario.url) };
+let current = scenario.url; // (`use` switches it)
+// Delegates to the current server's transport.
+const base = {
+  get resumeStreamIsReplay() {
+    return transports[current].resumeStreamIsReplay;
+  },
+  sendMessages: (options) => transports[current].sendMessages(options),
+  reconnectToStream: (options) => transports[current].reconnectToStream(options),
+  close: () => Object.values(transports).forEach((t) => t.close?.()),
+};
 
 // Records every chunk a chat receives, passing everything else through.
 function recording(transport, chunks) {
@@ -90,13 +127,30 @@ class Chat extends AbstractChat {
   }
 }
 
+const AUTO = {
+  approvals: lastAssistantMessageIsCompleteWithApprovalResponses,
+  toolCalls: lastAssistantMessageIsCompleteWithToolCalls,
+};
+
 const chats = {};
 for (const [name, spec] of Object.entries(scenario.chats)) {
-  const record = { chunks: [], finishes: [], errors: [] };
+  const record = { chunks: [], finishes: [], errors: [], toolCalls: [] };
   record.chat = new Chat({
     id: spec.id,
     messages: spec.messages ?? [],
     transport: recording(base, record.chunks),
+    sendAutomaticallyWhen: spec.auto ? AUTO[spec.auto] : undefined,
+    onToolCall: ({ toolCall }) => {
+      record.toolCalls.push({ toolCallId: toolCall.toolCallId, toolName: toolCall.toolName, input: toolCall.input });
+      const answer = spec.clientTools?.[toolCall.toolName];
+      if (answer == null) return; // (a tool the server runs)
+      const { toolCallId, toolName } = toolCall;
+      record.chat.addToolOutput(
+        'errorText' in answer
+          ? { state: 'output-error', tool: toolName, toolCallId, errorText: answer.errorText }
+          : { tool: toolName, toolCallId, output: answer.output },
+      );
+    },
     onError: (error) => record.errors.push(error.message),
     onFinish: ({ isAbort, isError, isDisconnect, finishReason, message }) =>
       record.finishes.push({ isAbort, isError, isDisconnect, finishReason, messageId: message.id }),
@@ -171,6 +225,25 @@ async function run(step) {
     case 'sleep':
       await sleep(step.ms);
       return;
+    case 'use':
+      transports[step.url] ??= transportFor(step.url);
+      current = step.url;
+      return;
+    case 'approve': {
+      const chat = record.chat;
+      const finishes = record.finishes.length;
+      const last = chat.messages[chat.messages.length - 1];
+      const waiting = last.parts.filter((p) => p.state === 'approval-requested');
+      if (waiting.length === 0) throw new Error('no tool call waits for approval');
+      for (const part of waiting) {
+        await chat.addToolApprovalResponse({ id: part.approval.id, approved: step.approved, reason: step.reason });
+      }
+      // The automatic request (sendAutomaticallyWhen) runs on its own: wait for its onFinish.
+      const deadline = Date.now() + 20000;
+      while ((record.finishes.length === finishes || chat.status === 'submitted' || chat.status === 'streaming') &&
+             Date.now() < deadline) await sleep(10);
+      return;
+    }
     default:
       throw new Error(`unknown step ${step.op}`);
   }
@@ -185,7 +258,7 @@ for (const step of scenario.steps) await run(step);
 clearTimeout(timer);
 base.close?.();
 
-const out = { sockets, reads, chats: {} };
+const out = { sockets, reads, requests, chats: {} };
 for (const [name, record] of Object.entries(chats)) {
   out.chats[name] = {
     id: record.chat.id,
@@ -193,6 +266,7 @@ for (const [name, record] of Object.entries(chats)) {
     error: record.chat.error?.message ?? null,
     errors: record.errors,
     finishes: record.finishes,
+    toolCalls: record.toolCalls,
     chunks: record.chunks,
     messages: record.chat.messages,
   };

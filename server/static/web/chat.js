@@ -3,6 +3,9 @@
 // An answer shows, in the order they stream: the model's thinking (a folding "Thinking"
 // section, never mixed into the answer), its text, tool calls (those the API runs itself,
 // such as web search, marked "run by Anthropic"), and under it the sources its text cites.
+// A call that needs the user's approval gets Approve / Deny buttons (a `tool_approval` frame
+// on the socket); the decision, whoever made it, is shown on the call. A call that another
+// client runs (a client tool; this page declares none) shows as waiting for that client.
 // Model and tool text is only ever set as text; links are http(s) only, opened in a new tab.
 //
 // Reconnect-and-resume: every event carries `id` = "<turn_id>:<seq>". The page remembers the
@@ -168,7 +171,7 @@
         if (server) summary.append(el("span", "tool-badge", SERVER_TOOL_LABEL));
         summary.append(el("span", "tool-state", "running…"));
         box.append(summary);
-        t = { box, state: summary.lastChild, input: null, output: null, server: !!server };
+        t = { box, state: summary.lastChild, input: null, output: null, server: !!server, decision: null };
         this.tools.set(id, t);
         this.body.append(box);
         this.segment = null;  // text after a tool call starts a new paragraph
@@ -181,8 +184,54 @@
       t.input.textContent = "input: " + JSON.stringify(ev.input, null, 2);
       if (ev.valid === false) t.state.textContent = "invalid input: " + (ev.error || "");
     }
+    // The turn waits for the user's decision on this call: Approve / Deny (once; a resume
+    // replays the request, and a decision already shown is not asked again).
+    approvalRequest(ev) {
+      const t = this.tool(ev.tool_use_id, ev.name, false);
+      if (t.decision) return;
+      t.box.open = true;
+      t.box.classList.add("pending");
+      t.state.textContent = "waiting for your approval";
+      const bar = el("div", "approval");
+      bar.setAttribute("role", "group");
+      bar.setAttribute("aria-label", "Approve or deny this tool call");
+      const approve = el("button", "approve", "Approve");
+      const deny = el("button", "deny secondary", "Deny");
+      approve.type = deny.type = "button";
+      const decide = (approved) => {
+        approve.disabled = deny.disabled = true;
+        t.state.textContent = approved ? "approving…" : "denying…";
+        if (!send({ type: "tool_approval", tool_use_id: ev.tool_use_id, approved })) {
+          approve.disabled = deny.disabled = false;  // (reconnecting: the decision was not sent)
+          t.state.textContent = "not connected: decide again in a moment";
+        }
+      };
+      approve.addEventListener("click", () => decide(true));
+      deny.addEventListener("click", () => decide(false));
+      bar.append(approve, deny);
+      t.box.append(bar);
+      t.decision = bar;
+      approve.focus({ preventScroll: true });
+    }
+    clientCall(ev) {
+      const t = this.tool(ev.tool_use_id, ev.name, false);
+      t.box.classList.add("pending");
+      t.state.textContent = "waiting for the client that runs it";
+    }
+    // The decision on an approval (from this page or any other client, or the timeout).
+    approval(ev) {
+      const t = this.tool(ev.tool_use_id, ev.name || "tool", false);
+      if (t.decision && t.decision.classList.contains("approval")) t.decision.remove();
+      t.box.classList.remove("pending");
+      const text = ev.approved ? "Approved" : ev.timed_out ? "Denied: no decision in time" :
+        "Denied" + (typeof ev.reason === "string" && ev.reason ? ": " + ev.reason : "");
+      t.decision = el("p", ev.approved ? "decision approved" : "decision denied", text);
+      t.box.append(t.decision);
+      t.state.textContent = ev.approved ? "approved, running…" : "denied";
+    }
     toolResult(ev) {
       const t = this.tool(ev.tool_use_id, ev.name, ev.server);
+      t.box.classList.remove("pending");
       if (t.output) t.output.remove();
       const value = ev.is_error ? ev.error : ev.output;
       const shown = ev.server ? this.serverOutput(ev, value) : null;
@@ -197,6 +246,7 @@
       }
       t.box.append(t.output);
       t.box.classList.toggle("failed", !!ev.is_error);
+      if (t.decision && t.decision.classList.contains("denied")) t.state.textContent = "denied";
     }
     // A server tool's result, readable: web search results as links, code execution's output...
     // null: shown as JSON, as a client tool's.
@@ -489,6 +539,9 @@
       case "tool_call": view.tool(ev.tool_use_id, ev.name, ev.server); break;
       case "tool_input": view.toolInput(ev); break;
       case "tool_result": view.toolResult(ev); break;
+      case "tool_approval_request": view.approvalRequest(ev); break;
+      case "client_tool_call": view.clientCall(ev); break;
+      case "tool_approval": view.approval(ev); break;
       case "turn_end":
       case "error":
         view.finish(ev);
