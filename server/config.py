@@ -297,13 +297,22 @@ class Settings:
             tools = load_toolset(settings.enabled_tools, settings.tool_modules)
         except ValueError as exc:  # (the message names the variable, module and tool)
             raise ConfigError(str(exc)) from None
+        mcp_prefixes: tuple[str, ...] = ()
         if settings.mcp_servers:
-            from .tools.mcp_config import parse_mcp_servers  # (no `mcp` import: that is the worker's)
+            from .tools.mcp_config import parse_mcp_servers, tool_prefix  # (no `mcp` import: the worker's)
 
             try:
-                parse_mcp_servers(settings.mcp_servers)
+                mcp_prefixes = tuple(f"{tool_prefix(name)}__" for name in parse_mcp_servers(settings.mcp_servers))
             except ValueError as exc:
                 raise ConfigError(f"MCP_SERVERS: {exc}") from None
+        # A misspelt name would let its tool run unapproved: each must name a tool this server runs
+        # (an MCP tool by its server's prefix: its list is known once the worker connects).
+        unknown = [n for n in settings.tools_requiring_approval if n not in tools and not n.startswith(mcp_prefixes)]
+        if unknown:
+            raise ConfigError(f"TOOLS_REQUIRING_APPROVAL: {', '.join(map(repr, unknown))} is not a tool of this "
+                              f"server (tools: {', '.join(tools) or 'none'}"
+                              + (f"; MCP tools: {', '.join(p + '<tool>' for p in mcp_prefixes)})" if mcp_prefixes
+                                 else ")"))
         clash = sorted(set(tools) & {server_tools.tool_name(t) for t in settings.server_tools})
         if clash:
             raise ConfigError(f"SERVER_TOOLS: {', '.join(clash)} is also the name of a tool of this server (tool names must differ)")

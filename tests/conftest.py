@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from .harness import FakeUpstream, Server, server_env
+from .real_clients import node_runner, open_browser
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 BOTH_STORES = pytest.mark.parametrize("store_env", ["redis", "cluster"], indirect=True)
@@ -93,3 +94,15 @@ def shared_server(fake: FakeUpstream, redis_url: str) -> Iterator[Server]:
     server = Server(server_env(fake, redis_url), name="shared").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's, installed with apt-get when missing) for the chat page tests."""
+    yield from open_browser()
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Any:
+    """run(scenario) -> the result of tests/node/chat.mjs, the real `ai` client (see its header)."""
+    return node_runner()

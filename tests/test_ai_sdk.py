@@ -13,9 +13,6 @@ import base64
 import hashlib
 import json
 import secrets
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +21,6 @@ import websockets
 
 from .harness import Server, chat_and_leave, eventually, history_texts
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 
 # The chunk types we emit: (required keys, optional keys), from `uiMessageChunkSchema` of the
 # pinned `ai` (tests/node/package.json). An unexpected key or a missing one fails the test.
@@ -132,29 +128,6 @@ async def post_chat(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[ht
 
 
 # -- the real client ------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def node_client():
-    """run(scenario) -> the result of tests/node/chat.mjs (see its header)."""
-    node = shutil.which("node")
-    if node is None:
-        print("SKIP: `node` is not installed; the AI SDK client tests need Node.js 20+ (tests/node)")
-        pytest.skip("`node` is not installed: the AI SDK client tests need Node.js 20+ (tests/node)")
-    if not (NODE_DIR / "node_modules" / "ai").is_dir():
-        npm = shutil.which("npm")
-        assert npm, "node is installed but npm is not: cannot install tests/node"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=600)
-
-    async def run(scenario: dict[str, Any]) -> dict[str, Any]:
-        proc = await asyncio.create_subprocess_exec(
-            node, "chat.mjs", json.dumps(scenario), cwd=NODE_DIR,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, f"node exited {proc.returncode}: {err.decode()[-3000:]}"
-        return json.loads(out)
-
-    return run
-
-
 def texts(message: dict[str, Any]) -> str:
     return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
 

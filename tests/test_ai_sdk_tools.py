@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 from typing import Any
 
 import httpx
 import pytest
 
 from .harness import eventually
-from .test_ai_sdk import CHUNK_KEYS, FINISH_REASONS, NODE_DIR, TurnLog, chat_id, kinds, texts, user
+from .test_ai_sdk import CHUNK_KEYS, FINISH_REASONS, TurnLog, chat_id, kinds, texts, user
 
 # The chunks of this flow, from `uiMessageChunkSchema` of the pinned `ai` (tests/node/package.json).
 TOOL_CHUNK_KEYS = {
@@ -240,29 +238,6 @@ def test_tool_answers_from_the_ui_message():
 
 
 # -- the real client ------------------------------------------------------------------------
-@pytest.fixture(scope="session", name="ai_client")
-def _ai_client():
-    """run(scenario) -> the result of tests/node/chat.mjs (as `node_client` of tests/test_ai_sdk.py)."""
-    node = shutil.which("node")
-    if node is None:
-        print("SKIP: `node` is not installed; the AI SDK client tests need Node.js 20+ (tests/node)")
-        pytest.skip("`node` is not installed: the AI SDK client tests need Node.js 20+ (tests/node)")
-    if not (NODE_DIR / "node_modules" / "ai").is_dir():
-        npm = shutil.which("npm")
-        assert npm, "node is installed but npm is not: cannot install tests/node"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=600)
-
-    async def run(scenario: dict[str, Any]) -> dict[str, Any]:
-        proc = await asyncio.create_subprocess_exec(
-            node, "chat.mjs", json.dumps(scenario), cwd=NODE_DIR,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, f"node exited {proc.returncode}: {err.decode()[-3000:]}"
-        return json.loads(out)
-
-    return run
-
-
 APPROVAL = {"TOOLS_REQUIRING_APPROVAL": "calculator"}
 LOCATION_TOOL = {"name": "get_location", "description": "The user's city, from the browser.",
                  "input_schema": {"type": "object", "properties": {"precise": {"type": "boolean"}}}}
@@ -278,10 +253,10 @@ async def session_view(url: str, cid: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("transport", ["http", "ws"])
-async def test_use_chat_approves_then_denies(start_server, upstream, ai_client, transport):
+async def test_use_chat_approves_then_denies(start_server, upstream, node_client, transport):
     server = start_server(**APPROVAL)
     cid = chat_id()
-    result = await ai_client({"url": server.url, "transport": transport,
+    result = await node_client({"url": server.url, "transport": transport,
                                 "chats": {"a": {"id": cid, "auto": "approvals"}}, "steps": [
         {"op": "send", "chat": "a", "text": "What is 2+2?"},
         {"op": "approve", "chat": "a", "approved": True},
@@ -347,12 +322,12 @@ def split_streams(chunks: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 @pytest.mark.parametrize("transport", ["http", "ws"])
-async def test_use_chat_client_tool_with_add_tool_output(start_server, upstream, ai_client, transport):
+async def test_use_chat_client_tool_with_add_tool_output(start_server, upstream, node_client, transport):
     server = start_server()
     cid = chat_id()
     upstream.script({"text": "Let me look.", "tool_use": [{"name": "get_location", "input": {"precise": True}}]},
                     {"text": "You are in Paris."})
-    result = await ai_client({"url": server.url, "transport": transport, "chats": {"a": {
+    result = await node_client({"url": server.url, "transport": transport, "chats": {"a": {
         "id": cid, "auto": "toolCalls", "clientTools": {"get_location": {"output": {"city": "Paris"}}}}},
         "steps": [{"op": "send", "chat": "a", "text": "Where am I?", "body": {"client_tools": [LOCATION_TOOL]}}]})
     chat = result["chats"]["a"]
@@ -375,10 +350,10 @@ async def test_use_chat_client_tool_with_add_tool_output(start_server, upstream,
     assert "Paris" in json.dumps(result_block["content"])
 
 
-async def test_use_chat_client_tool_error(start_server, upstream, ai_client):
+async def test_use_chat_client_tool_error(start_server, upstream, node_client):
     server = start_server()
     upstream.script({"tool_use": [{"name": "get_location", "input": {}}]})
-    result = await ai_client({"url": server.url, "transport": "http", "chats": {"a": {
+    result = await node_client({"url": server.url, "transport": "http", "chats": {"a": {
         "id": chat_id(), "auto": "toolCalls", "clientTools": {"get_location": {"errorText": "No GPS here."}}}},
         "steps": [{"op": "send", "chat": "a", "text": "Where am I?", "body": {"client_tools": [LOCATION_TOOL]}}]})
     chat = result["chats"]["a"]
@@ -392,7 +367,7 @@ async def test_use_chat_client_tool_error(start_server, upstream, ai_client):
 
 
 @pytest.mark.parametrize("transport", ["http", "ws"])
-async def test_approval_decided_on_another_worker(start_server, upstream, ai_client, transport):
+async def test_approval_decided_on_another_worker(start_server, upstream, node_client, transport):
     """The turn runs on one server process; the approval arrives at another one (same Redis),
     which hands it to the turn and streams the turn's continuation from the log."""
     env = {**APPROVAL, "HEARTBEAT_SECONDS": 2}
@@ -402,7 +377,7 @@ async def test_approval_decided_on_another_worker(start_server, upstream, ai_cli
     cid = chat_id()
     upstream.script({"tool_use": [{"name": "calculator", "input": {"expression": "6*7"}}]},
                     {"text": "It is 42.", "pace_ms": 20})
-    result = await ai_client({"url": a.url, "transport": transport,
+    result = await node_client({"url": a.url, "transport": transport,
                                 "chats": {"a": {"id": cid, "auto": "approvals"}}, "steps": [
         {"op": "send", "chat": "a", "text": "What is 6*7?"},
         {"op": "use", "url": b.url},
@@ -538,3 +513,27 @@ async def test_websocket_frames_at_a_pause_resume_and_continuation(start_server,
                                   "messageId": turn_id, "messages": [question, message], "body": {}}))
         error = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert error["type"] == "error" and error["requestId"] == "r4" and "waits for an answer" in error["errorText"]
+
+
+async def test_use_chat_approves_a_call_that_came_with_one_needing_nobody(start_server, upstream, node_client):
+    """One model answer calls a tool that needs approval and one that does not: the second runs
+    before the pause, so the client's last step is complete once it decides, and useChat sends."""
+    server = start_server(**APPROVAL)
+    upstream.script({"tool_use": [{"name": "current_time", "input": {}, "id": "toolu_time"},
+                                  {"name": "calculator", "input": CALC, "id": "toolu_calc"}]})
+    result = await node_client({"url": server.url, "transport": "http",
+                              "chats": {"a": {"id": chat_id(), "auto": "approvals"}}, "steps": [
+        {"op": "send", "chat": "a", "text": "Time, and 2+2?"},
+        {"op": "approve", "chat": "a", "approved": True},
+    ]})
+    chat = result["chats"]["a"]
+    assert chat["status"] == "ready" and chat["error"] is None, chat
+    answer = chat["messages"][-1]
+    assert tool_part(answer, "current_time")["state"] == "output-available"
+    assert tool_part(answer)["state"] == "output-available" and tool_part(answer)["output"] == "4"
+    first, second = split_streams(chat["chunks"])
+    assert kinds(first)[-4:] == ["tool-output-available", "tool-approval-request", "finish-step", "finish"]
+    assert kinds(second)[:2] == ["start", "tool-output-available"]
+    # The model got both results, in call order.
+    results = upstream.requests()[1]["body"]["messages"][-1]["content"]
+    assert [b["tool_use_id"] for b in results] == ["toolu_time", "toolu_calc"]

@@ -9,73 +9,15 @@ chat-page-thinking.png (thinking, server tools, sources).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import httpx
-import pytest
 
 from .harness import ROOT, Server, free_port
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOT = ROOT / "test-artifacts" / "chat-page.png"
 FULL_60 = " ".join(f"tok{i}" for i in range(60))
-
-
-def _install_chromium() -> str | None:
-    """Install Debian's chromium + chromium-driver if missing; a reason to skip, or None."""
-    if os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK):
-        return None
-    apt = shutil.which("apt-get")
-    if apt is None:
-        return "chromium is not installed and apt-get is not available on this machine"
-    if os.geteuid() == 0:
-        prefix: list[str] = []
-    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
-        prefix = ["sudo", "-n"]
-    else:
-        return "chromium is not installed and apt-get needs root (no passwordless sudo)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    print("[test_chat_page] installing chromium and chromium-driver with apt-get", file=sys.stderr, flush=True)
-    for cmd in ([*prefix, apt, "update", "-qq"], [*prefix, apt, "install", "-y", "-qq", "chromium", "chromium-driver"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.fail(f"apt-get installed chromium but {CHROMIUM} or {CHROMEDRIVER} is missing")
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    reason = _install_chromium()
-    if reason:
-        print(f"[test_chat_page] SKIPPED: {reason}", file=sys.stderr, flush=True)
-        pytest.skip(reason)
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="chat-page-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1000,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_script_timeout(10)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def page_server(start_server: Callable[..., Server], **env: Any) -> Server:

@@ -8,45 +8,14 @@ chat-page-approval-decided.png (approved, denied, and decided over HTTP by anoth
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
-import pytest
 
-from .test_chat_page import CHROMEDRIVER, CHROMIUM, SCREENSHOT, Page, _install_chromium, page_server, wait_for
+from .test_chat_page import SCREENSHOT, Page, page_server, wait_for
 
 PENDING_SHOT = SCREENSHOT.with_name("chat-page-approval.png")
 DECIDED_SHOT = SCREENSHOT.with_name("chat-page-approval-decided.png")
-
-
-@pytest.fixture(scope="module", name="browser")
-def _browser() -> Iterator[Any]:
-    reason = _install_chromium()
-    if reason:
-        print(f"[test_chat_page_tools] SKIPPED: {reason}", file=sys.stderr, flush=True)
-        pytest.skip(reason)
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download anything
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="chat-page-tools-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1000,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_script_timeout(10)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def tool_view(page: Page, i: int) -> dict[str, Any]:

@@ -454,3 +454,23 @@ def test_importing_the_app_without_mcp_servers_does_not_import_mcp():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=30)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+async def test_an_mcp_tool_can_require_approval(start_server, upstream, state):
+    """TOOLS_REQUIRING_APPROVAL names MCP tools by their namespaced name: the call waits for the
+    decision like any tool's, and only then goes to the MCP server."""
+    agent = start_server(**mcp_env({"files": stdio(state)}, TOOLS_REQUIRING_APPROVAL="files__echo"))
+    upstream.script({"tool_use": [{"name": "files__echo", "input": {"text": "hello"}, "id": "toolu_mcp"}]})
+    async with httpx.AsyncClient(base_url=agent.url, timeout=60) as client:
+        waiting = await client.post("/agent", json={"message": "echo hello"})
+        assert waiting.status_code == 202, waiting.text
+        assert waiting.json()["pending"][0]["name"] == "files__echo"
+        sid = waiting.json()["session_id"]
+        decided = await client.post(f"/sessions/{sid}/tool-approvals", json={"tool_use_id": "toolu_mcp",
+                                                                             "approved": True})
+        assert decided.status_code == 202
+        async with aconnect_sse(client, "GET", f"/sessions/{sid}/stream") as source:
+            events = [json.loads(s.data) async for s in source.aiter_sse()]
+    result = next(e for e in events if e["type"] == "tool_result")
+    assert result["output"] == "hello" and events[-1]["type"] == "turn_end"
+    assert tool_results(upstream.requests()[1])["toolu_mcp"]["content"] == "hello"

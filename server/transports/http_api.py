@@ -143,6 +143,6 @@ async def ready(request: Request) -> Response:
     store_ok, accepting = await engine.store.ping(), engine.accepting
     ok = store_ok and accepting
     body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "store": store_ok, "accepting_turns": accepting}
-    if (mcp := getattr(engine, "mcp_servers", None)) is not None:
-        body["mcp"] = mcp.states()
+    if engine.mcp_servers is not None:
+        body["mcp"] = engine.mcp_servers.states()
     return JSONResponse(body, status_code=200 if ok else 503)
