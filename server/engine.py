@@ -22,7 +22,7 @@ from .capabilities import ModelCapabilities
 from .config import Settings
 from .errors import ApiError, from_exception, from_upstream, store_unavailable
 from .events import Event, encode, unlogged
-from .requests import TOOL_USE_ID, TurnRequest, check_text, image_block, interleaved_beta, thinking_params
+from .requests import TurnRequest, interleaved_beta, parse_tool_answer, thinking_params
 from .store.base import (ABANDONED_SEQ, ANSWERED, Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store,
                          TurnCommit, new_id, valid_id)
 from .tools import ToolSet, server_tools
@@ -44,7 +44,6 @@ INTERLEAVED_THINKING = "interleaved-thinking-2025-05-14"
 # arrived (pub/sub) is lost while a worker's listener resubscribes.
 ANSWER_POLL_SECONDS = 2.0
 WAIT_KEY_MARGIN_SECONDS = 60  # the store keeps a wait this much longer than the turn waits
-MAX_REASON_CHARS = 2000
 # stop_reason -> `finish` of turn_end (an unknown future reason: "unknown"; pause_turn is continued).
 FINISH = {"end_turn": "complete", "stop_sequence": "complete", "tool_use": "complete", "max_tokens": "truncated",
           "model_context_window_exceeded": "truncated", "refusal": "refused"}
@@ -343,7 +342,7 @@ class Engine:
         "is_error"?}` is a client tool's result. Returns the turn's id. Only the session's owner
         may answer (else 404); a call no running turn waits for, or one already answered, is
         409 `tool_call_not_pending`."""
-        checked = [self._tool_answer(answer) for answer in answers]
+        checked = [parse_tool_answer(answer, self.settings) for answer in answers]
         if not checked:
             raise ApiError("invalid_request", "No tool answer given.")
         turn_id = None
@@ -374,31 +373,6 @@ class Engine:
                 turn.answered.set()
         else:
             await self.store.notify_answered(turn_id)
-
-    def _tool_answer(self, answer: Any) -> tuple[str, str, str]:
-        """(tool_use_id, kind, the answer's JSON as the store keeps it), or a 400 naming the field."""
-        if not isinstance(answer, dict):
-            raise ApiError("invalid_request", "A tool answer must be a JSON object.")
-        call_id = answer.get("tool_use_id")
-        if not isinstance(call_id, str) or not TOOL_USE_ID.fullmatch(call_id):
-            raise ApiError("invalid_request", "`tool_use_id` must be the id of a tool call.", field="tool_use_id")
-        if ("approved" in answer) == ("output" in answer):
-            raise ApiError("invalid_request", "A tool answer has either `approved` (an approval) or `output` "
-                           "(a client tool's result).")
-        if "approved" in answer:
-            reason = answer.get("reason")
-            if not isinstance(answer["approved"], bool):
-                raise ApiError("invalid_request", "`approved` must be a boolean.", field="approved")
-            if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
-                raise ApiError("invalid_request", f"`reason` must be a string of at most {MAX_REASON_CHARS} "
-                               "characters.", field="reason")
-            check_text(reason or "", "`reason`", "reason")
-            return call_id, "approval", json.dumps({"approved": answer["approved"], "reason": reason})
-        is_error = answer.get("is_error", False)
-        if not isinstance(is_error, bool):
-            raise ApiError("invalid_request", "`is_error` must be a boolean.", field="is_error")
-        output = tool_output(answer["output"], self.settings)
-        return call_id, "client", json.dumps({"output": output, "is_error": is_error}, ensure_ascii=False)
 
     async def _run(self, turn: Turn, req: TurnRequest, started: Started, principal: str) -> None:
         progress = _Progress(messages=[req.user_message()], client_tools=req.client_tools or {})
@@ -916,30 +890,6 @@ def _client_outcome(call_id: str, name: str, raw_input: Any, answer: dict[str, A
                            is_error=True, input=raw_input, outcome="timeout")
     return ToolOutcome(tool_use_id=call_id, name=name, output=answer["output"], is_error=answer["is_error"],
                        input=raw_input, outcome="error" if answer["is_error"] else "ok")
-
-
-def tool_output(value: Any, settings: Settings) -> str | list[dict[str, Any]]:
-    """A client tool's result as tool_result content: text as it is, a list of text and image
-    blocks as it is (validated), any other JSON value as its JSON text."""
-    if isinstance(value, list) and value and all(isinstance(b, dict) and b.get("type") in ("text", "image")
-                                                 for b in value):
-        content: str | list[dict[str, Any]] = []
-        for i, block in enumerate(value):
-            if block["type"] == "text":
-                if not isinstance(block.get("text"), str) or set(block) - {"type", "text"}:
-                    raise ApiError("invalid_request", f"`output[{i}]` must be a text block of a `text` string.",
-                                   field="output")
-                content.append({"type": "text", "text": check_text(block["text"], f"`output[{i}].text`", "output")})
-            else:
-                content.append(image_block(block, i, settings))
-        size = sum(len(b.get("text", "")) for b in content)
-    else:
-        content = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        check_text(content, "`output`", "output")
-        size = len(content)
-    if size > settings.max_message_chars:
-        raise ApiError("message_too_long", "`output` is too long.", field="output")
-    return content
 
 
 def _found(value: Any) -> Any:

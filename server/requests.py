@@ -27,6 +27,7 @@ TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # (fullmatch) the API's tool nam
 TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")  # (fullmatch) a tool call's id, as the API makes them
 MAX_CLIENT_TOOLS = 64
 MAX_TOOL_DESCRIPTION_CHARS = 10_000
+MAX_REASON_CHARS = 2000  # a denial's reason (the model reads it)
 DOCUMENT_SOURCES = ("base64", "url", "text")
 # A PDF page object: `/Type /Page` (any PDF whitespace between), the name ending there: next comes
 # whitespace, a delimiter or the end (`/Pages` is the page tree, `/PageLabel` a label). Pages inside
@@ -170,6 +171,58 @@ def _client_tools(value: Any) -> dict[str, dict[str, Any]] | None:
     return tools or None
 
 
+def parse_tool_answer(answer: Any, settings: Settings) -> tuple[str, str, str]:
+    """An answer to a tool call a turn waits for (`{"tool_use_id", "approved", "reason"?}` or
+    `{"tool_use_id", "output", "is_error"?}`): (tool_use_id, "approval" | "client", the answer's
+    JSON as the store keeps it), or a 400 naming the field."""
+    if not isinstance(answer, dict):
+        raise ApiError("invalid_request", "A tool answer must be a JSON object.")
+    call_id = answer.get("tool_use_id")
+    if not isinstance(call_id, str) or not TOOL_USE_ID.fullmatch(call_id):
+        raise ApiError("invalid_request", "`tool_use_id` must be the id of a tool call.", field="tool_use_id")
+    if ("approved" in answer) == ("output" in answer):
+        raise ApiError("invalid_request", "A tool answer has either `approved` (an approval) or `output` "
+                       "(a client tool's result).")
+    if "approved" in answer:
+        reason = answer.get("reason")
+        if not isinstance(answer["approved"], bool):
+            raise ApiError("invalid_request", "`approved` must be a boolean.", field="approved")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS):
+            raise ApiError("invalid_request", f"`reason` must be a string of at most {MAX_REASON_CHARS} "
+                           "characters.", field="reason")
+        check_text(reason or "", "`reason`", "reason")
+        return call_id, "approval", json.dumps({"approved": answer["approved"], "reason": reason})
+    is_error = answer.get("is_error", False)
+    if not isinstance(is_error, bool):
+        raise ApiError("invalid_request", "`is_error` must be a boolean.", field="is_error")
+    output = _tool_output(answer["output"], settings)
+    return call_id, "client", json.dumps({"output": output, "is_error": is_error}, ensure_ascii=False)
+
+
+def _tool_output(value: Any, settings: Settings) -> str | list[dict[str, Any]]:
+    """A client tool's result as tool_result content: text as it is, a list of text and image
+    blocks as it is (validated), any other JSON value as its JSON text."""
+    if isinstance(value, list) and value and all(isinstance(b, dict) and b.get("type") in ("text", "image")
+                                                 for b in value):
+        content: str | list[dict[str, Any]] = []
+        for i, block in enumerate(value):
+            if block["type"] == "text":
+                if not isinstance(block.get("text"), str) or set(block) - {"type", "text"}:
+                    raise ApiError("invalid_request", f"`output[{i}]` must be a text block of a `text` string.",
+                                   field="output")
+                content.append({"type": "text", "text": check_text(block["text"], f"`output[{i}].text`", "output")})
+            else:
+                content.append(_image(block.get("source"), i, settings, f"`output[{i}].source`"))
+        size = sum(len(b.get("text", "")) for b in content)
+    else:
+        content = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        check_text(content, "`output`", "output")
+        size = len(content)
+    if size > settings.max_message_chars:
+        raise ApiError("message_too_long", "`output` is too long.", field="output")
+    return content
+
+
 def _thinking(body: dict[str, Any], max_tokens: int, settings: Settings) -> tuple[dict[str, Any] | None, str | None]:
     """The request's `thinking` and `effort`, checked here so that a mistake is a 400 naming the
     field rather than the model service's `bad_request` after a lock and a call."""
@@ -279,11 +332,6 @@ def _content(message: Any, settings: Settings) -> str | list[dict[str, Any]]:
         raise ApiError("message_too_long",
                        f"`message` is longer than {settings.max_message_chars} characters.", field="message")
     return check_text(content, "`message`", "message") if isinstance(content, str) else content
-
-
-def image_block(block: dict[str, Any], i: int, settings: Settings) -> dict[str, Any]:
-    """An image block of a client tool's `output` (checked as a message's images are)."""
-    return _image(block.get("source"), i, settings, f"`output[{i}].source`")
 
 
 def _image(source: Any, i: int, settings: Settings, where: str | None = None) -> dict[str, Any]:

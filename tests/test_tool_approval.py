@@ -4,6 +4,7 @@ worker: an HTTP endpoint or a WebSocket frame. Two server processes share one Re
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 
@@ -11,6 +12,10 @@ import httpx
 import pytest
 import websockets
 from httpx_sse import aconnect_sse
+
+from server.config import Settings
+from server.errors import ApiError
+from server.requests import parse_tool_answer
 
 from .conftest import BOTH_STORES
 from .harness import eventually
@@ -244,3 +249,41 @@ async def test_bad_client_tools_are_400(shared_server, upstream, tools, message)
     error = answer.json()["error"]
     assert error["code"] == "invalid_request" and error["field"] == "client_tools" and message in error["message"]
     assert upstream.requests() == []
+
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
+
+
+@pytest.mark.parametrize("answer, stored", [
+    ({"tool_use_id": "toolu_1", "approved": True}, ("approval", {"approved": True, "reason": None})),
+    ({"tool_use_id": "toolu_1", "approved": False, "reason": "no"}, ("approval", {"approved": False, "reason": "no"})),
+    ({"tool_use_id": "toolu_1", "output": "text"}, ("client", {"output": "text", "is_error": False})),
+    ({"tool_use_id": "toolu_1", "output": {"a": [1]}, "is_error": True},
+     ("client", {"output": '{"a": [1]}', "is_error": True})),
+    ({"tool_use_id": "toolu_1", "output": [{"type": "text", "text": "see"},
+                                           {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                        "data": PNG}}]},
+     ("client", {"output": [{"type": "text", "text": "see"}, {"type": "image", "source": {
+         "type": "base64", "media_type": "image/png", "data": PNG}}], "is_error": False})),
+])
+def test_tool_answers_are_kept_as_the_model_will_read_them(answer, stored):
+    call_id, kind, data = parse_tool_answer(answer, Settings.from_env({}))
+    assert (call_id, kind, json.loads(data)) == ("toolu_1", *stored)
+
+
+@pytest.mark.parametrize("answer, code, field", [
+    ({"tool_use_id": "toolu 1", "approved": True}, "invalid_request", "tool_use_id"),
+    ({"tool_use_id": "toolu_1"}, "invalid_request", None),
+    ({"tool_use_id": "toolu_1", "approved": True, "reason": "x" * 2001}, "invalid_request", "reason"),
+    ({"tool_use_id": "toolu_1", "output": "x", "is_error": "yes"}, "invalid_request", "is_error"),
+    ({"tool_use_id": "toolu_1", "output": [{"type": "text", "text": 3}]}, "invalid_request", "output"),
+    ({"tool_use_id": "toolu_1", "output": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                          "data": "bm90IGEgcG5n"}}]},
+     "invalid_image", None),
+    ({"tool_use_id": "toolu_1", "output": "x" * 100_001}, "message_too_long", "output"),
+    ({"tool_use_id": "toolu_1", "output": "\ud800"}, "invalid_request", "output"),
+])
+def test_bad_tool_answers_are_400_naming_the_field(answer, code, field):
+    with pytest.raises(ApiError) as caught:
+        parse_tool_answer(answer, Settings.from_env({}))
+    assert caught.value.code == code and caught.value.extra.get("field") == field, caught.value.payload()
