@@ -18,8 +18,8 @@ from starlette.staticfiles import StaticFiles
 from . import lifecycle, logs, metrics, openapi, static
 from .config import ConfigError, Settings
 from .security import AllowlistCORS, Guard, SecurityMiddleware, cors_options, opens_stream, public, starts_turn
-from .transports.http_api import (agent, cancel_session, delete_session, get_session, health, ready, tool_approval,
-                                  tool_result)
+from .transports.http_api import (agent, cancel_session, delete_session, get_session, health, list_sessions, ready,
+                                  rename_session, tool_approval, tool_result)
 from .transports.sse import agent_stream, resume_stream
 from .transports.websocket import agent_ws
 from .transports.ai_sdk import chat, chat_resume
@@ -50,7 +50,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         starts_turn(Route("/agent", agent, methods=["POST"])),
         starts_turn(opens_stream(Route("/agent/stream", agent_stream, methods=["POST"]))),
         opens_stream(WebSocketRoute("/agent/ws", agent_ws)),
+        Route("/sessions", list_sessions, methods=["GET"]),  # the caller's conversations, newest first
         Route("/sessions/{session_id}", get_session, methods=["GET"]),
+        Route("/sessions/{session_id}", rename_session, methods=["PATCH"]),
         Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
         opens_stream(Route("/sessions/{session_id}/stream", resume_stream, methods=["GET"])),
         Route("/sessions/{session_id}/cancel", cancel_session, methods=["POST"]),

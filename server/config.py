@@ -185,6 +185,7 @@ class Settings:
     port: int = _env(8000, _int(0, 65535))
     web_concurrency: int = _env(1, _int(1, 256))
     default_model: str = _env("claude-sonnet-4-5", str, nonempty=True)
+    title_model: str | None = _env(None, str)  # a session's title from a short call after its first answer
     allowed_models: tuple[str, ...] = _env((), _parse_list)  # (): DEFAULT_MODEL and the priced models
     # the environment's table is merged over DEFAULT_PRICES
     model_prices: dict[str, dict[str, float]] = _env(None, _parse_prices)

@@ -17,14 +17,15 @@ from typing import Any, AsyncGenerator, Callable, NamedTuple
 
 import anthropic
 
-from . import context, metrics, structured, tracing
+from . import context, metrics, sessions, structured, tracing
 from .capabilities import ModelCapabilities
 from .config import Settings
 from .errors import ApiError, from_exception, from_upstream, store_unavailable
 from .events import Event, encode, unlogged
 from .requests import TurnRequest, interleaved_beta, parse_tool_answer, thinking_params
-from .store.base import (ABANDONED_SEQ, ANSWERED, Busy, Duplicate, LogBatch, NotFound, SessionView, Started, Store,
-                         TurnCommit, new_id, valid_id)
+from .store.base import (ABANDONED_SEQ, ANSWERED, Busy, Duplicate, LogBatch, NotFound, SessionMeta, SessionPage,
+                         SessionView, Started, Store, TurnCommit, new_id, valid_id)
+from .titles import TitleModel
 from .tools import ToolSet, server_tools
 from .tools.registry import ToolOutcome
 from .turns import Housekeeper, Turn
@@ -121,6 +122,9 @@ class Engine:
         self.capabilities = ModelCapabilities(client)
         self.turn_listeners: list[Callable[[str, Usage], None]] = []  # (principal, usage) per finished turn
         self._recancels: set[asyncio.Task[None]] = set()
+        # TITLE_MODEL (never in offline mode: the bundled model would only echo the question)
+        self.titles = TitleModel(settings.title_model, client, store, prices, self.upstream_gate, self.turn_listeners) \
+            if settings.title_model and not settings.offline else None
 
     def _tools_param(self, req: TurnRequest) -> tuple[RawJSON | None, int]:
         """The `tools` to send (JSON, the cache breakpoint on the last) and their size in characters.
@@ -155,11 +159,12 @@ class Engine:
                                "this server; client tools need names of their own.", field="client_tools")
         create = req.session_id is None or req.create_if_missing
         session_id = req.session_id or new_id()
+        title = sessions.message_title(req.user_message()) if create else None  # (a new session's, at once)
         deadline = time.monotonic() + INTERRUPT_WAIT_SECONDS
         while True:
             turn_id = new_id()
             result = await self.store.begin_turn(session_id, turn_id, owner=principal, create=create,
-                                                 message_id=req.message_id)
+                                                 message_id=req.message_id, title=title)
             if isinstance(result, Started):
                 break
             if isinstance(result, Duplicate):
@@ -290,6 +295,14 @@ class Engine:
     async def session(self, session_id: str, principal: str) -> SessionView:
         return _found(await self.store.get_session(session_id, principal))
 
+    async def list_sessions(self, principal: str, limit: int, after: tuple[int, str] | None) -> SessionPage:
+        """The principal's sessions, newest activity first (a page after `after`)."""
+        return await self.store.list_sessions(principal, limit, after)
+
+    async def rename(self, session_id: str, principal: str, title: str) -> SessionMeta:
+        """The owner's title: kept over the first message's and the title model's."""
+        return _found(await self.store.rename_session(session_id, principal, title))
+
     async def delete(self, session_id: str, principal: str) -> None:
         """Forget the session; a turn still running on it is cancelled (wherever it runs)."""
         turn_id, running = _found(await self.store.last_turn(session_id, principal))
@@ -310,6 +323,8 @@ class Engine:
             await asyncio.wait([t.task for t in self.turns.values()], timeout=5.0)
         for task in self._recancels:
             task.cancel()
+        if self.titles is not None:
+            await self.titles.close()
         self.stopping = True
 
     def cancel_local(self, turn_id: str, reason: str = "cancelled") -> bool:
@@ -401,6 +416,12 @@ class Engine:
             outcome, error = "failed", failure
             log.warning("turn %s could not be committed (%s)", turn.turn_id, failure.code)
             turn.publish_final(turn.terminal_event("error", failure.payload()))
+        else:
+            if (self.titles is not None and outcome == "completed" and started.meta.message_count == 0
+                    and started.meta.title_source == "message"):  # the first answer of a session: a better title
+                question = sessions.head(sessions.text_of(req.content), sessions.TITLE_INPUT_CHARS)
+                self.titles.schedule(turn.session_id, principal, question or started.meta.title or "",
+                                     "".join(progress.text))
         finally:
             self.turns.pop(turn.turn_id, None)
             if turn.span is not None:  # (the turn's span ends with the turn, whoever still follows it)
@@ -820,7 +841,7 @@ class Engine:
             committed = await self.store.finish_turn(turn.session_id, turn.turn_id, TurnCommit(
                 messages=messages, record=record, usage=progress.usage, cost_usd=cost,
                 last_input_tokens=progress.last_prompt_tokens, last_input_chars=progress.last_prompt_chars,
-                events=[*unsent, final]))
+                events=[*unsent, final], owner=principal, preview=sessions.preview(messages)))
             if not committed and span is not None:
                 tracing.commit_lost(span)
         if not committed:

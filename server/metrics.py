@@ -184,6 +184,12 @@ def turn_finished(outcome: str, model: str, seconds: float, usage: Any, cost: fl
     m = setup()
     m.turns.labels(outcome).inc()
     m.turn_duration.labels(outcome).observe(seconds, _exemplar())
+    model_usage(model, usage, cost)
+
+
+def model_usage(model: str, usage: Any, cost: float) -> None:
+    """Tokens and spend of a turn's model calls, or of a call outside a turn (a title)."""
+    m = setup()
     for kind, value in (("input", usage.input_tokens), ("output", usage.output_tokens),
                         ("cache_read", usage.cache_read_input_tokens),
                         ("cache_write", usage.cache_creation_input_tokens)):

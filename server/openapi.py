@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from .config import EFFORTS, THINKING_DISPLAYS
 from .errors import ERRORS
 from .requests import IMAGES, MIN_THINKING_BUDGET, ON_BUSY
+from .sessions import MAX_PAGE, MAX_TITLE_CHARS, PREVIEW_CHARS, TITLE_CHARS, TITLE_SOURCES
 
 _STRING = {"type": "string"}
 _TEXT = {"schema": _STRING}
@@ -91,6 +92,23 @@ _DOCUMENT_SOURCE = {"oneOf": [
           "data": {"type": "string", "minLength": 1, "description": "Counts toward MAX_MESSAGE_CHARS."}},
          "type", "media_type", "data"),
 ]}
+
+_SUMMARY = {
+    "session_id": _STRING,
+    "title": {"type": ["string", "null"], "description": "From the first user message at once (text cut at "
+              f"{TITLE_CHARS} characters, else the first attachment's name), then maybe from TITLE_MODEL, or "
+              "the owner's (`PATCH`)."},
+    "title_source": {"enum": [*TITLE_SOURCES, None], "description": "`message`, `model` or `user` (a `user` title is "
+                     "never replaced)."},
+    "created_at": {**_NUMBER, "description": "Unix seconds."},
+    "updated_at": {**_NUMBER, "description": "Unix seconds of the last activity (creation, a finished turn): "
+                   "the list's order."},
+    "turns": _INT,
+    "preview": {"type": "string", "maxLength": PREVIEW_CHARS, "description": "The last message's text (user or "
+                f"assistant), whitespace collapsed, at most {PREVIEW_CHARS} characters."},
+    "usage": _ref("Usage"), "estimated_cost_usd": _NUMBER,
+    "running_turn_id": _NULLABLE_STRING,
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({
@@ -237,13 +255,20 @@ SCHEMAS: dict[str, Any] = {
         {"allOf": [_obj({"type": {"const": "tool_result"}}, "type"), _ref("ToolResultAnswer")]},
         _obj({"type": {"enum": ["ping", "pong"]}}, "type"),
     ]},
+    "SessionSummary": _obj(_SUMMARY, *_SUMMARY, description="A session as a list of conversations shows it."),
+    "SessionList": _obj({"sessions": {"type": "array", "items": _ref("SessionSummary")},
+                         "next_cursor": {"type": ["string", "null"], "description": "Pass as `cursor` for the next "
+                                         "page; null on the last page."}}, "sessions", "next_cursor"),
+    "SessionRename": _obj({"title": {"type": "string", "minLength": 1, "maxLength": MAX_TITLE_CHARS,
+                                     "description": "Whitespace is collapsed; control characters are refused "
+                                                    "(as blanks)."}}, "title", additionalProperties=False),
     "SessionView": _obj({
-        "session_id": _STRING, "created_at": _NUMBER, "turns": _INT,
-        "running_turn_id": _NULLABLE_STRING, "usage": _ref("Usage"), "estimated_cost_usd": _NUMBER,
+        **_SUMMARY,
         "messages": {"type": "array", "description": "The history in Messages API shape.",
                      "items": _obj({"role": {"enum": ["user", "assistant"]}, "content": {}}, "role", "content")},
         "turn_records": {"type": "array", "items": {"type": "object"}},
-    }, "session_id", "turns", "usage", "messages"),
+    }, *_SUMMARY, "messages", "turn_records",
+        description="A session: its summary (as `GET /sessions` lists it), history and turn records."),
     "CancelResult": _obj({"session_id": _STRING, "cancelled_turn_id": _NULLABLE_STRING},
                          "session_id", "cancelled_turn_id"),
     "Health": _obj({"status": {"const": "ok"}, "upstream": {"enum": ["anthropic", "offline"]},
@@ -314,9 +339,20 @@ PATHS: dict[str, dict[str, Any]] = {
             "resume, and `error` objects without `id` for refused frames. `?session_id=` binds the connection "
             "to an existing session (else the first message creates one). Browsers authenticate with the "
             "subprotocols `agent` + `bearer.<key>` or `?ticket=` from `POST /ws-ticket`."))},
+    "/sessions": {"get": _op("sessions", "listSessions", "The caller's sessions, newest activity first", {
+        "200": _json("SessionList", "A page of sessions."), **_errors(400, 401)},
+        parameters=[_param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 20}),
+                    _param("cursor", "query", _STRING, description="`next_cursor` of the previous page.")],
+        description="Only the sessions of the caller's key. Ordered by `updated_at`, then `session_id` (both "
+                    "descending); a cursor names the last session of its page, so paging on while turns land "
+                    "never repeats or skips a session that did not change meanwhile. Expired and deleted "
+                    "sessions are not listed.")},
     "/sessions/{session_id}": {
-        "get": _op("sessions", "getSession", "A session: history, usage, cost and turn records",
+        "get": _op("sessions", "getSession", "A session: summary, history, usage, cost and turn records",
                    {"200": _json("SessionView", "The session."), **_SESSION_ERRORS}, parameters=_SESSION_ID),
+        "patch": _op("sessions", "renameSession", "Rename a session", {
+            "200": _json("SessionSummary", "Renamed (`title_source`: `user`)."), **_SESSION_ERRORS},
+            "SessionRename", parameters=_SESSION_ID),
         "delete": _op("sessions", "deleteSession", "Delete a session and its history",
                       {"204": _response("Deleted."), **_SESSION_ERRORS}, parameters=_SESSION_ID),
     },

@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from .harness import eventually
 
 from server.events import encode
-from server.store.base import ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id
+from server.store.base import (ABANDONED_SEQ, Busy, Duplicate, LogBatch, NotFound, Started, TurnCommit, new_id,
+                               principal_tag)
 from server.store.memory import MemoryStore
 from server.store.redis import RedisStore, _command
 from server.usage import Usage
@@ -317,5 +318,131 @@ async def test_wait_for_replicas_holds_no_other_command(redis_url):
         assert metrics.setup().store_unreplicated._value.get() == before + 1
         assert await asyncio.wait_for(store.finish_turn(other, other_tid, commit(other_tid, "quick", 1)), 0.5)
         assert [m["content"][0]["text"] for m in (await store.get_session(sid, "o")).history] == ["q", "kept"]
+    finally:
+        await store.close()
+
+
+# -- the sessions index (GET /sessions) ------------------------------------------------------
+def owned_commit(turn_id: str, text: str, seq: int, owner: str) -> TurnCommit:
+    c = commit(turn_id, text, seq)
+    c.owner, c.preview = owner, text
+    return c
+
+
+async def new_session(store, owner: str, title: str, text: str) -> str:
+    """A session with one finished turn (its title from the first message, `text` its answer)."""
+    sid, tid = new_id(), new_id()
+    assert isinstance(await store.begin_turn(sid, tid, owner=owner, create=True, message_id=None, title=title), Started)
+    assert await store.finish_turn(sid, tid, owned_commit(tid, text, 1, owner))
+    await asyncio.sleep(0.003)  # (a later millisecond: the order below is by activity)
+    return sid
+
+
+async def listed(store, owner: str, limit: int = 100, after=None) -> list[str]:
+    return [sid for sid, _meta in (await store.list_sessions(owner, limit, after)).sessions]
+
+
+async def test_sessions_index_newest_first_pages_and_owners(store):
+    alice, bob = f"key:alice}}{{{new_id()}", f"key:bob{new_id()}"  # (any characters: the key holds a digest)
+    sids = [await new_session(store, alice, f"title {n}", f"answer {n}") for n in range(5)]
+    theirs = await new_session(store, bob, "bob's", "b")
+    assert await listed(store, alice) == sids[::-1]
+    assert await listed(store, bob) == [theirs] and await listed(store, f"key:nobody{new_id()}") == []
+    page = await store.list_sessions(alice, 2, None)
+    sid, meta = page.sessions[0]
+    assert (sid, meta.title, meta.title_source, meta.preview, meta.turns) == (
+        sids[4], "title 4", "message", "answer 4", 1)
+    assert meta.updated_ms >= int(meta.created_at * 1000) and meta.usage.total == 20
+    assert page.next == (page.sessions[1][1].updated_ms, sids[3])
+    # A turn lands on a session already listed (it moves up) and a new session starts: the next
+    # pages go on after the cursor, with neither repeated nor skipped.
+    tid = new_id()
+    await store.begin_turn(sids[4], tid, owner=alice, create=False, message_id=None)
+    assert await store.finish_turn(sids[4], tid, owned_commit(tid, "again", 2, alice))
+    newest = await new_session(store, alice, "newest", "n")
+    second = await store.list_sessions(alice, 2, page.next)
+    assert [s for s, _ in second.sessions] == [sids[2], sids[1]] and second.next is not None
+    last = await store.list_sessions(alice, 2, second.next)
+    assert [s for s, _ in last.sessions] == [sids[0]] and last.next is None
+    assert await listed(store, alice) == [newest, sids[4], sids[3], sids[2], sids[1], sids[0]]
+    assert (await store.list_sessions(alice, 1, None)).sessions[0][1].preview == "n"
+
+
+async def test_sessions_index_rename_model_title_and_delete(store):
+    o = f"o-{new_id()}"  # (a shared Redis keeps other runs' sessions)
+    sid = await new_session(store, o, "first words", "a")
+    renamed = await store.rename_session(sid, o, "My trip")
+    assert (renamed.title, renamed.title_source) == ("My trip", "user")
+    assert await store.rename_session(sid, "mallory", "x") is None
+    assert await store.rename_session(new_id(), o, "x") is None
+    # The title model never replaces the owner's title, but its usage counts.
+    assert await store.add_model_title(sid, o, "Model title", Usage(100, 7), 0.5)
+    meta = (await store.get_session(sid, o)).meta
+    assert (meta.title, meta.title_source, meta.usage.total, meta.cost_usd) == (
+        "My trip", "user", 127, pytest.approx(0.75))
+    other = await new_session(store, o, "question", "a")
+    assert await store.add_model_title(other, o, "Better title", Usage(10, 2), 0.01)
+    meta = (await store.get_session(other, o)).meta
+    assert (meta.title, meta.title_source, meta.usage.input_tokens) == ("Better title", "model", 20)
+    ghost = new_id()
+    assert not await store.add_model_title(ghost, o, "t", Usage(1, 1), 0.1), "no session: nothing written"
+    assert not await store.add_model_title(other, "mallory", "t", Usage(1, 1), 0.1)
+    assert await store.get_session(ghost, o) is None
+    assert await listed(store, o) == [other, sid]
+    assert await store.delete_session(sid, o)
+    assert await listed(store, o) == [other]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "cluster"])
+async def test_sessions_index_forgets_expired_sessions(request, redis_url, backend):
+    """An expired session is not listed, and the listing drops it from the index; the index key
+    itself expires with the sessions (its TTL renewed by each update)."""
+    kw = dict(session_ttl=2, lock_ttl=LOCK_TTL, log_ttl=60, log_maxlen=1000, idempotency_ttl=60)
+    url = request.getfixturevalue("redis_cluster").url if backend == "cluster" else redis_url
+    store = MemoryStore(**kw) if backend == "memory" else RedisStore(url, cluster=backend == "cluster", **kw)
+    try:
+        owner = f"expiring-{new_id()}"
+        index = f"agent:sessions:{{{principal_tag(owner)}}}"
+        await new_session(store, owner, "old", "a")
+        if backend != "memory":
+            assert 0 < await store.redis.pttl(index) <= 2000
+        await asyncio.sleep(1.2)
+        young = await new_session(store, owner, "young", "b")  # (the index outlives the old session)
+        await asyncio.sleep(1.2)
+        assert await listed(store, owner) == [young]
+        if backend != "memory":
+            assert await store.redis.zrange(index, 0, -1) == [young.encode()], "the expired entry was dropped"
+        else:
+            assert list(store._index[owner]) == [young]
+    finally:
+        await store.close()
+
+
+async def test_redis_index_pages_through_equal_times_and_dead_entries(redis_url):
+    """Sessions whose activity has the same millisecond page in id order (descending), one per
+    page, without repeats; index entries whose session is gone are skipped and dropped, and
+    the page filled from further down. A new session's first turn adds it at once."""
+    store = RedisStore(redis_url, session_ttl=3600, lock_ttl=30, log_ttl=60, log_maxlen=1000, idempotency_ttl=60)
+    try:
+        owner = f"ties-{new_id()}"
+        index = f"agent:sessions:{{{principal_tag(owner)}}}"
+        sids = [await new_session(store, owner, f"t{n}", "a") for n in range(5)]
+        await store.redis.zadd(index, {sid: 1_700_000_000_000 for sid in sids[:4]})  # four at the same ms
+        seen, after = [], None
+        while True:
+            page = await store.list_sessions(owner, 1, after)
+            seen += [sid for sid, _ in page.sessions]
+            if page.next is None:
+                break
+            after = page.next
+        assert seen == [sids[4], *sorted(sids[:4], reverse=True)]
+        await store.redis.delete(*[f"agent:{{{sid}}}:meta" for sid in sorted(sids[:4], reverse=True)[:2]])
+        page = await store.list_sessions(owner, 2, None)
+        assert [sid for sid, _ in page.sessions] == [sids[4], sorted(sids[:4], reverse=True)[2]]
+        assert await store.redis.zcard(index) == 3
+        sid, tid = new_id(), new_id()
+        await store.begin_turn(sid, tid, owner=owner, create=True, message_id=None, title="running")
+        first, meta = (await store.list_sessions(owner, 1, None)).sessions[0]
+        assert (first, meta.title, meta.turns, meta.active_turn_id) == (sid, "running", 0, tid)
     finally:
         await store.close()

@@ -242,7 +242,7 @@ def _limit_body(headers: Headers, receive: Receive, send: Send, limit: int,
 def cors_options(settings: Settings) -> dict[str, Any]:
     """For `AllowlistCORS`. No credentials ever (keys travel in headers): `*` leaks nothing."""
     return dict(allow_origins=list(settings.allowed_origins), allow_credentials=False,
-                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                 allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                 expose_headers=["X-Session-ID", "X-Turn-ID", "Retry-After", "X-Request-ID"], max_age=600)
 

@@ -10,11 +10,13 @@ their only caller. Every backend keeps these guarantees:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Protocol
 
 from ..events import Event
@@ -48,6 +50,13 @@ def valid_message_id(value: object) -> bool:
     return isinstance(value, str) and bool(_MESSAGE_ID_RE.fullmatch(value))
 
 
+@lru_cache(maxsize=4096)
+def principal_tag(principal: str) -> str:
+    """A principal as a key's hash tag (its sessions' index): a digest, since a principal may
+    hold any character (`}` too)."""
+    return hashlib.sha256(principal.encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
 @dataclass(slots=True)
 class SessionMeta:
     owner: str
@@ -60,6 +69,12 @@ class SessionMeta:
     active_turn_id: str | None = None
     last_input_tokens: int = 0   # prompt tokens of the last model call: calibrates estimates
     last_input_chars: int = 0    # characters that produced them
+    # What a list of conversations shows (server/sessions.py): set at creation, and by commits,
+    # renames and the title model.
+    title: str | None = None
+    title_source: str | None = None  # "message" | "model" | "user"
+    preview: str = ""
+    updated_ms: int = 0  # last activity (creation, a commit), unix ms: the index's order
 
 
 class StoredMessage(Mapping[str, Any]):
@@ -127,6 +142,8 @@ class TurnCommit:
     last_input_tokens: int
     last_input_chars: int
     events: list[Event]                  # the log's last events (the terminal one included)
+    owner: str = ""                      # the session's: its index entry moves to the top ("": not indexed)
+    preview: str = ""                    # the new last message's text ("": unchanged)
 
 
 @dataclass(slots=True)
@@ -145,6 +162,13 @@ class SessionView:
     turns: list[dict[str, Any]]
 
 
+@dataclass(slots=True)
+class SessionPage:
+    """A page of a principal's sessions, newest activity first."""
+    sessions: list[tuple[str, SessionMeta]]
+    next: tuple[int, str] | None  # (updated ms, session id) of the last one, when more follow
+
+
 # The engine's `on_notice`, called on every worker with each published notice: a turn id to
 # cancel, or ANSWERED + a turn id whose waiting tool calls got an answer.
 NoticeHandler = Callable[[str], object]
@@ -156,8 +180,9 @@ TOOL_WAITS = ("approval", "client")
 
 class Store(Protocol):
     """What the engine asks of a backend: `MemoryStore` and `RedisStore` (tests/test_store.py runs both)."""
+    # `title`: a new session's (from its first message; ignored when continuing one).
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
-                         message_id: str | None) -> BeginResult: ...
+                         message_id: str | None, title: str | None = None) -> BeginResult: ...
     async def renew_lock(self, session_id: str, turn_id: str) -> bool: ...
     # Appends event batches to their turns' logs and renews (session, turn) locks, in one round
     # trip; returns whether each lock was still held.
@@ -175,6 +200,15 @@ class Store(Protocol):
     async def last_turn(self, session_id: str, owner: str) -> tuple[str | None, bool] | None: ...
     async def get_session(self, session_id: str, owner: str) -> SessionView | None: ...
     async def delete_session(self, session_id: str, owner: str) -> bool: ...
+    # The owner's sessions, newest activity first (updated ms desc, then session id desc), after
+    # `after` (a page's `next`); index entries of sessions that expired are dropped on the way.
+    async def list_sessions(self, owner: str, limit: int, after: tuple[int, str] | None) -> SessionPage: ...
+    # Sets the title (title_source "user"); the session's meta after, or None (not the owner's).
+    async def rename_session(self, session_id: str, owner: str, title: str) -> SessionMeta | None: ...
+    # The title model's answer: the title is set only while title_source is "message"; the
+    # call's usage and cost are added to the session's totals either way. False: no session.
+    async def add_model_title(self, session_id: str, owner: str, title: str, usage: Usage,
+                              cost_usd: float) -> bool: ...
     async def publish_cancel(self, turn_id: str) -> None: ...
     # The tool calls a turn waits for ({tool_use_id: "approval" | "client"}), replacing any it
     # waited for before; kept for `ttl` seconds at most.

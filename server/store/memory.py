@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event
+from ..usage import Usage
 from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
-                   SessionView, Started, TurnCommit)
+                   SessionPage, SessionView, Started, TurnCommit)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class MemoryStore:
         self.idempotency_ttl = idempotency_ttl
         self._sessions: dict[str, _Session] = {}
         self._logs: dict[tuple[str, str], _Log] = {}
+        self._index: dict[str, dict[str, int]] = {}  # owner -> {session id: updated ms}
         self._on_cancel: CancelHandler | None = None
         self._finished = 0
 
@@ -73,12 +75,16 @@ class MemoryStore:
         return log
 
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
-                         message_id: str | None) -> BeginResult:
+                         message_id: str | None, title: str | None = None) -> BeginResult:
         now = time.monotonic()
         # Ownership first: another principal's message_id answers as a missing session.
         s = self._session(session_id, None if create else owner)
         if create and s is None:
-            s = self._sessions[session_id] = _Session(SessionMeta(owner=owner, created_at=time.time()))
+            created = time.time()
+            s = self._sessions[session_id] = _Session(SessionMeta(
+                owner=owner, created_at=created, updated_ms=int(created * 1000), title=title or None,
+                title_source="message" if title else None))
+            self._index.setdefault(owner, {})[session_id] = s.meta.updated_ms
         elif create or s is None:  # a session to create exists, or one to continue does not (for owner)
             return NotFound()
         if (seen := s.message_ids.get(message_id)) and seen[1] > now:  # (None when no message_id was given)
@@ -121,6 +127,11 @@ class MemoryStore:
         if commit.last_input_tokens:
             m.last_input_tokens, m.last_input_chars = commit.last_input_tokens, commit.last_input_chars
         m.active_turn_id = None
+        if commit.preview:
+            m.preview = commit.preview
+        m.updated_ms = int(time.time() * 1000)
+        if commit.owner:
+            self._index.setdefault(commit.owner, {})[session_id] = m.updated_ms
         s.lock = None
         s.expires_at = time.monotonic() + self.session_ttl
         self._append(session_id, turn_id, commit.events).expires_at = time.monotonic() + self.log_ttl
@@ -129,6 +140,11 @@ class MemoryStore:
             for table in (self._sessions, self._logs):
                 for key in list(table):
                     _live(table, key)
+            for owner, index in list(self._index.items()):
+                for sid in [sid for sid in index if sid not in self._sessions]:
+                    del index[sid]
+                if not index:
+                    del self._index[owner]
         return True
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
@@ -176,8 +192,40 @@ class MemoryStore:
         if self._session(session_id, owner) is None:
             return False
         del self._sessions[session_id]
+        self._index.get(owner, {}).pop(session_id, None)
         for key in [k for k in self._logs if k[0] == session_id]:
             del self._logs[key]
+        return True
+
+    async def list_sessions(self, owner: str, limit: int, after: tuple[int, str] | None) -> SessionPage:
+        index = self._index.get(owner, {})
+        live = {sid: s for sid in list(index) if (s := self._session(sid, owner)) is not None}
+        for sid in [sid for sid in index if sid not in live]:
+            del index[sid]  # expired (or deleted): dropped, as Redis's listing does
+        order = sorted(((ms, sid) for sid, ms in index.items() if after is None or (ms, sid) < after), reverse=True)
+        page = []
+        for ms, sid in order[:limit]:
+            meta = deepcopy(live[sid].meta)
+            meta.updated_ms = ms
+            page.append((sid, meta))
+        return SessionPage(page, order[limit - 1] if len(order) > limit else None)
+
+    async def rename_session(self, session_id: str, owner: str, title: str) -> SessionMeta | None:
+        s = self._session(session_id, owner)
+        if s is None:
+            return None
+        s.meta.title, s.meta.title_source = title, "user"
+        return deepcopy(s.meta)
+
+    async def add_model_title(self, session_id: str, owner: str, title: str, usage: Usage,
+                              cost_usd: float) -> bool:
+        s = self._session(session_id, owner)
+        if s is None:
+            return False
+        if title and s.meta.title_source == "message":
+            s.meta.title, s.meta.title_source = title, "model"
+        s.meta.usage.add(usage)
+        s.meta.cost_usd += cost_usd
         return True
 
     async def publish_cancel(self, turn_id: str) -> None:

@@ -13,17 +13,25 @@ in one Redis Cluster slot and the Lua scripts below stay legal there.
     agent:{sid}:mids          hash    client message_id -> "<turn id> <expiry (unix s)>" (idempotency)
     agent:{sid}:tools         hash    the tool calls the running turn waits for: turn (its id),
                                       p:<tool_use_id> (approval | client), a:<tool_use_id> (answer JSON)
+    agent:sessions:{<tag>}    zset    a principal's sessions (the index of GET /sessions): member = session
+                                      id, score = its last activity in unix ms; <tag> = a digest of the
+                                      principal (store.base.principal_tag). Title, title source, preview
+                                      and `updated` live in each session's meta hash.
     agent:cancel              channel turn ids to cancel, and "!<turn id>" for a turn whose waiting
                               tool calls got an answer, heard by every worker (on a cluster: the
                               sharded channel agent:{cancel})
 
 Round trips per turn: one to begin (lock + history), one to finish (fenced commit + final
-events), none per token; the running turns' event-log writes and lock renewals share one
-round trip per flush interval (see the Housekeeper in turns.py), one per master on a cluster.
+events; on a single Redis both scripts also write the sessions index), none per token; the
+running turns' event-log writes and lock renewals share one round trip per flush interval
+(see the Housekeeper in turns.py), one per master on a cluster.
 
 Redis Cluster (`cluster=True`): redis-py's cluster client for everything but the hot commands,
 which `ClusterRouter` sends to their slot's master (redis_channel.py). Every script touches
-the keys of one hash tag, so it runs on one node.
+the keys of one hash tag, so it runs on one node. A principal's index has a tag of its own, so
+it usually lives on another node than the session: a commit writes it in parallel with the
+commit script (no added latency), a new session's entry is added just after its begin (in the
+background: never before the session exists, so a listing never mistakes it for an expired one).
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from .. import metrics
 from ..events import Event
 from ..usage import Usage
 from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
-                   SessionView, Started, StoredMessage, TurnCommit)
+                   SessionPage, SessionView, Started, StoredMessage, TurnCommit, principal_tag)
 from .redis_channel import ClusterRouter, NodeChannels, SingleRouter
 
 log = logging.getLogger("server.store")
@@ -57,7 +65,8 @@ CLUSTER_CANCEL_CHANNEL = "agent:{cancel}"  # a sharded channel lives in a slot: 
 WAIT_TIMEOUT_MS = 1000  # how long a commit waits for REDIS_WAIT_REPLICAS acknowledgements
 LAGGING_SKIP_SECONDS = 5  # then how long that node's commits do not wait
 
-# KEYS: meta msgs lock mids turns   ARGV: turn owner create lock_ms ttl idem_ttl now message_id
+# KEYS: meta msgs lock mids turns [index]   ARGV: turn owner create lock_ms ttl idem_ttl now message_id
+#       title now_ms session_id   (index: a single Redis only; on a cluster another node has it)
 # Ownership is checked before anything else: a `message_id` of another principal's session
 # must answer exactly as a session that does not exist (no turn, no hint that it exists).
 # Run twice (a retry after a lost reply, a failover), it answers the same: the session it
@@ -68,7 +77,12 @@ local again = owner == ARGV[2] and redis.call('HGET', KEYS[1], 'last') == ARGV[1
 if ARGV[3] == '1' and not again then
   if owner then return {'not_found'} end
   redis.call('DEL', KEYS[4])
-  redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created', ARGV[7])
+  redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'created', ARGV[7], 'updated', ARGV[10])
+  if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'title', ARGV[9], 'tsrc', 'message') end
+  if KEYS[6] then
+    redis.call('ZADD', KEYS[6], ARGV[10], ARGV[11])
+    redis.call('EXPIRE', KEYS[6], ARGV[5])
+  end
 elseif owner ~= ARGV[2] then
   return {'not_found'}
 end
@@ -93,9 +107,9 @@ return {'started', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2],
 # KEYS: lock   ARGV: turn lock_ms
 _RENEW = "return redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PEXPIRE', KEYS[1], ARGV[2]) or 0"
 
-# KEYS: meta msgs lock turns log
+# KEYS: meta msgs lock turns log [index]
 # ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen
-#       first_seq last_seq last_type data msg*nmsgs
+#       first_seq last_seq last_type data preview now_ms session_id msg*nmsgs
 # An entry's fields are always f, t, d in that order: its type is the 4th element.
 _FINISH = """
 local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)[1]
@@ -105,7 +119,7 @@ if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return (top and top[1] == '0-' .. ARGV[15] and top[2][4] == ARGV[16]) and 1 or 0
 end
 local nmsgs = tonumber(ARGV[2])
-for i = 18, 17 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 21, 20 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('RPUSH', KEYS[4], ARGV[3])
 for i, name in ipairs({'in', 'out', 'cw', 'cr'}) do redis.call('HINCRBY', KEYS[1], name, ARGV[3 + i]) end
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost', ARGV[8])
@@ -113,6 +127,12 @@ redis.call('HINCRBY', KEYS[1], 'turns', 1)
 redis.call('HINCRBY', KEYS[1], 'nmsgs', nmsgs)
 if ARGV[9] ~= '0' then redis.call('HSET', KEYS[1], 'last_in', ARGV[9], 'last_chars', ARGV[10]) end
 redis.call('HDEL', KEYS[1], 'active')
+if ARGV[18] ~= '' then redis.call('HSET', KEYS[1], 'preview', ARGV[18]) end
+redis.call('HSET', KEYS[1], 'updated', ARGV[19])
+if KEYS[6] then
+  redis.call('ZADD', KEYS[6], ARGV[19], ARGV[20])
+  redis.call('EXPIRE', KEYS[6], ARGV[11])
+end
 redis.call('DEL', KEYS[3])
 if tonumber(ARGV[15]) > (top and tonumber(string.match(top[1], '-(%d+)$')) or 0) then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[13], '0-' .. ARGV[15], 'f', ARGV[14], 't', ARGV[16], 'd', ARGV[17])
@@ -155,6 +175,25 @@ if redis.call('HSETNX', KEYS[3], 'a:' .. ARGV[2], ARGV[4]) == 0 then return {'an
 return {'ok', turn}
 """
 
+# KEYS: meta   ARGV: owner title
+_RENAME = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return false end
+redis.call('HSET', KEYS[1], 'title', ARGV[2], 'tsrc', 'user')
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: meta   ARGV: owner title in out cw cr cost
+# The title model's answer: replaces only a title taken from the first message; its usage counts.
+_MODEL_TITLE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'tsrc') == 'message' then
+  redis.call('HSET', KEYS[1], 'title', ARGV[2], 'tsrc', 'model')
+end
+for i, name in ipairs({'in', 'out', 'cw', 'cr'}) do redis.call('HINCRBY', KEYS[1], name, ARGV[2 + i]) end
+redis.call('HINCRBYFLOAT', KEYS[1], 'cost', ARGV[7])
+return 1
+"""
+
 # KEYS: tools   ARGV: turn close
 _TOOL_ANSWERS = """
 if redis.call('HGET', KEYS[1], 'turn') ~= ARGV[1] then return {} end
@@ -170,6 +209,10 @@ def _k(session_id: str, name: str) -> str:
 
 def _keys(session_id: str, *names: str) -> list[str]:
     return [_k(session_id, name) for name in names]
+
+
+def _index_key(owner: str) -> str:
+    return f"agent:sessions:{{{principal_tag(owner)}}}"
 
 
 def _command(*args: bytes) -> bytes:
@@ -237,20 +280,33 @@ class RedisStore:
         self.idempotency_ttl = idempotency_ttl
         self._begin, self._renew, self._finish, self._abandon = map(self.redis.register_script,
                                                                     (_BEGIN, _RENEW, _FINISH, _ABANDON))
-        self._wait_tools, self._answer_tool, self._tool_answers = map(
-            self.redis.register_script, (_WAIT_TOOLS, _ANSWER_TOOL, _TOOL_ANSWERS))
+        self._wait_tools, self._answer_tool, self._tool_answers, self._rename, self._model_title = map(
+            self.redis.register_script, (_WAIT_TOOLS, _ANSWER_TOOL, _TOOL_ANSWERS, _RENAME, _MODEL_TITLE))
         self._listener: asyncio.Task[None] | None = None
+        self.cluster = cluster
+        self._index_writes: set[asyncio.Task[None]] = set()  # (cluster) new sessions' index entries
+        self._index_warned_at = -math.inf
 
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
-                         message_id: str | None) -> BeginResult:
+                         message_id: str | None, title: str | None = None) -> BeginResult:
         keys = _keys(session_id, "meta", "msgs", "lock", "mids", "turns")
+        index = _index_key(owner) if create else None
+        if index is not None and not self.cluster:
+            keys.append(index)
+        now = time.time()
+        now_ms = int(now * 1000)
         args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
-                time.time(), message_id or ""]
+                now, message_id or "", title or "", now_ms, session_id]
         status, *result = (await self._run_script(self._begin, keys, args))[0]
         if status == b"started":
             fields, history, stale = result
-            return Started(meta=_meta_from_hash(zip(fields[::2], fields[1::2])),
-                           history=[StoredMessage(m) for m in history], stale_turn_id=stale.decode() or None)
+            meta = _meta_from_hash(zip(fields[::2], fields[1::2]))
+            if index is not None and self.cluster and meta.turns == 0:  # (new: NX keeps an entry's order)
+                self._index_in_background(index, [_command(b"ZADD", index.encode(), b"NX", b"%d" % now_ms,
+                                                           session_id.encode()),
+                                                  _command(b"EXPIRE", index.encode(), b"%d" % self.session_ttl)])
+            return Started(meta=meta, history=[StoredMessage(m) for m in history],
+                           stale_turn_id=stale.decode() or None)
         if status == b"not_found":
             return NotFound()
         return (Busy if status == b"busy" else Duplicate)(result[0].decode())
@@ -311,6 +367,10 @@ class RedisStore:
 
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool:
         keys = _keys(session_id, "meta", "msgs", "lock", "turns", f"log:{turn_id}")
+        index = _index_key(commit.owner) if commit.owner else None
+        if index is not None and not self.cluster:
+            keys.append(index)
+        now_ms = int(time.time() * 1000)
         u = commit.usage
         events = commit.events
         args: list[Any] = [
@@ -319,6 +379,7 @@ class RedisStore:
             repr(commit.cost_usd), commit.last_input_tokens, commit.last_input_chars,
             self.session_ttl, self.log_ttl, self.log_maxlen,
             events[0].seq, events[-1].seq, events[-1].type, b"\n".join(e.data for e in events),
+            commit.preview, now_ms, session_id,
         ]
         args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
         # With wait_replicas, WAIT in the same write: the commit is on that many replicas
@@ -328,7 +389,19 @@ class RedisStore:
         node = self._router.node_of(keys[0].encode()) if self._wait else ""
         now = time.monotonic()
         wait = self._wait if self._wait and self._lagging.get(node, 0.0) <= now else None
-        committed, *acked = await self._run_script(self._finish, keys, args, wait)
+        if index is not None and self.cluster:
+            # The index lives on another node: written in parallel (not fenced: an entry whose
+            # session is gone is dropped by the next listing).
+            done, _indexed = await asyncio.gather(
+                self._run_script(self._finish, keys, args, wait),
+                self._write_index(index, [_command(b"ZADD", index.encode(), b"%d" % now_ms, session_id.encode()),
+                                          _command(b"EXPIRE", index.encode(), b"%d" % self.session_ttl)]),
+                return_exceptions=True)
+            if isinstance(done, BaseException):
+                raise done
+            committed, *acked = done
+        else:
+            committed, *acked = await self._run_script(self._finish, keys, args, wait)
         if committed and self._wait and (not acked or isinstance(acked[0], Exception) or acked[0] < self.wait_replicas):
             metrics.store_replication_lagged()
             if acked:  # (a timed-out WAIT, not a skipped one)
@@ -339,6 +412,24 @@ class RedisStore:
                                 "failover now could lose it; commits there wait for none for %d s",
                                 acked[0], self.wait_replicas, WAIT_TIMEOUT_MS, LAGGING_SKIP_SECONDS)
         return bool(committed)
+
+    async def _write_index(self, index: str, commands: list[bytes]) -> None:
+        """(Cluster) Write a principal's index; a failure is logged, never raised: the session
+        stays out of the list (or in its old place) until its next commit."""
+        try:
+            for reply in await self._router.execute(index.encode(), commands):
+                if isinstance(reply, Exception):
+                    raise reply
+        except Exception as exc:  # noqa: BLE001 — the listing is not worth failing a turn for
+            now = time.monotonic()
+            if now - self._index_warned_at >= 30:
+                self._index_warned_at = now
+                log.warning("could not update a sessions index (%s: %s)", type(exc).__name__, str(exc)[:200])
+
+    def _index_in_background(self, index: str, commands: list[bytes]) -> None:
+        task = asyncio.create_task(self._write_index(index, commands), name="sessions-index")
+        self._index_writes.add(task)
+        task.add_done_callback(self._index_writes.discard)
 
     async def abandon_turn(self, session_id: str, turn_id: str, error_fields: str) -> bool:
         keys = _keys(session_id, "meta", "lock", f"log:{turn_id}")
@@ -389,7 +480,65 @@ class RedisStore:
         where = {"target_nodes": self.redis.get_node_from_key(keys[0])} if isinstance(self.redis, RedisCluster) else {}
         keys += [key async for key in self.redis.scan_iter(match=_k(session_id, "log:*"), count=500, **where)]
         await self.redis.delete(*keys)
+        await self.redis.zrem(_index_key(owner), session_id)
         return True
+
+    async def list_sessions(self, owner: str, limit: int, after: tuple[int, str] | None) -> SessionPage:
+        """A page of the owner's index, each entry's meta read in one pipeline (on a cluster: one
+        round trip per node holding some). Entries whose meta is gone (expired) or belongs to
+        someone else (an id reused after expiry) are dropped from the index, and the page
+        filled from further down."""
+        index, found, position = _index_key(owner), [], after
+        while len(found) <= limit:
+            entries, more = await self._index_page(index, position, limit + 1 - len(found))
+            if not entries:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for sid, _ms in entries:
+                pipe.hgetall(_k(sid, "meta"))
+            gone = []
+            for (sid, ms), raw in zip(entries, await pipe.execute()):
+                if raw.get(b"owner") != owner.encode():
+                    gone.append(sid)
+                    continue
+                meta = _meta_from_hash(raw.items())
+                meta.updated_ms = ms  # (the order the index gives, which the cursor follows)
+                found.append((sid, meta))
+            if gone:
+                await self.redis.zrem(index, *gone)
+            position = (entries[-1][1], entries[-1][0])
+            if not more:
+                break
+        if len(found) > limit:
+            last_sid, last = found[limit - 1]
+            return SessionPage(found[:limit], (last.updated_ms, last_sid))
+        return SessionPage(found, None)
+
+    async def _index_page(self, index: str, after: tuple[int, str] | None,
+                          count: int) -> tuple[list[tuple[str, int]], bool]:
+        """Up to `count` (session id, ms) of the index after `after`, newest first (ms desc, then
+        id desc, as ZREVRANGE orders equal scores), and whether more may follow."""
+        if after is None:
+            rows = await self.redis.zrevrange(index, 0, count - 1, withscores=True)
+            return [(m.decode(), int(score)) for m, score in rows], len(rows) == count
+        ms, sid = after
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(index, ms, ms)  # the same ms as the cursor: only those after its id
+        pipe.zrevrangebyscore(index, f"({ms}", "-inf", start=0, num=count, withscores=True)
+        same, below = await pipe.execute()
+        entries = [(m, ms) for m in sorted((m.decode() for m in same), reverse=True) if m < sid]
+        entries += [(m.decode(), int(score)) for m, score in below]
+        return entries[:count], len(entries) >= count
+
+    async def rename_session(self, session_id: str, owner: str, title: str) -> SessionMeta | None:
+        fields = (await self._run_script(self._rename, [_k(session_id, "meta")], [owner, title]))[0]
+        return _meta_from_hash(zip(fields[::2], fields[1::2])) if fields else None
+
+    async def add_model_title(self, session_id: str, owner: str, title: str, usage: Usage,
+                              cost_usd: float) -> bool:
+        args = [owner, title, usage.input_tokens, usage.output_tokens, usage.cache_creation_input_tokens,
+                usage.cache_read_input_tokens, repr(cost_usd)]
+        return bool((await self._run_script(self._model_title, [_k(session_id, "meta")], args))[0])
 
     async def publish_cancel(self, turn_id: str) -> None:
         if isinstance(self.redis, RedisCluster):
@@ -495,6 +644,8 @@ class RedisStore:
             return False
 
     async def close(self) -> None:
+        if self._index_writes:
+            await asyncio.wait(self._index_writes, timeout=2.0)
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
@@ -509,4 +660,6 @@ def _meta_from_hash(pairs: Iterable[tuple[bytes, bytes]]) -> SessionMeta:
     return SessionMeta(owner=h.get("owner", ""), created_at=float(h.get("created", 0)), turns=n["turns"],
                        usage=Usage(n["in"], n["out"], n["cw"], n["cr"]), cost_usd=float(h.get("cost", 0)),
                        last_turn_id=h.get("last") or None, active_turn_id=h.get("active") or None,
-                       message_count=n["nmsgs"], last_input_tokens=n["last_in"], last_input_chars=n["last_chars"])
+                       message_count=n["nmsgs"], last_input_tokens=n["last_in"], last_input_chars=n["last_chars"],
+                       title=h.get("title"), title_source=h.get("tsrc"), preview=h.get("preview", ""),
+                       updated_ms=int(h.get("updated", 0)))

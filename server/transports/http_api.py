@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .. import sessions
 from ..security import principal_of
 from ..engine import Engine, valid_session_id
 from ..errors import ApiError, status_of
@@ -107,13 +108,38 @@ async def _answer_tool(request: Request, fields: tuple[str, ...]) -> Response:
 
 
 async def get_session(request: Request) -> Response:
+    """The session's summary (as `GET /sessions` lists it), its history and turn records."""
     session_id = valid_session_id(request.path_params["session_id"])
     view = await engine_of(request).session(session_id, principal_of(request))
-    m = view.meta
-    return JSONResponse({"session_id": session_id, "created_at": m.created_at, "turns": m.turns,
-                         "running_turn_id": m.active_turn_id, "usage": m.usage.to_dict(),
-                         "estimated_cost_usd": round(m.cost_usd, 8), "messages": view.history,
+    return JSONResponse({**sessions.summary(session_id, view.meta), "messages": view.history,
                          "turn_records": view.turns})
+
+
+async def list_sessions(request: Request) -> Response:
+    """`GET /sessions?limit=&cursor=`: the caller's sessions, newest activity first."""
+    params = request.query_params
+    unknown = sorted(set(params) - {"limit", "cursor"})
+    if unknown:
+        raise ApiError("invalid_request", f"Unknown parameter(s): {', '.join(unknown)}; expected limit, cursor.",
+                       field=unknown[0])
+    limit = sessions.page_limit(params.get("limit"))
+    page = await engine_of(request).list_sessions(principal_of(request), limit,
+                                                  sessions.decode_cursor(params.get("cursor")))
+    return JSONResponse({"sessions": [sessions.summary(sid, meta) for sid, meta in page.sessions],
+                         "next_cursor": sessions.encode_cursor(page.next) if page.next else None})
+
+
+async def rename_session(request: Request) -> Response:
+    """`PATCH /sessions/{id}` `{"title": ...}`: the owner's title (replaces any other, for good)."""
+    session_id = valid_session_id(request.path_params["session_id"])
+    body = parse_json_body(await request.body())
+    unknown = sorted(set(body) - {"title"})
+    if unknown:
+        raise ApiError("invalid_request", f"Unknown field(s): {', '.join(unknown)}; expected title.", field=unknown[0])
+    if "title" not in body:
+        raise ApiError("invalid_request", "`title` is required.", field="title")
+    meta = await engine_of(request).rename(session_id, principal_of(request), sessions.user_title(body["title"]))
+    return JSONResponse(sessions.summary(session_id, meta))
 
 
 async def delete_session(request: Request) -> Response:

@@ -1,4 +1,6 @@
-// The built-in chat page: one WebSocket to /agent/ws, no dependencies, no build step.
+// The built-in chat page: one WebSocket to /agent/ws, no build step. Answers are Markdown,
+// rendered by markdown.js (vendored marked + DOMPurify); the sidebar lists the caller's
+// conversations (GET /sessions) to switch, rename (PATCH) and delete them.
 //
 // An answer shows, in the order they stream: the model's thinking (a folding "Thinking"
 // section, never mixed into the answer), its text, tool calls (those the API runs itself,
@@ -6,7 +8,8 @@
 // A call that needs the user's approval gets Approve / Deny buttons (a `tool_approval` frame
 // on the socket); the decision, whoever made it, is shown on the call. A call that another
 // client runs (a client tool; this page declares none) shows as waiting for that client.
-// Model and tool text is only ever set as text; links are http(s) only, opened in a new tab.
+// Tool text is only ever set as text; the answer's Markdown goes through the sanitiser, and raw
+// HTML in it is shown as text. Links are http(s) only, opened in a new tab.
 //
 // Reconnect-and-resume: every event carries `id` = "<turn_id>:<seq>". The page remembers the
 // session, the turn it is showing and the last seq it applied. When the socket drops, it
@@ -37,6 +40,9 @@
     failedOpens: 0,      // sockets that closed before opening, in a row
     apiKey: sessionStorage.getItem("agent.apiKey") || "",
     view: null,          // the assistant message being streamed
+    gen: 0,              // bumped when the page leaves a conversation (a pending connect then restarts)
+    quietResume: false,  // resuming a turn found running on opening a conversation (not a drop)
+    openToken: 0,        // the conversation being opened (a slower, older open is dropped)
     stats: { connects: 0, drops: 0, resumes: 0, duplicates: 0, resent: 0 },
   };
 
@@ -114,6 +120,7 @@
   }
 
   const SERVER_TOOL_LABEL = "run by Anthropic";
+  const REDACTED = "\n[Part of the reasoning was encrypted for safety.]\n";
 
   class AnswerView {
     constructor() {
@@ -140,9 +147,9 @@
         const node = document.createTextNode("");
         div.append(node);
         box.append(summary, div);
+        this.closeSegment();  // text after the thinking starts a new paragraph
         this.body.append(box);
         this.thinking = { box, summary, node };
-        this.segment = null;  // text after the thinking starts a new paragraph
       }
       this.thinking.node.appendData(text);
     }
@@ -154,13 +161,17 @@
     }
     appendText(text) {
       if (!this.segment) {
-        const div = el("div", "text");
-        this.segment = document.createTextNode("");
-        div.append(this.segment);
+        const div = el("div", "text md");
+        this.segment = new window.AgentMarkdown.Segment(div);
         this.body.append(div);
       }
-      this.segment.appendData(text);
+      this.segment.append(text);
       this.text += text;
+    }
+    // The text run is over (a tool call, thinking or the end follows): its final render.
+    closeSegment() {
+      if (this.segment) this.segment.finish();
+      this.segment = null;
     }
     tool(id, name, server) {
       let t = this.tools.get(id);
@@ -173,8 +184,8 @@
         box.append(summary);
         t = { box, state: summary.lastChild, input: null, output: null, server: !!server, decision: null };
         this.tools.set(id, t);
+        this.closeSegment();  // text after a tool call starts a new paragraph
         this.body.append(box);
-        this.segment = null;  // text after a tool call starts a new paragraph
       }
       return t;
     }
@@ -298,11 +309,46 @@
       this.sources.lastChild.append(item);
       this.sources.hidden = false;
     }
+    // A stored assistant message (GET /sessions/{id}), shown as the live events would show it.
+    replay(blocks) {
+      for (const b of blocks) {
+        if (!b || typeof b !== "object") continue;
+        if (b.type !== "thinking" && b.type !== "redacted_thinking") this.endThinking();
+        if (b.type === "text") {
+          this.appendText(String(b.text ?? ""));
+          for (const c of Array.isArray(b.citations) ? b.citations : []) this.cite(c);
+        } else if (b.type === "thinking") {
+          this.appendThinking(String(b.thinking ?? ""));
+        } else if (b.type === "redacted_thinking") {
+          this.appendThinking(REDACTED);
+        } else if (b.type === "tool_use" || b.type === "server_tool_use") {
+          const server = b.type === "server_tool_use";
+          this.toolInput({ tool_use_id: b.id, name: b.name, server, input: b.input });
+        } else if (typeof b.type === "string" && b.type.endsWith("_tool_result")) {
+          const content = b.content;
+          const isError = !!content && typeof content === "object" && !Array.isArray(content) &&
+            String(content.type || "").endsWith("_error");
+          const known = this.tools.has(b.tool_use_id);
+          this.toolResult({ tool_use_id: b.tool_use_id, name: known ? undefined : b.type, server: true,
+                            is_error: isError, [isError ? "error" : "output"]: content });
+        }
+      }
+    }
+    // A client tool's stored result (a tool_result block of the next user message).
+    replayResult(b) {
+      const c = b.content;
+      const text = typeof c === "string" ? c : Array.isArray(c)
+        ? c.map((x) => (x && x.type === "text" ? x.text : JSON.stringify(x))).join("\n") : JSON.stringify(c ?? "");
+      const t = this.tools.get(b.tool_use_id);
+      this.toolResult({ tool_use_id: b.tool_use_id, name: t ? undefined : "tool", server: false,
+                        is_error: !!b.is_error, [b.is_error ? "error" : "output"]: text });
+    }
     note(text, cls = "notice") {
       this.root.append(el("p", cls, text));
     }
     finish(ev) {
       this.endThinking();
+      this.closeSegment();
       this.root.setAttribute("aria-busy", "false");
       this.root.dataset.state = ev.type === "turn_end" ? (ev.cancelled ? "cancelled" : "done") : "error";
       if (ev.type === "turn_end") {
@@ -381,8 +427,10 @@
   async function connect() {
     clearTimeout(state.timer);
     state.timer = null;
-    if (state.ws || state.connecting) return;
+    if (state.ws) return;
+    if (state.connecting) { state.connectAgain = true; return; }
     state.connecting = true;
+    const gen = state.gen;
     let url;
     try {
       url = await socketUrl();
@@ -390,6 +438,12 @@
       url = undefined;
     } finally {
       state.connecting = false;
+    }
+    const again = state.connectAgain;
+    state.connectAgain = false;
+    if (gen !== state.gen) {  // the page moved to another conversation meanwhile: connect for that one
+      if (again) connect();
+      return;
     }
     if (url === null) return;  // waiting for a (better) API key
     if (url === undefined) { scheduleReconnect(); return; }
@@ -406,10 +460,12 @@
       state.stats.connects += 1;
       state.lastFrameAt = Date.now();
       setStatus("connected", "Connected");
+      if (!list.loaded) refreshList();  // (now known to be allowed in: the key, if any, works)
       if (!state.running) return;
       if (state.turnId) {
         state.stats.resumes += 1;
-        state.view.note("The connection dropped; resumed where it left off.");
+        if (!state.quietResume) state.view.note("The connection dropped; resumed where it left off.");
+        state.quietResume = false;
         const seq = state.resumeFrom ?? state.lastSeq;  // (resumeFrom: tests only, see __agent)
         state.resumeFrom = null;
         send({ type: "resume", turn_id: state.turnId, last_event_id: `${state.turnId}:${seq}` });
@@ -485,10 +541,12 @@
       state.view.root.setAttribute("aria-busy", "false");
       state.view.root.dataset.state = "error";
     }
+    forget(state.sessionId);
     state.sessionId = null;
     state.turnId = null;
     state.pending = null;
     setRunning(false);
+    remember();
     setStatus("disconnected", "Session ended");
     scheduleReconnect();
   }
@@ -531,10 +589,12 @@
       case "turn_start":
         state.sessionId = ev.session_id;
         state.pending = null;
+        remember();
+        if (!list.items.some((s) => s.session_id === ev.session_id)) refreshList();  // a new conversation
         break;
       case "text_delta": view.appendText(ev.text); break;
       case "thinking_delta": view.appendThinking(String(ev.thinking ?? "")); break;
-      case "thinking_redacted": view.appendThinking("\n[Part of the reasoning was encrypted for safety.]\n"); break;
+      case "thinking_redacted": view.appendThinking(REDACTED); break;
       case "citation": view.cite(ev.citation); break;
       case "tool_call": view.tool(ev.tool_use_id, ev.name, ev.server); break;
       case "tool_input": view.toolInput(ev); break;
@@ -548,6 +608,9 @@
         state.pending = null;
         setRunning(false);
         input.focus();
+        refreshList();  // its place, title, preview and totals in the list
+        if (state.firstTurn) setTimeout(refreshList, 5000);  // (a model-made title comes a moment later)
+        state.firstTurn = false;
         break;
     }
     scrollDown();
@@ -581,6 +644,7 @@
       const blocks = last && Array.isArray(last.content) ? last.content : [];
       const text = blocks.filter((b) => b.type === "text").map((b) => b.text).join("");
       if (text.startsWith(view.text)) view.appendText(text.slice(view.text.length));
+      view.closeSegment();
       view.note("Recovered from the session history after a lost connection.");
     } catch {
       view.note("The connection was lost and the answer could not be recovered.", "error");
@@ -598,13 +662,14 @@
 
   function submit() {
     const text = input.value;
-    if (!text.trim() || state.running) return;
+    if (!text.trim() || state.running || state.loading) return;
     input.value = "";
     showUser(text);
     state.view = new AnswerView();
     state.turnId = null;
     state.lastSeq = 0;
     state.pending = { type: "message", message: text, message_id: newId() };
+    state.firstTurn = !state.sessionId;
     setRunning(true);
     send(state.pending);
   }
@@ -623,18 +688,406 @@
   input.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit(); }
   });
-  document.addEventListener("keydown", (e) => { if (e.key === "Escape") stop(); });
+  // Keyboard: Esc closes the list on a narrow screen, else stops the answer; Ctrl/Cmd+Shift+O: new chat.
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") {
+      if (appEl.classList.contains("sidebar-open")) { setSidebar(false); return; }
+      stop();
+    } else if ((e.ctrlKey || e.metaKey) && e.shiftKey && !e.altKey && e.code === "KeyO") {
+      e.preventDefault();
+      newChat();
+    }
+  });
   stopBtn.addEventListener("click", stop);
-  $("new-chat").addEventListener("click", () => {
+  $("new-chat").addEventListener("click", newChat);
+
+  // -- conversations: the sidebar ------------------------------------------------------
+  // The caller's sessions, newest activity first (GET /sessions, paged with "More"). The page
+  // remembers the one it shows (sessionStorage), so a reload reopens it.
+  const appEl = $("app");
+  const NARROW = window.matchMedia("(max-width: 700px)");
+  const PAGE_SIZE = 20;
+  const list = { items: [], cursor: null, loaded: false, busy: null, editing: null };
+  const EMPTY_TEXT = "Ask something. Answers stream in as they are written; thinking, tool calls and sources show up as they come.";
+
+  function api(path, init = {}) {
+    const headers = { ...authHeaders() };
+    if (init.body !== undefined) headers["Content-Type"] = "application/json";
+    return fetch(path, { ...init, headers });
+  }
+
+  function remember() {
+    if (state.sessionId) sessionStorage.setItem("agent.sessionId", state.sessionId);
+    else sessionStorage.removeItem("agent.sessionId");
+    const current = list.items.find((s) => s.session_id === state.sessionId);
+    document.title = current && current.title ? `${current.title} · Agent chat` : "Agent chat";
+    renderList();
+  }
+
+  function forget(sessionId) {
+    list.items = list.items.filter((s) => s.session_id !== sessionId);
+    if (list.editing === sessionId) list.editing = null;
+    renderList();
+  }
+
+  function showEmpty(text = EMPTY_TEXT) {
+    const p = el("p", "empty", text);
+    p.id = "empty";
+    logEl.replaceChildren(p);
+  }
+
+  function showListError(text) {
+    const box = $("list-error");
+    box.textContent = text;
+    box.hidden = !text;
+  }
+
+  // Stop showing the current conversation (its running turn, if any, goes on on the server).
+  function leave() {
+    state.gen += 1;
     const ws = state.ws;
     state.ws = null;
-    if (ws) ws.close(1000, "new chat");
-    Object.assign(state, { sessionId: null, turnId: null, lastSeq: 0, pending: null, view: null });
+    if (ws) ws.close(1000, "left the conversation");
+    clearTimeout(state.timer);
+    state.timer = null;
+    if (state.view) state.view.closeSegment();
+    Object.assign(state, { sessionId: null, turnId: null, lastSeq: 0, pending: null, view: null, resumeFrom: null,
+                           quietResume: false, attempt: 0, loading: false, reopen: null, connectAgain: false });
     setRunning(false);
     logEl.replaceChildren();
+  }
+
+  function newChat() {
+    state.openToken += 1;
+    leave();
+    showEmpty();
+    remember();
+    setSidebar(false);
     connect();
     input.focus();
-  });
+  }
+
+  async function openSession(id) {
+    if (id === state.sessionId && !state.loading && state.ws) { setSidebar(false); return; }
+    const token = ++state.openToken;
+    leave();
+    state.sessionId = id;
+    state.loading = true;
+    remember();
+    setSidebar(false);
+    showEmpty("Loading the conversation…");
+    let res = null;
+    try { res = await api(`sessions/${encodeURIComponent(id)}`); } catch { /* unreachable: shown below */ }
+    if (token !== state.openToken) return;
+    if (res && res.status === 404) {
+      forget(id);
+      newChat();
+      showListError("That conversation is gone (it expired or was deleted).");
+      return;
+    }
+    if (res && res.status === 401) {
+      state.reopen = id;
+      showAuth(state.apiKey ? "That API key was refused." : "This server needs an API key.");
+      return;
+    }
+    let session = null;
+    if (res && res.ok) session = await res.json().catch(() => null);
+    if (token !== state.openToken) return;
+    state.loading = false;
+    if (!session) {
+      showEmpty();
+      logEl.append(el("p", "error", `Could not load this conversation${res ? ` (HTTP ${res.status})` : ""}.`));
+    } else {
+      renderHistory(session);
+      if (session.running_turn_id) {  // a turn still running: follow it from its start
+        state.view = new AnswerView();
+        state.turnId = session.running_turn_id;
+        state.lastSeq = 0;
+        state.quietResume = true;
+        setRunning(true);
+      }
+    }
+    connect();
+    requestAnimationFrame(() => window.scrollTo(0, document.body.scrollHeight));
+    input.focus();
+  }
+
+  // A stored conversation, as the live turns showed it: user messages, then each turn's answer
+  // (text, thinking, tool calls and results, sources) with its usage and cost from turn_records.
+  function renderHistory(session) {
+    logEl.replaceChildren();
+    const messages = Array.isArray(session.messages) ? session.messages : [];
+    const ends = new Map();  // index of a turn's last message -> its record
+    let at = 0;
+    for (const r of Array.isArray(session.turn_records) ? session.turn_records : []) {
+      const n = r && Number.isInteger(r.messages) ? r.messages : 0;
+      if (n > 0) { at += n; ends.set(at - 1, r); }
+    }
+    let view = null;
+    const settle = () => {
+      if (!view) return;
+      view.endThinking();
+      view.closeSegment();
+      view.root.setAttribute("aria-busy", "false");
+      view.root.dataset.state = "done";
+      view = null;
+    };
+    messages.forEach((m, i) => {
+      const blocks = typeof m.content === "string" ? [{ type: "text", text: m.content }]
+        : Array.isArray(m.content) ? m.content : [];
+      if (m.role === "user") {
+        const asked = blocks.filter((b) => b && b.type !== "tool_result");
+        if (asked.length) {
+          settle();
+          showUserBlocks(asked);
+        }
+        for (const b of blocks) if (b && b.type === "tool_result" && view) view.replayResult(b);
+      } else if (m.role === "assistant") {
+        if (!view) view = new AnswerView();
+        view.replay(blocks);
+      }
+      const record = ends.get(i);
+      if (record && view) {
+        view.finish({ type: "turn_end", cancelled: record.status === "cancelled", stop_reason: record.stop_reason,
+                      truncated: ["max_tokens", "model_context_window_exceeded"].includes(record.stop_reason),
+                      stop_details: record.stop_details, usage: record.usage,
+                      estimated_cost_usd: record.estimated_cost_usd });
+        view = null;
+      }
+    });
+    settle();
+    if (!messages.length) showEmpty();
+  }
+
+  function showUserBlocks(blocks) {
+    const msg = addMessage("user");
+    const text = blocks.filter((b) => b.type === "text").map((b) => String(b.text ?? "")).join("\n");
+    for (const b of blocks) {
+      if (b.type === "image") msg.append(el("div", "attachment", "Image"));
+      else if (b.type === "document") msg.append(el("div", "attachment", "Document" +
+        (typeof b.title === "string" && b.title ? ": " + b.title : "")));
+    }
+    if (text) msg.append(el("div", "text", text));
+  }
+
+  // The first page again, merged into the list (pages loaded with "More" keep their place).
+  async function refreshList() {
+    if (list.busy) { list.again = true; return; }
+    list.busy = "refresh";
+    try {
+      const res = await api(`sessions?limit=${PAGE_SIZE}`);
+      if (!res.ok) {
+        if (res.status !== 401) showListError(`Could not list the conversations (HTTP ${res.status}).`);
+        return;
+      }
+      const page = await res.json();
+      const fresh = Array.isArray(page.sessions) ? page.sessions : [];
+      const ids = new Set(fresh.map((s) => s.session_id));
+      const older = list.items.filter((s) => !ids.has(s.session_id));
+      if (!list.loaded) list.cursor = page.next_cursor || null;
+      list.items = [...fresh, ...older];
+      list.loaded = true;
+      showListError("");
+    } catch {
+      showListError("Could not list the conversations.");
+    } finally {
+      list.busy = null;
+      remember();
+    }
+    if (list.again) { list.again = false; refreshList(); }
+  }
+
+  async function loadMore() {
+    if (!list.cursor || list.busy) return;
+    list.busy = "more";
+    const more = $("more");
+    more.disabled = true;
+    try {
+      const res = await api(`sessions?limit=${PAGE_SIZE}&cursor=${encodeURIComponent(list.cursor)}`);
+      if (!res.ok) { showListError(`Could not list more (HTTP ${res.status}).`); return; }
+      const page = await res.json();
+      const known = new Set(list.items.map((s) => s.session_id));
+      list.items.push(...(page.sessions || []).filter((s) => !known.has(s.session_id)));
+      list.cursor = page.next_cursor || null;
+    } catch {
+      showListError("Could not list more.");
+    } finally {
+      list.busy = null;
+      more.disabled = false;
+      renderList();
+    }
+  }
+
+  function ago(t) {
+    const s = Math.max(0, Date.now() / 1000 - Number(t || 0));
+    if (s < 60) return "just now";
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+    return new Date(t * 1000).toLocaleDateString();
+  }
+
+  function titleOf(s) {
+    return typeof s.title === "string" && s.title.trim() ? s.title : "New conversation";
+  }
+
+  // Rows are kept (not rebuilt) while what they show is the same: a refresh landing during a
+  // click or with the keyboard focus on a row changes nothing under the pointer or the focus.
+  const rows = new Map();  // session id -> { key, li }
+  function renderList() {
+    if (list.editing) return;  // (not while a row is being renamed or deleted)
+    const ul = $("conversations");
+    const wanted = list.items.map((s) => {
+      const key = JSON.stringify([titleOf(s), rowMeta(s), s.preview || "", s.session_id === state.sessionId]);
+      let row = rows.get(s.session_id);
+      if (!row || row.key !== key) {
+        row = { key, li: listItem(s) };
+        rows.set(s.session_id, row);
+      }
+      return row.li;
+    });
+    const keep = new Set(list.items.map((s) => s.session_id));
+    for (const id of Array.from(rows.keys())) if (!keep.has(id)) rows.delete(id);
+    wanted.forEach((li, i) => { if (ul.children[i] !== li) ul.insertBefore(li, ul.children[i] || null); });
+    while (ul.children.length > wanted.length) ul.lastElementChild.remove();
+    $("more").hidden = !list.cursor;
+    $("no-conversations").hidden = !list.loaded || list.items.length > 0;
+  }
+
+  function rowMeta(s) {
+    const turns = Number(s.turns) || 0;
+    const cost = typeof s.estimated_cost_usd === "number" && s.estimated_cost_usd > 0
+      ? ` · $${s.estimated_cost_usd.toFixed(4)}` : "";
+    return `${turns} turn${turns === 1 ? "" : "s"} · ${ago(s.updated_at)}${cost}` +
+      (s.running_turn_id ? " · answering…" : "");
+  }
+
+  function smallButton(cls, label, glyph) {
+    const b = el("button", "secondary icon " + cls, glyph);
+    b.type = "button";
+    b.setAttribute("aria-label", label);
+    b.title = label;
+    return b;
+  }
+
+  function listItem(s) {
+    const li = el("li", "conv");
+    li.dataset.sessionId = s.session_id;
+    const open = el("button", "conv-open");
+    open.type = "button";
+    open.append(el("span", "conv-title", titleOf(s)), el("span", "conv-meta", rowMeta(s)));
+    if (typeof s.preview === "string" && s.preview) open.title = s.preview;
+    if (s.session_id === state.sessionId) {
+      li.classList.add("current");
+      open.setAttribute("aria-current", "true");
+    }
+    open.addEventListener("click", () => openSession(s.session_id));
+    const rename = smallButton("conv-rename", `Rename “${titleOf(s)}”`, "✎");
+    rename.addEventListener("click", () => startRename(li, s));
+    const del = smallButton("conv-delete", `Delete “${titleOf(s)}”`, "✕");
+    del.addEventListener("click", () => confirmDelete(li, s));
+    li.append(open, rename, del);
+    return li;
+  }
+
+  function startRename(li, s) {
+    list.editing = s.session_id;
+    const box = el("form", "conv-edit");
+    const field = el("input");
+    field.value = titleOf(s);
+    field.maxLength = 200;
+    field.required = true;
+    field.setAttribute("aria-label", "New title");
+    const save = el("button", "save", "Save");
+    const cancel = el("button", "secondary", "Cancel");
+    save.type = "submit";
+    cancel.type = "button";
+    const problem = el("span", "error");
+    const done = () => { list.editing = null; rows.delete(s.session_id); renderList(); };
+    box.append(field, save, cancel, problem);
+    box.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const title = field.value.trim();
+      if (!title) return;
+      save.disabled = true;
+      try {
+        const res = await api(`sessions/${encodeURIComponent(s.session_id)}`,
+                              { method: "PATCH", body: JSON.stringify({ title }) });
+        if (res.ok) {
+          const summary = await res.json();
+          list.items = list.items.map((x) => (x.session_id === s.session_id ? { ...x, ...summary } : x));
+          done();
+          remember();
+        } else if (res.status === 404) {
+          forget(s.session_id);
+          done();
+        } else {
+          const err = (await res.json().catch(() => ({}))).error || {};
+          problem.textContent = err.message || `HTTP ${res.status}`;
+          save.disabled = false;
+        }
+      } catch {
+        problem.textContent = "Not saved: the server is unreachable.";
+        save.disabled = false;
+      }
+    });
+    cancel.addEventListener("click", done);
+    field.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") { e.stopPropagation(); done(); }
+    });
+    li.replaceChildren(box);
+    field.focus();
+    field.select();
+  }
+
+  function confirmDelete(li, s) {
+    list.editing = s.session_id;
+    const box = el("div", "conv-confirm");
+    box.setAttribute("role", "group");
+    box.setAttribute("aria-label", "Confirm deletion");
+    const yes = el("button", "danger", "Delete");
+    const no = el("button", "secondary", "Cancel");
+    yes.type = no.type = "button";
+    box.append(el("span", "conv-question", `Delete “${titleOf(s)}”?`), yes, no);
+    const done = () => { list.editing = null; rows.delete(s.session_id); renderList(); };
+    yes.addEventListener("click", async () => {
+      yes.disabled = true;
+      let res = null;
+      try {
+        res = await api(`sessions/${encodeURIComponent(s.session_id)}`, { method: "DELETE" });
+      } catch { /* below */ }
+      if (res && (res.ok || res.status === 404)) {
+        done();
+        forget(s.session_id);
+        if (s.session_id === state.sessionId) newChat();
+      } else {
+        done();
+        showListError(`Not deleted${res ? ` (HTTP ${res.status})` : ": the server is unreachable"}.`);
+      }
+    });
+    no.addEventListener("click", done);
+    box.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") { e.stopPropagation(); done(); }
+    });
+    li.replaceChildren(box);
+    no.focus();
+  }
+
+  // Narrow screens: the list slides in over the page behind the ☰ button.
+  function setSidebar(open) {
+    appEl.classList.toggle("sidebar-open", open && NARROW.matches);
+    $("sidebar-toggle").setAttribute("aria-expanded", String(open && NARROW.matches));
+    $("scrim").hidden = !(open && NARROW.matches);
+    if (open && NARROW.matches) {
+      const first = document.querySelector("#conversations .current .conv-open, #conversations .conv-open");
+      (first || $("sidebar-close")).focus();
+    }
+  }
+
+  $("sidebar-toggle").addEventListener("click", () => setSidebar(!appEl.classList.contains("sidebar-open")));
+  $("sidebar-close").addEventListener("click", () => { setSidebar(false); $("sidebar-toggle").focus(); });
+  $("scrim").addEventListener("click", () => setSidebar(false));
+  $("more").addEventListener("click", loadMore);
+  NARROW.addEventListener("change", () => setSidebar(false));
 
   function showAuth(message) {
     $("auth").hidden = false;
@@ -650,7 +1103,8 @@
     $("auth-error").textContent = "";
     state.attempt = 0;
     state.failedOpens = 0;
-    connect();
+    if (state.reopen) openSession(state.reopen);
+    else connect();
   });
 
   fetch("health").then((r) => r.json()).then((h) => {
@@ -665,10 +1119,13 @@
     state() {
       return { sessionId: state.sessionId, turnId: state.turnId, lastSeq: state.lastSeq,
                running: state.running, connected: !!state.ws && state.ws.readyState === WebSocket.OPEN,
-               stats: { ...state.stats } };
+               loading: !!state.loading, listed: list.items.map((s) => s.session_id), moreCursor: list.cursor,
+               stats: { ...state.stats, markdownRenders: window.AgentMarkdown.stats.renders } };
     },
   };
 
-  connect();
+  const saved = sessionStorage.getItem("agent.sessionId");
+  if (saved) openSession(saved);
+  else connect();
   input.focus();
 })();
