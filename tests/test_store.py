@@ -359,6 +359,7 @@ async def test_sessions_index_newest_first_pages_and_owners(store):
     tid = new_id()
     await store.begin_turn(sids[4], tid, owner=alice, create=False, message_id=None)
     assert await store.finish_turn(sids[4], tid, owned_commit(tid, "again", 2, alice))
+    await asyncio.sleep(0.003)  # (the new session's activity a later millisecond: ties go by id)
     newest = await new_session(store, alice, "newest", "n")
     second = await store.list_sessions(alice, 2, page.next)
     assert [s for s, _ in second.sessions] == [sids[2], sids[1]] and second.next is not None

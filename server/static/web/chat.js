@@ -76,17 +76,9 @@
     scrollDown();
   }
 
-  // Links to what the model or a tool named: http(s) only, a new tab without an opener or
-  // referrer, the text always as text (never markup).
-  function safeHref(url) {
-    if (typeof url !== "string") return null;
-    try {
-      const u = new URL(url);  // (no base: a relative or scheme-less URL throws)
-      return u.protocol === "https:" || u.protocol === "http:" ? u.href : null;
-    } catch {
-      return null;
-    }
-  }
+  // Links to what the model or a tool named: http(s) only (markdown.js's check), a new tab
+  // without an opener or referrer, the text always as text (never markup).
+  const safeHref = window.AgentMarkdown.safeHref;
 
   function link(url, text, cls) {
     const href = safeHref(url);
