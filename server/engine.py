@@ -27,7 +27,7 @@ from .store.base import (ABANDONED_SEQ, ANSWERED, Busy, Duplicate, LogBatch, Not
                          SessionView, Started, Store, TurnCommit, new_id, valid_id)
 from .titles import TitleModel
 from .tools import ToolSet, server_tools
-from .tools.registry import ToolOutcome
+from .tools.registry import ToolOutcome, invalid_input
 from .turns import Housekeeper, Turn
 from .upstream import RawJSON, TextDelta, open_stream
 from .usage import PriceTable, Usage
@@ -130,15 +130,21 @@ class Engine:
         """The `tools` to send (JSON, the cache breakpoint on the last) and their size in characters.
         Encoded once per version of the tool list (MCP servers change it); a request's client
         tools come last, encoded with its turn."""
+        defs = self._server_tool_defs()
+        if not req.client_tools:
+            return self._tools_encoded
+        return self._encode_tools([*defs, *req.client_tools.values()])
+
+    def _server_tool_defs(self) -> list[dict[str, Any]]:
+        """This server's tool definitions (its own, MCP, the API's server tools), as of now: derived
+        and encoded again only when the tool list's version changed."""
         version = self.tools.version if self.tools is not None else None
         if version != self._tools_version:
             self._tool_defs = [*(self.tools.definitions() if self.tools is not None else []),
                                *server_tools.definitions(self.settings)]
             self._tools_encoded = self._encode_tools(self._tool_defs)
             self._tools_version = version
-        if not req.client_tools:
-            return self._tools_encoded
-        return self._encode_tools([*self._tool_defs, *req.client_tools.values()])
+        return self._tool_defs
 
     def _encode_tools(self, defs: list[dict[str, Any]]) -> tuple[RawJSON | None, int]:
         if not defs:
@@ -152,8 +158,7 @@ class Engine:
         if not self.accepting:
             raise ApiError("server_restarting")
         if req.client_tools:
-            self._tools_param(req)  # (the server's tool names, current)
-            clash = sorted(set(req.client_tools) & {t["name"] for t in self._tool_defs if "name" in t})
+            clash = sorted(set(req.client_tools) & {t["name"] for t in self._server_tool_defs() if "name" in t})
             if clash:
                 raise ApiError("invalid_request", f"`client_tools`: {', '.join(clash)} is the name of a tool of "
                                "this server; client tools need names of their own.", field="client_tools")
@@ -896,9 +901,9 @@ class Engine:
 def _client_input_problem(name: str, raw_input: Any, schema: dict[str, Any]) -> str | None:
     """Why the model's input for a client tool does not match its schema (None: it does)."""
     if not isinstance(raw_input, dict) or "_invalid_json" in raw_input:
-        return f"invalid input for tool '{name}': the input is not a JSON object"
+        return invalid_input(name, ["the input is not a JSON object"])
     problem = structured.check(raw_input, schema, len(json.dumps(raw_input)))
-    return f"invalid input for tool '{name}': {problem}" if problem else None
+    return invalid_input(name, [problem]) if problem else None
 
 
 def _client_outcome(call_id: str, name: str, raw_input: Any, answer: dict[str, Any] | None, problem: str | None,

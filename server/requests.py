@@ -14,6 +14,7 @@ from . import structured
 from .config import EFFORTS, THINKING_DISPLAYS, Settings
 from .errors import ApiError
 from .store.base import valid_id, valid_message_id
+from .tools.registry import TOOL_NAME
 
 IMAGES = {t: re.compile(magic, re.DOTALL) for t, magic in {  # media type -> the data's magic number
     "image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8[79]a",
@@ -23,7 +24,6 @@ ON_BUSY = {"reject", "interrupt"}
 THINKING_KEYS = {"enabled": {"type", "budget_tokens", "display"}, "adaptive": {"type", "display"},
                  "disabled": {"type"}, "between_tools": {"type"}}
 MIN_THINKING_BUDGET = 1024  # the API's minimum budget_tokens
-TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # (fullmatch) the API's tool names
 TOOL_USE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")  # (fullmatch) a tool call's id, as the API makes them
 MAX_CLIENT_TOOLS = 64
 MAX_TOOL_DESCRIPTION_CHARS = 10_000

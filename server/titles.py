@@ -54,9 +54,7 @@ class TitleModel:
                 response = await self.client.messages.create(**self.request(question, answer))
             finally:
                 self.gate.release()
-            u = response.usage
-            usage = Usage(u.input_tokens or 0, u.output_tokens or 0, u.cache_creation_input_tokens or 0,
-                          u.cache_read_input_tokens or 0)
+            usage = Usage.from_api(response.usage.model_dump())  # (the parser a turn's calls use)
             cost = self.prices.cost(self.model, usage)
             metrics.model_usage(self.model, usage, cost)
             for listener in self.listeners:

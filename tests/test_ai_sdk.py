@@ -936,17 +936,19 @@ async def test_resume_is_204_when_idle(shared_server: Server, upstream):
         assert (await client.get(f"/api/chat/{cid}/stream")).status_code == 204  # finished
 
 
+async def collect(ws, request_id: str) -> list[dict[str, Any]]:
+    """The /api/chat/ws frames of one request, until its `end`, `error` or `no-active`."""
+    frames = []
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert frame["requestId"] == request_id, frame
+        frames.append(frame)
+        if frame["type"] in ("end", "error", "no-active"):
+            return frames
+
+
 async def test_websocket_frames_sequences_and_last_sequence(shared_server: Server, upstream):
     cid = chat_id()
-
-    async def collect(ws, request_id: str) -> list[dict[str, Any]]:
-        frames = []
-        while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            assert frame["requestId"] == request_id, frame
-            frames.append(frame)
-            if frame["type"] in ("end", "error", "no-active"):
-                return frames
 
     async with websockets.connect(f"{shared_server.ws_url}/api/chat/ws") as ws:
         await ws.send("not json")  # no requestId: nothing to answer, the socket stays usable

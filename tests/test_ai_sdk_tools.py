@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from .harness import eventually
-from .test_ai_sdk import CHUNK_KEYS, FINISH_REASONS, TurnLog, chat_id, kinds, texts, user
+from .test_ai_sdk import CHUNK_KEYS, FINISH_REASONS, TurnLog, chat_id, collect, kinds, texts, user
 
 # The chunks of this flow, from `uiMessageChunkSchema` of the pinned `ai` (tests/node/package.json).
 TOOL_CHUNK_KEYS = {
@@ -471,15 +471,6 @@ async def test_websocket_frames_at_a_pause_resume_and_continuation(start_server,
 
     server = start_server(**APPROVAL)
     cid = chat_id()
-
-    async def collect(ws, request_id: str) -> list[dict[str, Any]]:
-        frames = []
-        while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            assert frame["requestId"] == request_id, frame
-            frames.append(frame)
-            if frame["type"] in ("end", "error", "no-active"):
-                return frames
 
     def chunks_of(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
         assert frames[0]["type"] == "start" and frames[-1]["type"] == "end", frames

@@ -50,6 +50,19 @@ class Page:
     def state(self) -> dict[str, Any]:
         return self.js("return window.__agent ? window.__agent.state() : {}")
 
+    def screenshot(self, path: Any, top: bool = True) -> None:
+        """Save a screenshot under test-artifacts/ (`top`: scrolled to the top first)."""
+        if top:
+            self.js("window.scrollTo(0, 0)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.d.save_screenshot(str(path))
+
+    def reload_into(self, session_id: str, what: str) -> None:
+        """Reload the page and wait until it has reopened `session_id` (connected, history loaded)."""
+        self.d.refresh()
+        wait_for(lambda: (lambda s: s.get("connected") and not s.get("loading") and s.get("sessionId") == session_id)(
+            self.state()), what=what)
+
     def send(self, text: str) -> None:
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
@@ -129,9 +142,7 @@ def test_stream_tools_and_resume_after_a_dropped_connection(browser, start_serve
     assert page.wait_answer(3, timeout=30)["text"] == FULL_60
     stats = page.state()["stats"]
     assert stats["resumes"] == 2 and stats["duplicates"] >= 4, stats
-    page.js("window.scrollTo(0, 0)")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOT))
+    page.screenshot(SCREENSHOT)
 
 
 def test_stop_button_cancels_the_running_turn(browser, start_server, upstream):
@@ -304,7 +315,5 @@ def test_thinking_server_tools_citations_and_finish_notes(browser, start_server,
                        ".map(a => a.dataset.finish)")
     assert finishes == ["complete", "refused", "truncated", "unknown"]
     assert page.js("return window.__violations") == []
-    page.js("document.querySelector('details.thinking').open = true;"
-            "window.scrollTo(0, 0)")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOT.with_name("chat-page-thinking.png")))
+    page.js("document.querySelector('details.thinking').open = true")
+    page.screenshot(SCREENSHOT.with_name("chat-page-thinking.png"))

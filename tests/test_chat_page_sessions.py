@@ -187,14 +187,10 @@ def test_sidebar_switch_rename_delete_and_more(browser, start_server, upstream):
     browser.find_element(By.CSS_SELECTOR, "li.conv .conv-edit input").send_keys("zzz" + Keys.ESCAPE)
     wait_for(lambda: not browser.find_elements(By.CSS_SELECTOR, ".conv-edit"), what="the rename to close")
     assert [r["title"] for r in sidebar(page)] == ["Renamed alpha", "Second conversation about beta"]
-    page.js("window.scrollTo(0, 0)")
-    SIDEBAR_SHOT.parent.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SIDEBAR_SHOT))
+    page.screenshot(SIDEBAR_SHOT)
 
     # A reload reopens the conversation being shown.
-    browser.refresh()
-    wait_for(lambda: (lambda s: s.get("connected") and not s.get("loading") and s.get("sessionId") == beta)(
-        page.state()), what="the page to reopen B after a reload")
+    page.reload_into(beta, "the page to reopen B after a reload")
     assert [a["text"] for a in page.answers()] == ["Beta: 42."]
     wait_for(lambda: (lambda r: [x["id"] for x in r] == [alpha, beta] and r[1]["current"])(sidebar(page)),
              what="the list, B highlighted, after the reload")
@@ -291,14 +287,10 @@ def test_markdown_answer_is_rendered_safely(browser, start_server, upstream):
     session_id = page.state()["sessionId"]
     stored = httpx.get(f"{server.url}/sessions/{session_id}", headers=auth, timeout=10).json()
     assert stored["messages"][-1]["content"][0]["text"] == MARKDOWN, "the model's text is stored as it was"
-    page.js("window.scrollTo(0, 0)")
-    MARKDOWN_SHOT.parent.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(MARKDOWN_SHOT))
+    page.screenshot(MARKDOWN_SHOT)
 
     # The same answer rendered from the history (a reload reopens the conversation).
-    browser.refresh()
-    wait_for(lambda: (lambda s: s.get("connected") and not s.get("loading") and s.get("sessionId") == session_id)(
-        page.state()), what="the conversation to reopen")
+    page.reload_into(session_id, "the conversation to reopen")
     page.js("window.__violations = []")  # (what the history render did is checked in the DOM and window.__xss)
     check("history")
 
@@ -357,8 +349,7 @@ def test_narrow_screen_layout(browser, start_server, upstream):
                  what="the list to slide in")
         width = page.js("return document.getElementById('sidebar').getBoundingClientRect().width")
         assert width <= 420 * 0.9, width
-        NARROW_SHOT.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(NARROW_LIST_SHOT))
+        page.screenshot(NARROW_LIST_SHOT, top=False)
         ActionChains(browser).send_keys(Keys.ESCAPE).perform()
         wait_for(lambda: not sidebar_el.is_displayed(), what="Esc to close the list")
         assert page.state()["sessionId"] == current and toggle.get_attribute("aria-expanded") == "false"
@@ -371,8 +362,7 @@ def test_narrow_screen_layout(browser, start_server, upstream):
         wait_for(lambda: not sidebar_el.is_displayed(), what="the list to close after picking")
         assert users(page) == ["A question from a phone"]
         assert page.js("return document.querySelectorAll('article.msg.assistant .md ul li').length") == 2
-        page.js("window.scrollTo(0, 0)")
-        browser.save_screenshot(str(NARROW_SHOT))
+        page.screenshot(NARROW_SHOT)
     finally:
         browser.set_window_size(1000, 900)
 

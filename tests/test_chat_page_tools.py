@@ -51,8 +51,7 @@ def test_approve_and_deny_buttons(browser, start_server, upstream):
     assert waiting["buttons"] == ["Approve", "Deny"] and waiting["open"] and waiting["pending"]
     assert waiting["state"] == "waiting for your approval" and "6*7" in waiting["text"]
     assert page.answer(0)["busy"] == "true" and page.state()["running"], "the turn is still running"
-    PENDING_SHOT.parent.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(PENDING_SHOT))
+    page.screenshot(PENDING_SHOT, top=False)
 
     click(page, 0, "Approve")
     first = page.wait_answer(0)
@@ -82,8 +81,7 @@ def test_approve_and_deny_buttons(browser, start_server, upstream):
     assert page.wait_answer(2)["text"] == "The result is 7."
     assert tool_view(page, 2)["decision"] == "Approved" and tool_view(page, 2)["buttons"] == []
     assert page.js("return window.__violations") == []
-    page.js("window.scrollTo(0, 0)")
-    browser.save_screenshot(str(DECIDED_SHOT))
+    page.screenshot(DECIDED_SHOT)
 
     # The server's history: approved, denied, approved.
     view = httpx.get(f"{server.url}/sessions/{session_id}", timeout=10).json()

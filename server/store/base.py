@@ -172,10 +172,7 @@ class SessionPage:
 # The engine's `on_notice`, called on every worker with each published notice: a turn id to
 # cancel, or ANSWERED + a turn id whose waiting tool calls got an answer.
 NoticeHandler = Callable[[str], object]
-CancelHandler = NoticeHandler  # (the name it had when cancels were the only notice)
 ANSWERED = "!"  # (never the first character of a turn id)
-# What a turn may wait for (Engine: approval of a tool call, a client tool's result).
-TOOL_WAITS = ("approval", "client")
 
 
 class Store(Protocol):

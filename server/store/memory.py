@@ -12,8 +12,8 @@ from typing import Any
 
 from ..events import Event
 from ..usage import Usage
-from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
-                   SessionPage, SessionView, Started, TurnCommit)
+from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, Duplicate, LogBatch, NoticeHandler, NotFound,
+                   SessionMeta, SessionPage, SessionView, Started, TurnCommit)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class MemoryStore:
         self._sessions: dict[str, _Session] = {}
         self._logs: dict[tuple[str, str], _Log] = {}
         self._index: dict[str, dict[str, int]] = {}  # owner -> {session id: updated ms}
-        self._on_cancel: CancelHandler | None = None
+        self._on_notice: NoticeHandler | None = None
         self._finished = 0
 
     def _session(self, session_id: str, owner: str | None = None) -> _Session | None:
@@ -229,8 +229,8 @@ class MemoryStore:
         return True
 
     async def publish_cancel(self, turn_id: str) -> None:
-        if self._on_cancel is not None:
-            self._on_cancel(turn_id)
+        if self._on_notice is not None:
+            self._on_notice(turn_id)
 
     def _waiting(self, s: _Session | None, turn_id: str | None = None) -> tuple[str, float, dict, dict] | None:
         """The session's waiting tool calls, while their turn still holds the lock (and is `turn_id`)."""
@@ -278,14 +278,14 @@ class MemoryStore:
         return w[0], {call: kind for call, kind in w[2].items() if call not in w[3]}
 
     async def notify_answered(self, turn_id: str) -> None:
-        if self._on_cancel is not None:
-            self._on_cancel(ANSWERED + turn_id)
+        if self._on_notice is not None:
+            self._on_notice(ANSWERED + turn_id)
 
-    async def start(self, on_cancel: CancelHandler) -> None:
-        self._on_cancel = on_cancel
+    async def start(self, on_notice: NoticeHandler) -> None:
+        self._on_notice = on_notice
 
     async def ping(self) -> bool:
         return True
 
     async def close(self) -> None:
-        self._on_cancel = None
+        self._on_notice = None

@@ -54,8 +54,8 @@ from redis.exceptions import NoScriptError, RedisError
 from .. import metrics
 from ..events import Event
 from ..usage import Usage
-from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, CancelHandler, Duplicate, LogBatch, NotFound, SessionMeta,
-                   SessionPage, SessionView, Started, StoredMessage, TurnCommit, principal_tag)
+from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, Duplicate, LogBatch, NoticeHandler, NotFound,
+                   SessionMeta, SessionPage, SessionView, Started, StoredMessage, TurnCommit, principal_tag)
 from .redis_channel import ClusterRouter, NodeChannels, SingleRouter
 
 log = logging.getLogger("server.store")
@@ -575,7 +575,7 @@ class RedisStore:
     async def notify_answered(self, turn_id: str) -> None:
         await self.publish_cancel(ANSWERED + turn_id)
 
-    async def start(self, on_cancel: CancelHandler) -> None:
+    async def start(self, on_notice: NoticeHandler) -> None:
         """One pub/sub subscription per worker hears every cancel; no per-turn subscribe.
 
         On a cluster, a sharded channel (SSUBSCRIBE): served by its slot's master (and
@@ -617,7 +617,7 @@ class RedisStore:
                         lost = False
                     message = await receive(pubsub)
                     if message and message.get("type") in ("message", "smessage"):
-                        on_cancel(message["data"].decode())
+                        on_notice(message["data"].decode())
                 except asyncio.CancelledError:
                     if pubsub is not None:
                         await pubsub.aclose()

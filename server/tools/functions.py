@@ -16,9 +16,8 @@ from typing import Annotated, Any, TypeVar, overload
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.json_schema import GenerateJsonSchema
 
-from .registry import Tool, ToolResult, invalid_input, json_text
+from .registry import TOOL_NAME, Tool, ToolResult, invalid_input, json_text
 
-NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # the Messages API's rule for tool names
 DEFAULT_TIMEOUT_S = 10.0  # (a ToolSet from load_toolset uses TOOL_TIMEOUT_SECONDS instead)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -148,7 +147,7 @@ def _build(func: Callable[..., Any], name: str | None, description: str | None,
 
     if not inspect.isfunction(func):
         raise fail(f"@tool applies to a plain def or async def function, not {type(func).__name__}")
-    if not isinstance(tool_name, str) or not NAME.match(tool_name):
+    if not isinstance(tool_name, str) or not TOOL_NAME.fullmatch(tool_name):
         raise fail("the name must be 1 to 64 characters among a-z A-Z 0-9 _ - (the API's rule); "
                    "set another with @tool(name=...)")
     doc = description if description is not None else func.__doc__

@@ -33,7 +33,7 @@ from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
 
 from .. import metrics
 from .mcp_config import ServerConfig, parse_mcp_servers, tool_prefix
-from .registry import Tool, ToolResult
+from .registry import Tool, ToolResult, invalid_input
 
 log = logging.getLogger("server.mcp")
 
@@ -78,7 +78,7 @@ class McpTool(Tool):
         """The input against the tool's JSON Schema (the server checks it too; this way the model
         hears of a mistake in the same words as for any other tool, without a round trip)."""
         if not isinstance(raw_input, dict):
-            return None, f"invalid input for tool '{self.name}': input: must be an object"
+            return None, invalid_input(self.name, ["input: must be an object"])
         if self._validator is None:
             self._validator = _validator(self.input_schema)
         if self._validator is False:  # (a schema jsonschema cannot use: the server decides)
@@ -86,7 +86,7 @@ class McpTool(Tool):
         errors = sorted(self._validator.iter_errors(raw_input), key=lambda e: list(e.absolute_path))[:5]
         if errors:
             parts = [f"{'.'.join(str(p) for p in e.absolute_path) or 'input'}: {e.message}" for e in errors]
-            return None, f"invalid input for tool '{self.name}': " + "; ".join(parts)
+            return None, invalid_input(self.name, parts)
         return raw_input, None
 
     def shown_input(self, args: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from .. import metrics
 
 log = logging.getLogger(__name__)
 
+# The Messages API's tool names (match with `fullmatch`: a `$` would let "name\n" through).
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # tool_result content block types the Messages API accepts
 CONTENT_BLOCK_TYPES = frozenset({"text", "image", "document", "search_result"})
 

@@ -96,15 +96,23 @@ async def tool_result(request: Request) -> Response:
 
 async def _answer_tool(request: Request, fields: tuple[str, ...]) -> Response:
     session_id = valid_session_id(request.path_params["session_id"])
-    body = parse_json_body(await request.body())
-    unknown = sorted(set(body) - set(fields))
-    if unknown:
-        raise ApiError("invalid_request", f"Unknown field(s): {', '.join(unknown)}; expected {', '.join(fields)}.")
-    if fields[1] not in body:
-        raise ApiError("invalid_request", f"`{fields[1]}` is required.", field=fields[1])
+    body = _fields(parse_json_body(await request.body()), fields, required=fields[1:2])
     turn_id = await engine_of(request).answer_tools(session_id, principal_of(request), [body])
     return JSONResponse({"session_id": session_id, "turn_id": turn_id, "tool_use_id": body["tool_use_id"]},
                         status_code=202)
+
+
+def _fields(given: Any, allowed: tuple[str, ...], required: tuple[str, ...] = (), what: str = "field") -> Any:
+    """`given` (a JSON body, or query parameters) when it names only `allowed` fields and has
+    the `required` ones; else 400 naming the first field at fault."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ApiError("invalid_request", f"Unknown {what}(s): {', '.join(unknown)}; expected {', '.join(allowed)}.",
+                       field=unknown[0])
+    for name in required:
+        if name not in given:
+            raise ApiError("invalid_request", f"`{name}` is required.", field=name)
+    return given
 
 
 async def get_session(request: Request) -> Response:
@@ -117,11 +125,7 @@ async def get_session(request: Request) -> Response:
 
 async def list_sessions(request: Request) -> Response:
     """`GET /sessions?limit=&cursor=`: the caller's sessions, newest activity first."""
-    params = request.query_params
-    unknown = sorted(set(params) - {"limit", "cursor"})
-    if unknown:
-        raise ApiError("invalid_request", f"Unknown parameter(s): {', '.join(unknown)}; expected limit, cursor.",
-                       field=unknown[0])
+    params = _fields(request.query_params, ("limit", "cursor"), what="parameter")
     limit = sessions.page_limit(params.get("limit"))
     page = await engine_of(request).list_sessions(principal_of(request), limit,
                                                   sessions.decode_cursor(params.get("cursor")))
@@ -132,12 +136,7 @@ async def list_sessions(request: Request) -> Response:
 async def rename_session(request: Request) -> Response:
     """`PATCH /sessions/{id}` `{"title": ...}`: the owner's title (replaces any other, for good)."""
     session_id = valid_session_id(request.path_params["session_id"])
-    body = parse_json_body(await request.body())
-    unknown = sorted(set(body) - {"title"})
-    if unknown:
-        raise ApiError("invalid_request", f"Unknown field(s): {', '.join(unknown)}; expected title.", field=unknown[0])
-    if "title" not in body:
-        raise ApiError("invalid_request", "`title` is required.", field="title")
+    body = _fields(parse_json_body(await request.body()), ("title",), required=("title",))
     meta = await engine_of(request).rename(session_id, principal_of(request), sessions.user_title(body["title"]))
     return JSONResponse(sessions.summary(session_id, meta))
 

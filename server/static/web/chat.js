@@ -54,6 +54,17 @@
     return node;
   }
 
+  // A labelled group of two buttons (a decision: approve / deny, delete / cancel).
+  function choice(cls, label, [yesText, yesCls], [noText, noCls]) {
+    const box = el("div", cls);
+    box.setAttribute("role", "group");
+    box.setAttribute("aria-label", label);
+    const yes = el("button", yesCls, yesText);
+    const no = el("button", noCls, noText);
+    yes.type = no.type = "button";
+    return [box, yes, no];
+  }
+
   let scrollQueued = false;
   function scrollDown() {
     const nearBottom = window.innerHeight + window.scrollY >= document.body.scrollHeight - 120;
@@ -195,12 +206,8 @@
       t.box.open = true;
       t.box.classList.add("pending");
       t.state.textContent = "waiting for your approval";
-      const bar = el("div", "approval");
-      bar.setAttribute("role", "group");
-      bar.setAttribute("aria-label", "Approve or deny this tool call");
-      const approve = el("button", "approve", "Approve");
-      const deny = el("button", "deny secondary", "Deny");
-      approve.type = deny.type = "button";
+      const [bar, approve, deny] = choice("approval", "Approve or deny this tool call",
+                                          ["Approve", "approve"], ["Deny", "deny secondary"]);
       const decide = (approved) => {
         approve.disabled = deny.disabled = true;
         t.state.textContent = approved ? "approving…" : "denying…";
@@ -1033,12 +1040,7 @@
 
   function confirmDelete(li, s) {
     list.editing = s.session_id;
-    const box = el("div", "conv-confirm");
-    box.setAttribute("role", "group");
-    box.setAttribute("aria-label", "Confirm deletion");
-    const yes = el("button", "danger", "Delete");
-    const no = el("button", "secondary", "Cancel");
-    yes.type = no.type = "button";
+    const [box, yes, no] = choice("conv-confirm", "Confirm deletion", ["Delete", "danger"], ["Cancel", "secondary"]);
     box.append(el("span", "conv-question", `Delete “${titleOf(s)}”?`), yes, no);
     const done = () => { list.editing = null; rows.delete(s.session_id); renderList(); };
     yes.addEventListener("click", async () => {
