@@ -342,11 +342,15 @@ def test_narrow_screen_layout(browser, start_server, upstream):
         current = page.state()["sessionId"]
         wait_for(lambda: len(sidebar_ids(page)) == 2, what="both conversations listed")
 
-        toggle.click()
-        wait_for(lambda: sidebar_el.is_displayed() and toggle.get_attribute("aria-expanded") == "true",
-                 what="the list to open")
-        wait_for(lambda: page.js("return document.getElementById('sidebar').getBoundingClientRect().left") >= 0,
-                 what="the list to slide in")
+        def open_list(what: str) -> None:
+            """Open the list and wait until it has slid in (a row mid-slide cannot be clicked)."""
+            toggle.click()
+            wait_for(lambda: sidebar_el.is_displayed() and toggle.get_attribute("aria-expanded") == "true",
+                     what=f"the list to open{what}")
+            wait_for(lambda: page.js("return document.getElementById('sidebar').getBoundingClientRect().left") >= 0,
+                     what=f"the list to slide in{what}")
+
+        open_list("")
         width = page.js("return document.getElementById('sidebar').getBoundingClientRect().width")
         assert width <= 420 * 0.9, width
         page.screenshot(NARROW_LIST_SHOT, top=False)
@@ -355,8 +359,7 @@ def test_narrow_screen_layout(browser, start_server, upstream):
         assert page.state()["sessionId"] == current and toggle.get_attribute("aria-expanded") == "false"
 
         # Picking a conversation closes the list and opens it.
-        toggle.click()
-        wait_for(lambda: sidebar_el.is_displayed(), what="the list to open again")
+        open_list(" again")
         first = sidebar_ids(page)[1]
         open_conversation(page, first)
         wait_for(lambda: not sidebar_el.is_displayed(), what="the list to close after picking")
