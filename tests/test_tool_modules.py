@@ -135,6 +135,8 @@ def test_bad_definitions_raise_at_decoration() -> None:
             """Keyword arguments."""
     with pytest.raises(ToolDefinitionError, match="the name must be 1 to 64"):
         tool(name="x" * 65)(lambda: None)
+    with pytest.raises(ToolDefinitionError, match="the name must be 1 to 64"):
+        tool(name="trailing_newline\n")(lambda: None)  # (the API would refuse it: not a `$` match)
     with pytest.raises(ToolDefinitionError, match="applies to a plain def"):
         tool(name="callable_object", description="An object.")(FunctionTool)  # type: ignore[arg-type]
     with pytest.raises(ToolDefinitionError, match="positional-only"):
