@@ -211,6 +211,10 @@ class Settings:
     tool_timeout_seconds: float = _env(10.0, _float(0.01, 600))
     prompt_caching: bool = _env(True, _parse_bool)
     context_token_budget: int = _env(150_000, _int(1000, 10_000_000))
+    # past the budget: older turns summarised by a model call (server/compaction.py), or dropped
+    context_strategy: str = _env("summarize", _choice("summarize", "trim"))
+    summary_model: str | None = _env(None, str)  # None: the turn's model
+    summary_max_tokens: int = _env(2048, _int(256, 32_000))
     session_token_budget: int = _env(0, _int(0, 10**12))
     max_image_bytes: int = _env(5 * 1024 * 1024, _int(1024, 64 * 1024 * 1024))
     max_images: int = _env(20, _int(0, 100))

@@ -17,14 +17,14 @@ from typing import Any, AsyncGenerator, Callable, NamedTuple
 
 import anthropic
 
-from . import context, metrics, sessions, structured, tracing
+from . import compaction, context, metrics, sessions, structured, tracing
 from .capabilities import ModelCapabilities
 from .config import Settings
 from .errors import ApiError, from_exception, from_upstream, store_unavailable
 from .events import Event, encode, unlogged
 from .requests import TurnRequest, interleaved_beta, parse_tool_answer, thinking_params
-from .store.base import (ABANDONED_SEQ, ANSWERED, Busy, Duplicate, LogBatch, NotFound, SessionMeta, SessionPage,
-                         SessionView, Started, Store, TurnCommit, new_id, valid_id)
+from .store.base import (ABANDONED_SEQ, ANSWERED, Busy, Duplicate, LogBatch, NotFound, RewindRefused, SessionMeta,
+                         SessionPage, SessionView, Started, Store, StoredMessage, TurnCommit, new_id, valid_id)
 from .titles import TitleModel
 from .tools import ToolSet, server_tools
 from .tools.registry import ToolOutcome, invalid_input
@@ -97,6 +97,17 @@ class _Progress:
     client_tools: dict[str, dict[str, Any]] = field(default_factory=dict)  # the request's, by name
     problems: dict[str, str] = field(default_factory=dict)  # tool_use id -> why its input is invalid
     call_span: Any = None  # (tracing) the model call's span while a failure may interrupt it; `_run` ends it
+    # A rewind (edit, regenerate): where the commit cuts the history first, and the turns it replaces.
+    cut: int | None = None
+    kept_turns: int = 0
+    rewound: list[str] = field(default_factory=list)
+    # Compaction: the summary the model sees in place of history[:summary_upto]; `summary_changed`:
+    # the commit writes it (a new one, or None: a rewind took away what it covered).
+    summary: str | None = None
+    summary_upto: int = 0
+    summary_changed: bool = False
+    extra_usage: Usage = field(default_factory=Usage)  # summary calls (their cost is in extra_cost)
+    extra_cost: float = 0.0
 
 
 class Engine:
@@ -162,16 +173,19 @@ class Engine:
             if clash:
                 raise ApiError("invalid_request", f"`client_tools`: {', '.join(clash)} is the name of a tool of "
                                "this server; client tools need names of their own.", field="client_tools")
-        create = req.session_id is None or req.create_if_missing
+        create = (req.session_id is None or req.create_if_missing) and req.rewind is None
         session_id = req.session_id or new_id()
         title = sessions.message_title(req.user_message()) if create else None  # (a new session's, at once)
         deadline = time.monotonic() + INTERRUPT_WAIT_SECONDS
         while True:
             turn_id = new_id()
             result = await self.store.begin_turn(session_id, turn_id, owner=principal, create=create,
-                                                 message_id=req.message_id, title=title)
+                                                 message_id=req.message_id, title=title, rewind=req.rewind,
+                                                 regenerate=req.content is None)
             if isinstance(result, Started):
                 break
+            if isinstance(result, RewindRefused):
+                raise ApiError(result.reason)
             if isinstance(result, Duplicate):
                 if tracing.enabled:
                     await self.link_turn(session_id, result.turn_id)
@@ -395,7 +409,13 @@ class Engine:
             await self.store.notify_answered(turn_id)
 
     async def _run(self, turn: Turn, req: TurnRequest, started: Started, principal: str) -> None:
-        progress = _Progress(messages=[req.user_message()], client_tools=req.client_tools or {})
+        progress = _Progress(messages=[_user_message(req, started)], client_tools=req.client_tools or {},
+                             summary=started.meta.summary, summary_upto=started.meta.summary_upto)
+        if started.cut is not None:  # a rewind: the model sees only what is kept
+            progress.cut, progress.kept_turns, progress.rewound = started.cut, started.kept_turns, started.rewound
+            started.history = started.history[:started.cut]
+            if progress.summary_upto > started.cut:  # the summary covers what goes: dropped
+                progress.summary, progress.summary_upto, progress.summary_changed = None, 0, True
         outcome, error = "completed", None
         if turn.span is not None:
             tracing.activate(turn.span)  # (this task's context: its log lines and spans are the turn's)
@@ -424,7 +444,7 @@ class Engine:
         else:
             if (self.titles is not None and outcome == "completed" and started.meta.message_count == 0
                     and started.meta.title_source == "message"):  # the first answer of a session: a better title
-                question = sessions.head(sessions.text_of(req.content), sessions.TITLE_INPUT_CHARS)
+                question = sessions.head(sessions.text_of(progress.messages[0]["content"]), sessions.TITLE_INPUT_CHARS)
                 self.titles.schedule(turn.session_id, principal, question or started.meta.title or "",
                                      "".join(progress.text))
         finally:
@@ -453,13 +473,14 @@ class Engine:
         fixed_chars = len(system) + tool_chars
         paused = False
         for iteration in range(s.max_tool_iterations):
-            messages = started.history + progress.messages
-            start, est_chars = context.window(messages, fixed_chars, s.context_token_budget, ratio)
+            window, est_chars = await self._window(turn, req, progress, started.history + progress.messages,
+                                                   fixed_chars, ratio)
             if s.session_token_budget:
-                if started.meta.usage.total + progress.usage.total + int(est_chars / ratio) > s.session_token_budget:
+                used = started.meta.usage.total + progress.usage.total + progress.extra_usage.total
+                if used + int(est_chars / ratio) > s.session_token_budget:
                     raise ApiError("budget_exceeded",
                                    f"This turn would exceed the session's {s.session_token_budget}-token budget.")
-            sys_param, sent = context.with_breakpoints(system, messages[start:], s.prompt_caching)
+            sys_param, sent = context.with_breakpoints(system, window, s.prompt_caching)
             params: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens, "messages": sent}
             if sys_param:
                 params["system"] = sys_param
@@ -508,6 +529,59 @@ class Engine:
         else:
             progress.messages.append({"role": "assistant", "content": [stopped]})
         raise ApiError("max_iterations", f"The model asked for tools {s.max_tool_iterations} times in a row.")
+
+    async def _window(self, turn: Turn, req: TurnRequest, progress: _Progress, messages: list[Any],
+                      fixed_chars: int, ratio: float) -> tuple[list[Any], int]:
+        """The messages a model call sends, and their estimated size with the system prompt and
+        tools (`fixed_chars`): the session's summary (if any) and what follows it, whole turns
+        dropped from the front past CONTEXT_TOKEN_BUDGET, or (CONTEXT_STRATEGY=summarize) the
+        older ones summarised first. A failed summary call never fails the turn: it trims."""
+        s = self.settings
+        head = [compaction.summary_message(progress.summary)] if progress.summary else []
+        covered = progress.summary_upto
+        base = fixed_chars + sum(context.message_chars(m) for m in head)
+        start, est_chars = context.window(messages[covered:], base, s.context_token_budget, ratio)
+        if start == 0 or s.context_strategy == "trim":
+            return [*head, *messages[covered + start:]], est_chars
+        upto = compaction.split_point(messages, covered, fixed_chars, s.context_token_budget, ratio,
+                                      s.summary_max_tokens)
+        if upto is None:
+            return [*head, *messages[covered + start:]], est_chars
+        try:
+            summary = await self._summarize(req, progress, messages[covered:upto], int(s.context_token_budget * ratio))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — compaction is never worth a failed turn
+            log.warning("turn %s: the summary call failed (%s): older turns are left out instead", turn.turn_id,
+                        exc.code if isinstance(exc, ApiError) else type(exc).__name__)
+            return [*head, *messages[covered + start:]], est_chars
+        progress.summary, progress.summary_upto, progress.summary_changed = summary, upto, True
+        self._open(turn, req, progress)
+        turn.emit("context_compacted", {"covers_messages": upto, "summary_chars": len(summary)})
+        head = [compaction.summary_message(summary)]
+        window = [*head, *messages[upto:]]
+        return window, fixed_chars + sum(context.message_chars(m) for m in window)
+
+    async def _summarize(self, req: TurnRequest, progress: _Progress, messages: list[Any], budget_chars: int) -> str:
+        """One summary call (not streamed) of `messages` and the previous summary; its usage and
+        cost count in the turn's."""
+        model = self.settings.summary_model or req.model
+        params = compaction.request(model, self.settings.summary_max_tokens, progress.summary, messages, budget_chars)
+        await self.upstream_gate.acquire()
+        try:
+            response = await self.client.messages.create(**params)
+        finally:
+            self.upstream_gate.release()
+        usage = Usage.from_api(response.usage.model_dump())
+        progress.extra_usage.add(usage)
+        progress.extra_cost += self.prices.cost(model, usage)
+        progress.model_calls += 1
+        if request_id := getattr(response, "_request_id", None):
+            progress.request_ids.append(request_id)
+        summary = "".join(b.text for b in response.content if b.type == "text").strip()
+        if not summary:
+            raise ValueError("the summary call answered no text")
+        return summary
 
     async def _run_calls(self, turn: Turn, progress: _Progress, calls: list[tuple[str, str, Any]]) -> list[ToolOutcome]:
         """Run the answer's tool calls and send their `tool_result` events; results in call order.
@@ -640,11 +714,7 @@ class Engine:
                 if request_id := upstream.request_id:
                     progress.request_ids.append(request_id)
                 if not turn.events:
-                    opening = {"session_id": turn.session_id, "turn_id": turn.turn_id, "model": req.model,
-                               "max_tokens": req.max_tokens}
-                    if turn.traceparent is not None:  # (followers on any worker link to the turn's span)
-                        opening["traceparent"] = turn.traceparent
-                    turn.emit("turn_start", opening)
+                    self._open(turn, req, progress)
                 async for event in upstream.events():
                     if type(event) is TextDelta:
                         text = event.text
@@ -702,6 +772,20 @@ class Engine:
                                                or (b["type"] == "tool_use" and not calls))]
         if not blocks:
             blocks.append({"type": "text", "text": "(no answer)"})
+
+    @staticmethod
+    def _open(turn: Turn, req: TurnRequest, progress: _Progress) -> None:
+        """The turn's first event, `turn_start` (once): its question's text, so that a client coming
+        back to a running turn can show it, and the turns a rewind replaces."""
+        if turn.events:
+            return
+        opening = {"session_id": turn.session_id, "turn_id": turn.turn_id, "model": req.model,
+                   "max_tokens": req.max_tokens, "user_text": _question(progress.messages[0])}
+        if progress.cut is not None:
+            opening["rewound_turns"] = progress.rewound
+        if turn.traceparent is not None:  # (followers on any worker link to the turn's span)
+            opening["traceparent"] = turn.traceparent
+        turn.emit("turn_start", opening)
 
     @staticmethod
     def _first_token(turn: Turn, progress: _Progress) -> None:
@@ -804,7 +888,8 @@ class Engine:
         """Commit the turn and publish its terminal event; the outcome (and error) it ended with."""
         turn.finishing = True  # a cancel arriving now must not interrupt the commit
         messages = self._messages_to_commit(progress, outcome, error)
-        cost = self.prices.cost(req.model, progress.usage)
+        cost = self.prices.cost(req.model, progress.usage) + progress.extra_cost
+        progress.usage.add(progress.extra_usage)  # (summary calls: priced above by their model)
         duration = time.monotonic() - turn.started_at
         usage = progress.usage.to_dict()
         common = {"model": req.model, "usage": usage, "estimated_cost_usd": cost,
@@ -846,7 +931,11 @@ class Engine:
             committed = await self.store.finish_turn(turn.session_id, turn.turn_id, TurnCommit(
                 messages=messages, record=record, usage=progress.usage, cost_usd=cost,
                 last_input_tokens=progress.last_prompt_tokens, last_input_chars=progress.last_prompt_chars,
-                events=[*unsent, final], owner=principal, preview=sessions.preview(messages)))
+                events=[*unsent, final], owner=principal, preview=sessions.preview(messages),
+                # (a turn that commits nothing rewinds nothing, and its summary goes with it)
+                cut=progress.cut if messages else None, kept_turns=progress.kept_turns,
+                summary=(progress.summary or "") if messages and progress.summary_changed else None,
+                summary_upto=progress.summary_upto))
             if not committed and span is not None:
                 tracing.commit_lost(span)
         if not committed:
@@ -896,6 +985,22 @@ class Engine:
         if done[-1]["role"] == "user":
             return [*done, {"role": "assistant", "content": [{"type": "text", "text": "[cancelled]"}]}]
         return done
+
+
+def _user_message(req: TurnRequest, started: Started) -> dict[str, Any]:
+    """The turn's user message: the request's, or for a regenerate the replaced turn's own."""
+    if req.content is not None:
+        return req.user_message()
+    stored = started.history[started.cut or 0]  # (the store checked that turn left messages)
+    return stored.value if isinstance(stored, StoredMessage) else dict(stored)
+
+
+def _question(message: dict[str, Any]) -> str:
+    """A user message's text (its text blocks, one per line)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "\n".join(b["text"] for b in content if b.get("type") == "text" and isinstance(b.get("text"), str))
 
 
 def _client_input_problem(name: str, raw_input: Any, schema: dict[str, Any]) -> str | None:

@@ -39,6 +39,9 @@ ERRORS: dict[str, tuple[int, bool, str]] = {
     "request_timeout": (408, True, "The request did not arrive in time."),
     "session_busy": (409, True, "A turn is already running on this session."),
     "tool_call_not_pending": (409, False, "No running turn waits for an answer to that tool call."),
+    "turn_not_found": (404, False, "No such turn in this session's history (`replace_turn`)."),
+    "nothing_to_regenerate": (409, False, "That turn left no message to send again (it failed before answering): "
+                                          "send its message again instead."),
     "body_too_large": (413, False, "The request body is too large."),
     "message_too_long": (413, False, "The message is too long."),
     "image_too_large": (413, False, "An image is too large."),

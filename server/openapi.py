@@ -136,7 +136,12 @@ SCHEMAS: dict[str, Any] = {
     ]},
     "TurnRequest": _obj({
         "message": {"oneOf": [{"type": "string", "minLength": 1},
-                              {"type": "array", "minItems": 1, "items": _ref("ContentBlock")}]},
+                              {"type": "array", "minItems": 1, "items": _ref("ContentBlock")}],
+                    "description": "Required, except to regenerate (`replace_turn` without a message)."},
+        "replace_turn": {**_ID, "description": "Edit or regenerate: the session goes back to just before this "
+                         "turn (it and every later turn are replaced, when the new turn commits an answer) and the "
+                         "new turn runs there, with `message` (an edit) or that turn's own message (a regenerate). "
+                         "Needs `session_id`; `turn_not_found` (404), `nothing_to_regenerate` (409)."},
         "session_id": {**_ID, "description": "Continue this session; omit to start a new one."},
         "system": {"type": "string", "description": "System prompt (if the server allows client prompts)."},
         "model": {"type": "string", "description": "One of the server's ALLOWED_MODELS."},
@@ -160,7 +165,7 @@ SCHEMAS: dict[str, Any] = {
                              "description": {"type": "string", "maxLength": 10000},
                              "input_schema": {"type": "object", "description": "A JSON Schema of `type: object`."}},
                              "name", "input_schema")},
-    }, "message", description="One user message; the answer continues the session's conversation."),
+    }, description="One user message; the answer continues the session's conversation."),
     "ToolApproval": _obj({"tool_use_id": _STRING, "approved": _BOOL,
                           "reason": {"type": "string", "maxLength": 2000, "description": "Shown to the model with "
                                      "a denial."}}, "tool_use_id", "approved",
@@ -208,6 +213,10 @@ SCHEMAS: dict[str, Any] = {
     "Event": {"description": "A turn event: SSE `data:` (with the same `id:`) or one WebSocket text frame.", "oneOf": [
         _event("turn_start", "The turn began.",
                {"session_id": _STRING, "turn_id": _STRING, "model": _STRING, "max_tokens": _INT,
+                "user_text": {"type": "string", "description": "The text of the turn's user message (its text "
+                              "blocks, one per line): what a client coming back to a running turn shows."},
+                "rewound_turns": {"type": "array", "items": _STRING, "description": "(`replace_turn`) The turns "
+                                  "this one replaces, once it commits an answer."},
                 "traceparent": {"type": "string", "description": "With tracing on: the W3C trace context of "
                                 "the turn's span (a follower links to it)."}},
                "session_id", "turn_id"),
@@ -239,6 +248,9 @@ SCHEMAS: dict[str, Any] = {
         _event("tool_approval", "The decision on a call that waited for approval (`timed_out`: none came in time).",
                {"tool_use_id": _STRING, "approved": _BOOL, "reason": _STRING, "timed_out": _BOOL},
                "tool_use_id", "approved"),
+        _event("context_compacted", "The history outgrew CONTEXT_TOKEN_BUDGET: its older turns were summarised "
+               "(CONTEXT_STRATEGY=summarize), and the model sees the summary in their place from now on.",
+               {"covers_messages": _INT, "summary_chars": _INT}, "covers_messages", "summary_chars"),
         _event("structured_output", "The answer parsed against `response_schema`.", {"data": {}}, "data"),
         _event("structured_output_retry", "The answer did not match the schema; the model is asked "
                "once more.", {"error": _STRING}, "error"),
@@ -267,6 +279,10 @@ SCHEMAS: dict[str, Any] = {
         "messages": {"type": "array", "description": "The history in Messages API shape.",
                      "items": _obj({"role": {"enum": ["user", "assistant"]}, "content": {}}, "role", "content")},
         "turn_records": {"type": "array", "items": {"type": "object"}},
+        "summary": {"oneOf": [{"type": "null"}, _obj({"text": _STRING, "covers_messages": _INT}, "text",
+                                                      "covers_messages")],
+                    "description": "Compaction: what the model sees in place of the first `covers_messages` messages "
+                                   "(all of which stay here)."},
     }, *_SUMMARY, "messages", "turn_records",
         description="A session: its summary (as `GET /sessions` lists it), history and turn records."),
     "CancelResult": _obj({"session_id": _STRING, "cancelled_turn_id": _NULLABLE_STRING},
@@ -284,7 +300,11 @@ SCHEMAS: dict[str, Any] = {
     "WsTicket": _obj({"ticket": _STRING, "expires_in": _NUMBER, "expires_at": _NUMBER}, "ticket", "expires_in"),
     "UIChatRequest": _obj({
         "id": {"type": "string", "minLength": 1, "maxLength": 256, "description": "The chat id (a session)."},
-        "trigger": {"const": "submit-message"},
+        "trigger": {"enum": ["submit-message", "regenerate-message"], "description": "`regenerate-message`, or "
+                    "`submit-message` with `messageId` and a user message last (an edit), rewinds the chat to just "
+                    "after the assistant message before the last user message (its id is a turn id)."},
+        "messageId": {"type": "string", "description": "The message regenerated or edited; with the assistant "
+                      "message last, the turn whose paused tool calls it answers."},
         "messages": {"type": "array", "minItems": 1, "items": _obj({
             "id": _STRING, "role": {"enum": ["user", "assistant", "system"]},
             "parts": {"type": "array", "items": {"type": "object"}}}, "role")},

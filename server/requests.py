@@ -13,7 +13,7 @@ from typing import Any
 from . import structured
 from .config import EFFORTS, THINKING_DISPLAYS, Settings
 from .errors import ApiError
-from .store.base import valid_id, valid_message_id
+from .store.base import Rewind, valid_id, valid_message_id
 from .tools.registry import TOOL_NAME
 
 IMAGES = {t: re.compile(magic, re.DOTALL) for t, magic in {  # media type -> the data's magic number
@@ -42,7 +42,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 @dataclass(slots=True)
 class TurnRequest:
-    content: str | list[dict[str, Any]]   # the user message: text, or text, image and document blocks
+    content: str | list[dict[str, Any]] | None  # the user message: text, or text, image and document blocks
+    #                                           (None: a regenerate, the replaced turn's message is sent again)
     session_id: str | None = None
     system: str | None = None
     model: str = ""
@@ -55,9 +56,11 @@ class TurnRequest:
     thinking: dict[str, Any] | None = None  # the API's thinking config; None: the deployment's
     effort: str | None = None             # output_config.effort; None: the deployment's
     client_tools: dict[str, dict[str, Any]] | None = None  # tools the client runs: name -> API definition
+    rewind: Rewind | None = None          # edit / regenerate: where the session goes back to first
 
     def user_message(self) -> dict[str, Any]:
         content = self.content
+        assert content is not None, "a regenerate's message is the stored one"
         return {"role": "user", "content": [{"type": "text", "text": content}] if isinstance(content, str) else content}
 
 
@@ -96,13 +99,17 @@ def check_text(value: str, where: str, field: str) -> str:
 
 
 def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
-    content = _content(body.get("message"), settings)
+    rewind = _replace_turn(body)
+    # A regenerate (`replace_turn` without a message) sends the replaced turn's message again.
+    content = None if rewind is not None and body.get("message") is None else _content(body.get("message"), settings)
     session_id = body.get("session_id")
     if session_id is not None:
         if not isinstance(session_id, str):
             raise _invalid("`session_id` must be a string.", "session_id")
         if not valid_id(session_id):
             raise ApiError("invalid_session_id")
+    elif rewind is not None:
+        raise _invalid("`replace_turn` needs the `session_id` of the turn's session.", "replace_turn")
     system = body.get("system")
     if system is not None:
         if not isinstance(system, str):
@@ -138,7 +145,19 @@ def parse_turn_request(body: dict[str, Any], settings: Settings) -> TurnRequest:
     return TurnRequest(content=content, session_id=session_id, system=system, model=model,
                        max_tokens=max_tokens, message_id=message_id, on_busy=on_busy,
                        cancel_on_disconnect=cancel_on_disconnect, response_schema=schema,
-                       thinking=thinking, effort=effort, client_tools=_client_tools(body.get("client_tools")))
+                       thinking=thinking, effort=effort, client_tools=_client_tools(body.get("client_tools")),
+                       rewind=rewind)
+
+
+def _replace_turn(body: dict[str, Any]) -> Rewind | None:
+    """`replace_turn`: the turn this one replaces, the session rewound to just before it (an edit
+    with `message`, a regenerate without)."""
+    turn_id = body.get("replace_turn")
+    if turn_id is None:
+        return None
+    if not valid_id(turn_id):
+        raise _invalid("`replace_turn` must be the id of one of the session's turns.", "replace_turn")
+    return Rewind(turn_id)
 
 
 def _client_tools(value: Any) -> dict[str, dict[str, Any]] | None:

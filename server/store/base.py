@@ -75,6 +75,9 @@ class SessionMeta:
     title_source: str | None = None  # "message" | "model" | "user"
     preview: str = ""
     updated_ms: int = 0  # last activity (creation, a commit), unix ms: the index's order
+    # Compaction (server/compaction.py): what the model sees in place of history[:summary_upto].
+    summary: str | None = None
+    summary_upto: int = 0
 
 
 class StoredMessage(Mapping[str, Any]):
@@ -106,12 +109,26 @@ class StoredMessage(Mapping[str, Any]):
         return f"StoredMessage({self.raw[:60]!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class Rewind:
+    """Where a turn takes its session back to (edit, regenerate): to just before `turn_id`
+    (that turn and every later one are replaced), or, with `keep`, to just after it (turn_id
+    None: to the start). Applied by the turn's commit, and only if it commits messages."""
+    turn_id: str | None
+    keep: bool = False
+
+
 @dataclass(slots=True)
 class Started:
     """The lock is ours; here is the history to build the request from."""
     meta: SessionMeta
     history: list[Mapping[str, Any]]  # StoredMessage (redis) or plain dicts (memory)
     stale_turn_id: str | None = None  # a previous turn whose worker died without finishing
+    # A rewind: the history kept is history[:cut], the turn records kept are the first `kept_turns`,
+    # and these turns are the ones replaced.
+    cut: int | None = None
+    kept_turns: int = 0
+    rewound: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -129,7 +146,14 @@ class NotFound:
     pass
 
 
-BeginResult = Started | Busy | Duplicate | NotFound
+@dataclass(slots=True)
+class RewindRefused:
+    """`turn_not_found` (no such turn in the session's records) or `nothing_to_regenerate`
+    (the turn to send again left no message)."""
+    reason: str
+
+
+BeginResult = Started | Busy | Duplicate | NotFound | RewindRefused
 
 
 @dataclass(slots=True)
@@ -144,6 +168,13 @@ class TurnCommit:
     events: list[Event]                  # the log's last events (the terminal one included)
     owner: str = ""                      # the session's: its index entry moves to the top ("": not indexed)
     preview: str = ""                    # the new last message's text ("": unchanged)
+    # A rewind (Started.cut, .kept_turns): history and turn records are cut there before the append.
+    cut: int | None = None
+    kept_turns: int = 0
+    # Compaction: None leaves the stored summary as it is; "" drops it; else the new one, covering
+    # history[:summary_upto] (after the cut).
+    summary: str | None = None
+    summary_upto: int = 0
 
 
 @dataclass(slots=True)
@@ -169,6 +200,30 @@ class SessionPage:
     next: tuple[int, str] | None  # (updated ms, session id) of the last one, when more follow
 
 
+def locate_rewind(records: list[Mapping[str, Any]], rewind: Rewind,
+                  regenerate: bool) -> tuple[int, int, list[str]] | RewindRefused:
+    """(history messages kept, turn records kept, ids of the turns replaced) for a rewind, from
+    the session's turn records (each holds how many messages its turn appended). The Redis
+    backend does the same in its begin script."""
+    at, found = 0, rewind.turn_id is None
+    cut, kept, rewound = (0, 0, []) if found else (-1, 0, [])
+    for i, record in enumerate(records):
+        n = int(record.get("messages") or 0)
+        if found:
+            rewound.append(str(record.get("turn_id")))
+        elif record.get("turn_id") == rewind.turn_id:
+            found = True
+            if rewind.keep:
+                cut, kept = at + n, i + 1
+            elif regenerate and n == 0:
+                return RewindRefused("nothing_to_regenerate")
+            else:
+                cut, kept = at, i
+                rewound.append(rewind.turn_id)
+        at += n
+    return (cut, kept, rewound) if found else RewindRefused("turn_not_found")
+
+
 # The engine's `on_notice`, called on every worker with each published notice: a turn id to
 # cancel, or ANSWERED + a turn id whose waiting tool calls got an answer.
 NoticeHandler = Callable[[str], object]
@@ -177,14 +232,18 @@ ANSWERED = "!"  # (never the first character of a turn id)
 
 class Store(Protocol):
     """What the engine asks of a backend: `MemoryStore` and `RedisStore` (tests/test_store.py runs both)."""
-    # `title`: a new session's (from its first message; ignored when continuing one).
+    # `title`: a new session's (from its first message; ignored when continuing one). `rewind`:
+    # where the turn takes the history back to (found among the turn records under the lock);
+    # `regenerate`: the replaced turn's own user message is sent again (it must have left one).
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
-                         message_id: str | None, title: str | None = None) -> BeginResult: ...
+                         message_id: str | None, title: str | None = None, rewind: Rewind | None = None,
+                         regenerate: bool = False) -> BeginResult: ...
     async def renew_lock(self, session_id: str, turn_id: str) -> bool: ...
     # Appends event batches to their turns' logs and renews (session, turn) locks, in one round
     # trip; returns whether each lock was still held.
     async def flush(self, batches: list[LogBatch], renewals: list[tuple[str, str]]) -> list[bool]: ...
-    # False when the lock was lost (fenced): nothing was written.
+    # False when the lock was lost (fenced): nothing was written. A commit's `cut` trims history
+    # and turn records first (a rewind), in the same step.
     async def finish_turn(self, session_id: str, turn_id: str, commit: TurnCommit) -> bool: ...
     # If the turn's lock is gone and its log has no terminal event, appends an `error` event at
     # `ABANDONED_SEQ` (`error_fields`: its JSON members after `type` and `id`); True if so.

@@ -12,8 +12,8 @@ from typing import Any
 
 from ..events import Event
 from ..usage import Usage
-from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, Duplicate, LogBatch, NoticeHandler, NotFound,
-                   SessionMeta, SessionPage, SessionView, Started, TurnCommit)
+from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, Duplicate, LogBatch, NoticeHandler, NotFound, Rewind,
+                   RewindRefused, SessionMeta, SessionPage, SessionView, Started, TurnCommit, locate_rewind)
 
 
 @dataclass
@@ -75,7 +75,8 @@ class MemoryStore:
         return log
 
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
-                         message_id: str | None, title: str | None = None) -> BeginResult:
+                         message_id: str | None, title: str | None = None, rewind: Rewind | None = None,
+                         regenerate: bool = False) -> BeginResult:
         now = time.monotonic()
         # Ownership first: another principal's message_id answers as a missing session.
         s = self._session(session_id, None if create else owner)
@@ -91,6 +92,9 @@ class MemoryStore:
             return Duplicate(seen[0])
         if (holder := self._holder(s)) is not None:
             return Busy(holder)
+        located = locate_rewind(s.turns, rewind, regenerate) if rewind is not None else None
+        if isinstance(located, RewindRefused):
+            return located
         s.lock = (turn_id, now + self.lock_ttl)
         stale = s.meta.active_turn_id
         s.meta.active_turn_id = s.meta.last_turn_id = turn_id
@@ -98,7 +102,10 @@ class MemoryStore:
         if message_id is not None:
             s.message_ids[message_id] = (turn_id, now + self.idempotency_ttl)
         self._append(session_id, turn_id, [])
-        return Started(meta=deepcopy(s.meta), history=list(s.history), stale_turn_id=stale)
+        started = Started(meta=deepcopy(s.meta), history=list(s.history), stale_turn_id=stale)
+        if located is not None:
+            started.cut, started.kept_turns, started.rewound = located
+        return started
 
     async def renew_lock(self, session_id: str, turn_id: str) -> bool:
         s = self._session(session_id)
@@ -116,10 +123,15 @@ class MemoryStore:
         s = self._session(session_id)
         if self._holder(s) != turn_id:
             return False
+        m = s.meta
+        if commit.cut is not None:
+            del s.history[commit.cut:], s.turns[commit.kept_turns:]
+            m.message_count, m.turns = commit.cut, commit.kept_turns
+        if commit.summary is not None:
+            m.summary, m.summary_upto = commit.summary or None, commit.summary_upto if commit.summary else 0
         # Stored as JSON round trips so nothing shares mutable state with the caller.
         s.history.extend(json.loads(json.dumps(m)) for m in commit.messages)
         s.turns.append(dict(commit.record))
-        m = s.meta
         m.usage.add(commit.usage)
         m.cost_usd += commit.cost_usd
         m.turns += 1

@@ -3,7 +3,8 @@
 Keys carry the session id as a hash tag (`agent:{<sid>}:…`) so every key of a session lives
 in one Redis Cluster slot and the Lua scripts below stay legal there.
 
-    agent:{sid}:meta          hash    owner, created, usage totals, cost, counters, turn ids
+    agent:{sid}:meta          hash    owner, created, usage totals, cost, counters, turn ids, and the
+                                      compaction summary (summary, sumupto: the messages it covers)
     agent:{sid}:msgs          list    one JSON message per element (API content blocks)
     agent:{sid}:turns         list    one JSON record per finished turn
     agent:{sid}:lock          string  id of the running turn, PX = lock TTL (renewed)
@@ -54,8 +55,9 @@ from redis.exceptions import NoScriptError, RedisError
 from .. import metrics
 from ..events import Event
 from ..usage import Usage
-from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, Duplicate, LogBatch, NoticeHandler, NotFound,
-                   SessionMeta, SessionPage, SessionView, Started, StoredMessage, TurnCommit, principal_tag)
+from .base import (ABANDONED_SEQ, ANSWERED, BeginResult, Busy, Duplicate, LogBatch, NoticeHandler, NotFound, Rewind,
+                   RewindRefused, SessionMeta, SessionPage, SessionView, Started, StoredMessage, TurnCommit,
+                   principal_tag)
 from .redis_channel import ClusterRouter, NodeChannels, SingleRouter
 
 log = logging.getLogger("server.store")
@@ -66,7 +68,10 @@ WAIT_TIMEOUT_MS = 1000  # how long a commit waits for REDIS_WAIT_REPLICAS acknow
 LAGGING_SKIP_SECONDS = 5  # then how long that node's commits do not wait
 
 # KEYS: meta msgs lock mids turns [index]   ARGV: turn owner create lock_ms ttl idem_ttl now message_id
-#       title now_ms session_id   (index: a single Redis only; on a cluster another node has it)
+#       title now_ms session_id rewind ('' | before | after | start) rewind_turn regenerate
+#       (index: a single Redis only; on a cluster another node has it)
+# A rewind is located among the turn records (each holds how many messages its turn appended)
+# before the lock is taken, so a refused one leaves nothing to undo; the commit applies it.
 # Ownership is checked before anything else: a `message_id` of another principal's session
 # must answer exactly as a session that does not exist (no turn, no hint that it exists).
 # Run twice (a retry after a lost reply, a failover), it answers the same: the session it
@@ -92,6 +97,29 @@ if ARGV[8] ~= '' then
 end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return {'busy', holder} end
+local cut, kept, rewound = -1, 0, {}
+if ARGV[12] ~= '' then
+  local at, found = 0, ARGV[12] == 'start'
+  if found then cut = 0 end
+  for i, raw in ipairs(redis.call('LRANGE', KEYS[5], 0, -1)) do
+    local r = cjson.decode(raw)
+    local n = tonumber(r['messages']) or 0
+    if found then
+      table.insert(rewound, r['turn_id'])
+    elseif r['turn_id'] == ARGV[13] then
+      found = true
+      if ARGV[12] == 'before' then
+        if ARGV[14] == '1' and n == 0 then return {'nothing_to_regenerate'} end
+        cut, kept = at, i - 1
+        table.insert(rewound, r['turn_id'])
+      else
+        cut, kept = at + n, i
+      end
+    end
+    at = at + n
+  end
+  if not found then return {'turn_not_found'} end
+end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
 local stale = redis.call('HGET', KEYS[1], 'active') or ''
 if stale == ARGV[1] then stale = '' end
@@ -101,7 +129,7 @@ if ARGV[8] ~= '' then
   redis.call('EXPIRE', KEYS[4], ARGV[5])
 end
 for _, k in ipairs({1, 2, 5}) do redis.call('EXPIRE', KEYS[k], ARGV[5]) end
-return {'started', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1), stale}
+return {'started', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1), stale, cut, kept, rewound}
 """
 
 # KEYS: lock   ARGV: turn lock_ms
@@ -109,7 +137,9 @@ _RENEW = "return redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PEXPIRE',
 
 # KEYS: meta msgs lock turns log [index]
 # ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen
-#       first_seq last_seq last_type data preview now_ms session_id msg*nmsgs
+#       first_seq last_seq last_type data preview now_ms session_id cut kept_turns
+#       summary_op ('' | set | del) summary summary_upto msg*nmsgs
+# A rewind (cut >= 0) trims the history and the turn records before the append.
 # An entry's fields are always f, t, d in that order: its type is the 4th element.
 _FINISH = """
 local top = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)[1]
@@ -119,7 +149,19 @@ if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return (top and top[1] == '0-' .. ARGV[15] and top[2][4] == ARGV[16]) and 1 or 0
 end
 local nmsgs = tonumber(ARGV[2])
-for i = 21, 20 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+local cut = tonumber(ARGV[21])
+if cut >= 0 then
+  if cut == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, cut - 1) end
+  local kept = tonumber(ARGV[22])
+  if kept == 0 then redis.call('DEL', KEYS[4]) else redis.call('LTRIM', KEYS[4], 0, kept - 1) end
+  redis.call('HSET', KEYS[1], 'nmsgs', cut, 'turns', kept)
+end
+if ARGV[23] == 'set' then
+  redis.call('HSET', KEYS[1], 'summary', ARGV[24], 'sumupto', ARGV[25])
+elseif ARGV[23] == 'del' then
+  redis.call('HDEL', KEYS[1], 'summary', 'sumupto')
+end
+for i = 26, 25 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('RPUSH', KEYS[4], ARGV[3])
 for i, name in ipairs({'in', 'out', 'cw', 'cr'}) do redis.call('HINCRBY', KEYS[1], name, ARGV[3 + i]) end
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost', ARGV[8])
@@ -288,7 +330,8 @@ class RedisStore:
         self._index_warned_at = -math.inf
 
     async def begin_turn(self, session_id: str, turn_id: str, *, owner: str, create: bool,
-                         message_id: str | None, title: str | None = None) -> BeginResult:
+                         message_id: str | None, title: str | None = None, rewind: Rewind | None = None,
+                         regenerate: bool = False) -> BeginResult:
         keys = _keys(session_id, "meta", "msgs", "lock", "mids", "turns")
         index = _index_key(owner) if create else None
         if index is not None and not self.cluster:
@@ -296,19 +339,22 @@ class RedisStore:
         now = time.time()
         now_ms = int(now * 1000)
         args = [turn_id, owner, int(create), self.lock_ms, self.session_ttl, self.idempotency_ttl,
-                now, message_id or "", title or "", now_ms, session_id]
+                now, message_id or "", title or "", now_ms, session_id, *_rewind_args(rewind, regenerate)]
         status, *result = (await self._run_script(self._begin, keys, args))[0]
         if status == b"started":
-            fields, history, stale = result
+            fields, history, stale, cut, kept, rewound = result
             meta = _meta_from_hash(zip(fields[::2], fields[1::2]))
             if index is not None and self.cluster and meta.turns == 0:  # (new: NX keeps an entry's order)
                 self._index_in_background(index, [_command(b"ZADD", index.encode(), b"NX", b"%d" % now_ms,
                                                            session_id.encode()),
                                                   _command(b"EXPIRE", index.encode(), b"%d" % self.session_ttl)])
             return Started(meta=meta, history=[StoredMessage(m) for m in history],
-                           stale_turn_id=stale.decode() or None)
+                           stale_turn_id=stale.decode() or None, cut=cut if cut >= 0 else None, kept_turns=kept,
+                           rewound=[t.decode() for t in rewound])
         if status == b"not_found":
             return NotFound()
+        if status in (b"turn_not_found", b"nothing_to_regenerate"):
+            return RewindRefused(status.decode())
         return (Busy if status == b"busy" else Duplicate)(result[0].decode())
 
     async def renew_lock(self, session_id: str, turn_id: str) -> bool:
@@ -379,7 +425,9 @@ class RedisStore:
             repr(commit.cost_usd), commit.last_input_tokens, commit.last_input_chars,
             self.session_ttl, self.log_ttl, self.log_maxlen,
             events[0].seq, events[-1].seq, events[-1].type, b"\n".join(e.data for e in events),
-            commit.preview, now_ms, session_id,
+            commit.preview, now_ms, session_id, -1 if commit.cut is None else commit.cut, commit.kept_turns,
+            "" if commit.summary is None else "set" if commit.summary else "del", commit.summary or "",
+            commit.summary_upto,
         ]
         args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
         # With wait_replicas, WAIT in the same write: the commit is on that many replicas
@@ -662,4 +710,13 @@ def _meta_from_hash(pairs: Iterable[tuple[bytes, bytes]]) -> SessionMeta:
                        last_turn_id=h.get("last") or None, active_turn_id=h.get("active") or None,
                        message_count=n["nmsgs"], last_input_tokens=n["last_in"], last_input_chars=n["last_chars"],
                        title=h.get("title"), title_source=h.get("tsrc"), preview=h.get("preview", ""),
-                       updated_ms=int(h.get("updated", 0)))
+                       updated_ms=int(h.get("updated", 0)), summary=h.get("summary"),
+                       summary_upto=int(h.get("sumupto", 0)))
+
+
+def _rewind_args(rewind: Rewind | None, regenerate: bool) -> list[str]:
+    """The begin script's last three arguments: how the turn rewinds the session, if it does."""
+    if rewind is None:
+        return ["", "", ""]
+    mode = "before" if not rewind.keep else "after" if rewind.turn_id is not None else "start"
+    return [mode, rewind.turn_id or "", "1" if regenerate else ""]

@@ -119,8 +119,10 @@ async def get_session(request: Request) -> Response:
     """The session's summary (as `GET /sessions` lists it), its history and turn records."""
     session_id = valid_session_id(request.path_params["session_id"])
     view = await engine_of(request).session(session_id, principal_of(request))
-    return JSONResponse({**sessions.summary(session_id, view.meta), "messages": view.history,
-                         "turn_records": view.turns})
+    meta = view.meta
+    summary = {"text": meta.summary, "covers_messages": meta.summary_upto} if meta.summary else None
+    return JSONResponse({**sessions.summary(session_id, meta), "messages": view.history,
+                         "turn_records": view.turns, "summary": summary})
 
 
 async def list_sessions(request: Request) -> Response:
