@@ -442,7 +442,8 @@ class Engine:
             log.warning("turn %s could not be committed (%s)", turn.turn_id, failure.code)
             turn.publish_final(turn.terminal_event("error", failure.payload()))
         else:
-            if (self.titles is not None and outcome == "completed" and started.meta.message_count == 0
+            first = started.meta.message_count == 0 or progress.cut == 0  # (or the first turn, edited)
+            if (self.titles is not None and outcome == "completed" and first
                     and started.meta.title_source == "message"):  # the first answer of a session: a better title
                 question = sessions.head(sessions.text_of(progress.messages[0]["content"]), sessions.TITLE_INPUT_CHARS)
                 self.titles.schedule(turn.session_id, principal, question or started.meta.title or "",
@@ -454,7 +455,7 @@ class Engine:
 
     async def _loop(self, turn: Turn, req: TurnRequest, started: Started, progress: _Progress) -> None:
         s = self.settings
-        if started.meta.message_count + 2 > s.max_session_messages:
+        if (started.meta.message_count if progress.cut is None else progress.cut) + 2 > s.max_session_messages:
             raise ApiError("session_full")
         if s.session_token_budget and started.meta.usage.total >= s.session_token_budget:
             raise ApiError("budget_exceeded", f"This session has used {started.meta.usage.total} of its "
@@ -935,7 +936,8 @@ class Engine:
                 # (a turn that commits nothing rewinds nothing, and its summary goes with it)
                 cut=progress.cut if messages else None, kept_turns=progress.kept_turns,
                 summary=(progress.summary or "") if messages and progress.summary_changed else None,
-                summary_upto=progress.summary_upto))
+                summary_upto=progress.summary_upto,
+                title=sessions.message_title(messages[0]) if messages and progress.cut == 0 else ""))
             if not committed and span is not None:
                 tracing.commit_lost(span)
         if not committed:

@@ -907,8 +907,15 @@ async def test_bad_requests(shared_server: Server, upstream):
     cid = chat_id()
     async with httpx.AsyncClient(base_url=shared_server.url, timeout=30) as client:
         cases = [
-            (chat_body(cid, "hi", trigger="regenerate-message"), "invalid_request"),
-            (chat_body(cid, "hi", messageId="m1"), "invalid_request"),
+            (chat_body(cid, "hi", trigger="resume-stream"), "invalid_request"),
+            # regenerate/edit (tests/test_ai_sdk_rewind.py): the answer to regenerate is not sent; an
+            # assistant message's id must be a turn id
+            ({"id": cid, "trigger": "regenerate-message", "messages": [
+                user("hi"), {"id": "a1", "role": "assistant", "parts": [{"type": "text", "text": "x"}]}]},
+             "invalid_request"),
+            ({"id": cid, "trigger": "submit-message", "messageId": "m1", "messages": [
+                user("hi"), {"id": "a1", "role": "assistant", "parts": []}, user("edited", "m1")]},
+             "invalid_request"),
             ({"id": cid, "trigger": "submit-message", "messages": []}, "invalid_request"),
             ({"id": cid, "messages": [{"id": "a", "role": "user", "parts": [{"type": "text", "text": "  "}]}]},
              "invalid_request"),
@@ -976,9 +983,11 @@ async def test_websocket_frames_sequences_and_last_sequence(shared_server: Serve
         await ws.send(json.dumps({"type": "resume", "requestId": "r3", "id": chat_id(), "headers": {}, "body": {}}))
         assert json.loads(await ws.recv()) == {"type": "no-active", "requestId": "r3"}
         await ws.send(json.dumps({"type": "send", "requestId": "r4", "id": cid, "trigger": "regenerate-message",
-                                  "messages": [user("again")], "headers": {}, "body": {}}))
+                                  "messages": [user("again"), {"id": "a1", "role": "assistant", "parts": []}],
+                                  "headers": {}, "body": {}}))
         error = json.loads(await ws.recv())
-        assert error["type"] == "error" and error["requestId"] == "r4" and "not supported" in error["errorText"]
+        assert error["type"] == "error" and error["requestId"] == "r4"
+        assert "send the messages before it" in error["errorText"]
         await ws.send(json.dumps({"type": "abort", "requestId": "unknown"}))  # ignored
 
         # Abort of a running send cancels its turn.

@@ -112,8 +112,8 @@ class StoredMessage(Mapping[str, Any]):
 @dataclass(frozen=True, slots=True)
 class Rewind:
     """Where a turn takes its session back to (edit, regenerate): to just before `turn_id`
-    (that turn and every later one are replaced), or, with `keep`, to just after it (turn_id
-    None: to the start). Applied by the turn's commit, and only if it commits messages."""
+    (that turn and every later one are replaced), or, with `keep`, to just after it. turn_id
+    None: to the start. Applied by the turn's commit, and only if it commits messages."""
     turn_id: str | None
     keep: bool = False
 
@@ -175,6 +175,9 @@ class TurnCommit:
     # history[:summary_upto] (after the cut).
     summary: str | None = None
     summary_upto: int = 0
+    # The new first message's title (an edit of the first turn): replaces a title taken from the
+    # old first message ("": unchanged).
+    title: str = ""
 
 
 @dataclass(slots=True)

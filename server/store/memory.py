@@ -127,10 +127,12 @@ class MemoryStore:
         if commit.cut is not None:
             del s.history[commit.cut:], s.turns[commit.kept_turns:]
             m.message_count, m.turns = commit.cut, commit.kept_turns
+        if commit.title and m.title_source == "message":
+            m.title = commit.title
         if commit.summary is not None:
             m.summary, m.summary_upto = commit.summary or None, commit.summary_upto if commit.summary else 0
         # Stored as JSON round trips so nothing shares mutable state with the caller.
-        s.history.extend(json.loads(json.dumps(m)) for m in commit.messages)
+        s.history.extend(json.loads(json.dumps(message)) for message in commit.messages)
         s.turns.append(dict(commit.record))
         m.usage.add(commit.usage)
         m.cost_usd += commit.cost_usd

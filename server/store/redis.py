@@ -138,7 +138,7 @@ _RENEW = "return redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PEXPIRE',
 # KEYS: meta msgs lock turns log [index]
 # ARGV: turn nmsgs record in out cw cr cost last_in last_chars ttl log_ttl maxlen
 #       first_seq last_seq last_type data preview now_ms session_id cut kept_turns
-#       summary_op ('' | set | del) summary summary_upto msg*nmsgs
+#       summary_op ('' | set | del) summary summary_upto title msg*nmsgs
 # A rewind (cut >= 0) trims the history and the turn records before the append.
 # An entry's fields are always f, t, d in that order: its type is the 4th element.
 _FINISH = """
@@ -161,7 +161,10 @@ if ARGV[23] == 'set' then
 elseif ARGV[23] == 'del' then
   redis.call('HDEL', KEYS[1], 'summary', 'sumupto')
 end
-for i = 26, 25 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+if ARGV[26] ~= '' and redis.call('HGET', KEYS[1], 'tsrc') == 'message' then
+  redis.call('HSET', KEYS[1], 'title', ARGV[26])
+end
+for i = 27, 26 + nmsgs do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('RPUSH', KEYS[4], ARGV[3])
 for i, name in ipairs({'in', 'out', 'cw', 'cr'}) do redis.call('HINCRBY', KEYS[1], name, ARGV[3 + i]) end
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost', ARGV[8])
@@ -427,7 +430,7 @@ class RedisStore:
             events[0].seq, events[-1].seq, events[-1].type, b"\n".join(e.data for e in events),
             commit.preview, now_ms, session_id, -1 if commit.cut is None else commit.cut, commit.kept_turns,
             "" if commit.summary is None else "set" if commit.summary else "del", commit.summary or "",
-            commit.summary_upto,
+            commit.summary_upto, commit.title,
         ]
         args.extend(json.dumps(m, ensure_ascii=False, separators=(",", ":")) for m in commit.messages)
         # With wait_replicas, WAIT in the same write: the commit is on that many replicas
@@ -718,5 +721,5 @@ def _rewind_args(rewind: Rewind | None, regenerate: bool) -> list[str]:
     """The begin script's last three arguments: how the turn rewinds the session, if it does."""
     if rewind is None:
         return ["", "", ""]
-    mode = "before" if not rewind.keep else "after" if rewind.turn_id is not None else "start"
+    mode = "start" if rewind.turn_id is None else "after" if rewind.keep else "before"
     return [mode, rewind.turn_id or "", "1" if regenerate else ""]

@@ -23,6 +23,16 @@ The chat `id` is our session (history lives on the server): only the last user m
 its text parts and its file parts (images; PDFs and plain text as documents).
 A valid session id is used as is (created on first use); any other chat id maps to a stable
 session id per principal.
+
+Edit and regenerate: an assistant message's id is its turn's id (`start.messageId`), so the
+messages the client sends say where its history forks from ours. `regenerate()` (trigger
+`regenerate-message`: the client dropped the answer and sends the messages before it) and an
+edit (`sendMessage({text, messageId})`: `submit-message` with `messageId`, the edited user message
+last) both run the final user message as a new turn that rewinds the session to just after the
+last assistant message before it (its turn is kept; no assistant message before it: back to the
+start); the turns after it are replaced once the new turn commits an answer (a failed one leaves
+them). An assistant id that is not a turn of the session is `turn_not_found` (404). These sends
+carry no idempotency key: the edited message keeps its id, and must not join the turn it started.
 """
 
 from __future__ import annotations
@@ -39,12 +49,12 @@ from starlette.responses import Response
 
 from .. import tracing
 from ..config import Settings
-from ..engine import Engine
+from ..engine import Engine, TurnHandle
 from ..errors import ApiError
 from ..events import Event, dumps, text_literal, unlogged
 from ..requests import TurnRequest, check_text, parse_json_body, parse_turn_request
 from ..security import principal_of
-from ..store.base import valid_id, valid_message_id
+from ..store.base import Rewind, valid_id, valid_message_id
 from .forward import open_stream
 from .http_api import engine_of
 
@@ -95,19 +105,20 @@ def session_for_chat(chat_id: Any, principal: str) -> str:
 
 def chat_turn_request(request: dict[str, Any], extra: dict[str, Any], principal: str,
                       settings: Settings) -> TurnRequest:
-    """A TurnRequest from a `useChat` request (`extra`: its body fields): the last user message."""
+    """A TurnRequest from a `useChat` request (`extra`: its body fields): the last user message;
+    a regenerate or an edit (`rewind_of`) rewinds the session before it runs."""
     session_id = session_for_chat(request.get("id"), principal)
     trigger, messages = request.get("trigger"), request.get("messages")
-    if trigger == "regenerate-message" or request.get("messageId") is not None:
-        # The history is kept on the server; it cannot be rewound to regenerate or edit.
-        raise ApiError("invalid_request", "Regenerating or editing an earlier message is not supported: "
-                       "the history is kept on the server. Send a new message instead.", field="trigger")
-    if trigger not in (None, "submit-message"):
-        raise ApiError("invalid_request", "`trigger` must be 'submit-message'.", field="trigger")
+    if trigger not in (None, "submit-message", "regenerate-message"):
+        raise ApiError("invalid_request", "`trigger` must be 'submit-message' or 'regenerate-message'.",
+                       field="trigger")
     if not isinstance(messages, list) or not messages:
         raise ApiError("invalid_request", "`messages` must be a non-empty list of UI messages.", field="messages")
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "user":
+        if trigger == "regenerate-message":
+            raise ApiError("invalid_request", "To regenerate an answer, send the messages before it: the last "
+                           "message must be the user message to answer again.", field="messages")
         raise ApiError("invalid_request", "The last message must be a user message.", field="messages")
     body = {k: extra[k] for k in PASSED_THROUGH if k in extra}
     body |= {"message": _content(last.get("parts")), "session_id": session_id}
@@ -118,11 +129,30 @@ def chat_turn_request(request: dict[str, Any], extra: dict[str, Any], principal:
         for block in body["message"]:
             if block["type"] == "document":
                 block["citations"] = {"enabled": True}
-    if valid_message_id(last.get("id")):
+    rewind = rewind_of(request, messages)
+    if rewind is None and valid_message_id(last.get("id")):
         body["message_id"] = last["id"]  # a retried send joins the turn it started
     req = parse_turn_request(body, settings)
     req.create_if_missing = True
+    req.rewind = rewind
     return req
+
+
+def rewind_of(request: dict[str, Any], messages: list[Any]) -> Rewind | None:
+    """Where a regenerate (`regenerate-message`) or an edit (`submit-message` with `messageId`)
+    takes the session back to: just after the turn of the last assistant message before the final
+    user message (our assistant message ids are turn ids), or to the start when there is none.
+    None for a plain send."""
+    if request.get("trigger") != "regenerate-message" and request.get("messageId") is None:
+        return None
+    for message in reversed(messages[:-1]):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            turn_id = message.get("id")
+            if not valid_id(turn_id):
+                raise ApiError("invalid_request", "An assistant message's `id` must be the id of its turn "
+                               "(the `start` chunk's messageId) to regenerate or edit after it.", field="messages")
+            return Rewind(turn_id, keep=True)
+    return Rewind(None, keep=True)
 
 
 def _content(parts: Any) -> str | list[dict[str, Any]]:
@@ -450,7 +480,7 @@ def continued_message(request: dict[str, Any]) -> dict[str, Any] | None:
     tool calls), or None: the request sends a user message."""
     messages = request.get("messages")
     if request.get("trigger") == "regenerate-message" or not isinstance(messages, list) or not messages:
-        return None  # (refused by chat_turn_request)
+        return None  # (a regenerate, or refused by chat_turn_request)
     last = messages[-1]
     return last if isinstance(last, dict) and last.get("role") == "assistant" else None
 
@@ -522,9 +552,23 @@ async def chat(request: Request) -> Response:
         return await open_stream(engine, session_id, turn_id, ChunkEvents(turn_id, answered), _RAW_HEADERS,
                                  wait=False, cancel_on_disconnect=body.get("cancel_on_disconnect") is True)
     req = chat_turn_request(body, body, principal, engine.settings)
-    handle = await engine.start(req, principal)
+    handle = await start_chat_turn(engine, req, principal)
     return await open_stream(engine, handle.session_id, handle.turn_id, ChunkEvents(handle.turn_id),
                              _RAW_HEADERS, wait=False, cancel_on_disconnect=req.cancel_on_disconnect)
+
+
+async def start_chat_turn(engine: Engine, req: TurnRequest, principal: str) -> TurnHandle:
+    """`Engine.start` of a chat's turn; a rewind to a turn the session does not have is
+    `turn_not_found` (404) in the AI SDK's terms: the message id is not a turn of the chat."""
+    try:
+        return await engine.start(req, principal)
+    except ApiError as exc:
+        rewind = req.rewind
+        if exc.code != "turn_not_found" or rewind is None or rewind.turn_id is None:
+            raise
+        raise ApiError("turn_not_found", f"The assistant message {rewind.turn_id} is not a turn of this chat (an "
+                       "assistant message's id is its turn's id, the `start` chunk's messageId), so the chat "
+                       "cannot be taken back to it.", field="messages") from None
 
 
 async def chat_resume(request: Request) -> Response:

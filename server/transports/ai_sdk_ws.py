@@ -9,7 +9,8 @@ the client treats any other type as fatal, so keep-alive is the server's WebSock
 
 A send whose last message is the assistant's answers its paused tool calls (approvals, client
 tool outputs) and streams the same turn from that pause on (ai_sdk.py); a stream that reaches a
-pause ends there (`end`) while the turn waits for the answer.
+pause ends there (`end`) while the turn waits for the answer. A `regenerate-message` send, or a
+`submit-message` with `messageId` (an edit), rewinds the chat's session first, as on /api/chat.
 
 A resume replays the turn's chunks and skips sequences up to `lastSequence`. `abort` of a send
 cancels the turn (the partial answer is kept), of a resume only stops following. A dropped socket
@@ -30,7 +31,8 @@ from ..errors import ApiError
 from ..events import Event, dumps
 from ..requests import parse_json_body, valid_text
 from ..security import admit_turn
-from .ai_sdk import UIChunks, answer_paused_tools, chat_turn, chat_turn_request, continued_message, session_for_chat
+from .ai_sdk import (UIChunks, answer_paused_tools, chat_turn, chat_turn_request, continued_message, session_for_chat,
+                     start_chat_turn)
 from .forward import FramedSocket
 
 log = logging.getLogger("server.ai_sdk_ws")
@@ -125,7 +127,7 @@ class ChatSocket(FramedSocket):
                         isinstance(body, dict) and body.get("cancel_on_disconnect") is True, True)
             return
         req = chat_turn_request(frame, body if isinstance(body, dict) else {}, self.principal, self.engine.settings)
-        handle = await self.engine.start(req, self.principal)
+        handle = await start_chat_turn(self.engine, req, self.principal)
         self.follow(request_id, handle.session_id, handle.turn_id, ChunkFrames(request_id, handle.turn_id, -1), 0,
                     req.cancel_on_disconnect, True)
 

@@ -17,6 +17,11 @@
 // the server replays what came after, and anything at or below the last seq is ignored, so
 // no text is ever shown twice. A message sent just before a drop is sent again with the same
 // `message_id`, which the server treats as the same request (it joins the turn).
+//
+// Edit and regenerate: a question has an Edit button (an inline editor: Enter saves, Escape
+// cancels), an answer a Regenerate button; both send a message frame with `replace_turn` (see
+// "edit and regenerate" below). Coming back to a running turn (a reload, or opening its
+// conversation again) shows its question from its turn_start (`user_text`) before its answer.
 (() => {
   "use strict";
 
@@ -40,6 +45,9 @@
     failedOpens: 0,      // sockets that closed before opening, in a row
     apiKey: sessionStorage.getItem("agent.apiKey") || "",
     view: null,          // the assistant message being streamed
+    question: null,      // the question of that turn (null: not shown yet, e.g. a turn found running)
+    rewinding: null,     // the turn being replaced by the running turn (edit / regenerate)
+    syncing: false,      // reloading the conversation after a replacing turn stored nothing
     gen: 0,              // bumped when the page leaves a conversation (a pending connect then restarts)
     quietResume: false,  // resuming a turn found running on opening a conversation (not a drop)
     openToken: 0,        // the conversation being opened (a slower, older open is dropped)
@@ -73,18 +81,21 @@
     requestAnimationFrame(() => { scrollQueued = false; window.scrollTo(0, document.body.scrollHeight); });
   }
 
-  function addMessage(role) {
+  // A message of the log (`before`: inserted there, else at the end).
+  function addMessage(role, before = null) {
     const empty = $("empty");
     if (empty) empty.remove();
     const msg = el("article", "msg " + role);
     msg.append(el("div", "who", role === "user" ? "You" : "Agent"));
-    logEl.append(msg);
+    logEl.insertBefore(msg, before);
     return msg;
   }
 
-  function showUser(text) {
-    addMessage("user").append(el("div", "text", text));
+  function showUser(text, before = null) {
+    const msg = addMessage("user", before);
+    msg.append(el("div", "text", text));
     scrollDown();
+    return msg;
   }
 
   // Links to what the model or a tool named: http(s) only (markdown.js's check), a new tab
@@ -377,6 +388,11 @@
         if (searches) parts.push(`${searches} web search${searches === 1 ? "" : "es"}`);
         if (typeof ev.estimated_cost_usd === "number") parts.push(`$${ev.estimated_cost_usd.toFixed(4)}`);
         this.note(parts.join(" · "), "meta");
+        // (a refused turn, or one stopped before any answer, stored nothing: there is no answer
+        // to regenerate, only its question to edit)
+        if (finish !== "refused" && (finish !== "cancelled" || this.text || this.tools.size)) {
+          regenerateButton(this.root);
+        }
       } else {
         this.note(`${ev.message || "Something went wrong."} (${ev.code || "error"})` +
                   (ev.retryable ? " You can send it again." : ""), "error");
@@ -394,6 +410,165 @@
     sendBtn.disabled = running;
     stopBtn.disabled = !running;
     stopBtn.textContent = "Stop";
+    updateButtons();
+  }
+
+  // -- edit and regenerate ----------------------------------------------------------------
+  // Every message of a turn carries its turn id (data-turn-id: from turn_start live, from
+  // turn_records in a stored conversation). An answer's Regenerate sends
+  // {"type":"message","replace_turn":T} and a question's Edit sends the new text with
+  // replace_turn: the server rewinds the session to just before turn T and runs the new turn
+  // in its place. The page drops T and everything after it at once and shows the new turn;
+  // if that turn stores nothing (it failed, was refused or stopped before answering), the
+  // server rewound nothing, and the page shows the conversation as stored again.
+  function busy() {
+    return state.running || !!state.loading || state.syncing;
+  }
+
+  function updateButtons() {
+    const off = busy();
+    for (const b of logEl.querySelectorAll(".msg-actions button, .msg-edit button.save")) b.disabled = off;
+  }
+
+  function actionButton(article, cls, text, label, onClick) {
+    let bar = article.querySelector(":scope > .msg-actions");
+    if (!bar) {
+      bar = el("div", "msg-actions");
+      article.append(bar);
+    }
+    let b = bar.querySelector("." + cls);
+    if (b) return b;
+    b = el("button", "secondary " + cls, text);
+    b.type = "button";
+    b.setAttribute("aria-label", label);
+    b.title = label;
+    b.disabled = busy();
+    b.addEventListener("click", () => onClick(article));
+    bar.append(b);
+    return b;
+  }
+
+  function regenerateButton(answer) {
+    if (answer.dataset.turnId) actionButton(answer, "regenerate", "Regenerate", "Regenerate this answer", regenerate);
+  }
+
+  // A question belongs to turn `turnId`: it can be edited (not one with attachments: the page
+  // sends text only, and an edit replaces the whole message).
+  function markQuestion(article, turnId) {
+    article.dataset.turnId = turnId;
+    if (!article.dataset.attachments) actionButton(article, "edit", "Edit", "Edit this message", startEdit);
+  }
+
+  function byTurn(role, turnId) {
+    return Array.from(logEl.querySelectorAll("article.msg." + role)).find((a) => a.dataset.turnId === turnId) || null;
+  }
+
+  function removeFrom(node) {
+    while (node) {
+      const next = node.nextSibling;
+      node.remove();
+      node = next;
+    }
+  }
+
+  function regenerate(answer) {
+    const turnId = answer.dataset.turnId;
+    if (!turnId || busy() || !state.sessionId) return;
+    const question = byTurn("user", turnId);
+    removeFrom(question ? question.nextSibling : answer);  // (the question stays: it is sent again)
+    startTurn({ type: "message", session_id: state.sessionId, replace_turn: turnId, message_id: newId() }, question, turnId);
+    input.focus();
+  }
+
+  function startEdit(article) {
+    if (busy() || article.querySelector(".msg-edit")) return;
+    const shown = article.querySelector(":scope > .text");
+    const bar = article.querySelector(":scope > .msg-actions");
+    const box = el("form", "msg-edit");
+    const field = el("textarea");
+    field.value = shown ? shown.textContent : "";
+    field.rows = Math.min(10, field.value.split("\n").length + 1);
+    field.required = true;
+    field.setAttribute("aria-label", "Edit your message (Enter to save, Escape to cancel)");
+    const save = el("button", "save", "Save");
+    const cancel = el("button", "secondary", "Cancel");
+    save.type = "submit";
+    cancel.type = "button";
+    save.disabled = busy();
+    const buttons = el("div", "msg-edit-actions");
+    buttons.append(save, cancel);
+    box.append(field, buttons);
+    if (shown) shown.hidden = true;
+    if (bar) bar.hidden = true;
+    article.classList.add("editing");
+    article.insertBefore(box, bar);
+    const close = () => {
+      box.remove();
+      if (shown) shown.hidden = false;
+      if (bar) bar.hidden = false;
+      article.classList.remove("editing");
+    };
+    box.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const text = field.value;
+      const turnId = article.dataset.turnId;
+      if (!text.trim() || busy() || !turnId || !state.sessionId) return;
+      removeFrom(article);
+      const question = showUser(text);
+      startTurn({ type: "message", session_id: state.sessionId, message: text, replace_turn: turnId,
+                   message_id: newId() }, question, turnId);
+      input.focus();
+    });
+    cancel.addEventListener("click", () => {
+      close();
+      const edit = article.querySelector(".msg-actions .edit");
+      if (edit) edit.focus();
+    });
+    field.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        box.requestSubmit();
+      } else if (e.key === "Escape") {
+        e.preventDefault();
+        e.stopPropagation();  // (not the page's Escape: that stops a running answer)
+        cancel.click();
+      }
+    });
+    field.focus();
+    field.setSelectionRange(field.value.length, field.value.length);
+  }
+
+  // A rewinding turn that ended without storing an answer rewound nothing on the server: show
+  // the conversation as it is stored, and say what happened.
+  async function resync(ev) {
+    const id = state.sessionId, token = state.openToken;
+    if (!id) return;
+    state.syncing = true;
+    updateButtons();
+    let session = null;
+    try {
+      const res = await api(`sessions/${encodeURIComponent(id)}`);
+      if (res.ok) session = await res.json();
+    } catch { /* shown below */ }
+    if (token !== state.openToken || id !== state.sessionId) return;  // (left meanwhile: leave() reset it)
+    state.syncing = false;
+    if (session && !state.running) {
+      renderHistory(session);
+      state.view = null;
+      state.question = null;
+    }
+    let text = null, cls = "error rewind-note";
+    if (ev.type === "error") {
+      text = `Not replaced: ${ev.message || "the new turn failed"} (${ev.code || "error"}). ` +
+        "The conversation is as it was.";
+    } else if (ev.finish === "refused" || ev.stop_reason === "refusal") {
+      text = "The model declined to answer; the conversation is as it was.";
+      cls = "notice warn rewind-note";
+    }
+    if (!session) text = (text ? text + " " : "") + "Could not reload the conversation: reopen it to see it as stored.";
+    if (text) logEl.append(el("p", cls, text));
+    updateButtons();
+    scrollDown();
   }
 
   // -- the connection -------------------------------------------------------------------
@@ -589,6 +764,20 @@
         state.sessionId = ev.session_id;
         state.pending = null;
         remember();
+        if (Array.isArray(ev.rewound_turns) && ev.rewound_turns.length) {
+          // A turn replacing earlier ones (an edit or regenerate, maybe found running on opening
+          // the conversation): what it replaces leaves the page.
+          state.rewinding = state.rewinding || ev.rewound_turns[0];
+          const gone = new Set(ev.rewound_turns);
+          for (const a of Array.from(logEl.querySelectorAll("article.msg"))) {
+            if (gone.has(a.dataset.turnId) && a !== state.question && (!view || a !== view.root)) a.remove();
+          }
+        }
+        if (!state.question && view && typeof ev.user_text === "string" && ev.user_text) {
+          state.question = showUser(ev.user_text, view.root);  // coming back to a running turn: its question
+        }
+        if (view) view.root.dataset.turnId = turnId;
+        if (state.question) markQuestion(state.question, turnId);
         if (!list.items.some((s) => s.session_id === ev.session_id)) refreshList();  // a new conversation
         break;
       case "text_delta": view.appendText(ev.text); break;
@@ -602,15 +791,20 @@
       case "client_tool_call": view.clientCall(ev); break;
       case "tool_approval": view.approval(ev); break;
       case "turn_end":
-      case "error":
+      case "error": {
         view.finish(ev);
+        const rewound = state.rewinding;
         state.pending = null;
+        state.rewinding = null;
         setRunning(false);
         input.focus();
+        // (an answer stopped with some text, or a complete one, did replace the old turn)
+        if (rewound && (ev.type === "error" || ev.cancelled || ev.finish === "refused")) resync(ev);
         refreshList();  // its place, title, preview and totals in the list
         if (state.firstTurn) setTimeout(refreshList, 5000);  // (a model-made title comes a moment later)
         state.firstTurn = false;
         break;
+      }
     }
     scrollDown();
   }
@@ -625,8 +819,11 @@
       case "error":  // a frame the server refused (busy session, bad message, ...)
         if (state.running && !state.turnId) {
           state.view.finish(ev);
+          const rewound = state.rewinding;
           state.pending = null;
+          state.rewinding = null;
           setRunning(false);
+          if (rewound) resync(ev);  // (e.g. turn_not_found: that turn is no longer in the session)
         } else if (state.view) {
           state.view.note(ev.message || ev.code, "error");
         }
@@ -636,6 +833,12 @@
 
   async function recoverFromHistory() {
     const view = state.view;
+    if (state.rewinding) {  // (whether it replaced anything is in the stored conversation)
+      state.rewinding = null;
+      setRunning(false);
+      resync({ type: "turn_end", finish: "unknown" });
+      return;
+    }
     try {
       const res = await fetch(`sessions/${encodeURIComponent(state.sessionId)}`, { headers: authHeaders() });
       const session = await res.json();
@@ -661,16 +864,23 @@
 
   function submit() {
     const text = input.value;
-    if (!text.trim() || state.running || state.loading) return;
+    if (!text.trim() || busy()) return;
     input.value = "";
-    showUser(text);
+    startTurn({ type: "message", message: text, message_id: newId() }, showUser(text), null);
+  }
+
+  // Send a message frame and show its turn (`question`: the user's message already on the
+  // page; `replacing`: the turn it replaces, for an edit or regenerate).
+  function startTurn(frame, question, replacing) {
     state.view = new AnswerView();
+    state.question = question;
+    state.rewinding = replacing;
     state.turnId = null;
     state.lastSeq = 0;
-    state.pending = { type: "message", message: text, message_id: newId() };
+    state.pending = frame;
     state.firstTurn = !state.sessionId;
     setRunning(true);
-    send(state.pending);
+    send(frame);
   }
 
   function stop() {
@@ -751,7 +961,8 @@
     state.timer = null;
     if (state.view) state.view.closeSegment();
     Object.assign(state, { sessionId: null, turnId: null, lastSeq: 0, pending: null, view: null, resumeFrom: null,
-                           quietResume: false, attempt: 0, loading: false, reopen: null, connectAgain: false });
+                           quietResume: false, attempt: 0, loading: false, reopen: null, connectAgain: false,
+                           question: null, rewinding: null, syncing: false });
     setRunning(false);
     logEl.replaceChildren();
   }
@@ -799,13 +1010,15 @@
     } else {
       renderHistory(session);
       if (session.running_turn_id) {  // a turn still running: follow it from its start
-        state.view = new AnswerView();
+        state.view = new AnswerView();  // (its question comes with its turn_start: user_text)
+        state.question = null;
         state.turnId = session.running_turn_id;
         state.lastSeq = 0;
         state.quietResume = true;
         setRunning(true);
       }
     }
+    updateButtons();
     connect();
     requestAnimationFrame(() => window.scrollTo(0, document.body.scrollHeight));
     input.focus();
@@ -817,9 +1030,11 @@
     logEl.replaceChildren();
     const messages = Array.isArray(session.messages) ? session.messages : [];
     const ends = new Map();  // index of a turn's last message -> its record
+    const turnAt = [];       // index of a message -> the id of the turn that stored it
     let at = 0;
     for (const r of Array.isArray(session.turn_records) ? session.turn_records : []) {
       const n = r && Number.isInteger(r.messages) ? r.messages : 0;
+      for (let k = at; k < at + n; k++) turnAt[k] = typeof r.turn_id === "string" ? r.turn_id : null;
       if (n > 0) { at += n; ends.set(at - 1, r); }
     }
     let view = null;
@@ -838,7 +1053,8 @@
         const asked = blocks.filter((b) => b && b.type !== "tool_result");
         if (asked.length) {
           settle();
-          showUserBlocks(asked);
+          const question = showUserBlocks(asked);
+          if (turnAt[i]) markQuestion(question, turnAt[i]);
         }
         for (const b of blocks) if (b && b.type === "tool_result" && view) view.replayResult(b);
       } else if (m.role === "assistant") {
@@ -847,6 +1063,7 @@
       }
       const record = ends.get(i);
       if (record && view) {
+        if (typeof record.turn_id === "string") view.root.dataset.turnId = record.turn_id;
         view.finish({ type: "turn_end", cancelled: record.status === "cancelled", stop_reason: record.stop_reason,
                       truncated: ["max_tokens", "model_context_window_exceeded"].includes(record.stop_reason),
                       stop_details: record.stop_details, usage: record.usage,
@@ -862,11 +1079,13 @@
     const msg = addMessage("user");
     const text = blocks.filter((b) => b.type === "text").map((b) => String(b.text ?? "")).join("\n");
     for (const b of blocks) {
-      if (b.type === "image") msg.append(el("div", "attachment", "Image"));
-      else if (b.type === "document") msg.append(el("div", "attachment", "Document" +
+      if (b.type !== "image" && b.type !== "document") continue;
+      msg.dataset.attachments = "true";
+      msg.append(el("div", "attachment", b.type === "image" ? "Image" : "Document" +
         (typeof b.title === "string" && b.title ? ": " + b.title : "")));
     }
     if (text) msg.append(el("div", "text", text));
+    return msg;
   }
 
   // The first page again, merged into the list (pages loaded with "More" keep their place).
@@ -1112,7 +1331,7 @@
     dropConnection({ resumeFrom = null } = {}) { state.resumeFrom = resumeFrom; drop(state.ws); },
     state() {
       return { sessionId: state.sessionId, turnId: state.turnId, lastSeq: state.lastSeq,
-               running: state.running, connected: !!state.ws && state.ws.readyState === WebSocket.OPEN,
+               running: state.running, rewinding: state.rewinding, syncing: state.syncing, connected: !!state.ws && state.ws.readyState === WebSocket.OPEN,
                loading: !!state.loading, listed: list.items.map((s) => s.session_id), moreCursor: list.cursor,
                stats: { ...state.stats, markdownRenders: window.AgentMarkdown.stats.renders } };
     },
