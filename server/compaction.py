@@ -42,12 +42,14 @@ def summary_message(summary: str) -> dict[str, Any]:
 def split_point(messages: list[Mapping[str, Any]], covered: int, fixed_chars: int, budget_tokens: int,
                 ratio: float, summary_tokens: int) -> int | None:
     """Where the new summary ends: the first message, after `covered`, that opens a turn and
-    from which the rest (with a summary of up to `summary_tokens`) fits in COMPACT_TO of the
-    budget; else the latest turn's first message. None: no turn opens after `covered`."""
+    from which the rest (with room for a summary of up to `summary_tokens`, at most a quarter of
+    it) fits in COMPACT_TO of the budget; else the latest turn's first message. None: no turn
+    opens after `covered`."""
     opens = [i for i in range(covered + 1, len(messages)) if context.opens_turn(messages[i])]
     if not opens:
         return None
-    target = int(budget_tokens * COMPACT_TO * ratio) - fixed_chars - int(summary_tokens * ratio)
+    room = budget_tokens * COMPACT_TO
+    target = int(room * ratio) - fixed_chars - int(min(summary_tokens, room / 4) * ratio)
     rest = sum(context.message_chars(m) for m in messages[opens[0]:])
     at = opens[0]
     for i, j in zip(opens, [*opens[1:], len(messages)]):

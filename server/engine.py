@@ -548,16 +548,18 @@ class Engine:
                                       s.summary_max_tokens)
         if upto is None:
             return [*head, *messages[covered + start:]], est_chars
+        self._open(turn, req, progress)  # (clients hear of the turn while the summary is written)
         try:
             summary = await self._summarize(req, progress, messages[covered:upto], int(s.context_token_budget * ratio))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 — compaction is never worth a failed turn
+            if isinstance(exc, anthropic.APIStatusError) and exc.request_id:
+                progress.request_ids.append(exc.request_id)
             log.warning("turn %s: the summary call failed (%s): older turns are left out instead", turn.turn_id,
                         exc.code if isinstance(exc, ApiError) else type(exc).__name__)
             return [*head, *messages[covered + start:]], est_chars
         progress.summary, progress.summary_upto, progress.summary_changed = summary, upto, True
-        self._open(turn, req, progress)
         turn.emit("context_compacted", {"covers_messages": upto, "summary_chars": len(summary)})
         head = [compaction.summary_message(summary)]
         window = [*head, *messages[upto:]]
@@ -933,9 +935,11 @@ class Engine:
                 messages=messages, record=record, usage=progress.usage, cost_usd=cost,
                 last_input_tokens=progress.last_prompt_tokens, last_input_chars=progress.last_prompt_chars,
                 events=[*unsent, final], owner=principal, preview=sessions.preview(messages),
-                # (a turn that commits nothing rewinds nothing, and its summary goes with it)
+                # A turn that commits nothing rewinds nothing (so a summary its rewind dropped stays);
+                # a new summary covers messages before any cut: kept either way (it was paid for).
                 cut=progress.cut if messages else None, kept_turns=progress.kept_turns,
-                summary=(progress.summary or "") if messages and progress.summary_changed else None,
+                summary=(progress.summary or "") if progress.summary_changed and (messages or progress.summary)
+                else None,
                 summary_upto=progress.summary_upto,
                 title=sessions.message_title(messages[0]) if messages and progress.cut == 0 else ""))
             if not committed and span is not None:
