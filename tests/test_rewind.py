@@ -328,6 +328,29 @@ async def test_edit_the_first_of_three_turns(servers, upstream, client, transpor
     assert record_ids(await view(client, b, sid)) == [out.turn_id, more.turn_id]
 
 
+async def test_an_edit_of_the_first_turn_retitles_a_session_titled_by_its_first_message(servers, upstream, client):
+    """The title taken from the first message follows an edit of it (the list would otherwise name
+    the conversation after a question it no longer has); a later turn's edit, and a title the user
+    gave, leave it."""
+    a, b = servers
+    sid, tids = await conversation(client, upstream, a, ["Plan a trip to Oslo", "And hotels?"], ["Sure.", "Here."])
+    assert (await view(client, b, sid))["title"] == "Plan a trip to Oslo"
+    upstream.script({"text": "Sure."}, {"text": "Fine."}, {"text": "Ok."})
+    first = await ok(client, "sse", b, {"session_id": sid, "replace_turn": tids[0], "message": "Plan a trip to Rome"})
+    v = await view(client, a, sid)
+    assert (v["title"], v["title_source"]) == ("Plan a trip to Rome", "message")
+    await ok(client, "http", a, {"session_id": sid, "message": "And food?"})
+    second = record_ids(await view(client, a, sid))[1]
+    await ok(client, "ws", b, {"session_id": sid, "replace_turn": second, "message": "And museums?"})
+    assert (await view(client, a, sid))["title"] == "Plan a trip to Rome", "only the first message titles"
+    r = await client.patch(f"{a.url}/sessions/{sid}", json={"title": "Holiday"}, headers=ALICE)
+    assert r.status_code == 200, r.text
+    upstream.script({"text": "Sure."})
+    await ok(client, "http", b, {"session_id": sid, "replace_turn": first.turn_id, "message": "Plan a trip to Paris"})
+    v = await view(client, a, sid)
+    assert (v["title"], v["title_source"]) == ("Holiday", "user"), "a title the user gave stays"
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_edit_a_middle_turn_keeps_the_earlier_turns_exactly(servers, upstream, client, transport):
     """EDIT of turn 2 of 3, turn 1 having used a tool (four messages): turn 1's messages and
