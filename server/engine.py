@@ -100,13 +100,13 @@ class _Progress:
     # A rewind (edit, regenerate): where the commit cuts the history first, and the turns it replaces.
     cut: int | None = None
     kept_turns: int = 0
-    rewound: list[str] = field(default_factory=list)
+    rewound: list[str] | None = None
     # Compaction: the summary the model sees in place of history[:summary_upto]; `summary_changed`:
     # the commit writes it (a new one, or None: a rewind took away what it covered).
     summary: str | None = None
     summary_upto: int = 0
     summary_changed: bool = False
-    extra_usage: Usage = field(default_factory=Usage)  # summary calls (their cost is in extra_cost)
+    extra_usage: Usage | None = None  # summary calls (their cost is in extra_cost)
     extra_cost: float = 0.0
 
 
@@ -477,7 +477,7 @@ class Engine:
             window, est_chars = await self._window(turn, req, progress, started.history + progress.messages,
                                                    fixed_chars, ratio)
             if s.session_token_budget:
-                used = started.meta.usage.total + progress.usage.total + progress.extra_usage.total
+                used = started.meta.usage.total + progress.usage.total + (progress.extra_usage or Usage()).total
                 if used + int(est_chars / ratio) > s.session_token_budget:
                     raise ApiError("budget_exceeded",
                                    f"This turn would exceed the session's {s.session_token_budget}-token budget.")
@@ -538,6 +538,10 @@ class Engine:
         dropped from the front past CONTEXT_TOKEN_BUDGET, or (CONTEXT_STRATEGY=summarize) the
         older ones summarised first. A failed summary call never fails the turn: it trims."""
         s = self.settings
+        if not progress.summary:  # (the common case: no list built, nothing summarised yet)
+            start, est_chars = context.window(messages, fixed_chars, s.context_token_budget, ratio)
+            if start == 0 or s.context_strategy == "trim":
+                return messages[start:] if start else messages, est_chars
         head = [compaction.summary_message(progress.summary)] if progress.summary else []
         covered = progress.summary_upto
         base = fixed_chars + sum(context.message_chars(m) for m in head)
@@ -576,6 +580,8 @@ class Engine:
         finally:
             self.upstream_gate.release()
         usage = Usage.from_api(response.usage.model_dump())
+        if progress.extra_usage is None:
+            progress.extra_usage = Usage()
         progress.extra_usage.add(usage)
         progress.extra_cost += self.prices.cost(model, usage)
         progress.model_calls += 1
@@ -891,8 +897,10 @@ class Engine:
         """Commit the turn and publish its terminal event; the outcome (and error) it ended with."""
         turn.finishing = True  # a cancel arriving now must not interrupt the commit
         messages = self._messages_to_commit(progress, outcome, error)
-        cost = self.prices.cost(req.model, progress.usage) + progress.extra_cost
-        progress.usage.add(progress.extra_usage)  # (summary calls: priced above by their model)
+        cost = self.prices.cost(req.model, progress.usage)
+        if progress.extra_usage is not None:  # summary calls: priced by their own model
+            cost += progress.extra_cost
+            progress.usage.add(progress.extra_usage)
         duration = time.monotonic() - turn.started_at
         usage = progress.usage.to_dict()
         common = {"model": req.model, "usage": usage, "estimated_cost_usd": cost,
