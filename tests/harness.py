@@ -187,6 +187,17 @@ async def eventually(predicate, timeout: float = 5.0, interval: float = 0.05):  
         await asyncio.sleep(interval)
 
 
+def strip_cache(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as the model saw them, less the prompt-cache breakpoints (copies)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{k: v for k, v in b.items() if k != "cache_control"} for b in content]
+        out.append({**m, "content": content})
+    return out
+
+
 def history_texts(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(role, joined text) per API message: what the model was sent."""
     out = []

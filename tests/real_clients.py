@@ -71,8 +71,8 @@ def open_browser() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def node_runner() -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
-    """run(scenario) -> the result of tests/node/chat.mjs (see its header)."""
+def node_runner(script: str = "chat.mjs") -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """run(scenario) -> the result of a runner in tests/node (chat.mjs, rewind.mjs: see their headers)."""
     node = shutil.which("node")
     if node is None:
         print("SKIP: `node` is not installed; the AI SDK client tests need Node.js 20+ (tests/node)")
@@ -84,7 +84,7 @@ def node_runner() -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
 
     async def run(scenario: dict[str, Any]) -> dict[str, Any]:
         proc = await asyncio.create_subprocess_exec(
-            node, "chat.mjs", json.dumps(scenario), cwd=NODE_DIR,
+            node, script, json.dumps(scenario), cwd=NODE_DIR,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, f"node exited {proc.returncode}: {err.decode()[-3000:]}"

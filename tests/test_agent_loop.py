@@ -10,19 +10,9 @@ import httpx
 import pytest
 import websockets
 
-from .harness import sse_turn
+from .harness import sse_turn, strip_cache
 
 CALC = "calculator"
-
-
-def strip_cache(messages):
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [{k: v for k, v in b.items() if k != "cache_control"} for b in content]
-        out.append({**m, "content": content})
-    return out
 
 
 def assert_valid_history(messages):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 import websockets
 
 from .harness import Server, chat_and_leave, eventually, history_texts
-from .real_clients import NODE_DIR
+from .real_clients import node_runner
 
 TRANSPORTS = pytest.mark.parametrize("transport", ["http", "ws"])
 
@@ -28,18 +27,7 @@ TRANSPORTS = pytest.mark.parametrize("transport", ["http", "ws"])
 def rewind_client(node_client: Any) -> Any:
     """run(scenario) -> the result of tests/node/rewind.mjs (see its header); `node_client`
     installs tests/node (or skips without Node.js)."""
-    node = shutil.which("node")
-    assert node is not None
-
-    async def run(scenario: dict[str, Any]) -> dict[str, Any]:
-        proc = await asyncio.create_subprocess_exec(
-            node, "rewind.mjs", json.dumps(scenario), cwd=NODE_DIR,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, f"node exited {proc.returncode}: {err.decode()[-3000:]}"
-        return json.loads(out)
-
-    return run
+    return node_runner("rewind.mjs")
 
 
 def chat_id() -> str:

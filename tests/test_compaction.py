@@ -33,7 +33,7 @@ from server.config import DEFAULT_PRICES
 from server.fake_anthropic.model import cache_usage
 from server.usage import PriceTable, Usage
 
-from .harness import FakeUpstream, Server, server_env, sse_turn
+from .harness import FakeUpstream, Server, server_env, sse_turn, strip_cache
 
 MODEL = "claude-sonnet-4-5"
 CALC = "calculator"
@@ -64,16 +64,6 @@ def text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     return "\n".join(b.get("text", "") for b in content or () if b.get("type") == "text")
-
-
-def strip_cache(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = [{k: v for k, v in b.items() if k != "cache_control"} for b in content]
-        out.append({**m, "content": content})
-    return out
 
 
 def plain(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:

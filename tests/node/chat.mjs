@@ -24,7 +24,6 @@
 // it received, plus `reads` (readUIMessageStream results), `sockets` (WebSockets opened) and
 // `requests` (what each sendMessages sent: trigger, messageId, the last message).
 import {
-  AbstractChat,
   DefaultChatTransport,
   WebSocketChatTransport,
   lastAssistantMessageIsCompleteWithApprovalResponses,
@@ -32,6 +31,7 @@ import {
   readUIMessageStream,
 } from 'ai';
 import WebSocket from 'ws';
+import { Chat } from './chat_state.mjs';
 
 const scenario = JSON.parse(process.argv[2]);
 
@@ -98,33 +98,6 @@ function recording(transport, chunks) {
     },
     close: () => transport.close?.(),
   };
-}
-
-// The state a framework binding (React's useChat) keeps; plain arrays here.
-class State {
-  constructor(messages) {
-    this.status = 'ready';
-    this.error = undefined;
-    this.messages = messages;
-  }
-  pushMessage(message) {
-    this.messages = this.messages.concat(message);
-  }
-  popMessage() {
-    this.messages = this.messages.slice(0, -1);
-  }
-  replaceMessage(index, message) {
-    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
-  }
-  snapshot(thing) {
-    return structuredClone(thing);
-  }
-}
-
-class Chat extends AbstractChat {
-  constructor({ messages = [], ...init }) {
-    super({ ...init, state: new State(messages) });
-  }
 }
 
 const AUTO = {

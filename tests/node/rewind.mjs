@@ -16,8 +16,9 @@
 // The result has, per chat, its messages, status, error, errors (onError) and finishes, plus
 // `requests` (what each request sent: trigger, messageId, [id, role] of every message),
 // `snapshots` and `sessions`.
-import { AbstractChat, DefaultChatTransport, WebSocketChatTransport } from 'ai';
+import { DefaultChatTransport, WebSocketChatTransport } from 'ai';
 import WebSocket from 'ws';
+import { Chat } from './chat_state.mjs';
 
 const scenario = JSON.parse(process.argv[2]);
 
@@ -51,33 +52,6 @@ const transport = {
   sendMessages: (options) => transports[current].sendMessages(options),
   reconnectToStream: (options) => transports[current].reconnectToStream(options),
 };
-
-// The state a framework binding (React's useChat) keeps; plain arrays here.
-class State {
-  constructor(messages) {
-    this.status = 'ready';
-    this.error = undefined;
-    this.messages = messages;
-  }
-  pushMessage(message) {
-    this.messages = this.messages.concat(message);
-  }
-  popMessage() {
-    this.messages = this.messages.slice(0, -1);
-  }
-  replaceMessage(index, message) {
-    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
-  }
-  snapshot(thing) {
-    return structuredClone(thing);
-  }
-}
-
-class Chat extends AbstractChat {
-  constructor({ messages = [], ...init }) {
-    super({ ...init, state: new State(messages) });
-  }
-}
 
 const chats = {};
 for (const [name, spec] of Object.entries(scenario.chats)) {

@@ -480,6 +480,15 @@
     input.focus();
   }
 
+  // An inline form's two buttons: Save submits it, Cancel does not.
+  function saveAndCancel() {
+    const save = el("button", "save", "Save");
+    const cancel = el("button", "secondary", "Cancel");
+    save.type = "submit";
+    cancel.type = "button";
+    return [save, cancel];
+  }
+
   function startEdit(article) {
     if (busy() || article.querySelector(".msg-edit")) return;
     const shown = article.querySelector(":scope > .text");
@@ -490,10 +499,7 @@
     field.rows = Math.min(10, field.value.split("\n").length + 1);
     field.required = true;
     field.setAttribute("aria-label", "Edit your message (Enter to save, Escape to cancel)");
-    const save = el("button", "save", "Save");
-    const cancel = el("button", "secondary", "Cancel");
-    save.type = "submit";
-    cancel.type = "button";
+    const [save, cancel] = saveAndCancel();
     save.disabled = busy();
     const buttons = el("div", "msg-edit-actions");
     buttons.append(save, cancel);
@@ -1215,10 +1221,7 @@
     field.maxLength = 200;
     field.required = true;
     field.setAttribute("aria-label", "New title");
-    const save = el("button", "save", "Save");
-    const cancel = el("button", "secondary", "Cancel");
-    save.type = "submit";
-    cancel.type = "button";
+    const [save, cancel] = saveAndCancel();
     const problem = el("span", "error");
     const done = () => { list.editing = null; rows.delete(s.session_id); renderList(); };
     box.append(field, save, cancel, problem);
