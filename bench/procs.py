@@ -140,7 +140,7 @@ def wait_http(url: str, proc: Proc, timeout: float = 30.0) -> None:
                     return
         except OSError:
             pass
-        time.sleep(0.1)
+        time.sleep(0.02)
     raise RuntimeError(f"{proc.name} did not become ready at {url}:\n{proc.log_tail()}")
 
 

@@ -5,7 +5,8 @@
     scripts/bench --only 1,5      some sections (1 stream CPU, 2 stretch, 3 short turns,
                                   4 TTFT, 5 memory, 6 Redis, 7 seed/floor comparison,
                                   8 Redis sizing: what one Redis node carries, 9 tool loop:
-                                  CPU per model call of tool-calling turns, and one MCP call's cost)
+                                  CPU per model call of tool-calling turns, and one MCP call's cost,
+                                  10 start: process start to /ready, five starts)
     scripts/bench --tracing       also "otel": ours with OpenTelemetry tracing at 100% sampling
                                   (sections 1-4), exporting OTLP/HTTP to a sink in this process
 
@@ -32,12 +33,12 @@ from typing import Any
 
 from . import procs, sizing
 from .otlp_sink import OtlpSink
-from .procs import API_KEY, RESULTS, Fake, LoadGen, Redis, Server
+from .procs import API_KEY, RESULTS, Fake, LoadGen, Redis, Server, proc_cpu
 from .redis_proxy import RedisProxy
 
 MODEL = "claude-sonnet-4-5"
 SECTION_NAMES = {"1": "stream", "2": "stretch", "3": "turn", "4": "ttft", "5": "memory", "6": "redis",
-                 "7": "compare", "8": "sizing", "9": "tools"}
+                 "7": "compare", "8": "sizing", "9": "tools", "10": "start"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MCP_TEST_SERVER = os.path.join(ROOT, "tests", "mcp_server.py")
 
@@ -202,6 +203,8 @@ class Bench:
                 self.section_sizing()
             if "9" in want:
                 self.section_tools()
+            if "10" in want:
+                self.section_start()
         finally:
             if self.sink is not None:
                 self.sink.stop()
@@ -488,6 +491,20 @@ class Bench:
                                    "lat_p50": pct(lat, 50) * 1e3 if lat else None,
                                    "lat_p99": pct(lat, 99) * 1e3 if lat else None})
 
+    def section_start(self, starts: int = 5) -> None:
+        """Process start to `/ready` answering 200: `python -m server`, one worker, Redis on, a real key's
+        configuration (the offline model off: the fake is the upstream), started `starts` times in a row;
+        and the server's CPU by then (imports and startup)."""
+        assert self.fake is not None and self.redis is not None
+        self.start_rows = []
+        for _ in range(starts):
+            began = time.monotonic()
+            server = Server("ours", self.fake, self.redis.url, workers=1, tag="-start")
+            ready = time.monotonic() - began
+            cpu = sum(proc_cpu(pid) for pid in server.pids())
+            self.stop_server("start", server)
+            self.start_rows.append((ready, cpu))
+
     # -- report ---------------------------------------------------------------------------------
     def render(self, elapsed: float) -> str:
         a = self.a
@@ -660,6 +677,12 @@ class Bench:
             out.append(f"[9 overhead ] one MCP call (stdio) instead of a local tool: {extra:+.3f} ms of server CPU "
                        f"(MCP server process included), {rows9[1]['lat_p50'] - rows9[0]['lat_p50']:+.1f} ms turn "
                        f"latency p50")
+        starts = getattr(self, "start_rows", [])
+        if starts:
+            ready, cpu = sorted(r for r, _ in starts), sorted(c for _, c in starts)
+            out.append(f"[10 start   ] process start to /ready 200, {len(starts)} starts: median {pct(ready, 50):.2f} s "
+                       f"(min {ready[0]:.2f}, max {ready[-1]:.2f}); server CPU by then median {pct(cpu, 50):.2f} s "
+                       f"(polled every 20 ms; target ≤ 1.0 s)")
         for label, _sigterms, problems in self.server_logs:
             if problems:
                 shown = "; ".join(f"{n} x {k}" for n, k in problems[:4])
@@ -709,8 +732,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="streams per client in sections 1/2 (default 2; quick 1)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY) for ours and seed")
     p.add_argument("--only", default="",
-                   help="sections, e.g. 1,3 or stream,memory (1-9; 7 = seed/floor columns, 8 = Redis sizing, "
-                        "9 = tool loop)")
+                   help="sections, e.g. 1,3 or stream,memory (1-10; 7 = seed/floor columns, 8 = Redis sizing, "
+                        "9 = tool loop, 10 = start to /ready)")
     p.add_argument("--targets", default=None,
                    help="columns for sections 1-4: ours,otel,aiohttp,seed,floor (default: ours,seed,floor when "
                         "section 7 runs, else ours); aiohttp = ours on the SDK's DefaultAioHttpClient; otel = "
@@ -748,7 +771,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in filter(None, (x.strip().lower() for x in a.only.split(","))):
         num = next((k for k, v in SECTION_NAMES.items() if v == item), item)
         if num not in SECTION_NAMES:
-            p.error(f"--only: unknown section {item!r} (1-9 or {', '.join(SECTION_NAMES.values())})")
+            p.error(f"--only: unknown section {item!r} (1-10 or {', '.join(SECTION_NAMES.values())})")
         chosen.add(num)
     a.sections = chosen or set(SECTION_NAMES)
     if a.sections == {"7"}:
