@@ -31,7 +31,7 @@ import {
   readUIMessageStream,
 } from 'ai';
 import WebSocket from 'ws';
-import { Chat } from './chat_state.mjs';
+import { Chat, runSteps } from './chat_state.mjs';
 
 const scenario = JSON.parse(process.argv[2]);
 
@@ -222,13 +222,7 @@ async function run(step) {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error('scenario timed out');
-  process.exit(3);
-}, scenario.timeoutMs ?? 30000);
-
-for (const step of scenario.steps) await run(step);
-clearTimeout(timer);
+await runSteps(scenario, run);
 base.close?.();
 
 const out = { sockets, reads, requests, chats: {} };

@@ -27,3 +27,14 @@ export class Chat extends AbstractChat {
     super({ ...init, state: new State(messages) });
   }
 }
+
+// Runs the scenario's steps in order with `run`; a scenario that takes longer than its
+// `timeoutMs` (default 30 s) ends the process with exit code 3.
+export async function runSteps(scenario, run) {
+  const timer = setTimeout(() => {
+    console.error('scenario timed out');
+    process.exit(3);
+  }, scenario.timeoutMs ?? 30000);
+  for (const step of scenario.steps) await run(step);
+  clearTimeout(timer);
+}

@@ -18,7 +18,7 @@
 // `snapshots` and `sessions`.
 import { DefaultChatTransport, WebSocketChatTransport } from 'ai';
 import WebSocket from 'ws';
-import { Chat } from './chat_state.mjs';
+import { Chat, runSteps } from './chat_state.mjs';
 
 const scenario = JSON.parse(process.argv[2]);
 
@@ -102,13 +102,7 @@ async function run(step) {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error('scenario timed out');
-  process.exit(3);
-}, scenario.timeoutMs ?? 30000);
-
-for (const step of scenario.steps) await run(step);
-clearTimeout(timer);
+await runSteps(scenario, run);
 Object.values(transports).forEach((t) => t.close?.());
 
 const out = { requests, snapshots, sessions, chats: {} };
