@@ -6,7 +6,8 @@
                                   4 TTFT, 5 memory, 6 Redis, 7 seed/floor comparison,
                                   8 Redis sizing: what one Redis node carries, 9 tool loop:
                                   CPU per model call of tool-calling turns, and one MCP call's cost,
-                                  10 start: process start to /ready, five starts)
+                                  10 start: process start to /ready, five starts, 11 burst:
+                                  --concurrency new streams sent at the same instant)
     scripts/bench --tracing       also "otel": ours with OpenTelemetry tracing at 100% sampling
                                   (sections 1-4), exporting OTLP/HTTP to a sink in this process
 
@@ -38,7 +39,7 @@ from .redis_proxy import RedisProxy
 
 MODEL = "claude-sonnet-4-5"
 SECTION_NAMES = {"1": "stream", "2": "stretch", "3": "turn", "4": "ttft", "5": "memory", "6": "redis",
-                 "7": "compare", "8": "sizing", "9": "tools", "10": "start"}
+                 "7": "compare", "8": "sizing", "9": "tools", "10": "start", "11": "burst"}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MCP_TEST_SERVER = os.path.join(ROOT, "tests", "mcp_server.py")
 
@@ -190,7 +191,7 @@ class Bench:
             self.sink = OtlpSink().start()
             log(f"otel: OTLP sink on {self.sink.endpoint}")
         want = a.sections
-        load_sections = [s for s in ("1", "3", "4") if s in want or ("2" in want and s == "1")]
+        load_sections = [s for s in ("1", "3", "4", "11") if s in want or ("2" in want and s == "1")]
         try:
             if load_sections:
                 for name in a.targets:
@@ -256,6 +257,8 @@ class Bench:
                 self.load_stream(lg, t)
             if "3" in sections:
                 self.load_turns(lg, t)
+            if "11" in sections:
+                self.load_burst(lg, t)
             if "4" in sections:
                 self.load_ttft(lg, t)
         finally:
@@ -319,6 +322,28 @@ class Bench:
             "cpu": cpu, "ms_per_turn": cpu["server"] / len(ok) * 1e3 if ok else None,
             "lat_p50": pct(lat, 50), "lat_p99": pct(lat, 99), "rate": len(ok) / out["wall"] if out["wall"] else None,
         }
+
+    # -- section 11: every stream starts at once ---------------------------------------------------
+    def load_burst(self, lg: LoadGen, t: Target) -> None:
+        """`--concurrency` new streams (new sessions) sent at the same instant, one round: every turn
+        start is paid before the last client sees a token (sections 1 and 2 ramp theirs in)."""
+        a = self.a
+        text = directive(tokens=a.events, pace_ms=a.pace_ms) + " burst bench"
+        ideal = a.events * a.pace_ms / 1000
+        self.wait_quiet(f"{t.name} burst")
+        log(f"{t.name}: burst, {a.concurrency} streams at once x {a.events} events x {a.pace_ms} ms")
+        profiler = self._start_profiler(t, "burst") if (a.profile and t.name in ("ours", "otel")) else None
+        try:
+            out = self._lg_run(lg, t, t.stream_spec(text), a.concurrency, 1, ramp=0.0, timeout=max(120.0, ideal * 20))
+        finally:
+            if profiler is not None:
+                self._stop_profiler(profiler)
+        ok = [r for r in out["records"] if not r[6] and r[2] is not None]
+        ttft = [r[2] * 1000 for r in ok]
+        durations = [r[3] for r in ok]
+        t.results["burst"] = {"n": len(ok), "failed": len(out["records"]) - len(ok), "errors": out["errors"],
+                              "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+                              "stretch_p50": pct(durations, 50) / ideal if durations else None}
 
     # -- section 4: time to first token -----------------------------------------------------------
     def load_ttft(self, lg: LoadGen, t: Target) -> None:
@@ -563,6 +588,13 @@ class Bench:
                 vals.append(f"({base:.1f} ms)" if base is not None else "—")
                 row("4", f"TTFT added over direct, {p}", vals, [ratio(raw[0], raw[1]), ratio(raw[0], raw[2])],
                     "(floor column: raw TTFT; ratios of raw TTFT)")
+        if any("burst" in t.results for t in T.values()):
+            for key, lab, unit, digits, target in (
+                    ("ttft_p50", "burst: TTFT p50", " ms", 1, "≤ floor + 100 ms"),
+                    ("ttft_p99", "burst: TTFT p99", " ms", 1, ""),
+                    ("stretch_p50", "burst: completion stretch, median", "x", 2, "≤ floor + 0.05")):
+                v = [get(n, "burst", key) for n in ("ours", "seed", "floor")]
+                row("11", lab, [fmt(x, unit, digits) for x in v], [ratio(v[0], v[1]), ratio(v[0], v[2])], target)
         if "aiohttp" in T:  # the upstream HTTP client weighed: ours vs the SDK's aiohttp one
             for sec, key, lab, unit, digits in (("stream", "us_per_event", "server CPU per event", " µs", 1),
                                                 ("turn", "ms_per_turn", "server CPU per short turn", " ms", 2)):
@@ -733,7 +765,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (WEB_CONCURRENCY) for ours and seed")
     p.add_argument("--only", default="",
                    help="sections, e.g. 1,3 or stream,memory (1-10; 7 = seed/floor columns, 8 = Redis sizing, "
-                        "9 = tool loop, 10 = start to /ready)")
+                        "9 = tool loop, 10 = start to /ready, 11 = every stream at once)")
     p.add_argument("--targets", default=None,
                    help="columns for sections 1-4: ours,otel,aiohttp,seed,floor (default: ours,seed,floor when "
                         "section 7 runs, else ours); aiohttp = ours on the SDK's DefaultAioHttpClient; otel = "
@@ -744,7 +776,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-count", type=int, help="WebSockets / SSE streams held open (default 1000; quick 200)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of a private redis-server")
     p.add_argument("--profile", action="store_true",
-                   help="py-spy record our worker during sections 1 and 3 (bench-results/profile-ours-*.txt, and "
+                   help="py-spy record our worker during sections 1, 3 and 11 (bench-results/profile-ours-*.txt, and "
                         "profile-otel-*.txt with --tracing; "
                         "the profiled run's CPU figures include py-spy's pauses)")
     p.add_argument("--quiet-wait", type=float, default=None,
