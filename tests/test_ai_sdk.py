@@ -916,6 +916,8 @@ async def test_bad_requests(shared_server: Server, upstream):
             ({"id": cid, "trigger": "submit-message", "messageId": "m1", "messages": [
                 user("hi"), {"id": "a1", "role": "assistant", "parts": []}, user("edited", "m1")]},
              "invalid_request"),
+            *(({"id": cid, "trigger": "submit-message", "messageId": wrong, "messages": [user("hi")]},
+               "invalid_request") for wrong in (False, 0, ["m1"], {"id": "m1"})),  # (found by the fuzzer)
             ({"id": cid, "trigger": "submit-message", "messages": []}, "invalid_request"),
             ({"id": cid, "messages": [{"id": "a", "role": "user", "parts": [{"type": "text", "text": "  "}]}]},
              "invalid_request"),

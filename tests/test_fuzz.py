@@ -121,7 +121,7 @@ TURN_OK = {
     "cancel_on_disconnect": {"bool"}, "response_schema": {"null", "dict"},
 }
 PASSED_THROUGH = ("model", "max_tokens", "system", "on_busy", "cancel_on_disconnect")
-CHAT_OK = {"id": {"str"}, "messages": {"list"}, "trigger": {"null", "str"}, "messageId": {"null"},
+CHAT_OK = {"id": {"str"}, "messages": {"list"}, "trigger": {"null", "str"}, "messageId": {"null", "str"},
            **{k: TURN_OK[k] for k in PASSED_THROUGH}}
 
 

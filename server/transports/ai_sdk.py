@@ -114,6 +114,9 @@ def chat_turn_request(request: dict[str, Any], extra: dict[str, Any], principal:
                        field="trigger")
     if not isinstance(messages, list) or not messages:
         raise ApiError("invalid_request", "`messages` must be a non-empty list of UI messages.", field="messages")
+    if request.get("messageId") is not None and not isinstance(request["messageId"], str):
+        raise ApiError("invalid_request", "`messageId` must be the id (a string) of the message to regenerate or "
+                       "edit.", field="messageId")
     last = messages[-1]
     if not isinstance(last, dict) or last.get("role") != "user":
         if trigger == "regenerate-message":
