@@ -72,6 +72,15 @@ class UpstreamGate(asyncio.Semaphore):
             raise ApiError("overloaded", "The server is at capacity (too many model calls in progress); "
                            "retry shortly.", retry_after=1) from None
 
+    async def create(self, client: anthropic.AsyncAnthropic, params: dict[str, Any]) -> tuple[Any, Usage]:
+        """One non-streamed model call (a title, a summary) in a free place: its response and usage."""
+        await self.acquire()
+        try:
+            response = await client.messages.create(**params)
+        finally:
+            self.release()
+        return response, Usage.from_api(response.usage.model_dump())  # (the parser a turn's calls use)
+
 
 TurnHandle = NamedTuple("TurnHandle", [("session_id", str), ("turn_id", str)])
 
@@ -574,12 +583,7 @@ class Engine:
         cost count in the turn's."""
         model = self.settings.summary_model or req.model
         params = compaction.request(model, self.settings.summary_max_tokens, progress.summary, messages, budget_chars)
-        await self.upstream_gate.acquire()
-        try:
-            response = await self.client.messages.create(**params)
-        finally:
-            self.upstream_gate.release()
-        usage = Usage.from_api(response.usage.model_dump())
+        response, usage = await self.upstream_gate.create(self.client, params)
         if progress.extra_usage is None:
             progress.extra_usage = Usage()
         progress.extra_usage.add(usage)

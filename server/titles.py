@@ -49,12 +49,8 @@ class TitleModel:
 
     async def _title(self, session_id: str, principal: str, question: str, answer: str) -> None:
         try:
-            await self.gate.acquire()  # ApiError("overloaded") after UPSTREAM_QUEUE_TIMEOUT_SECONDS
-            try:
-                response = await self.client.messages.create(**self.request(question, answer))
-            finally:
-                self.gate.release()
-            usage = Usage.from_api(response.usage.model_dump())  # (the parser a turn's calls use)
+            # (ApiError("overloaded") after UPSTREAM_QUEUE_TIMEOUT_SECONDS without a free place)
+            response, usage = await self.gate.create(self.client, self.request(question, answer))
             cost = self.prices.cost(self.model, usage)
             metrics.model_usage(self.model, usage, cost)
             for listener in self.listeners:

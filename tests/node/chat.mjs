@@ -24,14 +24,12 @@
 // it received, plus `reads` (readUIMessageStream results), `sockets` (WebSockets opened) and
 // `requests` (what each sendMessages sent: trigger, messageId, the last message).
 import {
-  DefaultChatTransport,
-  WebSocketChatTransport,
   lastAssistantMessageIsCompleteWithApprovalResponses,
   lastAssistantMessageIsCompleteWithToolCalls,
   readUIMessageStream,
 } from 'ai';
 import WebSocket from 'ws';
-import { Chat, runSteps } from './chat_state.mjs';
+import { Chat, runSteps, transportFor as sharedTransportFor } from './chat_state.mjs';
 
 const scenario = JSON.parse(process.argv[2]);
 
@@ -52,20 +50,7 @@ function prepare({ id, messages, trigger, messageId }) {
 
 // Node 20 has no global WebSocket: hand the transport the `ws` implementation.
 // `key` authenticates as a browser would: a header over HTTP, the subprotocols over WebSocket.
-function transportFor(url) {
-  return scenario.transport === 'ws'
-    ? new WebSocketChatTransport({
-        url: url.replace(/^http/, 'ws') + '/api/chat/ws',
-        webSocket: CountingWebSocket,
-        protocols: scenario.key ? ['agent', `bearer.${scenario.key}`] : undefined,
-        prepareSendMessagesRequest: prepare,
-      })
-    : new DefaultChatTransport({
-        api: url + '/api/chat',
-        headers: scenario.key ? { authorization: `Bearer ${scenario.key}` } : undefined,
-        prepareSendMessagesRequest: prepare,
-      });
-}
+const transportFor = (url) => sharedTransportFor(scenario, url, CountingWebSocket, prepare);
 const transports = { [scenario.url]: transportFor(scenario.url) };
 let current = scenario.url; // (`use` switches it)
 // Delegates to the current server's transport.

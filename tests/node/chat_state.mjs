@@ -1,6 +1,6 @@
 // The chat state a framework binding (React's useChat) keeps, as plain arrays, and a Chat on it:
-// what chat.mjs and rewind.mjs drive.
-import { AbstractChat } from 'ai';
+// what chat.mjs and rewind.mjs drive, and what they share.
+import { AbstractChat, DefaultChatTransport, WebSocketChatTransport } from 'ai';
 
 class State {
   constructor(messages) {
@@ -37,4 +37,21 @@ export async function runSteps(scenario, run) {
   }, scenario.timeoutMs ?? 30000);
   for (const step of scenario.steps) await run(step);
   clearTimeout(timer);
+}
+
+// The transport useChat talks to one server with (`scenario.transport`: "http" or "ws"; `scenario.key`:
+// an API key), every request going through `prepare` (prepareSendMessagesRequest).
+export function transportFor(scenario, url, webSocket, prepare) {
+  return scenario.transport === 'ws'
+    ? new WebSocketChatTransport({
+        url: url.replace(/^http/, 'ws') + '/api/chat/ws',
+        webSocket, // (Node 20 has no global WebSocket)
+        protocols: scenario.key ? ['agent', `bearer.${scenario.key}`] : undefined,
+        prepareSendMessagesRequest: prepare,
+      })
+    : new DefaultChatTransport({
+        api: url + '/api/chat',
+        headers: scenario.key ? { authorization: `Bearer ${scenario.key}` } : undefined,
+        prepareSendMessagesRequest: prepare,
+      });
 }

@@ -16,9 +16,8 @@
 // The result has, per chat, its messages, status, error, errors (onError) and finishes, plus
 // `requests` (what each request sent: trigger, messageId, [id, role] of every message),
 // `snapshots` and `sessions`.
-import { DefaultChatTransport, WebSocketChatTransport } from 'ai';
 import WebSocket from 'ws';
-import { Chat, runSteps } from './chat_state.mjs';
+import { Chat, runSteps, transportFor as sharedTransportFor } from './chat_state.mjs';
 
 const scenario = JSON.parse(process.argv[2]);
 
@@ -29,20 +28,7 @@ function prepare({ id, messages, trigger, messageId }) {
   return undefined; // (the transport's own request)
 }
 
-function transportFor(url) {
-  return scenario.transport === 'ws'
-    ? new WebSocketChatTransport({
-        url: url.replace(/^http/, 'ws') + '/api/chat/ws',
-        webSocket: WebSocket, // (Node 20 has no global WebSocket)
-        protocols: scenario.key ? ['agent', `bearer.${scenario.key}`] : undefined,
-        prepareSendMessagesRequest: prepare,
-      })
-    : new DefaultChatTransport({
-        api: url + '/api/chat',
-        headers: scenario.key ? { authorization: `Bearer ${scenario.key}` } : undefined,
-        prepareSendMessagesRequest: prepare,
-      });
-}
+const transportFor = (url) => sharedTransportFor(scenario, url, WebSocket, prepare);
 const transports = { [scenario.url]: transportFor(scenario.url) };
 let current = scenario.url;
 const transport = {
